@@ -6,5 +6,6 @@
 from kvbm._version import __version__
 from kvbm.errors import *  # noqa: F401,F403
 from kvbm.errors import KvbmError
+from kvbm.hashing import Namespace, block_hashes
 
-__all__ = ["__version__", "KvbmError"]
+__all__ = ["KvbmError", "Namespace", "__version__", "block_hashes"]
