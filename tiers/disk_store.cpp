@@ -118,7 +118,7 @@ StatusOr<std::unique_ptr<DiskStore>> DiskStore::open(const DiskStoreConfig& cfg_
   if (cfg.num_slots == 0)
     return ConfigError("disk num_slots is 0: capacity must hold at least one slot of " +
                        std::to_string(cfg.slot_size) + " bytes");
-  if (cfg.slots_per_slab == 0 || cfg.slots_per_slab > cfg.num_slots) cfg.slots_per_slab = cfg.num_slots;
+  if (cfg.slots_per_slab == 0) cfg.slots_per_slab = cfg.num_slots;
   if (cfg.io_threads < 1 || cfg.io_threads > 256)
     return ConfigError("disk io_threads " + std::to_string(cfg.io_threads) + " must be in [1, 256]");
   if (cfg.slot_size > (uint64_t{1} << 40)) return ConfigError("disk slot_size " + std::to_string(cfg.slot_size) + " is absurdly large (> 1 TiB)");
