@@ -77,6 +77,10 @@ class StorePlan:
     slots: np.ndarray
     evicted: list[tuple[bytes, bytes, int, int | None]]
 
+    def new_hashes(self, hashes: HashesLike) -> list[bytes]:
+        """The hashes that got a slot (the ones to write and then complete)."""
+        return [bytes(hashes[i]) for i in np.flatnonzero(self.slots >= 0)]
+
 
 class BlockManager:
     """Keeps KV blocks across tiers with prefix-hash reuse and eviction.
@@ -179,15 +183,14 @@ class BlockManager:
         """
         arena = self._need_arena()
         plan = self.prepare_store(hashes, parent=parent)
-        ok = np.ones(len(plan.slots), dtype=np.uint8)
+        new = plan.new_hashes(hashes)
         try:
             arena.write(plan.slots, data)
         except BaseException:
-            ok[:] = 0
-            self._index.complete_store(int(Tier.HOST), hashes, ok)
+            self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
-        self._index.complete_store(int(Tier.HOST), hashes, ok)
-        return int((plan.slots >= 0).sum())
+        self._index.complete_store(int(Tier.HOST), new)
+        return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
         """Copy the given blocks from the host tier into ``out`` (same forms as ``store``'s data).
