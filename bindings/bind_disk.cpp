@@ -144,16 +144,18 @@ KVBM_BINDINGS(disk, 20) {
       .def(
           "write",
           [](DiskStore& s, const std::vector<uint64_t>& slots, const py::sequence& buffers,
-             const std::vector<uint64_t>& lengths, bool sync) {
+             const std::vector<uint64_t>& lengths, int sync) {
+            if (sync < 0 || sync > 2) fail(Code::kInvalidArgument, "sync: must be 0 (none), 1 (batch) or 2 (each), got " + std::to_string(sync));
             auto h = std::make_shared<PyDiskIoHandle>();
             auto ops = make_ops(slots, buffers, lengths, nullptr, false, &h->owners);
-            h->batch = check(s.submit_write(std::move(ops), sync));
+            h->batch = check(s.submit_write(std::move(ops), static_cast<DiskSync>(sync)));
             return h;
           },
           py::arg("slots"), py::arg("buffers"), py::arg("lengths") = std::vector<uint64_t>{},
-          py::arg("sync") = false,
+          py::arg("sync") = 0,
           "Queue writes of buffers[i] (lengths[i] bytes, default its size) to slots[i]; returns a "
-          "DiskIoHandle. sync: done only after fdatasync. results() crcs are CRC32C of the bytes written.")
+          "DiskIoHandle. sync: 0 none, 1 fdatasync each slab touched before done, 2 fdatasync after "
+          "every op. results() crcs are CRC32C of the bytes written.")
       .def(
           "read",
           [](DiskStore& s, const std::vector<uint64_t>& slots, const py::sequence& buffers,

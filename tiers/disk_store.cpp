@@ -75,7 +75,7 @@ std::string errno_text(int e) { return std::string(std::strerror(e)) + " (errno 
 
 // ---- DiskIoBatch ----
 
-DiskIoBatch::DiskIoBatch(DiskIoKind kind, std::vector<DiskOp> ops, bool flag)
+DiskIoBatch::DiskIoBatch(DiskIoKind kind, std::vector<DiskOp> ops, int flag)
     : kind_(kind), ops_(std::move(ops)), results_(ops_.size()), flag_(flag), remaining_(1),
       ops_left_(ops_.size()) {}
 
@@ -191,7 +191,7 @@ Status DiskStore::validate_ops(const std::vector<DiskOp>& ops) const {
   return Status::Ok();
 }
 
-StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit(DiskIoKind kind, std::vector<DiskOp> ops, bool flag) {
+StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit(DiskIoKind kind, std::vector<DiskOp> ops, int flag) {
   KVBM_RETURN_IF_ERROR(validate_ops(ops));
   auto b = std::make_shared<DiskIoBatch>(kind, std::move(ops), flag);
   {
@@ -207,13 +207,13 @@ StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit(DiskIoKind kind, std::v
   return b;
 }
 
-StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit_write(std::vector<DiskOp> ops, bool sync) {
+StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit_write(std::vector<DiskOp> ops, DiskSync sync) {
   if (cfg_.read_only) return IllegalTransition("disk store at " + cfg_.dir + " was opened read-only");
-  return submit(DiskIoKind::kWrite, std::move(ops), sync);
+  return submit(DiskIoKind::kWrite, std::move(ops), static_cast<int>(sync));
 }
 
 StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit_read(std::vector<DiskOp> ops, bool verify) {
-  return submit(DiskIoKind::kRead, std::move(ops), verify);
+  return submit(DiskIoKind::kRead, std::move(ops), verify ? 1 : 0);
 }
 
 void DiskStore::worker_loop() {
@@ -259,6 +259,10 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce) {
       src = bounce;
     }
     int e = pwrite_all(fd, src, io_len, off);
+    if (e == 0 && b->flag_ == static_cast<int>(DiskSync::kEach)) {
+      ctr_.syncs.fetch_add(1, std::memory_order_relaxed);
+      if (::fdatasync(fd) != 0) e = errno;
+    }
     if (e != 0) {
       res.sys_errno = e;
       res.status = IoError("write of " + where() + " failed: " + errno_text(e));
@@ -305,7 +309,7 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce) {
 void DiskStore::finish_op(const std::shared_ptr<DiskIoBatch>& b) {
   if (b->ops_left_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   // Last op of the batch: sync if asked, then publish completion.
-  if (b->kind_ == DiskIoKind::kWrite && b->flag_) {
+  if (b->kind_ == DiskIoKind::kWrite && b->flag_ == static_cast<int>(DiskSync::kBatch)) {
     std::set<uint64_t> slabs;
     for (size_t i = 0; i < b->ops_.size(); ++i)
       if (b->results_[i].status.ok()) slabs.insert(b->ops_[i].slot / cfg_.slots_per_slab);

@@ -23,10 +23,11 @@
 // not 4096-aligned or whose length is not a multiple of 4096 go through a per-thread aligned
 // bounce buffer; aligned full-slot buffers are transferred in place.
 //
-// Durability: a write batch submitted with sync=true is complete only after every slab it
-// touched has been fdatasync'ed, so "handle done" means "data on stable storage" and the
-// catalog may commit. With sync=false the data is in the OS (page cache or device) when the
-// handle completes: safe against a killed process, not against power loss.
+// Durability (DiskSync): with kBatch a write batch is complete only after every slab it touched
+// has been fdatasync'ed; with kEach every op is followed by its own fdatasync. Either way
+// "handle done" means "data on stable storage" and the catalog may commit. With kNone the data
+// is in the OS (page cache or device) when the handle completes: safe against a killed process,
+// not against power loss.
 #pragma once
 
 #include <atomic>
@@ -75,10 +76,13 @@ struct DiskOpResult {
 
 enum class DiskIoKind : int { kWrite = 0, kRead = 1 };
 
+// When written data is forced to stable storage.
+enum class DiskSync : int { kNone = 0, kBatch = 1, kEach = 2 };
+
 // A batch of slot transfers in flight. Shared between the submitter and the IO threads.
 class DiskIoBatch {
  public:
-  DiskIoBatch(DiskIoKind kind, std::vector<DiskOp> ops, bool flag);
+  DiskIoBatch(DiskIoKind kind, std::vector<DiskOp> ops, int flag);
   DiskIoKind kind() const { return kind_; }
   size_t size() const { return ops_.size(); }
   bool done() const { return remaining_.load(std::memory_order_acquire) == 0; }
@@ -93,7 +97,7 @@ class DiskIoBatch {
   DiskIoKind kind_;
   std::vector<DiskOp> ops_;
   std::vector<DiskOpResult> results_;
-  bool flag_;                           // writes: sync before completing; reads: verify crc
+  int flag_;                            // writes: a DiskSync; reads: 1 = verify crc
   std::atomic<size_t> remaining_;       // ops (plus the sync step) not finished yet
   std::atomic<size_t> ops_left_;        // ops not finished yet
   std::mutex mu_;
@@ -118,10 +122,10 @@ class DiskStore {
   DiskStore(const DiskStore&) = delete;
   DiskStore& operator=(const DiskStore&) = delete;
 
-  // Queue slot writes. sync: complete only after fdatasync of every slab touched.
+  // Queue slot writes, synced as `sync` says (see DiskSync).
   // Errors here are about the request (slot out of range, length > slot_size, read-only
   // store, closed store); IO failures are reported per op in the batch results.
-  StatusOr<std::shared_ptr<DiskIoBatch>> submit_write(std::vector<DiskOp> ops, bool sync);
+  StatusOr<std::shared_ptr<DiskIoBatch>> submit_write(std::vector<DiskOp> ops, DiskSync sync);
   // Queue slot reads. verify: compare CRC32C of the bytes read with op.expected_crc.
   StatusOr<std::shared_ptr<DiskIoBatch>> submit_read(std::vector<DiskOp> ops, bool verify);
 
@@ -144,7 +148,7 @@ class DiskStore {
   void run_op(DiskIoBatch* b, size_t i, uint8_t* bounce);
   void finish_op(const std::shared_ptr<DiskIoBatch>& b);
   Status validate_ops(const std::vector<DiskOp>& ops) const;
-  StatusOr<std::shared_ptr<DiskIoBatch>> submit(DiskIoKind kind, std::vector<DiskOp> ops, bool flag);
+  StatusOr<std::shared_ptr<DiskIoBatch>> submit(DiskIoKind kind, std::vector<DiskOp> ops, int flag);
 
   DiskStoreConfig cfg_;
   std::vector<int> fds_;

@@ -36,8 +36,9 @@ Write ordering (the durability contract):
    before any new byte is written into them, so a crash can never leave a record pointing at
    another block's bytes.
 2. *Data next.* The block is written into its (free) slot. With ``durability="batch"``
-   (default) the write handle completes only after ``fdatasync`` of every slab touched, and the
-   LMDB environment syncs on commit; with ``"none"`` neither is synced: safe against a killed
+   (default) the write handle completes only after ``fdatasync`` of every slab touched
+   (``"always"``: after each block), and the LMDB environment syncs on commit; with ``"none"``
+   neither is synced: safe against a killed
    process (the OS holds the data), not against power loss — after which the CRC still turns
    any torn block into a counted miss.
 3. *Catalog last.* One LMDB txn per batch inserts the records of the writes that succeeded. A
@@ -63,6 +64,7 @@ other namespace on load is a miss, counted, and the record is dropped. Neither r
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import fcntl
 import hashlib
@@ -103,7 +105,8 @@ RECORD_DTYPE = np.dtype(
 )
 assert RECORD_DTYPE.itemsize == RECORD.size == 56
 ALIGNMENT = 4096
-DURABILITY = ("none", "batch")
+DURABILITY = ("none", "batch", "always")
+_SYNC_MODE = {"none": 0, "batch": 1, "always": 2}
 CATALOG_SUBDIR = "catalog"
 LOCK_NAME = "LOCK"
 
@@ -223,7 +226,7 @@ class DiskCatalog:
     # ---- opening ----
 
     def _open(self, slot_bytes: int, num_slots: int, slab_bytes: int, eviction: str) -> None:
-        sync = self.durability == "batch"
+        sync = self.durability != "none"
         try:
             self.env = lmdb.open(
                 os.path.join(self.path, CATALOG_SUBDIR),
@@ -282,9 +285,9 @@ class DiskCatalog:
         self._pending: dict[bytes, int] = {}  # reserved for a write, not committed yet
         self._doomed: set[int] = set()  # dropped while pinned: freed at the last unpin
         self._dirty: set[int] = set()  # access/hits changed since the last txn
-        from kvbm.eviction import make_policy
+        from kvbm import _native
 
-        self._policy = make_policy(eviction, n)
+        self._policy = _native.EvictionPolicy(eviction, n)
         t0 = time.perf_counter()
         self._rebuild()
         self.rebuild_seconds = time.perf_counter() - t0
@@ -339,8 +342,8 @@ class DiskCatalog:
         self._hits[gs] = g["hits"]
         good_keys = [keys[i] for i in good.tolist()]
         slots_list = gs.tolist()
-        self._index = dict(zip(good_keys, slots_list))
-        for k, s in zip(good_keys, slots_list):
+        self._index = dict(zip(good_keys, slots_list, strict=False))
+        for k, s in zip(good_keys, slots_list, strict=False):
             self._slot_key[s] = k
         used = np.zeros(geo.num_slots, bool)
         used[gs] = True
@@ -530,7 +533,7 @@ class DiskCatalog:
 
     def abort(self, keys: Sequence[bytes], slots: Sequence[int]) -> None:
         """Release reservations made by :meth:`reserve` without storing anything."""
-        for k, s in zip(keys, slots):
+        for k, s in zip(keys, slots, strict=False):
             if s >= 0 and self._pending.get(k) == s:
                 del self._pending[k]
                 heapq.heappush(self._free, s)
@@ -540,7 +543,7 @@ class DiskCatalog:
     def pin(self, slot: int) -> None:
         """Keep ``slot`` from eviction and reuse while a read of it is in flight."""
         if self._pins[slot] == 0:
-            self._policy.remove(slot)
+            self._policy.set_pinned(slot, True)
         self._pins[slot] += 1
 
     def unpin(self, slot: int) -> None:
@@ -552,15 +555,14 @@ class DiskCatalog:
             self._doomed.discard(slot)
             heapq.heappush(self._free, slot)
         elif self._slot_key[slot] is not None:
-            self._policy.insert(slot, -1)
+            self._policy.set_pinned(slot, False)
 
     def record_hit(self, slot: int) -> None:
         """Note a successful load of ``slot`` (last access, hit count, policy touch)."""
         self._access[slot] = _now_us()
         self._hits[slot] += 1
         self._dirty.add(slot)
-        if self._pins[slot] == 0:
-            self._policy.touch(slot)
+        self._policy.touch(slot)
 
     def drop(self, keys: Sequence[bytes], reason: str | None = None) -> int:
         """Delete blocks from the catalog (one txn) and free their slots; returns how many.
@@ -582,10 +584,10 @@ class DiskCatalog:
             self._slot_key[s] = None
             self._len[s] = 0
             self._dirty.discard(s)
+            self._policy.remove(s)
             if self._pins[s] > 0:
                 self._doomed.add(s)
             else:
-                self._policy.remove(s)
                 heapq.heappush(self._free, s)
         try:
             with self.env.begin(write=True) as txn:
@@ -904,7 +906,7 @@ class DiskTier:
             wslots = [slots[i] for i in idx]
             try:
                 h._native = self.store.write(
-                    wslots, [blocks[i] for i in idx], [lens[i] for i in idx], self.durability == "batch"
+                    wslots, [blocks[i] for i in idx], [lens[i] for i in idx], _SYNC_MODE[self.durability]
                 )
             except BaseException:
                 self.catalog.abort(wkeys, wslots)
@@ -1037,9 +1039,9 @@ class DiskTier:
                     log.error("disk tier %s: %d of %d block writes failed (not stored): %s",
                               self.path, io_fail, len(ok), first)  # fmt: skip
                 self.counters["store_failures"] += nfail
-                # Blocks already present (skipped) count as stored.
+                # Blocks already present (skipped, or stored by an earlier put) count as stored.
                 for i, k in enumerate(keys):
-                    if not h._result[i] and k in cat and i not in set(idx):
+                    if not h._result[i] and k in cat:
                         h._result[i] = True
             else:
                 _, keys, idx, rslots = h._finalize
@@ -1073,10 +1075,8 @@ class DiskTier:
                 self.counters["misses"] += len(keys) - nhit
             h._done = True
             h._native_results = None
-            try:
+            with contextlib.suppress(ValueError):
                 self._inflight.remove(h)
-            except ValueError:
-                pass
 
     def poll_all(self) -> None:
         """Apply the outcome of every finished operation (commits finished puts)."""
@@ -1135,7 +1135,7 @@ class DiskTier:
                 self.store.close()
                 self.catalog.close()
 
-    def __enter__(self) -> DiskTier:  # noqa: PYI034
+    def __enter__(self) -> DiskTier:
         return self
 
     def __exit__(self, *exc: object) -> None:
