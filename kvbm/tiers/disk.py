@@ -76,7 +76,7 @@ import struct
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -857,6 +857,10 @@ class DiskTier:
         with self._lock:
             self._reap()
             return self.catalog.keys()
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Iterate over a snapshot of the catalog keys."""
+        return iter(self.keys())
 
     # ---- store ----
 
