@@ -274,7 +274,7 @@ class DiskCatalog:
 
         n = num_slots
         self._index: dict[bytes, int] = {}
-        self._slot_key: list[bytes | None] = [None] * n
+        self._slot_key = np.full(n, None, dtype=object)  # slot -> key (None when free)
         self._len = np.zeros(n, np.uint64)
         self._crc = np.zeros(n, np.uint32)
         self._ns = np.zeros(n, np.uint64)
@@ -342,9 +342,9 @@ class DiskCatalog:
         self._hits[gs] = g["hits"]
         good_keys = [keys[i] for i in good.tolist()]
         slots_list = gs.tolist()
-        self._index = dict(zip(good_keys, slots_list, strict=False))
-        for k, s in zip(good_keys, slots_list, strict=False):
-            self._slot_key[s] = k
+        self._index = dict(zip(good_keys, slots_list, strict=True))
+        if good_keys:
+            self._slot_key[gs] = good_keys
         used = np.zeros(geo.num_slots, bool)
         used[gs] = True
         self._free: list[int] = np.flatnonzero(~used).tolist()  # sorted: a valid min-heap
@@ -494,31 +494,47 @@ class DiskCatalog:
         Returns, per key, whether it is now stored. A catalog commit failure (disk full, map
         full) makes every write of the batch "not stored", counted and logged; it never raises.
         """
-        now = _now_us()
-        stored = [False] * len(keys)
+        n = len(keys)
+        okm = np.asarray(ok, dtype=bool).reshape(n)
+        good = np.flatnonzero(okm)
+        sl = np.asarray(slots, dtype=np.int64).reshape(n)
+        gs = sl[good]
+        recs = np.zeros(len(good), RECORD_DTYPE)
+        recs["version"] = 1
+        recs["crc"] = np.asarray(crcs, dtype=np.uint32).reshape(n)[good]
+        recs["slot"] = gs
+        recs["length"] = np.asarray(lengths, dtype=np.uint64).reshape(n)[good]
+        recs["ns"] = ns
+        recs["created_us"] = recs["access_us"] = _now_us()
+        raw = recs.tobytes()
+        sz = RECORD.size
+        gl = good.tolist()
+        committed = False
         try:
             with self.env.begin(write=True) as txn:
-                for i, k in enumerate(keys):
-                    if not ok[i]:
-                        continue
-                    s = slots[i]
-                    self._len[s] = lengths[i]
-                    self._crc[s] = crcs[i]
-                    self._ns[s] = ns
-                    self._created[s] = now
-                    self._access[s] = now
-                    self._hits[s] = 0
-                    txn.put(k, self._pack(s), db=self._db_blocks)
-                    stored[i] = True
+                if gl:
+                    txn.cursor(db=self._db_blocks).putmulti(
+                        [(keys[i], raw[j * sz : (j + 1) * sz]) for j, i in enumerate(gl)]
+                    )
                 self._flush_dirty(txn)
+            committed = True
         except (lmdb.Error, OSError) as e:
-            log.error("disk tier %s: catalog commit of %d blocks failed: %s", self.path, sum(ok), e)
-            self._count("store_failures", sum(1 for x in ok if x))
+            log.error("disk tier %s: catalog commit of %d blocks failed (not stored): %s", self.path, len(gl), e)
+            self._count("store_failures", len(gl))
             if _is_space_error(e):
-                self._count("enospc", 1)
-            stored = [False] * len(keys)
+                self._count("enospc", len(gl))
+        stored = [False] * n
+        if committed and gl:
+            self._len[gs] = recs["length"]
+            self._crc[gs] = recs["crc"]
+            self._ns[gs] = recs["ns"]
+            self._created[gs] = recs["created_us"]
+            self._access[gs] = recs["access_us"]
+            self._hits[gs] = 0
+            for i in gl:
+                stored[i] = True
         for i, k in enumerate(keys):
-            s = slots[i]
+            s = int(sl[i])
             self._pending.pop(k, None)
             if stored[i]:
                 self._index[k] = s
@@ -798,7 +814,7 @@ class DiskTier:
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
         self.counters: dict[str, int] = dict.fromkeys(
-            ("hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "store_failures", "io_errors"),
+            ("hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "io_errors"),
             0,
         )
         self._closed = False
@@ -1022,14 +1038,11 @@ class DiskTier:
                 _, keys, idx, wkeys, wslots, wlens, wparents = h._finalize
                 ok = (codes == 0).tolist()
                 stored = cat.commit(wkeys, wslots, wlens, crcs.tolist(), ok, self.namespace, wparents)
-                nfail = 0
                 for j, i in enumerate(idx):
                     h._result[i] = stored[j]
                     if stored[j]:
                         self.counters["stores"] += 1
                         self.counters["stored_bytes"] += wlens[j]
-                    else:
-                        nfail += 1
                 enospc = sum(1 for j, e in enumerate(errnos.tolist()) if not ok[j] and
                              e in (_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT))  # fmt: skip
                 io_fail = sum(1 for x in ok if not x)
@@ -1042,7 +1055,6 @@ class DiskTier:
                         cat._count("enospc", enospc)
                     log.error("disk tier %s: %d of %d block writes failed (not stored): %s",
                               self.path, io_fail, len(ok), first)  # fmt: skip
-                self.counters["store_failures"] += nfail
                 # Blocks already present (skipped, or stored by an earlier put) count as stored.
                 for i, k in enumerate(keys):
                     if not h._result[i] and k in cat:
