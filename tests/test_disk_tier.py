@@ -20,7 +20,7 @@ from kvbm.errors import ConfigError, InvalidArgumentError, KvbmError, StorageIOE
 from kvbm.tiers.disk import RECORD, DiskTier, hash_key, slab_path
 
 SLOT = 16384
-REPO = Path(__file__).resolve().parents[1]
+NEUTRAL_CWD = "/"
 
 
 def content(key: int, slot: int = SLOT) -> np.ndarray:
@@ -34,10 +34,11 @@ def tier(path: Path, slots: int = 64, **kw) -> DiskTier:
     return DiskTier(path, slot_bytes=SLOT, capacity_bytes=SLOT * slots, **kw)
 
 
-def run_py(code: str, *args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_py(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    # cwd: a neutral directory, so the child imports the installed kvbm, not the source tree's
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=timeout, cwd=NEUTRAL_CWD,
     )  # fmt: skip
 
 
@@ -252,7 +253,7 @@ def test_second_writer_gets_clear_error_and_inspect_works(tmp_path: Path) -> Non
         assert want in r.stdout
         r = subprocess.run(
             [sys.executable, "-m", "kvbm", "inspect", str(tmp_path), "--json"],
-            capture_output=True, text=True, timeout=60, cwd=REPO,
+            capture_output=True, text=True, timeout=60, cwd=NEUTRAL_CWD,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         info = json.loads(r.stdout)
