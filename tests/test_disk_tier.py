@@ -563,3 +563,22 @@ def test_native_store_read_only_and_errors(tmp_path: Path) -> None:
     with pytest.raises(KvbmError, match="read-only"):
         ro.write([1], [buf])
     ro.close()
+
+
+def test_remove_while_read_in_flight(tmp_path: Path) -> None:
+    with tier(tmp_path, slots=4) as t:
+        t.put([1, 2], [content(1), content(2)])
+        cat = t.catalog
+        s1 = cat.slot_of(hash_key(1))
+        cat.pin(s1)  # a read in flight
+        assert t.remove([1]) == 1 and 1 not in t
+        # the slot stays out of use until the read is done
+        assert t.put([3, 4, 5], [content(k) for k in (3, 4, 5)]) == [True] * 3  # 2 free + evict block 2
+        assert len(t) == 3 and s1 not in [cat.slot_of(hash_key(k)) for k in (3, 4, 5)]
+        assert t.put([7], [content(7)]) == [True] and s1 not in [cat.slot_of(k) for k in t]
+        cat.record_hit(s1)  # the finished read's bookkeeping must not touch the dropped slot
+        cat.unpin(s1)
+        assert t.put([6], [content(6)]) == [True]
+        for k in t:
+            ki = int.from_bytes(k, "big")
+            assert np.array_equal(load_one(t, ki), content(ki))

@@ -219,6 +219,9 @@ class DiskCatalog:
         try:
             self._open(slot_bytes, num_slots, slab_bytes, eviction)
         except BaseException:
+            env = getattr(self, "env", None)
+            if env is not None:
+                env.close()
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise
@@ -575,6 +578,8 @@ class DiskCatalog:
 
     def record_hit(self, slot: int) -> None:
         """Note a successful load of ``slot`` (last access, hit count, policy touch)."""
+        if self._slot_key[slot] is None:  # removed while the read was in flight
+            return
         self._access[slot] = _now_us()
         self._hits[slot] += 1
         self._dirty.add(slot)
