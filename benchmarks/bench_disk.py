@@ -8,10 +8,11 @@ Needs only numpy, lmdb and the kvbm extension. For each block size (1 MiB and 4 
 * raw: ``kvbm._native.raw_direct_io`` writes ``--total`` bytes sequentially with O_DIRECT in
   block-sized requests at queue depth 1 from one thread, fdatasyncs once, then reads them back
   the same way (the ``dd oflag=direct`` / ``iflag=direct`` baseline);
-* tier: ``DiskTier.put`` of the same number of blocks of fresh random data in batches of
-  ``--batch`` (checksums on, durability "batch": fdatasync before each catalog commit), then
-  ``DiskTier.get`` of all of them (CRC32C verified on every read), every block checked
-  byte-exact afterwards (outside the timed region).
+* tier: ``DiskTier.put_async`` of the same number of blocks of fresh random data in batches of
+  ``--batch`` with ``--depth`` batches in flight (checksums on, durability "batch" by default:
+  fdatasync and an LMDB sync before each catalog commit), then ``DiskTier.get_async`` of all of
+  them the same way (CRC32C verified on every read); blocks are checked byte-exact afterwards
+  (the last batches and a spot check across the run, outside the timed region).
 
 Repetitions alternate raw and tier runs; medians are reported, with ratios tier/raw.
 """
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -78,35 +80,47 @@ def git_commit() -> str:
 
 
 def tier_run(d: Path, block: int, nblocks: int, batch: int, threads: int, pool: list[np.ndarray],
-             outs: list[np.ndarray], rep: int) -> tuple[float, float, int]:  # fmt: skip
+             outs: list[np.ndarray], rep: int, depth: int, durability: str) -> tuple[float, float, int]:  # fmt: skip
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    with DiskTier(d, slot_bytes=block, capacity_bytes=block * nblocks, durability="batch",
+    with DiskTier(d, slot_bytes=block, capacity_bytes=block * nblocks, durability=durability,
                   io_threads=threads, slab_bytes=1 << 30) as t:  # fmt: skip
         if not t.o_direct_active:
             print("warning: tier runs without O_DIRECT here", file=sys.stderr)
         keys = [hash_key((rep << 40) | (block << 20) | i) for i in range(nblocks)]
+        starts = list(range(0, nblocks, batch))
         t0 = time.perf_counter()
-        for i in range(0, nblocks, batch):
+        inflight: deque = deque()
+        for i in starts:  # `depth` batches in flight: the next is queued while one finishes
             ks = keys[i : i + batch]
-            ok = t.put(ks, [pool[(i + j) % len(pool)] for j in range(len(ks))])
-            if not all(ok):
+            inflight.append(t.put_async(ks, [pool[(i + j) % len(pool)] for j in range(len(ks))]))
+            if len(inflight) >= depth and not all(inflight.popleft().wait()):
+                raise RuntimeError(f"tier store failed: {t.stats()}")
+        while inflight:
+            if not all(inflight.popleft().wait()):
                 raise RuntimeError(f"tier store failed: {t.stats()}")
         tw = time.perf_counter() - t0
-        t0 = time.perf_counter()
         bad = 0
-        for i in range(0, nblocks, batch):
+        t0 = time.perf_counter()
+        for n, i in enumerate(starts):
             ks = keys[i : i + batch]
-            ok = t.get(ks, outs[: len(ks)])
-            if not all(ok):
+            obuf = outs[(n % depth) * batch : (n % depth) * batch + len(ks)]
+            inflight.append(t.get_async(ks, obuf))
+            if len(inflight) >= depth and not all(inflight.popleft().wait()):
                 raise RuntimeError(f"tier load missed: {t.stats()}")
-            # correctness (cheap sample inside the loop would skew timing; compare after)
-            if i == 0:
-                first = [o.copy() for o in outs[: len(ks)]]
+        while inflight:
+            if not all(inflight.popleft().wait()):
+                raise RuntimeError(f"tier load missed: {t.stats()}")
         tr = time.perf_counter() - t0
-        for j, o in enumerate(first):
-            bad += int(not np.array_equal(o, pool[j % len(pool)]))
+        # correctness, outside the timed region: the last batches still sit in `outs`
+        last = starts[-min(depth, len(starts)) :]
+        for n0, i in enumerate(starts):
+            if i not in last:
+                continue
+            base = (n0 % depth) * batch
+            for j in range(min(batch, nblocks - i)):
+                bad += int(not np.array_equal(outs[base + j], pool[(i + j) % len(pool)]))
         o = np.empty(block, np.uint8)
         for i in range(0, nblocks, max(1, nblocks // 16)):  # spot check across the run
             assert t.get([keys[i]], [o]) == [True]
@@ -158,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks-mib", default="1,4", help="block sizes in MiB, comma separated")
     ap.add_argument("--batch", type=int, default=16, help="blocks per put/get call")
     ap.add_argument("--io-threads", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=2, help="put/get batches in flight")
+    ap.add_argument("--durability", default="batch", choices=["none", "batch", "always"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--catalog-entries", type=int, default=1_000_000)
     args = ap.parse_args(argv)
@@ -176,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 a = aligned(block)
                 a[:] = rng.integers(0, 256, block, dtype=np.uint8)
                 pool.append(a)
-            outs = [aligned(block) for _ in range(args.batch)]
+            outs = [aligned(block) for _ in range(args.batch * args.depth)]
             raw_w, raw_r, tier_w, tier_r = [], [], [], []
             bad = 0
             raw_direct = True
@@ -185,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
                 raw_direct = raw_direct and r["o_direct"]
                 raw_w.append(r["write_s"])
                 raw_r.append(r["read_s"])
-                tw, tr, b = tier_run(root / "tier", block, nblocks, args.batch, args.io_threads, pool, outs, rep)
+                tw, tr, b = tier_run(
+                    root / "tier", block, nblocks, args.batch, args.io_threads, pool, outs, rep, args.depth,
+                    args.durability,
+                )
                 tier_w.append(tw)
                 tier_r.append(tr)
                 bad += b
@@ -234,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "batch": args.batch,
             "io_threads": args.io_threads,
+            "depth": args.depth,
             "reps": args.reps,
-            "durability": "batch",
+            "durability": args.durability,
             "checksums": True,
         },
         "results": results,
@@ -260,7 +280,8 @@ def to_markdown(out: dict) -> str:
         "",
         "Raw = one thread, queue depth 1, sequential O_DIRECT requests of one block, one fdatasync at the end "
         "of the writes. Tier = `DiskTier.put`/`get` in batches, checksums computed on store and verified on "
-        "load, durability `batch` (fdatasync per batch before the catalog commit). Medians of the reps.",
+        "load, `depth` batches in flight, durability as in settings (`batch`: fdatasync of the slabs and an LMDB "
+        "sync per batch before its catalog commit). Medians of the reps.",
         "",
         "| block | bytes moved | raw write GB/s | tier store GB/s | store/raw | raw read GB/s | tier load GB/s "
         "| load/raw | mismatches |",
