@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--depth", type=int, default=2, help="put/get batches in flight")
     ap.add_argument("--durability", default="batch", choices=["none", "batch", "always"])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--catalog-entries", type=int, default=1_000_000)
     args = ap.parse_args(argv)
 
@@ -225,8 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                 "raw_write_s": raw_w, "raw_read_s": raw_r, "tier_store_s": tier_w, "tier_load_s": tier_r,
                 "mismatched_blocks": bad,
             }  # fmt: skip
-            row["store_vs_raw"] = row["tier_store_GBps"] / row["raw_write_GBps"]
-            row["load_vs_raw"] = row["tier_load_GBps"] / row["raw_read_GBps"]
+            # Ratio of each rep's pair (raw and tier run back to back), then the median: robust to
+            # the drift of a shared machine.
+            row["store_vs_raw"] = statistics.median(r / t for r, t in zip(raw_w, tier_w, strict=True))
+            row["load_vs_raw"] = statistics.median(r / t for r, t in zip(raw_r, tier_r, strict=True))
+            row["store_vs_raw_per_rep"] = [r / t for r, t in zip(raw_w, tier_w, strict=True)]
+            row["load_vs_raw_per_rep"] = [r / t for r, t in zip(raw_r, tier_r, strict=True)]
             results.append(row)
             print(
                 f"{bmib} MiB blocks: raw write {row['raw_write_GBps']:.2f} GB/s, tier store "
@@ -281,7 +285,8 @@ def to_markdown(out: dict) -> str:
         "Raw = one thread, queue depth 1, sequential O_DIRECT requests of one block, one fdatasync at the end "
         "of the writes. Tier = `DiskTier.put`/`get` in batches, checksums computed on store and verified on "
         "load, `depth` batches in flight, durability as in settings (`batch`: fdatasync of the slabs and an LMDB "
-        "sync per batch before its catalog commit). Medians of the reps.",
+        "sync per batch before its catalog commit). GB/s: medians of the reps; ratios: median over reps of the "
+        "ratio within each rep (raw and tier run back to back).",
         "",
         "| block | bytes moved | raw write GB/s | tier store GB/s | store/raw | raw read GB/s | tier load GB/s "
         "| load/raw | mismatches |",
