@@ -127,7 +127,7 @@ KVBM_BINDINGS(disk, 20) {
                         "Fixed-size slots in slab files with O_DIRECT IO on a thread pool (no catalog: "
                         "see kvbm.tiers.disk).")
       .def(py::init([](const std::string& dir, uint64_t slot_size, uint64_t num_slots, uint64_t slots_per_slab,
-                       int io_threads, bool o_direct, bool read_only) {
+                       int io_threads, bool o_direct, bool read_only, bool preallocate) {
              DiskStoreConfig c;
              c.dir = dir;
              c.slot_size = slot_size;
@@ -136,11 +136,13 @@ KVBM_BINDINGS(disk, 20) {
              c.io_threads = io_threads;
              c.o_direct = o_direct;
              c.read_only = read_only;
+             c.preallocate = preallocate;
              py::gil_scoped_release nogil;
              return check(DiskStore::open(c));
            }),
            py::arg("dir"), py::arg("slot_size"), py::arg("num_slots"), py::arg("slots_per_slab") = 0,
-           py::arg("io_threads") = 4, py::arg("o_direct") = true, py::arg("read_only") = false)
+           py::arg("io_threads") = 4, py::arg("o_direct") = true, py::arg("read_only") = false,
+           py::arg("preallocate") = true)
       .def(
           "write",
           [](DiskStore& s, const std::vector<uint64_t>& slots, const py::sequence& buffers,
@@ -175,6 +177,8 @@ KVBM_BINDINGS(disk, 20) {
            "Finish queued IO, stop the threads, close the files. Idempotent.")
       .def_property_readonly("o_direct_active", &DiskStore::o_direct_active)
       .def_property_readonly("fallback_reason", &DiskStore::fallback_reason)
+      .def_property_readonly("prealloc_error", &DiskStore::prealloc_error,
+                             "Why slabs were not (all) preallocated; empty when they were or it was off.")
       .def_property_readonly("slot_size", [](const DiskStore& s) { return s.config().slot_size; })
       .def_property_readonly("num_slots", [](const DiskStore& s) { return s.config().num_slots; })
       .def_property_readonly("slots_per_slab", [](const DiskStore& s) { return s.config().slots_per_slab; })

@@ -3,6 +3,7 @@
 #include "tiers/disk_store.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <set>
 
 #include "csrc/checksum.h"
@@ -174,7 +176,30 @@ Status DiskStore::open_files() {
     direct = false;
   }
   o_direct_active_ = direct;
+  if (cfg_.preallocate && !cfg_.read_only) preallocate();
   return Status::Ok();
+}
+
+void DiskStore::preallocate() {
+  struct rlimit rl;
+  uint64_t limit = UINT64_MAX;
+  if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) limit = rl.rlim_cur;
+  for (uint64_t i = 0; i < fds_.size(); ++i) {
+    uint64_t slots = std::min(cfg_.slots_per_slab, cfg_.num_slots - i * cfg_.slots_per_slab);
+    uint64_t want = slots * cfg_.slot_size;
+    struct stat st;
+    if (::fstat(fds_[i], &st) == 0 && static_cast<uint64_t>(st.st_size) >= want) continue;
+    if (want > limit) {  // past RLIMIT_FSIZE fallocate would raise SIGXFSZ
+      prealloc_error_ = slab_path(i) + ": " + std::to_string(want) + " bytes exceed RLIMIT_FSIZE " +
+                        std::to_string(limit);
+      return;
+    }
+    if (::fallocate(fds_[i], 0, 0, static_cast<off_t>(want)) != 0) {
+      prealloc_error_ = "fallocate of " + slab_path(i) + " to " + std::to_string(want) +
+                        " bytes failed: " + errno_text(errno);
+      return;  // the rest stays sparse too
+    }
+  }
 }
 
 Status DiskStore::validate_ops(const std::vector<DiskOp>& ops) const {

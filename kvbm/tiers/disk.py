@@ -776,6 +776,7 @@ class DiskTier:
         verify_checksums: bool = True,
         eviction: str = "lru",
         slab_bytes: int = 1 << 30,
+        preallocate: bool = True,
     ) -> None:
         from kvbm import _native
 
@@ -806,8 +807,9 @@ class DiskTier:
         try:
             geo = self.catalog.geometry
             self.store = _native.DiskStore(
-                self.path, geo.slot_bytes, geo.num_slots, geo.slots_per_slab, io_threads, bool(o_direct)
-            )
+                self.path, geo.slot_bytes, geo.num_slots, geo.slots_per_slab, io_threads, bool(o_direct),
+                False, bool(preallocate),
+            )  # fmt: skip
         except BaseException:
             self.catalog.close()
             raise
@@ -818,6 +820,9 @@ class DiskTier:
             )
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if self.store.prealloc_error:
+            log.warning("disk tier %s: slabs not preallocated (%s); they grow as written", self.path,
+                        self.store.prealloc_error)  # fmt: skip
         self.counters: dict[str, int] = dict.fromkeys(
             ("hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "io_errors"),
             0,
