@@ -6,8 +6,9 @@ same file system, in one run; plus the catalog's reopen time with 1M entries.
 Needs only numpy, lmdb and the kvbm extension. For each block size (1 MiB and 4 MiB by default):
 
 * raw: ``kvbm._native.raw_direct_io`` writes ``--total`` bytes sequentially with O_DIRECT in
-  block-sized requests at queue depth 1 from one thread, fdatasyncs once, then reads them back
-  the same way (the ``dd oflag=direct`` / ``iflag=direct`` baseline);
+  block-sized requests at queue depth 1 from one thread, fdatasyncs at the end (and, for the
+  ``batch`` rows, after every batch of blocks, like the tier), then reads them back the same way
+  (the ``dd oflag=direct`` / ``iflag=direct`` baseline);
 * tier: ``DiskTier.put_async`` of the same number of blocks of fresh random data in batches of
   ``--batch`` with ``--depth`` batches in flight (checksums on, durability "batch" by default:
   fdatasync and an LMDB sync before each catalog commit), then ``DiskTier.get_async`` of all of
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="blocks per put/get call")
     ap.add_argument("--io-threads", type=int, default=4)
     ap.add_argument("--depth", type=int, default=2, help="put/get batches in flight")
-    ap.add_argument("--durability", default="batch", choices=["none", "batch", "always"])
+    ap.add_argument("--durability", default="none,batch",
+                    help="comma separated tier durabilities to measure (none, batch, always)")  # fmt: skip
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--catalog-entries", type=int, default=1_000_000)
     args = ap.parse_args(argv)
@@ -193,52 +195,58 @@ def main(argv: list[str] | None = None) -> int:
                 a[:] = rng.integers(0, 256, block, dtype=np.uint8)
                 pool.append(a)
             outs = [aligned(block) for _ in range(args.batch * args.depth)]
-            raw_w, raw_r, tier_w, tier_r = [], [], [], []
-            bad = 0
-            raw_direct = True
-            for rep in range(args.reps):
-                r = _native.raw_direct_io(str(root / "raw.bin"), nblocks * block, block, True)
-                raw_direct = raw_direct and r["o_direct"]
-                raw_w.append(r["write_s"])
-                raw_r.append(r["read_s"])
-                tw, tr, b = tier_run(
-                    root / "tier", block, nblocks, args.batch, args.io_threads, pool, outs, rep, args.depth,
-                    args.durability,
+            for durability in args.durability.split(","):
+                raw_w, raw_r, tier_w, tier_r = [], [], [], []
+                bad = 0
+                raw_direct = True
+                for rep in range(args.reps):
+                    # the raw writes flush as often as the tier does: once at the end, or every batch
+                    sync_every = 0 if durability == "none" else 1 if durability == "always" else args.batch
+                    r = _native.raw_direct_io(str(root / "raw.bin"), nblocks * block, block, True, sync_every)
+                    raw_direct = raw_direct and r["o_direct"]
+                    raw_w.append(r["write_s"])
+                    raw_r.append(r["read_s"])
+                    tw, tr, b = tier_run(
+                        root / "tier", block, nblocks, args.batch, args.io_threads, pool, outs, rep, args.depth,
+                        durability,
+                    )
+                    tier_w.append(tw)
+                    tier_r.append(tr)
+                    bad += b
+                nbytes = nblocks * block
+
+                def gbps(seconds: float, nbytes: int = nbytes) -> float:
+                    return nbytes / seconds / 1e9
+
+                row = {
+                    "block_bytes": block,
+                    "durability": durability,
+                    "raw_sync_every_blocks": sync_every,
+                    "blocks": nblocks,
+                    "bytes": nbytes,
+                    "raw_o_direct": raw_direct,
+                    "raw_write_GBps": gbps(statistics.median(raw_w)),
+                    "raw_read_GBps": gbps(statistics.median(raw_r)),
+                    "tier_store_GBps": gbps(statistics.median(tier_w)),
+                    "tier_load_GBps": gbps(statistics.median(tier_r)),
+                    "raw_write_s": raw_w, "raw_read_s": raw_r, "tier_store_s": tier_w, "tier_load_s": tier_r,
+                    "mismatched_blocks": bad,
+                }  # fmt: skip
+                # Ratio of each rep's pair (raw and tier run back to back), then the median: robust to
+                # the drift of a shared machine.
+                row["store_vs_raw"] = statistics.median(r / t for r, t in zip(raw_w, tier_w, strict=True))
+                row["load_vs_raw"] = statistics.median(r / t for r, t in zip(raw_r, tier_r, strict=True))
+                row["store_vs_raw_per_rep"] = [r / t for r, t in zip(raw_w, tier_w, strict=True)]
+                row["load_vs_raw_per_rep"] = [r / t for r, t in zip(raw_r, tier_r, strict=True)]
+                results.append(row)
+                print(
+                    f"{bmib} MiB blocks, durability {durability}: raw write {row['raw_write_GBps']:.2f} GB/s, "
+                    "tier store "
+                    f"{row['tier_store_GBps']:.2f} GB/s ({row['store_vs_raw']:.0%}); raw read "
+                    f"{row['raw_read_GBps']:.2f} GB/s, tier load {row['tier_load_GBps']:.2f} GB/s "
+                    f"({row['load_vs_raw']:.0%}); mismatches {bad}",
+                    flush=True,
                 )
-                tier_w.append(tw)
-                tier_r.append(tr)
-                bad += b
-            nbytes = nblocks * block
-
-            def gbps(seconds: float, nbytes: int = nbytes) -> float:
-                return nbytes / seconds / 1e9
-
-            row = {
-                "block_bytes": block,
-                "blocks": nblocks,
-                "bytes": nbytes,
-                "raw_o_direct": raw_direct,
-                "raw_write_GBps": gbps(statistics.median(raw_w)),
-                "raw_read_GBps": gbps(statistics.median(raw_r)),
-                "tier_store_GBps": gbps(statistics.median(tier_w)),
-                "tier_load_GBps": gbps(statistics.median(tier_r)),
-                "raw_write_s": raw_w, "raw_read_s": raw_r, "tier_store_s": tier_w, "tier_load_s": tier_r,
-                "mismatched_blocks": bad,
-            }  # fmt: skip
-            # Ratio of each rep's pair (raw and tier run back to back), then the median: robust to
-            # the drift of a shared machine.
-            row["store_vs_raw"] = statistics.median(r / t for r, t in zip(raw_w, tier_w, strict=True))
-            row["load_vs_raw"] = statistics.median(r / t for r, t in zip(raw_r, tier_r, strict=True))
-            row["store_vs_raw_per_rep"] = [r / t for r, t in zip(raw_w, tier_w, strict=True)]
-            row["load_vs_raw_per_rep"] = [r / t for r, t in zip(raw_r, tier_r, strict=True)]
-            results.append(row)
-            print(
-                f"{bmib} MiB blocks: raw write {row['raw_write_GBps']:.2f} GB/s, tier store "
-                f"{row['tier_store_GBps']:.2f} GB/s ({row['store_vs_raw']:.0%}); raw read "
-                f"{row['raw_read_GBps']:.2f} GB/s, tier load {row['tier_load_GBps']:.2f} GB/s "
-                f"({row['load_vs_raw']:.0%}); mismatches {bad}",
-                flush=True,
-            )
         cat = catalog_reopen(root / "catalog-bench", args.catalog_entries) if args.catalog_entries else None
         if cat:
             print(f"catalog: {cat['entries']} entries, reopen {cat['reopen_s']:.2f} s "
@@ -259,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
             "io_threads": args.io_threads,
             "depth": args.depth,
             "reps": args.reps,
-            "durability": args.durability,
             "checksums": True,
         },
         "results": results,
@@ -282,19 +289,22 @@ def to_markdown(out: dict) -> str:
         f"- file system: {out['file_system']}",
         f"- CRC32C: {out['crc32c']}; settings: {out['settings']}",
         "",
-        "Raw = one thread, queue depth 1, sequential O_DIRECT requests of one block, one fdatasync at the end "
-        "of the writes. Tier = `DiskTier.put`/`get` in batches, checksums computed on store and verified on "
-        "load, `depth` batches in flight, durability as in settings (`batch`: fdatasync of the slabs and an LMDB "
-        "sync per batch before its catalog commit). GB/s: medians of the reps; ratios: median over reps of the "
+        "Raw = one thread, queue depth 1, sequential O_DIRECT requests of one block, with the same flushes as "
+        "the tier row: one fdatasync at the end of the writes (`none`), or also one every batch (`batch`). "
+        "Tier = `DiskTier.put`/`get` in batches, checksums computed on store and verified on "
+        "load, `depth` batches in flight; durability `none`: no flush (data on the device when a write returns; "
+        "the one final fdatasync of the raw writes is in their time), `batch`: fdatasync of the slabs and an LMDB "
+        "sync per batch before its catalog commit. GB/s: medians of the reps; ratios: median over reps of the "
         "ratio within each rep (raw and tier run back to back).",
         "",
-        "| block | bytes moved | raw write GB/s | tier store GB/s | store/raw | raw read GB/s | tier load GB/s "
-        "| load/raw | mismatches |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| block | durability | bytes moved | raw write GB/s | tier store GB/s | store/raw | raw read GB/s "
+        "| tier load GB/s | load/raw | mismatches |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
         lines.append(
-            f"| {r['block_bytes'] // MiB} MiB | {r['bytes'] / MiB:.0f} MiB | {r['raw_write_GBps']:.2f} | "
+            f"| {r['block_bytes'] // MiB} MiB | {r['durability']} | {r['bytes'] / MiB:.0f} MiB | "
+            f"{r['raw_write_GBps']:.2f} | "
             f"{r['tier_store_GBps']:.2f} | {r['store_vs_raw']:.0%} | {r['raw_read_GBps']:.2f} | "
             f"{r['tier_load_GBps']:.2f} | {r['load_vs_raw']:.0%} | {r['mismatched_blocks']} |"
         )

@@ -188,10 +188,11 @@ KVBM_BINDINGS(disk, 20) {
 
   m.def(
       "raw_direct_io",
-      [](const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes, bool fsync_after) {
+      [](const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes, bool fsync_after,
+         uint64_t sync_every) {
         StatusOr<RawIoTiming> r = [&] {
           py::gil_scoped_release nogil;
-          return raw_direct_io(path, total_bytes, chunk_bytes, fsync_after);
+          return raw_direct_io(path, total_bytes, chunk_bytes, fsync_after, sync_every);
         }();
         RawIoTiming t = check(std::move(r));
         py::dict d;
@@ -201,6 +202,8 @@ KVBM_BINDINGS(disk, 20) {
         return d;
       },
       py::arg("path"), py::arg("total_bytes"), py::arg("chunk_bytes"), py::arg("fsync_after") = true,
+      py::arg("sync_every") = 0,
       "Benchmark baseline: sequential O_DIRECT write then read of total_bytes in chunk_bytes requests "
-      "(queue depth 1, one thread) through a temporary file at path. Returns write_s, read_s, o_direct.");
+      "(queue depth 1, one thread) through a temporary file at path; fdatasync at the end (fsync_after) "
+      "and every sync_every chunks (> 0). Returns write_s, read_s, o_direct.");
 }

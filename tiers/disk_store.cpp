@@ -400,7 +400,7 @@ DiskStoreStats DiskStore::stats() const {
 // ---- raw baseline ----
 
 StatusOr<RawIoTiming> raw_direct_io(const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes,
-                                    bool fsync_after) {
+                                    bool fsync_after, uint64_t sync_every) {
   if (chunk_bytes == 0 || chunk_bytes % kDiskAlignment != 0)
     return InvalidArgument("chunk_bytes " + std::to_string(chunk_bytes) + " must be a positive multiple of 4096");
   if (total_bytes < chunk_bytes) return InvalidArgument("total_bytes must be >= chunk_bytes");
@@ -423,6 +423,7 @@ StatusOr<RawIoTiming> raw_direct_io(const std::string& path, uint64_t total_byte
   auto t0 = clk::now();
   for (uint64_t i = 0; i < n; ++i) {
     int e = pwrite_all(fd, buf.p, chunk_bytes, i * chunk_bytes);
+    if (e == 0 && sync_every > 0 && (i + 1) % sync_every == 0 && ::fdatasync(fd) != 0) e = errno;
     if (e) {
       ::close(fd);
       ::unlink(path.c_str());

@@ -186,12 +186,13 @@ class DiskStore {
 // Plain sequential O_DIRECT write then read of `total_bytes` in `chunk_bytes` requests at
 // queue depth 1, one thread, through a file `path` (created, then removed): the raw baseline the
 // disk benchmark compares the tier with. Returns {write_seconds, read_seconds}; with
-// fsync_after the write time includes one fdatasync at the end.
+// fsync_after the write time includes one fdatasync at the end, with sync_every > 0 also one
+// after every sync_every chunks (the same flushes as the tier's "batch" durability).
 struct RawIoTiming {
   double write_s = 0, read_s = 0;
   bool o_direct = false;
 };
 StatusOr<RawIoTiming> raw_direct_io(const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes,
-                                    bool fsync_after);
+                                    bool fsync_after, uint64_t sync_every = 0);
 
 }  // namespace kvbm
