@@ -37,8 +37,8 @@ Write ordering (the durability contract):
    another block's bytes.
 2. *Data next.* The block is written into its (free) slot. With ``durability="batch"``
    (default) the write handle completes only after ``fdatasync`` of every slab touched
-   (``"always"``: after each block), and the LMDB environment syncs on commit; with ``"none"``
-   neither is synced: safe against a killed
+   (``"always"``: after each block), and LMDB syncs its data on commit (``"always"``: its meta
+   page too); with ``"none"`` neither is synced: safe against a killed
    process (the OS holds the data), not against power loss — after which the CRC still turns
    any torn block into a counted miss.
 3. *Catalog last.* One LMDB txn per batch inserts the records of the writes that succeeded. A
@@ -229,15 +229,17 @@ class DiskCatalog:
     # ---- opening ----
 
     def _open(self, slot_bytes: int, num_slots: int, slab_bytes: int, eviction: str) -> None:
-        sync = self.durability != "none"
+        # "batch": one fsync per commit (MDB_NOMETASYNC: a system crash may undo the last
+        # commit, never corrupt the catalog; undone records only make their slots free again).
+        # "always": LMDB's full sync. "none": no sync (a killed process loses nothing).
         try:
             self.env = lmdb.open(
                 os.path.join(self.path, CATALOG_SUBDIR),
                 map_size=_map_size_for(num_slots),
                 subdir=True,
                 max_dbs=4,
-                sync=sync,
-                metasync=sync,
+                sync=self.durability != "none",
+                metasync=self.durability == "always",
                 readahead=False,
                 lock=True,
             )
