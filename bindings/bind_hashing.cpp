@@ -281,12 +281,13 @@ KVBM_BINDINGS(hashing, 10) {
   m.def(
       "block_hashes",
       [](py::handle token_ids, long long block_size, py::handle ns_digest, const std::string& algorithm,
-         py::handle extra, py::handle parent) {
+         py::handle extra, py::handle parent, const std::string& sha256_impl) {
         if (block_size <= 0)
           fail(Code::kInvalidArgument, "block_size = " + std::to_string(block_size) + " must be > 0");
         BlockHashParams params;
         params.algorithm = check(parse_hash_algorithm(algorithm));
         params.block_size = static_cast<size_t>(block_size);
+        params.sha_impl = sha_impl(sha256_impl);
         uint8_t ns[kBlockHashSize], par[kBlockHashSize];
         copy_digest(ns_digest, "namespace digest", ns);
         params.ns_digest = ns;
@@ -313,7 +314,7 @@ KVBM_BINDINGS(hashing, 10) {
         return out;
       },
       py::arg("token_ids"), py::arg("block_size"), py::arg("ns_digest"), py::arg("algorithm") = "sha256",
-      py::arg("extra") = py::none(), py::arg("parent") = py::none(),
+      py::arg("extra") = py::none(), py::arg("parent") = py::none(), py::arg("sha256_impl") = "auto",
       "Chained 16-byte hashes of the full blocks of token_ids as a uint8 array of shape (n, 16).\n"
       "Use kvbm.block_hashes / kvbm.hashing.block_hashes_array rather than this directly.");
 }

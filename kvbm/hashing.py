@@ -2,7 +2,7 @@
 
 A block's hash chains over the whole prefix::
 
-    h_i = H16(ns_digest || h_{i-1} || LE32(tokens_i) || flag || [H16(extra_i)])
+    h_i = H16(LE32(tokens_i) || [H16(extra_i)] || ns_digest || h_{i-1} || flag)
 
 so equal hashes mean equal prefixes (same model, dtype, layout, block size, tensor-parallel
 rank, tokens and extra keys). ``H16`` is SHA-256 truncated to 16 bytes (default, collision

@@ -78,8 +78,11 @@ def ref_block_hashes(tokens, block_size, ns_digest, algorithm="sha256", extra=No
     out = []
     for i in range(n):
         block = [int(t) for t in tokens[i * block_size:(i + 1) * block_size]]
-        msg = ns_digest + prev + struct.pack(f"<{block_size}I", *block)
-        msg += b"\x00" if extras[i] is None else b"\x01" + ref_h16(algorithm, bytes(extras[i]))
+        msg = struct.pack(f"<{block_size}I", *block)
+        if extras[i] is None:
+            msg += ns_digest + prev + b"\x00"
+        else:
+            msg += ref_h16(algorithm, bytes(extras[i])) + ns_digest + prev + b"\x01"
         prev = ref_h16(algorithm, msg)
         out.append(prev)
     return out
@@ -102,14 +105,14 @@ VECTORS_FAST128 = [
 ]
 T40 = list(range(40))
 VECTORS_BLOCKS = {
-    "V1": (T40, N1, None, None, ["7478f784544c550cb88193cf508c5d3e", "ba6be34724e5d9484d91b1b2c8030378"]),
-    "V2": (T40, N2, None, None, ["c712dda00bd5a9a910de10459a8e3d91", "3d30daac7015f8e080c2c45268e3f408"]),
+    "V1": (T40, N1, None, None, ["983af0417f58288c35ca70edeebd23ce", "9a4c99d0fc219bad9e116c333049ae0a"]),
+    "V2": (T40, N2, None, None, ["6ad9539582adbed6518973b0514ae157", "6c3629963914e5eb7e5b2c941aa70f36"]),
     "V3": (T40, N1, b"lora:adapter-a", None,
-           ["c766871d8ffb174b143523e5831ce1e0", "6323f0bb00890af2c2bcc08b3eba6a6e"]),
+           ["be75b2182597c300296116bb4765c6f4", "db41b12e14e79a32e6378c035ed1f347"]),
     "V4": (T40, N1, [None, b"mm:0123"], None,
-           ["7478f784544c550cb88193cf508c5d3e", "b486db16bd4f405b940b1a5e9a066a46"]),
-    "V5": (list(range(100, 116)), N1, None, bytes(range(16)), ["294ad9117455815e0bccf1257ffb17dd"]),
-    "V6": (T40, N2, [b"", None], None, ["c61b8435dc8f9ddf378762e433cf3533", "9d407619c7a0982933696243096116c4"]),
+           ["983af0417f58288c35ca70edeebd23ce", "4d3eecfd147f68d2604a9cd6d432c993"]),
+    "V5": (list(range(100, 116)), N1, None, bytes(range(16)), ["0aa682c3ac77f0db08ce85611510a688"]),
+    "V6": (T40, N2, [b"", None], None, ["41d9189d046e8838dbc552be32830410", "d4afa5e9492d195162319555075cfad4"]),
 }
 
 
@@ -271,7 +274,7 @@ def test_docs_carry_the_same_vectors():
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "fast128"])
-@pytest.mark.parametrize("block_size", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("block_size", [1, 3, 16, 17, 28, 64])
 def test_block_hashes_match_reference_random(algorithm, block_size):
     rng = random.Random(block_size * 7 + len(algorithm))
     ns = Namespace("m", "bf16", "NHD", block_size, hash_algorithm=algorithm)
@@ -285,6 +288,22 @@ def test_block_hashes_match_reference_random(algorithm, block_size):
             arr = block_hashes_array(np.array(tokens, dtype=np.uint32), block_size, ns, extra, parent=parent)
             assert arr.dtype == np.uint8 and arr.shape == (nblocks, 16)
             assert [bytes(r) for r in arr] == want
+
+
+@pytest.mark.parametrize("impl", _sha_impls())
+@pytest.mark.parametrize("block_size", [1, 8, 15, 16, 28, 32, 64, 100])
+def test_sha256_chain_pipeline_every_shape(impl, block_size):
+    # Block sizes chosen so the message has 0, 1 or several token-only chunks and a dependent
+    # tail of one or two chunks; per-block extras switch the message length back and forth.
+    rng = random.Random(block_size)
+    nblocks = 9
+    tokens = [rng.randrange(1 << 32) for _ in range(nblocks * block_size)]
+    ns = Namespace("m", "bf16", "NHD", block_size)
+    extras = [None, b"x", None, None, rng.randbytes(100), b"", None, b"y", None]
+    for extra in (None, b"salt", extras):
+        want = ref_block_hashes(tokens, block_size, ns.digest, "sha256", extra, None)
+        got = _native.block_hashes(tokens, block_size, ns.digest, "sha256", extra, None, impl)
+        assert [bytes(r) for r in got] == want
 
 
 def test_chain_properties():
