@@ -203,8 +203,10 @@ def block_hashes(
     Same arguments, promises and errors as :func:`block_hashes_array`, which is faster when
     the caller can keep the hashes in an array.
     """
-    raw = block_hashes_array(token_ids, block_size, namespace, extra, parent=parent).tobytes()
-    return [raw[i : i + BLOCK_HASH_SIZE] for i in range(0, len(raw), BLOCK_HASH_SIZE)]
+    from kvbm import _native
+
+    bs, ns_digest, algo = _resolve(block_size, namespace)
+    return _native.block_hashes(token_ids, bs, ns_digest, algo, extra, parent, as_list=True)
 
 
 __all__ = [
