@@ -175,7 +175,8 @@ def write_results(extra_args: list[str]) -> int:
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end (shared machine: read ratios, not seconds)"),
         (f"- Python {platform.python_version()}, numpy {np.__version__}, vllm {vllm_version or 'not importable'}; "
         f"kvbm SHA-256 path `{_native.sha256_impl()}`, CRC32C path `{_native.crc32c_impl()}`"),
-        (f"- Command: `{' '.join([Path(sys.executable).name, 'benchmarks/bench_hashing.py', '--write-results', *extra_args])}`"
+        ("- Command: `"
+         f"{' '.join([Path(sys.executable).name, 'benchmarks/bench_hashing.py', '--write-results', *extra_args])}`"
         " (pytest-benchmark, `benchmark.pedantic`, inputs built outside the timed function, 2 warm-up rounds)"),
         (f"- Workload: {NUM_TOKENS} random token ids (uniform in [0, {VOCAB})), {NUM_BLOCKS} full blocks of "
         f"{BLOCK_SIZE}; one call hashes the whole chain."),
