@@ -393,6 +393,22 @@ def test_bad_tokens_raise(tokens, match):
         kvbm.block_hashes(tokens, 1, N1.digest)
 
 
+@pytest.mark.parametrize("make", [list, lambda t: np.array(t, np.int64), lambda t: np.array(t, np.int32),
+                                  lambda t: np.array(t, np.int64)[::1].repeat(2)[::2]])
+def test_bad_token_anywhere_names_the_first_index(make):
+    # Block tokens are checked while hashing, the tail up front: either way the error names the
+    # first bad index of the whole input.
+    good = list(range(16 * 4 + 5))
+    for bad_at in ([3], [66], [20, 66], [66, 67], [63]):
+        toks = list(good)
+        for i in bad_at:
+            toks[i] = -5
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"token_ids[{bad_at[0]}] = -5")):
+            kvbm.block_hashes(make(toks), 16, N1)
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"token_ids[{bad_at[0]}] = -5")):
+            block_hashes_array(make(toks), 16, N2)
+
+
 def test_bad_arguments_raise():
     toks = list(range(48))
     with pytest.raises(InvalidArgumentError, match=re.escape("block_size = 0 must be > 0")):
