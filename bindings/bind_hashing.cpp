@@ -28,7 +28,7 @@ class HeldBuffer {
   void acquire_bytes(py::handle obj, const std::string& what) {
     if (!PyObject_CheckBuffer(obj.ptr()))
       fail(Code::kInvalidArgument, what + " must be bytes-like (bytes, bytearray, memoryview, numpy array), got " +
-                                       std::string(py::str(obj.get_type().attr("__name__"))));
+                                       std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     if (PyObject_GetBuffer(obj.ptr(), &buf_, PyBUF_C_CONTIGUOUS) != 0) {
       PyErr_Clear();
       fail(Code::kInvalidArgument, what + ": buffer must be C-contiguous");
@@ -53,7 +53,7 @@ class HeldBuffer {
   bool held_ = false;
 };
 
-std::string type_name(py::handle obj) { return py::str(obj.get_type().attr("__name__")); }
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
 
 // token_ids as the core sees them, plus whatever keeps their memory alive.
 struct Tokens {
