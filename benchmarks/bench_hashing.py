@@ -170,6 +170,9 @@ NOTES = [
     "are 32-byte SHA-256 of a pickled tuple. Same tokens, same block size, same chaining."),
     ("- CRC32C is checked against the table path on the same buffer after timing; its peer is a "
     "single-threaded copy of the same bytes in the same run."),
+    ("- When the vLLM interpreter lacks pytest-benchmark, the command puts it on PYTHONPATH from a directory "
+     "of symlinks (here `/tmp/pb_overlay`: the system's pytest 9.0.3 and pytest-benchmark 5.2.3, which fails "
+     "under pytest 9.2.0) instead of installing anything into the engine's environment."),
 ]
 
 
