@@ -8,6 +8,10 @@
 #include "csrc/fast_hash.h"
 #include "csrc/sha256.h"
 
+#if defined(__x86_64__)
+#include <emmintrin.h>  // SSE2: part of baseline x86-64
+#endif
+
 namespace kvbm {
 namespace {
 
@@ -90,6 +94,23 @@ template <typename T>
 bool gather_typed(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
   constexpr bool kNeedsCheck = std::is_signed_v<T> || sizeof(T) > 4;
   const uint8_t* p = static_cast<const uint8_t*>(s.data) + static_cast<ptrdiff_t>(first) * s.stride;
+#if defined(__x86_64__)
+  if constexpr (sizeof(T) == 8) {
+    // 64-bit ids (numpy's default int64), four at a time: every high half must be zero, which
+    // rejects negatives and values >= 2^32 at once; the low halves are packed to uint32.
+    if (!s.byteswap && s.stride == 8 && count % 4 == 0) {
+      __m128i high = _mm_setzero_si128();
+      for (size_t i = 0; i < count; i += 4) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i + 16));
+        high = _mm_or_si128(high, _mm_or_si128(a, b));
+        const __m128i lo = _mm_unpacklo_epi64(_mm_shuffle_epi32(a, 0x08), _mm_shuffle_epi32(b, 0x08));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * i), lo);
+      }
+      return _mm_movemask_epi8(_mm_cmpeq_epi32(_mm_srli_epi64(high, 32), _mm_setzero_si128())) == 0xFFFF;
+    }
+  }
+#endif
   if (kHostLittleEndian && !s.byteswap && s.stride == static_cast<ptrdiff_t>(sizeof(T))) {
     const T* v = reinterpret_cast<const T*>(p);  // the buffer protocol gives item-aligned data
     if constexpr (kNeedsCheck) {

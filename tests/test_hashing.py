@@ -285,9 +285,10 @@ def test_block_hashes_match_reference_random(algorithm, block_size):
         for parent in (None, rng.randbytes(16)):
             want = ref_block_hashes(tokens, block_size, ns.digest, algorithm, extra, parent)
             assert kvbm.block_hashes(tokens, block_size, ns, extra, parent=parent) == want
-            arr = block_hashes_array(np.array(tokens, dtype=np.uint32), block_size, ns, extra, parent=parent)
-            assert arr.dtype == np.uint8 and arr.shape == (nblocks, 16)
-            assert [bytes(r) for r in arr] == want
+            for dt in (np.uint32, np.int64, np.uint64):
+                arr = block_hashes_array(np.array(tokens, dtype=dt), block_size, ns, extra, parent=parent)
+                assert arr.dtype == np.uint8 and arr.shape == (nblocks, 16)
+                assert [bytes(r) for r in arr] == want
 
 
 @pytest.mark.parametrize("impl", _sha_impls())
