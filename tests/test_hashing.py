@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -458,6 +459,33 @@ def test_threads_hash_concurrently_and_correctly():
         t.join()
     for i in range(4):
         assert all(np.array_equal(g, want[i]) for g in got[i])
+
+
+def test_gil_is_released_while_hashing():
+    # One long native call (portable SHA-256, ~8M tokens: on the order of 100+ ms) in a thread;
+    # if it held the GIL the main thread would stall for the whole call. The longest stall of
+    # the main loop must stay well below the call's duration.
+    toks = np.random.default_rng(8).integers(0, 1 << 32, size=8 << 20, dtype=np.uint32)
+    done = threading.Event()
+    elapsed = []
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        _native.block_hashes(toks, 16, N1.digest, "sha256", None, None, "portable")
+        elapsed.append(time.perf_counter() - t0)
+        done.set()
+
+    t = threading.Thread(target=work)
+    last = time.perf_counter()
+    max_gap = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        max_gap = max(max_gap, now - last)
+        last = now
+    t.join()
+    assert elapsed[0] > 0.05, "the call was too short to tell"
+    assert max_gap < 0.5 * elapsed[0], (max_gap, elapsed[0])
 
 
 _CHILD = r"""
