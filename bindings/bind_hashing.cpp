@@ -28,7 +28,7 @@ class HeldBuffer {
   void acquire_bytes(py::handle obj, const std::string& what) {
     if (!PyObject_CheckBuffer(obj.ptr()))
       fail(Code::kInvalidArgument, what + " must be bytes-like (bytes, bytearray, memoryview, numpy array), got " +
-                                       std::string(py::str(obj.get_type().attr("__name__"))));
+                                       std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     if (PyObject_GetBuffer(obj.ptr(), &buf_, PyBUF_C_CONTIGUOUS) != 0) {
       PyErr_Clear();
       fail(Code::kInvalidArgument, what + ": buffer must be C-contiguous");
@@ -53,22 +53,59 @@ class HeldBuffer {
   bool held_ = false;
 };
 
-std::string type_name(py::handle obj) { return py::str(obj.get_type().attr("__name__")); }
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
 
 // token_ids as the core sees them, plus whatever keeps their memory alive.
 struct Tokens {
   TokenSpan span;
   HeldBuffer buffer;
-  std::vector<int64_t> converted;  // for list/tuple input
+  std::vector<uint32_t> narrow;    // list/tuple input whose items are all small non-negative ints
+  std::vector<int64_t> converted;  // any other list/tuple input
 };
+
+// Value of an exact int that fits one internal digit, read without a call (token ids almost
+// always do); false sends the caller to the general conversion.
+inline bool compact_long(PyObject* o, long long* out) {
+#if PY_VERSION_HEX >= 0x030C0000
+  if (!PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) return false;
+  *out = static_cast<long long>(PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o)));
+  return true;
+#else
+  const Py_ssize_t size = Py_SIZE(o);
+  if (size < -1 || size > 1) return false;
+  const long long digit = size == 0 ? 0 : static_cast<long long>(reinterpret_cast<PyLongObject*>(o)->ob_digit[0]);
+  *out = size < 0 ? -digit : digit;
+  return true;
+#endif
+}
 
 void tokens_from_sequence(py::handle obj, Tokens& t) {
   PyObject* seq = obj.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
+  // Common case first: every item an exact int of one internal digit (< 2^30) and >= 0, which
+  // converts straight to uint32. Anything else restarts on the general path below.
+  t.narrow.resize(static_cast<size_t>(n));
+  Py_ssize_t i0 = 0;
+  for (; i0 < n; ++i0) {
+    long long v = 0;
+    if (!PyLong_CheckExact(items[i0]) || !compact_long(items[i0], &v) || v < 0) break;
+    t.narrow[static_cast<size_t>(i0)] = static_cast<uint32_t>(v);
+  }
+  if (i0 == n) {
+    t.span = TokenSpan{t.narrow.data(), t.narrow.size(), 4, TokenType::kUInt32, false};
+    return;
+  }
+  t.narrow.clear();
+  t.narrow.shrink_to_fit();
   t.converted.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* it = items[i];
+    long long fast = 0;
+    if (PyLong_CheckExact(it) && compact_long(it, &fast)) {
+      t.converted[static_cast<size_t>(i)] = fast;
+      continue;
+    }
     if (PyBool_Check(it))
       fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i) + "] is a bool, not an integer token id");
     py::object owned;
@@ -281,12 +318,13 @@ KVBM_BINDINGS(hashing, 10) {
   m.def(
       "block_hashes",
       [](py::handle token_ids, long long block_size, py::handle ns_digest, const std::string& algorithm,
-         py::handle extra, py::handle parent) {
+         py::handle extra, py::handle parent, const std::string& sha256_impl, bool as_list) -> py::object {
         if (block_size <= 0)
           fail(Code::kInvalidArgument, "block_size = " + std::to_string(block_size) + " must be > 0");
         BlockHashParams params;
         params.algorithm = check(parse_hash_algorithm(algorithm));
         params.block_size = static_cast<size_t>(block_size);
+        params.sha_impl = sha_impl(sha256_impl);
         uint8_t ns[kBlockHashSize], par[kBlockHashSize];
         copy_digest(ns_digest, "namespace digest", ns);
         params.ns_digest = ns;
@@ -302,6 +340,22 @@ KVBM_BINDINGS(hashing, 10) {
         params.num_extras = extras.keys.size();
         params.broadcast_extra = extras.broadcast;
         const size_t nblocks = num_full_blocks(tokens.span.count, params.block_size);
+        if (as_list) {
+          std::vector<uint8_t> raw(nblocks * kBlockHashSize);
+          Status st;
+          {
+            py::gil_scoped_release nogil;
+            st = compute_block_hashes(params, tokens.span, raw.data(), raw.size());
+          }
+          check(st);
+          py::list result(nblocks);
+          for (size_t i = 0; i < nblocks; ++i)
+            PyList_SET_ITEM(result.ptr(), static_cast<Py_ssize_t>(i),
+                            py::bytes(reinterpret_cast<const char*>(raw.data() + i * kBlockHashSize), kBlockHashSize)
+                                .release()
+                                .ptr());
+          return std::move(result);
+        }
         py::array_t<uint8_t> out({static_cast<py::ssize_t>(nblocks), static_cast<py::ssize_t>(kBlockHashSize)});
         uint8_t* dst = out.mutable_data();
         Status st;
@@ -310,10 +364,12 @@ KVBM_BINDINGS(hashing, 10) {
           st = compute_block_hashes(params, tokens.span, dst, nblocks * kBlockHashSize);
         }
         check(st);
-        return out;
+        return std::move(out);
       },
       py::arg("token_ids"), py::arg("block_size"), py::arg("ns_digest"), py::arg("algorithm") = "sha256",
-      py::arg("extra") = py::none(), py::arg("parent") = py::none(),
-      "Chained 16-byte hashes of the full blocks of token_ids as a uint8 array of shape (n, 16).\n"
+      py::arg("extra") = py::none(), py::arg("parent") = py::none(), py::arg("sha256_impl") = "auto",
+      py::arg("as_list") = false,
+      "Chained 16-byte hashes of the full blocks of token_ids as a uint8 array of shape (n, 16), or as a\n"
+      "list of 16-byte bytes objects with as_list=True.\n"
       "Use kvbm.block_hashes / kvbm.hashing.block_hashes_array rather than this directly.");
 }

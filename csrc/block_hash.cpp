@@ -8,6 +8,10 @@
 #include "csrc/fast_hash.h"
 #include "csrc/sha256.h"
 
+#if defined(__x86_64__)
+#include <emmintrin.h>  // SSE2: part of baseline x86-64
+#endif
+
 namespace kvbm {
 namespace {
 
@@ -47,8 +51,26 @@ inline void store_le32(uint8_t* p, uint32_t v) {
   }
 }
 
+// True if some element of a contiguous, host-order array lies outside [0, 2^32). Branch-free
+// so the compiler vectorizes it; the slow loop below then finds and names the first culprit.
+template <typename T>
+bool any_out_of_range(const T* v, size_t n) {
+  using U = std::make_unsigned_t<T>;
+  U acc = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if constexpr (sizeof(T) > 4)
+      acc |= static_cast<U>(static_cast<U>(v[i]) >> 32);
+    else
+      acc |= static_cast<U>(static_cast<U>(v[i]) >> (8 * sizeof(T) - 1));  // the sign bit
+  }
+  return acc != 0;
+}
+
 template <typename T>
 Status validate_typed(const TokenSpan& s) {
+  if (s.stride == static_cast<ptrdiff_t>(sizeof(T)) && !s.byteswap &&
+      !any_out_of_range(static_cast<const T*>(s.data), s.count))
+    return Status::Ok();
   const uint8_t* p = static_cast<const uint8_t*>(s.data);
   for (size_t i = 0; i < s.count; ++i, p += s.stride) {
     const T v = load_elem<T>(p, s.byteswap);
@@ -65,21 +87,62 @@ Status validate_typed(const TokenSpan& s) {
   return Status::Ok();
 }
 
-// Writes `count` tokens starting at element `first` as little-endian uint32 (validated before).
+// Writes `count` tokens starting at element `first` as little-endian uint32. Returns false
+// (with `out` unspecified) if one of them lies outside [0, 2^32): checking here, while the
+// block is in L1, replaces a separate validation pass over the whole input.
 template <typename T>
-void gather_typed(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
+bool gather_typed(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
+  constexpr bool kNeedsCheck = std::is_signed_v<T> || sizeof(T) > 4;
   const uint8_t* p = static_cast<const uint8_t*>(s.data) + static_cast<ptrdiff_t>(first) * s.stride;
-  if constexpr (sizeof(T) == 4) {
-    if (kHostLittleEndian && !s.byteswap && s.stride == 4) {
-      std::memcpy(out, p, 4 * count);  // non-negative int32 and uint32 share one bit pattern
-      return;
+#if defined(__x86_64__)
+  if constexpr (sizeof(T) == 8) {
+    // 64-bit ids (numpy's default int64), four at a time: every high half must be zero, which
+    // rejects negatives and values >= 2^32 at once; the low halves are packed to uint32.
+    if (!s.byteswap && s.stride == 8 && count % 4 == 0) {
+      __m128i high = _mm_setzero_si128();
+      for (size_t i = 0; i < count; i += 4) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i + 16));
+        high = _mm_or_si128(high, _mm_or_si128(a, b));
+        const __m128i lo = _mm_unpacklo_epi64(_mm_shuffle_epi32(a, 0x08), _mm_shuffle_epi32(b, 0x08));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * i), lo);
+      }
+      return _mm_movemask_epi8(_mm_cmpeq_epi32(_mm_srli_epi64(high, 32), _mm_setzero_si128())) == 0xFFFF;
     }
   }
-  for (size_t i = 0; i < count; ++i, p += s.stride)
-    store_le32(out + 4 * i, static_cast<uint32_t>(load_elem<T>(p, s.byteswap)));
+#endif
+  if (kHostLittleEndian && !s.byteswap && s.stride == static_cast<ptrdiff_t>(sizeof(T))) {
+    const T* v = reinterpret_cast<const T*>(p);  // the buffer protocol gives item-aligned data
+    if constexpr (kNeedsCheck) {
+      if (any_out_of_range(v, count)) return false;
+    }
+    if constexpr (sizeof(T) == 4) {
+      std::memcpy(out, p, 4 * count);  // non-negative int32 and uint32 share one bit pattern
+      return true;
+    }
+    uint32_t tmp[64];
+    for (size_t done = 0; done < count;) {
+      const size_t k = count - done < 64 ? count - done : 64;
+      for (size_t i = 0; i < k; ++i) tmp[i] = static_cast<uint32_t>(v[done + i]);
+      std::memcpy(out + 4 * done, tmp, 4 * k);
+      done += k;
+    }
+    return true;
+  }
+  for (size_t i = 0; i < count; ++i, p += s.stride) {
+    const T v = load_elem<T>(p, s.byteswap);
+    if constexpr (std::is_signed_v<T>) {
+      if (v < 0) return false;
+    }
+    if constexpr (sizeof(T) > 4) {
+      if (static_cast<uint64_t>(v) > 0xffffffffULL) return false;
+    }
+    store_le32(out + 4 * i, static_cast<uint32_t>(v));
+  }
+  return true;
 }
 
-void gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
+bool gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
   switch (s.type) {
     case TokenType::kInt8: return gather_typed<int8_t>(s, first, count, out);
     case TokenType::kUInt8: return gather_typed<uint8_t>(s, first, count, out);
@@ -90,6 +153,7 @@ void gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out)
     case TokenType::kInt64: return gather_typed<int64_t>(s, first, count, out);
     case TokenType::kUInt64: return gather_typed<uint64_t>(s, first, count, out);
   }
+  return false;
 }
 
 size_t type_size(TokenType t) {
@@ -114,13 +178,14 @@ StatusOr<HashAlgorithm> parse_hash_algorithm(const std::string& name) {
   return InvalidArgument("hash algorithm '" + name + "' is unknown; expected 'sha256' or 'fast128'");
 }
 
-void digest16(HashAlgorithm algo, const void* data, size_t n, uint8_t out[kBlockHashSize]) {
+void digest16(HashAlgorithm algo, const void* data, size_t n, uint8_t out[kBlockHashSize],
+              sha256::Impl sha_impl) {
   if (algo == HashAlgorithm::kFast128) {
     fast128(data, n, out);
     return;
   }
   uint8_t full[sha256::kDigestSize];
-  sha256::digest(data, n, full);
+  sha256::digest(data, n, full, sha_impl);
   std::memcpy(out, full, kBlockHashSize);
 }
 
@@ -139,6 +204,131 @@ Status validate_tokens(const TokenSpan& s) {
   return InvalidArgument("token_ids: unknown token type");
 }
 
+namespace {
+
+// Builds block b's message "tokens || [H16(extra)] || ns || parent || flag" in `msg`, with the
+// parent slot left as it is (the caller fills it). Returns the message length (0 if a token
+// of block b is out of range); *parent_off receives the parent slot's offset.
+size_t build_message(const BlockHashParams& p, const TokenSpan& tokens, size_t b, const uint8_t* broadcast_digest,
+                     uint8_t* msg, size_t* parent_off) {
+  size_t pos = 4 * p.block_size;
+  if (!gather_tokens(tokens, b * p.block_size, p.block_size, msg)) return 0;
+  bool present = false;
+  if (broadcast_digest) {
+    std::memcpy(msg + pos, broadcast_digest, kBlockHashSize);
+    present = true;
+  } else if (p.num_extras != 0 && p.extras[b].present) {
+    digest16(p.algorithm, p.extras[b].data, p.extras[b].size, msg + pos, p.sha_impl);
+    present = true;
+  }
+  if (present) pos += kBlockHashSize;
+  std::memcpy(msg + pos, p.ns_digest, kBlockHashSize);
+  *parent_off = pos + kBlockHashSize;
+  msg[pos + 2 * kBlockHashSize] = present ? 0x01 : 0x00;
+  return pos + 2 * kBlockHashSize + 1;
+}
+
+// Both chains return false as soon as a block holds an out-of-range token.
+bool hash_chain_fast128(const BlockHashParams& p, const TokenSpan& tokens, size_t nblocks,
+                        const uint8_t* broadcast_digest, uint8_t* out) {
+  // Room for a zero-padded partial last lane; the padding is re-zeroed when the length changes.
+  std::vector<uint8_t> msg(4 * p.block_size + 3 * kBlockHashSize + 1 + 16);
+  const uint8_t zeros[kBlockHashSize] = {};
+  const uint8_t* parent = p.parent ? p.parent : zeros;
+  size_t prev_len = msg.size();
+  for (size_t b = 0; b < nblocks; ++b) {
+    size_t parent_off = 0;
+    const size_t len = build_message(p, tokens, b, broadcast_digest, msg.data(), &parent_off);
+    if (len == 0) return false;
+    if (len < prev_len) std::memset(msg.data() + len, 0, msg.size() - len);
+    prev_len = len;
+    std::memcpy(msg.data() + parent_off, parent, kBlockHashSize);
+    uint8_t* h = out + b * kBlockHashSize;
+    fast128_zero_padded(msg.data(), len, h);
+    parent = h;
+  }
+  return true;
+}
+
+// SHA-256 chain. The message puts the tokens first so that its leading 64-byte chunks (F of
+// them, F = 4*block_size / 64) depend only on the block's own tokens; only the 1-2 final
+// chunks (token remainder, extra digest, namespace, parent, flag, padding) wait for the
+// previous block's hash. We run a two-stage pipeline: while block b's dependent chunks are
+// compressed, block b+1's independent chunks are compressed alongside them with
+// sha256::compress_x2, which overlaps two dependency chains on SHA-NI. For block_size 16
+// (F = 1, one dependent chunk) every step is exactly one paired compression.
+bool hash_chain_sha256(const BlockHashParams& p, const TokenSpan& tokens, size_t nblocks,
+                       const uint8_t* broadcast_digest, uint8_t* out) {
+  constexpr size_t kChunk = sha256::kBlockSize;
+  const size_t token_bytes = 4 * p.block_size;
+  const size_t F = token_bytes / kChunk;  // chain-independent chunks per block
+  const size_t indep = F * kChunk;
+  const size_t msg_cap = token_bytes + 3 * kBlockHashSize + 1;
+  const sha256::Impl impl = p.sha_impl == sha256::Impl::kAuto
+                                ? (sha256::shani_supported() ? sha256::Impl::kShaNi : sha256::Impl::kPortable)
+                                : p.sha_impl;
+
+  // Each slot holds one block's message with room for SHA-256 padding after it, so the
+  // dependent tail (from byte `indep` on) is compressed in place. The padding of a slot is
+  // rewritten only when the message length changes (per-block extras present or not).
+  std::vector<uint8_t> buf[2] = {std::vector<uint8_t>(msg_cap + 2 * kChunk), std::vector<uint8_t>(msg_cap + 2 * kChunk)};
+  size_t slot_len[2] = {0, 0}, tail_chunks[2] = {0, 0}, parent_off[2] = {0, 0};
+  uint32_t mid[2][8];
+
+  auto prepare = [&](size_t b) -> bool {
+    const int s = static_cast<int>(b & 1);
+    uint8_t* m = buf[s].data();
+    const size_t len = build_message(p, tokens, b, broadcast_digest, m, &parent_off[s]);
+    if (len == 0) return false;
+    if (len != slot_len[s]) {
+      const size_t tail_len = len - indep;  // < 64 + 49
+      tail_chunks[s] = tail_len + 9 <= kChunk ? 1 : 2;
+      const size_t end = indep + tail_chunks[s] * kChunk;
+      std::memset(m + len, 0, end - len);
+      m[len] = 0x80;
+      const uint64_t bits = uint64_t(len) * 8;
+      for (int i = 0; i < 8; ++i) m[end - 1 - i] = uint8_t(bits >> (8 * i));
+      slot_len[s] = len;
+    }
+    std::memcpy(mid[s], sha256::kInitialState, sizeof(mid[s]));
+    return true;
+  };
+
+  if (nblocks == 0) return true;
+  if (!prepare(0)) return false;
+  if (p.parent) std::memcpy(buf[0].data() + parent_off[0], p.parent, kBlockHashSize);
+  sha256::compress(mid[0], buf[0].data(), F, impl);
+
+  for (size_t b = 0; b < nblocks; ++b) {
+    const int cur = static_cast<int>(b & 1), nxt = cur ^ 1;
+    const bool has_next = b + 1 < nblocks;
+    size_t next_done = 0;  // independent chunks of block b+1 already compressed
+    if (has_next && !prepare(b + 1)) return false;
+    const uint8_t* tail = buf[cur].data() + indep;
+    for (size_t j = 0; j < tail_chunks[cur]; ++j) {
+      if (has_next && next_done < F) {
+        sha256::compress_x2(mid[nxt], buf[nxt].data() + next_done * kChunk, mid[cur], tail + j * kChunk, impl);
+        ++next_done;
+      } else {
+        sha256::compress(mid[cur], tail + j * kChunk, 1, impl);
+      }
+    }
+    if (has_next && next_done < F)
+      sha256::compress(mid[nxt], buf[nxt].data() + next_done * kChunk, F - next_done, impl);
+    uint8_t* h = out + b * kBlockHashSize;
+    for (int i = 0; i < 4; ++i) {
+      h[4 * i] = uint8_t(mid[cur][i] >> 24);
+      h[4 * i + 1] = uint8_t(mid[cur][i] >> 16);
+      h[4 * i + 2] = uint8_t(mid[cur][i] >> 8);
+      h[4 * i + 3] = uint8_t(mid[cur][i]);
+    }
+    if (has_next) std::memcpy(buf[nxt].data() + parent_off[nxt], h, kBlockHashSize);
+  }
+  return true;
+}
+
+}  // namespace
+
 Status compute_block_hashes(const BlockHashParams& p, const TokenSpan& tokens, uint8_t* out,
                             size_t out_size) {
   if (p.block_size == 0 || p.block_size > kMaxBlockSize)
@@ -147,6 +337,8 @@ Status compute_block_hashes(const BlockHashParams& p, const TokenSpan& tokens, u
   if (!p.ns_digest) return InvalidArgument("namespace digest is missing (expected 16 bytes)");
   if (p.algorithm != HashAlgorithm::kSha256 && p.algorithm != HashAlgorithm::kFast128)
     return InvalidArgument("hash algorithm " + std::to_string(static_cast<int>(p.algorithm)) + " is unknown");
+  if (p.sha_impl == sha256::Impl::kShaNi && !sha256::shani_supported())
+    return Unsupported("SHA-NI was requested but this CPU or build does not have it");
   if (tokens.count && type_size(tokens.type) == 0) return InvalidArgument("token_ids: unknown token type");
   const size_t nblocks = num_full_blocks(tokens.count, p.block_size);
   if (p.broadcast_extra) {
@@ -163,36 +355,25 @@ Status compute_block_hashes(const BlockHashParams& p, const TokenSpan& tokens, u
     return InvalidArgument("output has " + std::to_string(out_size) + " bytes, needs " +
                            std::to_string(nblocks * kBlockHashSize));
   if (nblocks && !out) return InvalidArgument("output: null pointer");
-  KVBM_RETURN_IF_ERROR(validate_tokens(tokens));
-
-  // Message layout: [0,16) namespace, [16,32) parent, [32, 32+4B) tokens, flag, [16 extra].
-  const size_t tok_off = 2 * kBlockHashSize;
-  const size_t flag_off = tok_off + 4 * p.block_size;
-  std::vector<uint8_t> msg(flag_off + 1 + kBlockHashSize);
-  std::memcpy(msg.data(), p.ns_digest, kBlockHashSize);
-  if (p.parent) std::memcpy(msg.data() + kBlockHashSize, p.parent, kBlockHashSize);
+  if (tokens.count && !tokens.data) return InvalidArgument("token_ids: null data pointer");
+  // Tokens of full blocks are checked while they are gathered; check the tail here. Either
+  // failure is reported by validate_tokens over the whole input, which names the first bad index.
+  TokenSpan tail = tokens;
+  tail.data = static_cast<const uint8_t*>(tokens.data) +
+              static_cast<ptrdiff_t>(nblocks * p.block_size) * tokens.stride;
+  tail.count = tokens.count - nblocks * p.block_size;
+  if (!validate_tokens(tail).ok()) return validate_tokens(tokens);
 
   uint8_t broadcast_digest[kBlockHashSize];
   const bool broadcast_present = p.broadcast_extra && p.extras[0].present;
-  if (broadcast_present) digest16(p.algorithm, p.extras[0].data, p.extras[0].size, broadcast_digest);
-
-  for (size_t b = 0; b < nblocks; ++b) {
-    gather_tokens(tokens, b * p.block_size, p.block_size, msg.data() + tok_off);
-    size_t len = flag_off + 1;
-    if (broadcast_present) {
-      msg[flag_off] = 0x01;
-      std::memcpy(msg.data() + flag_off + 1, broadcast_digest, kBlockHashSize);
-      len += kBlockHashSize;
-    } else if (p.num_extras != 0 && !p.broadcast_extra && p.extras[b].present) {
-      msg[flag_off] = 0x01;
-      digest16(p.algorithm, p.extras[b].data, p.extras[b].size, msg.data() + flag_off + 1);
-      len += kBlockHashSize;
-    } else {
-      msg[flag_off] = 0x00;
-    }
-    uint8_t* h = out + b * kBlockHashSize;
-    digest16(p.algorithm, msg.data(), len, h);
-    std::memcpy(msg.data() + kBlockHashSize, h, kBlockHashSize);  // the next block's parent
+  if (broadcast_present)
+    digest16(p.algorithm, p.extras[0].data, p.extras[0].size, broadcast_digest, p.sha_impl);
+  const uint8_t* bd = broadcast_present ? broadcast_digest : nullptr;
+  const bool ok = p.algorithm == HashAlgorithm::kFast128 ? hash_chain_fast128(p, tokens, nblocks, bd, out)
+                                                        : hash_chain_sha256(p, tokens, nblocks, bd, out);
+  if (!ok) {
+    Status st = validate_tokens(tokens);
+    return st.ok() ? Internal("block hashing rejected a token that validation accepts") : st;
   }
   return Status::Ok();
 }

@@ -1,20 +1,28 @@
 // Chained block hashes: the identity of a block of KV cache.
 //
-//   h_i = H16( ns_digest(16) || h_{i-1}(16) || LE32(tokens_i)(4*block_size) || flag || [X] )
+//   h_i = H16( LE32(tokens_i)(4*block_size) || [X(16)] || ns_digest(16) || h_{i-1}(16) || flag )
 //
-// where h_{-1} is the caller's `parent` or 16 zero bytes, flag is 0x00 with no extra key, or
-// 0x01 followed by X = H16(extra_i) when block i has one, and H16 is the first 16 bytes of
-// SHA-256 (default, collision resistant) or fast128 (trusted single-tenant use). Only full
-// blocks are hashed; the tokens after the last full block are validated but not hashed.
-// docs/hashing.md is the byte-exact specification with test vectors.
+// where h_{-1} is the caller's `parent` or 16 zero bytes, X = H16(extra_i) is present only
+// when block i has an extra key, flag (the last byte) is 0x01 then and 0x00 otherwise, and H16
+// is the first 16 bytes of SHA-256 (default, collision resistant) or fast128 (trusted
+// single-tenant use). Only full blocks are hashed; the tokens after the last full block are
+// validated but not hashed. docs/hashing.md is the byte-exact specification with test vectors.
 //
-// For block_size 16 the message is 97 bytes (113 with an extra key): two SHA-256 compressions.
+// Why tokens first: the message's leading 64-byte SHA-256 chunks then depend on the block's
+// own tokens only, so they are computed for block i+1 while block i's last chunk (which holds
+// the parent) is still in flight; see hash_chain_sha256 in block_hash.cpp. The message still
+// decodes uniquely from its end (flag, parent, namespace, then X if flagged), and the
+// namespace fixes block_size, so distinct inputs never give equal messages.
+//
+// For block_size 16 the message is 97 bytes (113 with an extra key): two SHA-256 compressions,
+// one of which runs off the chain's critical path.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
+#include "csrc/sha256.h"
 #include "csrc/status.h"
 
 namespace kvbm {
@@ -28,7 +36,8 @@ enum class HashAlgorithm : int { kSha256 = 0, kFast128 = 1 };
 StatusOr<HashAlgorithm> parse_hash_algorithm(const std::string& name);
 
 // 16-byte digest of `n` bytes with `algo` (SHA-256 truncated to its first 16 bytes, or fast128).
-void digest16(HashAlgorithm algo, const void* data, size_t n, uint8_t out[kBlockHashSize]);
+void digest16(HashAlgorithm algo, const void* data, size_t n, uint8_t out[kBlockHashSize],
+              sha256::Impl sha_impl = sha256::Impl::kAuto);
 
 enum class TokenType : int { kInt8, kUInt8, kInt16, kUInt16, kInt32, kUInt32, kInt64, kUInt64 };
 
@@ -58,6 +67,7 @@ struct BlockHashParams {
   const ExtraKey* extras = nullptr;
   size_t num_extras = 0;
   bool broadcast_extra = false;
+  sha256::Impl sha_impl = sha256::Impl::kAuto;  // kShaNi needs sha256::shani_supported()
 };
 
 inline size_t num_full_blocks(size_t num_tokens, size_t block_size) {

@@ -46,10 +46,8 @@ inline void lane(Acc& acc, uint64_t x, uint64_t y, uint64_t kx, uint64_t ky) {
   acc.b += static_cast<uint64_t>(prod >> 64) ^ x;
 }
 
-}  // namespace
-
-void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]) {
-  const uint8_t* p = static_cast<const uint8_t*>(data);
+template <bool kPadded>
+inline void fast128_impl(const uint8_t* p, size_t n, uint8_t out[kFast128DigestSize]) {
   // Two accumulator pairs (even/odd lanes) so consecutive multiplies do not wait on one
   // another's additions; the sums are mod 2^64 and commutative, so this equals the spec.
   Acc e{kK0 ^ static_cast<uint64_t>(n), kK1}, o{0, 0};
@@ -73,9 +71,13 @@ void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]) {
     left -= 16;
   }
   if (left > 0) {
-    uint8_t last[16] = {};
-    std::memcpy(last, p, left);
-    lane(o, load_le64(last), load_le64(last + 8), kx, ky);
+    if constexpr (kPadded) {
+      lane(o, load_le64(p), load_le64(p + 8), kx, ky);
+    } else {
+      uint8_t last[16] = {};
+      std::memcpy(last, p, left);
+      lane(o, load_le64(last), load_le64(last + 8), kx, ky);
+    }
   }
   uint64_t a = e.a + o.a, b = e.b + o.b;
   a = fmix(a);
@@ -84,6 +86,16 @@ void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]) {
   b = fmix(b ^ a);
   store_le64(out, a);
   store_le64(out + 8, b);
+}
+
+}  // namespace
+
+void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]) {
+  fast128_impl<false>(static_cast<const uint8_t*>(data), n, out);
+}
+
+void fast128_zero_padded(const uint8_t* data, size_t n, uint8_t out[kFast128DigestSize]) {
+  fast128_impl<true>(data, n, out);
 }
 
 }  // namespace kvbm

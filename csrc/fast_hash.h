@@ -29,4 +29,8 @@ constexpr size_t kFast128DigestSize = 16;
 
 void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]);
 
+// Same result as fast128(), for callers whose buffer is already zero-padded: the bytes
+// [n, round_up(n, 16)) must be readable and zero. Saves the copy of the partial last lane.
+void fast128_zero_padded(const uint8_t* data, size_t n, uint8_t out[kFast128DigestSize]);
+
 }  // namespace kvbm

@@ -15,6 +15,11 @@
 #endif
 
 namespace kvbm::sha256 {
+
+// First 32 bits of the fractional parts of the square roots of the first 8 primes.
+const uint32_t kInitialState[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
 namespace {
 
 // First 32 bits of the fractional parts of the cube roots of the first 64 primes.
@@ -29,9 +34,7 @@ alignas(64) constexpr uint32_t kK[64] = {
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
 };
 
-// First 32 bits of the fractional parts of the square roots of the first 8 primes.
-constexpr uint32_t kInit[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                               0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+const uint32_t* const kInit = kInitialState;
 
 inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 inline uint32_t load_be32(const uint8_t* p) {
@@ -135,6 +138,49 @@ __attribute__((target("sha,sse4.1"))) void compress_shani(uint32_t st[8], const 
   _mm_storeu_si128(reinterpret_cast<__m128i*>(st + 4), _mm_alignr_epi8(u, t, 8));  // E F G H
 }
 
+// Two independent single-block compressions with their instructions interleaved.
+__attribute__((target("sha,sse4.1"))) void compress_shani_x2(uint32_t sta[8], const uint8_t* pa, uint32_t stb[8],
+                                                             const uint8_t* pb) {
+  const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  __m128i abef[2], cdgh[2], abef_in[2], cdgh_in[2], w[2][4];
+  uint32_t* st[2] = {sta, stb};
+  const uint8_t* p[2] = {pa, pb};
+  for (int s = 0; s < 2; ++s) {
+    __m128i lo = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st[s])), 0xB1);
+    __m128i hi = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(st[s] + 4)), 0x1B);
+    abef_in[s] = abef[s] = _mm_alignr_epi8(lo, hi, 8);
+    cdgh_in[s] = cdgh[s] = _mm_blend_epi16(hi, lo, 0xF0);
+    for (int i = 0; i < 4; ++i)
+      w[s][i] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[s] + 16 * i)), bswap);
+  }
+#pragma GCC unroll 16
+  for (int g = 0; g < 16; ++g) {
+    const __m128i k = _mm_load_si128(reinterpret_cast<const __m128i*>(kK + 4 * g));
+#pragma GCC unroll 2
+    for (int s = 0; s < 2; ++s) {
+      __m128i cur;
+      if (g < 4) {
+        cur = w[s][g];
+      } else {
+        __m128i t = _mm_sha256msg1_epu32(w[s][g & 3], w[s][(g + 1) & 3]);
+        t = _mm_add_epi32(t, _mm_alignr_epi8(w[s][(g + 3) & 3], w[s][(g + 2) & 3], 4));
+        cur = _mm_sha256msg2_epu32(t, w[s][(g + 3) & 3]);
+        w[s][g & 3] = cur;
+      }
+      __m128i wk = _mm_add_epi32(cur, k);
+      cdgh[s] = _mm_sha256rnds2_epu32(cdgh[s], abef[s], wk);
+      wk = _mm_shuffle_epi32(wk, 0x0E);
+      abef[s] = _mm_sha256rnds2_epu32(abef[s], cdgh[s], wk);
+    }
+  }
+  for (int s = 0; s < 2; ++s) {
+    __m128i t = _mm_shuffle_epi32(_mm_add_epi32(abef[s], abef_in[s]), 0x1B);
+    __m128i u = _mm_shuffle_epi32(_mm_add_epi32(cdgh[s], cdgh_in[s]), 0xB1);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(st[s]), _mm_blend_epi16(t, u, 0xF0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(st[s] + 4), _mm_alignr_epi8(u, t, 8));
+  }
+}
+
 bool detect_shani() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
@@ -161,12 +207,25 @@ const char* active_impl_name() { return shani_supported() ? "sha-ni" : "portable
 void compress(uint32_t state[8], const uint8_t* blocks, size_t nblocks, Impl impl) {
   if (nblocks == 0) return;
 #ifdef KVBM_SHA_X86
-  if (impl == Impl::kShaNi || (impl == Impl::kAuto && shani_supported())) {
+  // kShaNi on a CPU without SHA falls back to portable rather than faulting.
+  if ((impl == Impl::kShaNi || impl == Impl::kAuto) && shani_supported()) {
     compress_shani(state, blocks, nblocks);
     return;
   }
 #endif
   compress_portable(state, blocks, nblocks);
+}
+
+void compress_x2(uint32_t state_a[8], const uint8_t* block_a, uint32_t state_b[8], const uint8_t* block_b,
+                 Impl impl) {
+#ifdef KVBM_SHA_X86
+  if ((impl == Impl::kShaNi || impl == Impl::kAuto) && shani_supported()) {
+    compress_shani_x2(state_a, block_a, state_b, block_b);
+    return;
+  }
+#endif
+  compress_portable(state_a, block_a, 1);
+  compress_portable(state_b, block_b, 1);
 }
 
 void digest(const void* data, size_t n, uint8_t out[kDigestSize], Impl impl) {
@@ -192,7 +251,7 @@ void digest(const void* data, size_t n, uint8_t out[kDigestSize], Impl impl) {
 
 Hasher::Hasher(Impl impl) : impl_(impl == Impl::kAuto ? (shani_supported() ? Impl::kShaNi : Impl::kPortable)
                                                       : impl) {
-  std::memcpy(state_, kInit, sizeof(state_));
+  std::memcpy(state_, kInit, 8 * sizeof(uint32_t));
 }
 
 void Hasher::update(const void* data, size_t n) {

@@ -16,7 +16,7 @@ constexpr size_t kBlockSize = 64;
 enum class Impl : int {
   kAuto = 0,      // SHA-NI when the CPU has it, else portable
   kPortable = 1,  // plain C++
-  kShaNi = 2,     // x86 SHA extensions (only valid when shani_supported())
+  kShaNi = 2,     // x86 SHA extensions; on a CPU without them this falls back to portable
 };
 
 // True if this build has the SHA-NI path and the running CPU supports SHA, SSSE3 and SSE4.1.
@@ -25,9 +25,17 @@ bool shani_supported();
 const char* active_impl_name();
 
 // Runs the compression function over `nblocks` consecutive 64-byte blocks, updating `state`
-// (the eight working words H0..H7 in host order). `impl` must not be kShaNi unless
-// shani_supported().
+// (the eight working words H0..H7 in host order).
 void compress(uint32_t state[8], const uint8_t* blocks, size_t nblocks, Impl impl = Impl::kAuto);
+
+// Compresses one 64-byte block into each of two independent states. On SHA-NI the two
+// dependency chains are interleaved, which nearly doubles throughput because a single
+// compression is bound by the latency of sha256rnds2, not its throughput.
+void compress_x2(uint32_t state_a[8], const uint8_t* block_a, uint32_t state_b[8], const uint8_t* block_b,
+                 Impl impl = Impl::kAuto);
+
+// The initial hash value H(0) (FIPS 180-4 5.3.3).
+extern const uint32_t kInitialState[8];
 
 // One-shot digest of `n` bytes at `data` into `out` (32 bytes).
 void digest(const void* data, size_t n, uint8_t out[kDigestSize], Impl impl = Impl::kAuto);

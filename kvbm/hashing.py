@@ -2,7 +2,7 @@
 
 A block's hash chains over the whole prefix::
 
-    h_i = H16(ns_digest || h_{i-1} || LE32(tokens_i) || flag || [H16(extra_i)])
+    h_i = H16(LE32(tokens_i) || [H16(extra_i)] || ns_digest || h_{i-1} || flag)
 
 so equal hashes mean equal prefixes (same model, dtype, layout, block size, tensor-parallel
 rank, tokens and extra keys). ``H16`` is SHA-256 truncated to 16 bytes (default, collision
@@ -203,8 +203,10 @@ def block_hashes(
     Same arguments, promises and errors as :func:`block_hashes_array`, which is faster when
     the caller can keep the hashes in an array.
     """
-    raw = block_hashes_array(token_ids, block_size, namespace, extra, parent=parent).tobytes()
-    return [raw[i : i + BLOCK_HASH_SIZE] for i in range(0, len(raw), BLOCK_HASH_SIZE)]
+    from kvbm import _native
+
+    bs, ns_digest, algo = _resolve(block_size, namespace)
+    return _native.block_hashes(token_ids, bs, ns_digest, algo, extra, parent, as_list=True)
 
 
 __all__ = [

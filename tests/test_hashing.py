@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,11 @@ def ref_block_hashes(tokens, block_size, ns_digest, algorithm="sha256", extra=No
     out = []
     for i in range(n):
         block = [int(t) for t in tokens[i * block_size:(i + 1) * block_size]]
-        msg = ns_digest + prev + struct.pack(f"<{block_size}I", *block)
-        msg += b"\x00" if extras[i] is None else b"\x01" + ref_h16(algorithm, bytes(extras[i]))
+        msg = struct.pack(f"<{block_size}I", *block)
+        if extras[i] is None:
+            msg += ns_digest + prev + b"\x00"
+        else:
+            msg += ref_h16(algorithm, bytes(extras[i])) + ns_digest + prev + b"\x01"
         prev = ref_h16(algorithm, msg)
         out.append(prev)
     return out
@@ -102,14 +106,14 @@ VECTORS_FAST128 = [
 ]
 T40 = list(range(40))
 VECTORS_BLOCKS = {
-    "V1": (T40, N1, None, None, ["7478f784544c550cb88193cf508c5d3e", "ba6be34724e5d9484d91b1b2c8030378"]),
-    "V2": (T40, N2, None, None, ["c712dda00bd5a9a910de10459a8e3d91", "3d30daac7015f8e080c2c45268e3f408"]),
+    "V1": (T40, N1, None, None, ["983af0417f58288c35ca70edeebd23ce", "9a4c99d0fc219bad9e116c333049ae0a"]),
+    "V2": (T40, N2, None, None, ["6ad9539582adbed6518973b0514ae157", "6c3629963914e5eb7e5b2c941aa70f36"]),
     "V3": (T40, N1, b"lora:adapter-a", None,
-           ["c766871d8ffb174b143523e5831ce1e0", "6323f0bb00890af2c2bcc08b3eba6a6e"]),
+           ["be75b2182597c300296116bb4765c6f4", "db41b12e14e79a32e6378c035ed1f347"]),
     "V4": (T40, N1, [None, b"mm:0123"], None,
-           ["7478f784544c550cb88193cf508c5d3e", "b486db16bd4f405b940b1a5e9a066a46"]),
-    "V5": (list(range(100, 116)), N1, None, bytes(range(16)), ["294ad9117455815e0bccf1257ffb17dd"]),
-    "V6": (T40, N2, [b"", None], None, ["c61b8435dc8f9ddf378762e433cf3533", "9d407619c7a0982933696243096116c4"]),
+           ["983af0417f58288c35ca70edeebd23ce", "4d3eecfd147f68d2604a9cd6d432c993"]),
+    "V5": (list(range(100, 116)), N1, None, bytes(range(16)), ["0aa682c3ac77f0db08ce85611510a688"]),
+    "V6": (T40, N2, [b"", None], None, ["41d9189d046e8838dbc552be32830410", "d4afa5e9492d195162319555075cfad4"]),
 }
 
 
@@ -271,7 +275,7 @@ def test_docs_carry_the_same_vectors():
 
 
 @pytest.mark.parametrize("algorithm", ["sha256", "fast128"])
-@pytest.mark.parametrize("block_size", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("block_size", [1, 3, 16, 17, 28, 64])
 def test_block_hashes_match_reference_random(algorithm, block_size):
     rng = random.Random(block_size * 7 + len(algorithm))
     ns = Namespace("m", "bf16", "NHD", block_size, hash_algorithm=algorithm)
@@ -282,9 +286,26 @@ def test_block_hashes_match_reference_random(algorithm, block_size):
         for parent in (None, rng.randbytes(16)):
             want = ref_block_hashes(tokens, block_size, ns.digest, algorithm, extra, parent)
             assert kvbm.block_hashes(tokens, block_size, ns, extra, parent=parent) == want
-            arr = block_hashes_array(np.array(tokens, dtype=np.uint32), block_size, ns, extra, parent=parent)
-            assert arr.dtype == np.uint8 and arr.shape == (nblocks, 16)
-            assert [bytes(r) for r in arr] == want
+            for dt in (np.uint32, np.int64, np.uint64):
+                arr = block_hashes_array(np.array(tokens, dtype=dt), block_size, ns, extra, parent=parent)
+                assert arr.dtype == np.uint8 and arr.shape == (nblocks, 16)
+                assert [bytes(r) for r in arr] == want
+
+
+@pytest.mark.parametrize("impl", _sha_impls())
+@pytest.mark.parametrize("block_size", [1, 8, 15, 16, 28, 32, 64, 100])
+def test_sha256_chain_pipeline_every_shape(impl, block_size):
+    # Block sizes chosen so the message has 0, 1 or several token-only chunks and a dependent
+    # tail of one or two chunks; per-block extras switch the message length back and forth.
+    rng = random.Random(block_size)
+    nblocks = 9
+    tokens = [rng.randrange(1 << 32) for _ in range(nblocks * block_size)]
+    ns = Namespace("m", "bf16", "NHD", block_size)
+    extras = [None, b"x", None, None, rng.randbytes(100), b"", None, b"y", None]
+    for extra in (None, b"salt", extras):
+        want = ref_block_hashes(tokens, block_size, ns.digest, "sha256", extra, None)
+        got = _native.block_hashes(tokens, block_size, ns.digest, "sha256", extra, None, impl)
+        assert [bytes(r) for r in got] == want
 
 
 def test_chain_properties():
@@ -374,6 +395,22 @@ def test_bad_tokens_raise(tokens, match):
         kvbm.block_hashes(tokens, 1, N1.digest)
 
 
+@pytest.mark.parametrize("make", [list, lambda t: np.array(t, np.int64), lambda t: np.array(t, np.int32),
+                                  lambda t: np.array(t, np.int64)[::1].repeat(2)[::2]])
+def test_bad_token_anywhere_names_the_first_index(make):
+    # Block tokens are checked while hashing, the tail up front: either way the error names the
+    # first bad index of the whole input.
+    good = list(range(16 * 4 + 5))
+    for bad_at in ([3], [66], [20, 66], [66, 67], [63]):
+        toks = list(good)
+        for i in bad_at:
+            toks[i] = -5
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"token_ids[{bad_at[0]}] = -5")):
+            kvbm.block_hashes(make(toks), 16, N1)
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"token_ids[{bad_at[0]}] = -5")):
+            block_hashes_array(make(toks), 16, N2)
+
+
 def test_bad_arguments_raise():
     toks = list(range(48))
     with pytest.raises(InvalidArgumentError, match=re.escape("block_size = 0 must be > 0")):
@@ -422,6 +459,33 @@ def test_threads_hash_concurrently_and_correctly():
         t.join()
     for i in range(4):
         assert all(np.array_equal(g, want[i]) for g in got[i])
+
+
+def test_gil_is_released_while_hashing():
+    # One long native call (portable SHA-256, ~8M tokens: on the order of 100+ ms) in a thread;
+    # if it held the GIL the main thread would stall for the whole call. The longest stall of
+    # the main loop must stay well below the call's duration.
+    toks = np.random.default_rng(8).integers(0, 1 << 32, size=8 << 20, dtype=np.uint32)
+    done = threading.Event()
+    elapsed = []
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        _native.block_hashes(toks, 16, N1.digest, "sha256", None, None, "portable")
+        elapsed.append(time.perf_counter() - t0)
+        done.set()
+
+    t = threading.Thread(target=work)
+    last = time.perf_counter()
+    max_gap = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        max_gap = max(max_gap, now - last)
+        last = now
+    t.join()
+    assert elapsed[0] > 0.05, "the call was too short to tell"
+    assert max_gap < 0.5 * elapsed[0], (max_gap, elapsed[0])
 
 
 _CHILD = r"""
