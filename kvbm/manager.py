@@ -482,6 +482,8 @@ class BlockManager:
             block_bytes=d["slot_bytes"],
             used_bytes=d["bytes_used"],
             policy=self.config.eviction_policy,
+            bytes_stored=d["stored_bytes"],
+            bytes_loaded=d["loaded_bytes"],
             bytes_written=io["bytes_written"],
             bytes_read=io["bytes_read"],
             lifetime=totals,

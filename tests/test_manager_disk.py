@@ -102,3 +102,23 @@ def test_disk_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         BlockManager(KvbmConfig(block_bytes=BB, host_pinned=False, disk_path=str(tmp_path / "nope"),
                                 disk_capacity_bytes=BB * 4))  # fmt: skip
+
+
+def test_disk_stats_reach_prometheus(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus_client not installed")
+    from kvbm.metrics import render
+
+    hs, data = hashes(6, salt=4), blocks(6, seed=4)
+    with manager(tmp_path) as m:
+        for i in range(6):
+            m.store(hs[i : i + 1], data[i : i + 1])
+        m.disk.flush()
+        assert m.stats()["disk"]["stores"] == 2  # two host evictions demoted
+        m.load(hs[:1], np.zeros((1, BB), np.uint8))  # onboarding evicts (and demotes) one more
+        m.disk.flush()
+        st = m.stats()["disk"]
+        assert st["stores"] == 3 and st["hits"] == 1 and st["bytes_stored"] == 3 * BB
+        text = render(m).decode()
+        assert 'kvbm_stores_total{tier="disk"} 3.0' in text
+        assert 'kvbm_hits_total{tier="disk"} 1.0' in text
+        assert f'kvbm_capacity_bytes{{tier="disk"}} {float(64 * BB)}' in text
