@@ -597,3 +597,26 @@ def test_remove_while_read_in_flight(tmp_path: Path) -> None:
         for k in t:
             ki = int.from_bytes(k, "big")
             assert np.array_equal(load_one(t, ki), content(ki))
+
+
+def test_o_direct_refused_falls_back_with_a_warning(tmp_path: Path) -> None:
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount ramfs (a file system that refuses O_DIRECT)")
+    r = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount ramfs not permitted: {r.stderr.decode().strip()}")
+    try:
+        with pytest.warns(RuntimeWarning, match="refused O_DIRECT"):
+            t = DiskTier(mnt, slot_bytes=SLOT, capacity_bytes=SLOT * 8)
+        with t:
+            assert not t.o_direct_active and "O_DIRECT" in t.store.fallback_reason
+            keys = list(range(1, 9))
+            assert t.put(keys, [content(k) for k in keys]) == [True] * 8
+            for k in keys:
+                assert np.array_equal(load_one(t, k), content(k))
+        with DiskTier(mnt, slot_bytes=SLOT, capacity_bytes=SLOT * 8, o_direct=False) as t:  # reopens
+            assert len(t) == 8 and np.array_equal(load_one(t, 5), content(5))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
