@@ -386,34 +386,45 @@ class BlockManager:
     def onboard(self, hashes: HashesLike) -> int:
         """Bring blocks that are on disk but not in the host tier into host slots; returns how many.
 
-        Host slots are reserved (evicting, and demoting, as the policy says), the disk reads go
-        straight into them with CRC32C verification, and the blocks become Ready in the host tier.
-        A block failing verification is a counted miss and stays absent. Raises CapacityError
-        when the host tier has no evictable room.
+        Synchronous :meth:`onboard_async`. Raises CapacityError when the host tier has no
+        evictable room.
+        """
+        return self.onboard_async(hashes).wait()
+
+    def onboard_async(self, hashes: HashesLike) -> OnboardHandle:
+        """Start bringing disk-only blocks into host slots; returns a handle to poll or wait on.
+
+        Host slots are reserved (state Storing; evicting, and demoting, as the policy says), the
+        disk reads go straight into them with CRC32C verification, and when the handle completes
+        the blocks that verified become Ready in the host tier; a block that failed is a counted
+        miss and stays absent. The handle must be polled or waited on until done (until then the
+        reserved slots stay in flight). Blocks already in the host tier, or not on disk, are
+        skipped. Raises CapacityError when the host tier has no evictable room.
         """
         disk, arena = self._disk, self._need_arena()
         if disk is None:
-            return 0
-        keys = _hash_list(hashes)
-        want = []
-        for k in keys:
-            m, _ = self._index.peek([k])
-            if not m and disk.contains(k) and k not in want:
+            return OnboardHandle(self, [], None)
+        want: list[bytes] = []
+        seen: set[bytes] = set()
+        for k in _hash_list(hashes):
+            if k in seen:
+                continue
+            seen.add(k)
+            if not self._index.peek([k])[0] and disk.contains(k):
                 want.append(k)
         if not want:
-            return 0
+            return OnboardHandle(self, [], None)
         plan = self.prepare_store(want)
-        self._demote(plan.evicted)
+        self._demote(plan.evicted)  # copies evicted bytes out before the reads land in their slots
         idx = [i for i, s in enumerate(plan.slots.tolist()) if s >= 0]
         new = [want[i] for i in idx]
-        ok = np.zeros(len(new), dtype=np.uint8)
         try:
-            res = disk.get(new, [arena.view(int(plan.slots[i])) for i in idx])
-            ok[:] = res
-        finally:
+            h = disk.get_async(new, [arena.view(int(plan.slots[i])) for i in idx])
+        except BaseException:
             if new:
-                self._index.complete_store(int(Tier.HOST), new, ok)
-        return int(ok.sum())
+                self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        return OnboardHandle(self, new, h)
 
     def _load_via_disk(self, hashes: HashesLike, out: Any) -> None:
         arena, disk = self._need_arena(), self._disk
@@ -489,6 +500,43 @@ class BlockManager:
             lifetime=totals,
         )
         return d
+
+
+class OnboardHandle:
+    """A disk -> host onboarding in flight (from :meth:`BlockManager.onboard_async`).
+
+    ``poll()`` is True once done (the verified blocks are then Ready in the host tier);
+    ``wait(timeout=None)`` blocks and returns how many blocks were onboarded.
+    """
+
+    def __init__(self, manager: BlockManager, hashes: list[bytes], disk_handle: Any) -> None:
+        self._m = manager
+        self.hashes = hashes
+        self._h = disk_handle
+        self._count: int | None = None if hashes else 0
+
+    def poll(self) -> bool:
+        """True once finished (and published to the host tier)."""
+        if self._count is not None:
+            return True
+        if not self._h.poll():
+            return False
+        self._finish()
+        return True
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until done; returns the number of blocks onboarded. TransferTimeoutError after ``timeout`` s."""
+        if self._count is None:
+            self._h.wait(timeout)
+            self._finish()
+        return int(self._count or 0)
+
+    def _finish(self) -> None:
+        if self._count is not None:
+            return
+        ok = np.asarray(self._h.result(), dtype=np.uint8)
+        self._m._index.complete_store(int(Tier.HOST), self.hashes, ok)
+        self._count = int(ok.sum())
 
 
 def _hash_list(hashes: HashesLike) -> list[bytes]:

@@ -122,3 +122,19 @@ def test_disk_stats_reach_prometheus(tmp_path: Path) -> None:
         assert 'kvbm_stores_total{tier="disk"} 3.0' in text
         assert 'kvbm_hits_total{tier="disk"} 1.0' in text
         assert f'kvbm_capacity_bytes{{tier="disk"}} {float(64 * BB)}' in text
+
+
+def test_onboard_async(tmp_path: Path) -> None:
+    hs, data = hashes(8, salt=5), blocks(8, seed=5)
+    with manager(tmp_path, host_blocks=8) as m:
+        m.store(hs, data)
+        m.evict(8)  # all demoted to disk
+        m.disk.flush()
+        assert m.lookup(hs).num_hits == 8 and m.contains(hs[0]) == Tier.DISK
+        h = m.onboard_async(hs[:4])
+        assert h.wait(timeout=30) == 4 and h.poll()
+        assert [m.contains(x) for x in hs[:5]] == [Tier.HOST] * 4 + [Tier.DISK]
+        assert m.onboard_async(hs[:4]).wait() == 0  # already in the host tier
+        out = np.zeros((4, BB), np.uint8)
+        m.load(hs[:4], out)
+        assert np.array_equal(out, data[:4])
