@@ -4,7 +4,7 @@
 """
 
 from kvbm._version import __version__
-from kvbm.errors import *  # noqa: F401,F403
+from kvbm.errors import *
 from kvbm.errors import KvbmError
 
-__all__ = ["__version__", "KvbmError"]
+__all__ = ["KvbmError", "__version__"]

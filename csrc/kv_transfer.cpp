@@ -1,0 +1,395 @@
+#include "csrc/kv_transfer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "csrc/build_info.h"
+
+#ifdef KVBM_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "csrc/cuda/kv_copy.cuh"
+#endif
+
+namespace kvbm {
+
+StatusOr<CopyMethod> parse_copy_method(const std::string& name) {
+  if (name == "auto") return CopyMethod::kAuto;
+  if (name == "kernel") return CopyMethod::kKernel;
+  if (name == "copy_engine") return CopyMethod::kCopyEngine;
+  if (name == "naive") return CopyMethod::kNaive;
+  return InvalidArgument("method '" + name + "' is not one of auto, kernel, copy_engine, naive");
+}
+
+struct TransferHandle::State {
+  std::mutex mu;
+  bool done = true;
+  Status status;
+  uint64_t bytes = 0;
+  size_t num_blocks = 0;
+  int device = kHostDevice;
+  std::shared_ptr<const void> keepalive;  // device tables / layout, until the work has run
+#ifdef KVBM_WITH_CUDA
+  cudaEvent_t event = nullptr;
+  ~State() {
+    if (event != nullptr) cudaEventDestroy(event);
+  }
+#endif
+};
+
+TransferHandle::TransferHandle() : s_(std::make_shared<State>()) {}
+
+StatusOr<bool> TransferHandle::poll() const {
+  std::lock_guard<std::mutex> lock(s_->mu);
+  if (s_->done) {
+    if (!s_->status.ok()) return s_->status;
+    return true;
+  }
+#ifdef KVBM_WITH_CUDA
+  cudaError_t e = cudaEventQuery(s_->event);
+  if (e == cudaErrorNotReady) return false;
+  s_->done = true;
+  s_->keepalive.reset();
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    s_->status = CudaError(std::string("transfer failed on CUDA device ") + std::to_string(s_->device) + ": " +
+                           cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+    return s_->status;
+  }
+#endif
+  return true;
+}
+
+StatusOr<bool> TransferHandle::wait(double timeout_s) const {
+  using clock = std::chrono::steady_clock;
+  const auto start = clock::now();
+  auto sleep = std::chrono::microseconds(2);
+  for (;;) {
+    StatusOr<bool> r = poll();
+    if (!r.ok() || r.value()) return r;
+    if (timeout_s >= 0 && std::chrono::duration<double>(clock::now() - start).count() >= timeout_s) return false;
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::microseconds(200));
+  }
+}
+
+Status TransferHandle::error() const {
+  std::lock_guard<std::mutex> lock(s_->mu);
+  return s_->status;
+}
+
+uint64_t TransferHandle::bytes() const { return s_->bytes; }
+size_t TransferHandle::num_blocks() const { return s_->num_blocks; }
+
+namespace {
+
+Status check_addresses(const uint64_t* addrs, size_t n, const char* what) {
+  for (size_t i = 0; i < n; ++i)
+    if (addrs[i] == 0)
+      return InvalidArgument(std::string(what) + ": host slot address [" + std::to_string(i) + "] is null");
+  return Status::Ok();
+}
+
+TransferHandle completed(size_t n, uint64_t bytes) {
+  auto s = std::make_shared<TransferHandle::State>();
+  s->num_blocks = n;
+  s->bytes = bytes;
+  return TransferHandle(std::move(s));
+}
+
+#ifdef KVBM_WITH_CUDA
+
+Status cuda_status(cudaError_t e, const std::string& what) {
+  if (e == cudaSuccess) return Status::Ok();
+  cudaGetLastError();
+  return CudaError(what + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+}
+
+class DeviceGuard {
+ public:
+  Status enter(int device) {
+    KVBM_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&prev_), "cudaGetDevice"));
+    if (prev_ != device) {
+      KVBM_RETURN_IF_ERROR(cuda_status(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")"));
+      switched_ = true;
+    }
+    return Status::Ok();
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0;
+  bool switched_ = false;
+};
+
+// A layout's piece table in device memory, uploaded on first use and cached per layout.
+struct DeviceTables {
+  int device = 0;
+  cuda::DevPiece* pieces = nullptr;
+  uint32_t num_pieces = 0;
+  int sm_count = 1;
+  ~DeviceTables() {
+    if (pieces != nullptr) cudaFree(pieces);
+  }
+};
+
+struct TableKey {
+  const KvLayout* layout;
+  uint64_t piece_bytes;
+  bool operator<(const TableKey& o) const {
+    return layout != o.layout ? layout < o.layout : piece_bytes < o.piece_bytes;
+  }
+};
+struct TableEntry {
+  std::weak_ptr<const KvLayout> owner;
+  std::shared_ptr<DeviceTables> tables;
+};
+
+StatusOr<std::shared_ptr<DeviceTables>> device_tables(const std::shared_ptr<const KvLayout>& layout,
+                                                      uint64_t piece_bytes) {
+  static std::mutex mu;
+  static std::map<TableKey, TableEntry> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto it = cache.begin(); it != cache.end();)  // drop tables of layouts that are gone
+    it = it->second.owner.expired() ? cache.erase(it) : std::next(it);
+  TableKey key{layout.get(), piece_bytes};
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second.tables;
+  std::vector<cuda::DevPiece> host;
+  for (const KvChunk& c : layout->pieces(piece_bytes))
+    host.push_back({c.addr, c.block_stride, c.bytes, c.host_offset});
+  if (host.size() > UINT32_MAX) return InvalidArgument("layout has too many chunk pieces per block");
+  auto t = std::make_shared<DeviceTables>();
+  t->device = layout->device();
+  t->num_pieces = static_cast<uint32_t>(host.size());
+  KVBM_RETURN_IF_ERROR(cuda_status(cudaDeviceGetAttribute(&t->sm_count, cudaDevAttrMultiProcessorCount, t->device),
+                                   "cudaDeviceGetAttribute(multiProcessorCount)"));
+  const size_t nbytes = host.size() * sizeof(cuda::DevPiece);
+  KVBM_RETURN_IF_ERROR(cuda_status(cudaMalloc(reinterpret_cast<void**>(&t->pieces), nbytes),
+                                   "cudaMalloc(" + std::to_string(nbytes) + " bytes) for the chunk table"));
+  KVBM_RETURN_IF_ERROR(cuda_status(cudaMemcpy(t->pieces, host.data(), nbytes, cudaMemcpyHostToDevice),
+                                   "uploading the chunk table"));
+  cache[key] = {layout, t};
+  return t;
+}
+
+// kvbm's own non-blocking streams, one per device and direction, so offload and onboard overlap.
+StatusOr<cudaStream_t> own_stream(int device, bool to_host) {
+  static std::mutex mu;
+  static std::map<std::pair<int, bool>, cudaStream_t> streams;
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_pair(device, to_host);
+  auto it = streams.find(key);
+  if (it != streams.end()) return it->second;
+  cudaStream_t s = nullptr;
+  KVBM_RETURN_IF_ERROR(cuda_status(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"));
+  streams[key] = s;
+  return s;
+}
+
+// True when the device can load/store every slot address directly (pinned/registered host
+// memory under UVA, device or managed memory). *first_bad gets the first index that cannot.
+Status all_device_accessible(const uint64_t* addrs, size_t n, int device, bool* ok, size_t* first_bad) {
+  *ok = true;
+  for (size_t i = 0; i < n; ++i) {
+    cudaPointerAttributes a{};
+    cudaError_t e = cudaPointerGetAttributes(&a, reinterpret_cast<const void*>(addrs[i]));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      *ok = false;
+    } else if (a.type == cudaMemoryTypeHost) {
+      *ok = a.devicePointer == reinterpret_cast<void*>(addrs[i]);
+    } else if (a.type == cudaMemoryTypeDevice) {
+      *ok = a.device == device;
+    } else if (a.type != cudaMemoryTypeManaged) {
+      *ok = false;
+    }
+    if (!*ok) {
+      *first_bad = i;
+      return Status::Ok();
+    }
+  }
+  return Status::Ok();
+}
+
+Status launch_kernel(const DeviceTables& t, const int64_t* ids, size_t n, const uint64_t* addrs, bool to_host,
+                     const TransferOptions& opt, cudaStream_t stream) {
+  auto args = std::make_unique<cuda::LaunchArgs>();
+  args->pieces = t.pieces;
+  args->num_pieces = t.num_pieces;
+  args->to_host = to_host ? 1 : 0;
+  const int cap = opt.max_ctas > 0 ? opt.max_ctas : 4 * t.sm_count;
+  for (size_t start = 0; start < n; start += cuda::kMaxBatchPerLaunch) {
+    const size_t m = std::min<size_t>(cuda::kMaxBatchPerLaunch, n - start);
+    args->n = static_cast<uint32_t>(m);
+    std::copy(ids + start, ids + start + m, args->block_ids);
+    std::copy(addrs + start, addrs + start + m, args->host);
+    const uint64_t items = static_cast<uint64_t>(m) * t.num_pieces;
+    const int grid = static_cast<int>(std::min<uint64_t>(items, static_cast<uint64_t>(cap)));
+    KVBM_RETURN_IF_ERROR(cuda_status(cuda::launch_kv_copy(*args, grid, stream), "launching kv_copy_kernel"));
+  }
+  return Status::Ok();
+}
+
+Status naive_copies(const KvLayout& layout, const int64_t* ids, size_t n, const uint64_t* addrs, bool to_host,
+                    cudaStream_t stream) {
+  for (size_t i = 0; i < n; ++i) {
+    for (const KvChunk& c : layout.chunks()) {
+      void* eng = reinterpret_cast<void*>(c.addr + static_cast<uint64_t>(ids[i] * c.block_stride));
+      void* host = reinterpret_cast<void*>(addrs[i] + c.host_offset);
+      KVBM_RETURN_IF_ERROR(cuda_status(to_host ? cudaMemcpyAsync(host, eng, c.bytes, cudaMemcpyDefault, stream)
+                                               : cudaMemcpyAsync(eng, host, c.bytes, cudaMemcpyDefault, stream),
+                                       "cudaMemcpyAsync"));
+    }
+  }
+  return Status::Ok();
+}
+
+Status copy_engine_batch(const KvLayout& layout, const int64_t* ids, size_t n, const uint64_t* addrs, bool to_host,
+                         cudaStream_t stream) {
+#if CUDART_VERSION >= 12080
+  if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread)
+    return naive_copies(layout, ids, n, addrs, to_host, stream);  // the batch API refuses the NULL stream
+  const auto& chunks = layout.chunks();
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<size_t> sizes;
+  const size_t total = n * chunks.size();
+  dsts.reserve(total);
+  srcs.reserve(total);
+  sizes.reserve(total);
+  for (size_t i = 0; i < n; ++i) {
+    for (const KvChunk& c : chunks) {
+      void* eng = reinterpret_cast<void*>(c.addr + static_cast<uint64_t>(ids[i] * c.block_stride));
+      void* host = reinterpret_cast<void*>(addrs[i] + c.host_offset);
+      dsts.push_back(to_host ? host : eng);
+      srcs.push_back(to_host ? eng : host);
+      sizes.push_back(c.bytes);
+    }
+  }
+  cudaMemcpyAttributes attr{};
+  attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+  cudaMemLocation hostloc{};
+  hostloc.type = cudaMemLocationTypeHost;
+  cudaMemLocation devloc{};
+  devloc.type = cudaMemLocationTypeDevice;
+  devloc.id = layout.device();
+  attr.srcLocHint = to_host ? devloc : hostloc;
+  attr.dstLocHint = to_host ? hostloc : devloc;
+  attr.flags = cudaMemcpyFlagPreferOverlapWithCompute;
+  constexpr size_t kMaxPerCall = 8192;
+  for (size_t start = 0; start < total; start += kMaxPerCall) {
+    const size_t m = std::min(kMaxPerCall, total - start);
+    size_t idx = 0;
+#if CUDART_VERSION >= 13000
+    cudaError_t e = cudaMemcpyBatchAsync(dsts.data() + start, srcs.data() + start, sizes.data() + start, m, &attr,
+                                         &idx, 1, stream);
+#else
+    size_t fail_idx = 0;
+    cudaError_t e = cudaMemcpyBatchAsync(dsts.data() + start, const_cast<void**>(srcs.data() + start),
+                                         sizes.data() + start, m, &attr, &idx, 1, &fail_idx, stream);
+#endif
+    KVBM_RETURN_IF_ERROR(cuda_status(e, "cudaMemcpyBatchAsync of " + std::to_string(m) + " chunks"));
+  }
+  return Status::Ok();
+#else
+  return naive_copies(layout, ids, n, addrs, to_host, stream);
+#endif
+}
+
+#endif  // KVBM_WITH_CUDA
+
+StatusOr<TransferHandle> transfer(const std::shared_ptr<const KvLayout>& layout, const int64_t* ids, size_t n,
+                                  const uint64_t* addrs, const TransferOptions& opt, bool to_host) {
+  const char* what = to_host ? "gather" : "scatter";
+  if (!layout) return InvalidArgument(std::string(what) + ": no layout");
+  KVBM_RETURN_IF_ERROR(layout->check_block_ids(ids, n));
+  KVBM_RETURN_IF_ERROR(check_addresses(addrs, n, what));
+  const uint64_t bytes = n * layout->block_bytes();
+  if (layout->on_host()) {
+    KVBM_RETURN_IF_ERROR(to_host ? host_gather(*layout, ids, n, addrs) : host_scatter(*layout, ids, n, addrs));
+    return completed(n, bytes);
+  }
+#ifndef KVBM_WITH_CUDA
+  return CudaUnavailable(std::string(what) + ": the KV tensors are on CUDA device " +
+                         std::to_string(layout->device()) +
+                         " but this kvbm build has no CUDA support (rebuild with KVBM_CUDA=ON and nvcc)");
+#else
+  if (!cuda_available())
+    return CudaUnavailable(std::string(what) + ": the KV tensors are on CUDA device " +
+                           std::to_string(layout->device()) + " but no CUDA GPU is usable on this machine");
+  if (layout->device() >= cuda_device_count())
+    return InvalidArgument(std::string(what) + ": the layout's CUDA device " + std::to_string(layout->device()) +
+                           " does not exist (" + std::to_string(cuda_device_count()) + " visible)");
+  if (n == 0) return completed(0, 0);
+  DeviceGuard guard;
+  KVBM_RETURN_IF_ERROR(guard.enter(layout->device()));
+  cudaStream_t stream = nullptr;
+  if (opt.own_stream) {
+    StatusOr<cudaStream_t> s = own_stream(layout->device(), to_host);
+    if (!s.ok()) return s.status();
+    stream = s.value();
+  } else {
+    stream = reinterpret_cast<cudaStream_t>(opt.stream);
+  }
+  CopyMethod method = opt.method;
+  if (method == CopyMethod::kAuto || method == CopyMethod::kKernel) {
+    bool ok = true;
+    size_t bad = 0;
+    KVBM_RETURN_IF_ERROR(all_device_accessible(addrs, n, layout->device(), &ok, &bad));
+    if (!ok && method == CopyMethod::kKernel)
+      return InvalidArgument(std::string(what) + ": host slot address [" + std::to_string(bad) +
+                             "] is not pinned/mapped memory the GPU can access; method 'kernel' needs pinned "
+                             "slots (kvbm alloc_host, cudaHostAlloc, torch pin_memory); use 'auto' or "
+                             "'copy_engine' for pageable memory");
+    method = ok ? CopyMethod::kKernel : CopyMethod::kCopyEngine;
+  }
+  std::shared_ptr<DeviceTables> tables;
+  if (method == CopyMethod::kKernel) {
+    const uint64_t piece = opt.piece_bytes ? opt.piece_bytes : (uint64_t{32} << 10);
+    StatusOr<std::shared_ptr<DeviceTables>> t = device_tables(layout, piece);
+    if (!t.ok()) return t.status();
+    tables = t.value();
+    KVBM_RETURN_IF_ERROR(launch_kernel(*tables, ids, n, addrs, to_host, opt, stream));
+  } else if (method == CopyMethod::kCopyEngine) {
+    KVBM_RETURN_IF_ERROR(copy_engine_batch(*layout, ids, n, addrs, to_host, stream));
+  } else {
+    KVBM_RETURN_IF_ERROR(naive_copies(*layout, ids, n, addrs, to_host, stream));
+  }
+  auto s = std::make_shared<TransferHandle::State>();
+  s->num_blocks = n;
+  s->bytes = bytes;
+  s->device = layout->device();
+  s->done = false;
+  struct Keep {
+    std::shared_ptr<const KvLayout> layout;
+    std::shared_ptr<DeviceTables> tables;
+  };
+  s->keepalive = std::make_shared<Keep>(Keep{layout, tables});
+  KVBM_RETURN_IF_ERROR(cuda_status(cudaEventCreateWithFlags(&s->event, cudaEventDisableTiming), "cudaEventCreate"));
+  KVBM_RETURN_IF_ERROR(cuda_status(cudaEventRecord(s->event, stream), "cudaEventRecord"));
+  return TransferHandle(std::move(s));
+#endif
+}
+
+}  // namespace
+
+StatusOr<TransferHandle> gather_blocks(const std::shared_ptr<const KvLayout>& layout, const int64_t* block_ids,
+                                       size_t n, const uint64_t* dst_addrs, const TransferOptions& opt) {
+  return transfer(layout, block_ids, n, dst_addrs, opt, true);
+}
+
+StatusOr<TransferHandle> scatter_blocks(const std::shared_ptr<const KvLayout>& layout, const int64_t* block_ids,
+                                        size_t n, const uint64_t* src_addrs, const TransferOptions& opt) {
+  return transfer(layout, block_ids, n, src_addrs, opt, false);
+}
+
+}  // namespace kvbm
