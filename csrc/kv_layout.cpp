@@ -86,6 +86,12 @@ Status tensor_chunks(const TensorDesc& t, const std::string& at, int32_t layer, 
 
 }  // namespace
 
+std::vector<int64_t> dense_strides(const std::vector<int64_t>& shape) {
+  std::vector<int64_t> s(shape.size(), 1);
+  for (size_t i = shape.size(); i-- > 1;) s[i - 1] = s[i] * shape[i];
+  return s;
+}
+
 size_t dtype_size(DType d) {
   switch (d) {
     case DType::kBFloat16:

@@ -57,6 +57,9 @@ StatusOr<LayoutKind> parse_layout_kind(const std::string& name);  // "vllm", "kv
 
 inline constexpr int kHostDevice = -1;
 
+// Strides (in elements) of a dense row-major tensor of this shape.
+std::vector<int64_t> dense_strides(const std::vector<int64_t>& shape);
+
 // One strided tensor as an engine hands it over. Dimension 0 indexes blocks.
 struct TensorDesc {
   uint64_t data = 0;              // address of element [0, 0, ...]
