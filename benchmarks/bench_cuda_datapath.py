@@ -175,6 +175,7 @@ def run_geometry(g: Geometry, reps: int, sweep: list[int], matmul_n: int) -> dic
                                  ("copy_engine", "copy_engine", False)]:
         g.slots_a.fill_(0xA5)
         g.poison_blocks(g.ids_b)
+        torch.cuda.synchronize()
         ms = timed(both(method, limit=limit), s, reps)
         torch.cuda.synchronize()
         d = summary(ms, 2 * g.nbytes)

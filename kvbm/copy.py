@@ -10,7 +10,9 @@ For a layout on host memory the copy happens during the call (memcpy per chunk) 
 returned handle is already done. For a CUDA layout the work is queued on ``stream`` (an int
 ``cudaStream_t``, or an object with ``cuda_stream`` such as ``torch.cuda.Stream``) or, when
 ``stream`` is None, on kvbm's own stream for that device and direction (so an offload and an
-onboard overlap). Methods: ``"auto"`` (a kernel when every slot is pinned/device memory,
+onboard overlap); that stream is not ordered after any other, so make sure the engine's
+writes to the blocks (or its reads, for an onboard) are complete, or pass the engine's stream.
+Methods: ``"auto"`` (a kernel when every slot is pinned/device memory,
 else copy engines), ``"kernel"``, ``"copy_engine"`` (``cudaMemcpyBatchAsync``), ``"naive"``
 (one ``cudaMemcpyAsync`` per chunk; a baseline).
 """

@@ -56,29 +56,28 @@ def check_roundtrip(layout, layers, bases, ids, method="auto", pinned=True):
     n, bb = len(ids), layout.block_bytes
     keep, slots = pinned_slots(n, bb) if pinned else (None, np.empty((n, bb), np.uint8))
     slots.fill(0xA5)
+    torch.cuda.synchronize()  # kvbm's own stream is not ordered after torch's stream
     h = gather(layout, ids, slots, method=method)
     assert h.wait(30.0) and h.error is None
     ref = torch.stack([slot_ref(layers, int(b)) for b in ids]).cpu().numpy()
     mism = np.nonzero((slots != ref).any(axis=1))[0]
     assert mism.size == 0, f"gather ({method}): slots {mism[:8].tolist()} differ"
-    # Onboard: poison everything, scatter unique blocks back, compare every block.
+    # Onboard: poison every engine byte, scatter the gathered slots of the unique ids back, then
+    # every scattered block must equal its slot and every other block must still be poison.
     uniq, first = np.unique(np.asarray(ids), return_index=True)
-    originals = [b.clone() for b in bases]
-    for b in bases:
-        b.fill_(0x5A)
     keep_src, src = pinned_slots(len(uniq), bb) if pinned else (None, np.empty((len(uniq), bb), np.uint8))
     src[:] = slots[first]
+    for b in bases:
+        b.fill_(0x5A)
+    torch.cuda.synchronize()
     h = scatter(layout, uniq, src, method=method)
     assert h.wait(30.0)
     torch.cuda.synchronize()
-    poisoned = [[t.clone() for t in ts] for ts in layers]
-    for b, o in zip(bases, originals):
-        b.copy_(o)
-    uniq_set = set(uniq.tolist())
+    where = {int(b): i for i, b in enumerate(uniq)}
     for blk in range(layout.num_blocks):
-        got = torch.cat([block_bytes_ref(t, blk) for ts in poisoned for t in ts])
-        if blk in uniq_set:
-            assert torch.equal(got, slot_ref(layers, blk)), f"scatter ({method}): block {blk} differs"
+        got = slot_ref(layers, blk).cpu().numpy()
+        if blk in where:
+            assert np.array_equal(got, src[where[blk]]), f"scatter ({method}): block {blk} differs"
         else:
             assert bool((got == 0x5A).all()), f"scatter ({method}): block {blk} was touched"
     del keep, keep_src
@@ -192,6 +191,7 @@ def test_async_handles_streams_and_overlap():
     bb = layout.block_bytes
     keep, slots = pinned_slots(nb, bb)
     slots.fill(0xA5)
+    torch.cuda.synchronize()
     # A caller stream held up by a sleep kernel: the handle is not done until it runs.
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
