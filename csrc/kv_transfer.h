@@ -9,8 +9,12 @@
 //                memory (needs every host address to be pinned/registered or device memory);
 //   kCopyEngine  one cudaMemcpyBatchAsync of all chunks (copy engines; leaves SMs free; works
 //                with pageable memory too);
+//   kStaged      a kernel packs the blocks into contiguous device staging memory (or unpacks
+//                them from it) and copy engines move whole slots across PCIe, pipelined in
+//                sub-batches over two staging buffers; SMs are busy only for the short
+//                device-to-device pack/unpack (see Note [staged copies]);
 //   kNaive       one cudaMemcpyAsync per chunk (a baseline for benchmarks);
-//   kAuto        kKernel when all host addresses are device-accessible, else kCopyEngine.
+//   kAuto        see Note [choosing a copy method] in kv_transfer.cpp.
 // Errors: OutOfRange (block id), InvalidArgument (null address, a method the memory cannot
 // use), CudaUnavailable (CUDA layout on a build or machine without CUDA), Cuda (runtime errors,
 // reported by the call or later by the handle).
@@ -25,8 +29,8 @@
 
 namespace kvbm {
 
-enum class CopyMethod : int { kAuto = 0, kKernel, kCopyEngine, kNaive };
-StatusOr<CopyMethod> parse_copy_method(const std::string& name);  // auto, kernel, copy_engine, naive
+enum class CopyMethod : int { kAuto = 0, kKernel, kCopyEngine, kNaive, kStaged };
+StatusOr<CopyMethod> parse_copy_method(const std::string& name);  // auto, kernel, copy_engine, naive, staged
 
 struct TransferOptions {
   bool own_stream = true;   // true: kvbm's own per-device stream for this direction
@@ -34,6 +38,7 @@ struct TransferOptions {
   CopyMethod method = CopyMethod::kAuto;
   int max_ctas = 0;         // kernel grid size cap; 0 = default (a multiple of the SM count)
   uint64_t piece_bytes = 0; // kernel work unit; 0 = default (32 KiB)
+  uint64_t stage_bytes = 0; // kStaged: bytes per staging buffer (two are used); 0 = default (32 MiB)
 };
 
 // Completion of one queued batch. Copyable; all copies share one state. Thread-safe.

@@ -13,8 +13,10 @@ returned handle is already done. For a CUDA layout the work is queued on ``strea
 onboard overlap); that stream is not ordered after any other, so make sure the engine's
 writes to the blocks (or its reads, for an onboard) are complete, or pass the engine's stream.
 Methods: ``"auto"`` (a kernel when every slot is pinned/device memory,
-else copy engines), ``"kernel"``, ``"copy_engine"`` (``cudaMemcpyBatchAsync``), ``"naive"``
-(one ``cudaMemcpyAsync`` per chunk; a baseline).
+else copy engines), ``"kernel"`` (16-byte loads/stores straight to mapped pinned memory),
+``"copy_engine"`` (``cudaMemcpyBatchAsync`` of every chunk), ``"staged"`` (a kernel packs
+blocks into device staging, copy engines move whole slots; ``stage_bytes`` per staging buffer),
+``"naive"`` (one ``cudaMemcpyAsync`` per chunk; a baseline). ``max_ctas`` caps the kernel grid.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from kvbm.kv_layout import KvLayout
 
 __all__ = ["METHODS", "TransferHandle", "gather", "scatter", "slot_addresses"]
 
-METHODS = ("auto", "kernel", "copy_engine", "naive")
+METHODS = ("auto", "kernel", "copy_engine", "staged", "naive")
 
 
 class TransferHandle:
@@ -153,7 +155,8 @@ def _stream_int(stream: Any) -> int | None:
 
 
 def gather(layout: KvLayout, block_ids: Sequence[int] | np.ndarray, dst: Any, stream: Any = None, *,
-           method: str = "auto", slot_bytes: int | None = None, max_ctas: int = 0) -> TransferHandle:
+           method: str = "auto", slot_bytes: int | None = None, max_ctas: int = 0,
+           stage_bytes: int = 0) -> TransferHandle:
     """Offload: copy engine blocks ``block_ids`` (all layers, K and V) into host slots ``dst``.
 
     Returns a :class:`TransferHandle`. Raises OutOfRangeError (a block id outside
@@ -162,14 +165,16 @@ def gather(layout: KvLayout, block_ids: Sequence[int] | np.ndarray, dst: Any, st
     CudaError (runtime errors).
     """
     ids, addrs = _resolve(layout, block_ids, dst, slot_bytes, "gather")
-    native = _native.kv_gather(layout._native, ids, addrs, _stream_int(stream), method, max_ctas)
+    native = _native.kv_gather(layout._native, ids, addrs, _stream_int(stream), method, max_ctas, 0, stage_bytes)
     return TransferHandle(native, (layout, dst))
 
 
 def scatter(layout: KvLayout, block_ids: Sequence[int] | np.ndarray, src: Any, stream: Any = None, *,
-            method: str = "auto", slot_bytes: int | None = None, max_ctas: int = 0) -> TransferHandle:
+            method: str = "auto", slot_bytes: int | None = None, max_ctas: int = 0,
+            stage_bytes: int = 0) -> TransferHandle:
     """Onboard: copy host slots ``src`` into engine blocks ``block_ids``. Same errors as :func:`gather`.
     With repeated ids the last slot wins on the host path; on CUDA the order is unspecified."""
     ids, addrs = _resolve(layout, block_ids, src, slot_bytes, "scatter")
-    native = _native.kv_scatter(layout._native, ids, addrs, _stream_int(stream), method, max_ctas)
+    native = _native.kv_scatter(layout._native, ids, addrs, _stream_int(stream), method, max_ctas, 0,
+                                stage_bytes)
     return TransferHandle(native, (layout, src))

@@ -24,9 +24,14 @@ if ! KVBM_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 $PY -m pip install --no-build-is
 fi
 $PY -c 'import kvbm._native as n; print("cuda_compiled", n.cuda_compiled(), "cuda_available", n.cuda_available())'
 
-step "tests"
-$PY -m pytest -q -rs -p no:cacheprovider tests/ 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
-grep -qE "failed|error" "$OUT/tests.log" && status=1
+step "GPU tests"
+$PY -m pytest -v -rfEs --tb=short -p no:cacheprovider tests/test_kv_copy_gpu.py >"$OUT/gpu_tests.log" 2>&1 || status=1
+grep -E "FAILED|ERROR|Fatal|passed|failed" "$OUT/gpu_tests.log" | tail -25
+
+step "other tests (a separate process)"
+$PY -m pytest -q -rfEs --tb=short -p no:cacheprovider tests/ --ignore=tests/test_kv_copy_gpu.py \
+  >"$OUT/cpu_tests.log" 2>&1 || status=1
+tail -15 "$OUT/cpu_tests.log"
 
 step "compute-sanitizer memcheck (kernel tests)"
 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \

@@ -52,12 +52,12 @@ def pinned_slots(n: int, nbytes: int) -> tuple[object, np.ndarray]:
     return buf, arr
 
 
-def check_roundtrip(layout, layers, bases, ids, method="auto", pinned=True):
+def check_roundtrip(layout, layers, bases, ids, method="auto", pinned=True, **kw):
     n, bb = len(ids), layout.block_bytes
     keep, slots = pinned_slots(n, bb) if pinned else (None, np.empty((n, bb), np.uint8))
     slots.fill(0xA5)
     torch.cuda.synchronize()  # kvbm's own stream is not ordered after torch's stream
-    h = gather(layout, ids, slots, method=method)
+    h = gather(layout, ids, slots, method=method, **kw)
     assert h.wait(30.0) and h.error is None
     ref = torch.stack([slot_ref(layers, int(b)) for b in ids]).cpu().numpy()
     mism = np.nonzero((slots != ref).any(axis=1))[0]
@@ -70,7 +70,7 @@ def check_roundtrip(layout, layers, bases, ids, method="auto", pinned=True):
     for b in bases:
         b.fill_(0x5A)
     torch.cuda.synchronize()
-    h = scatter(layout, uniq, src, method=method)
+    h = scatter(layout, uniq, src, method=method, **kw)
     assert h.wait(30.0)
     torch.cuda.synchronize()
     where = {int(b): i for i, b in enumerate(uniq)}
@@ -90,7 +90,7 @@ def random_ids(nb: int, n: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("method", ["kernel", "copy_engine", "naive"])
+@pytest.mark.parametrize("method", ["kernel", "copy_engine", "staged", "naive"])
 def test_kv_split_separate_k_v(dtype, method):
     nb, bs, h, d, nl = 13, 16, 3, 40, 3  # non-power-of-two heads and head size
     es = torch.empty((), dtype=dtype).element_size()
@@ -133,6 +133,7 @@ def test_kv_split_5d_with_unaligned_head_slices():
     k, v = big[..., :d], big[..., d:]
     layout = KvLayout.from_tensors([(k, v)], kind="kv_split")
     check_roundtrip(layout, [[k, v]], [base], [3, 1, 1, 0], "kernel")
+    check_roundtrip(layout, [[k, v]], [base], [3, 1, 1, 0], "staged")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float32], ids=str)
@@ -162,6 +163,9 @@ def test_large_batch_spans_several_launches():
     layout = KvLayout.from_tensors([t], kind="vllm")
     ids = np.random.default_rng(3).permutation(nb)
     check_roundtrip(layout, [[t]], [base], ids, "kernel")
+    # Staged through buffers of 7 blocks: many sub-batches alternating two buffers.
+    check_roundtrip(layout, [[t]], [base], ids, "staged", stage_bytes=7 * layout.block_bytes)
+    check_roundtrip(layout, [[t]], [base], ids[:5], "staged", pinned=False, stage_bytes=2 * layout.block_bytes)
 
 
 def test_errors_on_gpu():
