@@ -508,17 +508,24 @@ StatusOr<TransferHandle> transfer(const std::shared_ptr<const KvLayout>& layout,
   } else {
     stream = reinterpret_cast<cudaStream_t>(opt.stream);
   }
-  CopyMethod method = opt.method;
-  if (method == CopyMethod::kAuto || method == CopyMethod::kKernel) {
+  // Note [choosing a copy method]
+  // Measured on an H100 (PCIe gen5 x16; benchmarks/results/cuda_datapath.md), moving 1 GiB of
+  // random paged blocks (32 layers x K,V chunks of 32 KiB or 256 KiB): kStaged reaches 97-98%
+  // of a contiguous cudaMemcpy of the same bytes in either direction, 1.67x that when offload and
+  // onboard run at once, and slows a concurrent bf16 GEMM by under 4%. kKernel reaches 92-97%
+  // but doubles the GEMM's time (its CTAs share SMs with the GEMM's persistent wave) and only
+  // 1.27x with both directions; kCopyEngine is SM-free but pays ~1 us per chunk (62% at 32 KiB).
+  // So auto means staged, which also works for pageable slots.
+  CopyMethod method = opt.method == CopyMethod::kAuto ? CopyMethod::kStaged : opt.method;
+  if (method == CopyMethod::kKernel) {
     bool ok = true;
     size_t bad = 0;
     KVBM_RETURN_IF_ERROR(all_device_accessible(addrs, n, layout->device(), &ok, &bad));
-    if (!ok && method == CopyMethod::kKernel)
+    if (!ok)
       return InvalidArgument(std::string(what) + ": host slot address [" + std::to_string(bad) +
                              "] is not pinned/mapped memory the GPU can access; method 'kernel' needs pinned "
                              "slots (kvbm alloc_host, cudaHostAlloc, torch pin_memory); use 'auto' or "
-                             "'copy_engine' for pageable memory");
-    method = ok ? CopyMethod::kKernel : CopyMethod::kCopyEngine;
+                             "'staged' for pageable memory");
   }
   std::shared_ptr<DeviceTables> tables;
   if (method == CopyMethod::kKernel || method == CopyMethod::kStaged) {

@@ -14,7 +14,7 @@
 //                sub-batches over two staging buffers; SMs are busy only for the short
 //                device-to-device pack/unpack (see Note [staged copies]);
 //   kNaive       one cudaMemcpyAsync per chunk (a baseline for benchmarks);
-//   kAuto        see Note [choosing a copy method] in kv_transfer.cpp.
+//   kAuto        kStaged; see Note [choosing a copy method] in kv_transfer.cpp.
 // Errors: OutOfRange (block id), InvalidArgument (null address, a method the memory cannot
 // use), CudaUnavailable (CUDA layout on a build or machine without CUDA), Cuda (runtime errors,
 // reported by the call or later by the handle).

@@ -12,8 +12,8 @@ returned handle is already done. For a CUDA layout the work is queued on ``strea
 ``stream`` is None, on kvbm's own stream for that device and direction (so an offload and an
 onboard overlap); that stream is not ordered after any other, so make sure the engine's
 writes to the blocks (or its reads, for an onboard) are complete, or pass the engine's stream.
-Methods: ``"auto"`` (a kernel when every slot is pinned/device memory,
-else copy engines), ``"kernel"`` (16-byte loads/stores straight to mapped pinned memory),
+Methods: ``"auto"`` (= ``"staged"``, chosen by measurement: see
+``benchmarks/results/cuda_datapath.md``), ``"kernel"`` (16-byte loads/stores straight to mapped pinned memory),
 ``"copy_engine"`` (``cudaMemcpyBatchAsync`` of every chunk), ``"staged"`` (a kernel packs
 blocks into device staging, copy engines move whole slots; ``stage_bytes`` per staging buffer),
 ``"naive"`` (one ``cudaMemcpyAsync`` per chunk; a baseline). ``max_ctas`` caps the kernel grid.

@@ -196,12 +196,15 @@ def test_async_handles_streams_and_overlap():
     keep, slots = pinned_slots(nb, bb)
     slots.fill(0xA5)
     torch.cuda.synchronize()
-    # A caller stream held up by a sleep kernel: the handle is not done until it runs.
+    # A caller stream held up by ~50 ms of matmuls: the handle is not done until they ran.
     s = torch.cuda.Stream()
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
     with torch.cuda.stream(s):
-        torch.cuda._sleep(200_000_000)
+        for _ in range(32):
+            torch.mm(a, a)
     h1 = gather(layout, np.arange(32), slots[:32], stream=s)
-    assert h1.poll() is False and h1.wait(0.001) is False
+    assert h1.poll() is False and h1.wait(0.002) is False
     # Many batches in flight on kvbm's own streams, offload and onboard at once.
     hs = [gather(layout, np.arange(32 + i, 33 + i), slots[32 + i:33 + i]) for i in range(16)]
     assert h1.wait(60.0) and all(h.wait(60.0) for h in hs)
