@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 #include <numeric>
-#include <sstream>
 
 namespace kvbm {
 
@@ -11,12 +10,12 @@ namespace {
 
 constexpr size_t kMaxChunksPerBlock = size_t{1} << 20;
 
+// No iostreams in the core: an extension built against one libstdc++ but loaded next to an
+// older one (torch's environment) crashed inside std::ostream's locale code on the GPU machine.
 std::string shape_str(const std::vector<int64_t>& v) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
-  os << "]";
-  return os.str();
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
 }
 
 std::string where(size_t layer, size_t t) {
@@ -251,11 +250,10 @@ Status KvLayout::check_block_ids(const int64_t* ids, size_t n) const {
 }
 
 std::string KvLayout::describe() const {
-  std::ostringstream os;
-  os << "KvLayout(kind=" << layout_kind_name(kind_) << ", dtype=" << dtype_name(dtype_) << ", device=" << device_
-     << ", layers=" << num_layers() << ", num_blocks=" << num_blocks_ << ", block_bytes=" << block_bytes_
-     << ", chunks_per_block=" << chunks_.size() << ")";
-  return os.str();
+  return std::string("KvLayout(kind=") + layout_kind_name(kind_) + ", dtype=" + dtype_name(dtype_) +
+         ", device=" + std::to_string(device_) + ", layers=" + std::to_string(num_layers()) +
+         ", num_blocks=" + std::to_string(num_blocks_) + ", block_bytes=" + std::to_string(block_bytes_) +
+         ", chunks_per_block=" + std::to_string(chunks_.size()) + ")";
 }
 
 namespace {

@@ -244,3 +244,9 @@ def test_import_kvbm_copy_does_not_import_torch():
 
     code = "import sys, kvbm, kvbm.copy, kvbm.kv_layout; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_repr_names_the_geometry():
+    layout, _ = small_layout()
+    r = repr(layout)
+    assert "kind=vllm" in r and "num_blocks=4" in r and f"block_bytes={layout.block_bytes}" in r
