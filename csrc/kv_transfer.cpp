@@ -176,8 +176,15 @@ StatusOr<std::shared_ptr<DeviceTables>> device_tables(const std::shared_ptr<cons
   const size_t nbytes = host.size() * sizeof(cuda::DevPiece);
   KVBM_RETURN_IF_ERROR(cuda_status(cudaMalloc(reinterpret_cast<void**>(&t->pieces), nbytes),
                                    "cudaMalloc(" + std::to_string(nbytes) + " bytes) for the chunk table"));
-  KVBM_RETURN_IF_ERROR(cuda_status(cudaMemcpy(t->pieces, host.data(), nbytes, cudaMemcpyHostToDevice),
-                                   "uploading the chunk table"));
+  // Upload on a private non-blocking stream: a plain cudaMemcpy runs on the legacy stream and
+  // would wait for all work queued on the caller's (blocking) streams.
+  cudaStream_t up = nullptr;
+  KVBM_RETURN_IF_ERROR(cuda_status(cudaStreamCreateWithFlags(&up, cudaStreamNonBlocking), "cudaStreamCreate"));
+  Status st = cuda_status(cudaMemcpyAsync(t->pieces, host.data(), nbytes, cudaMemcpyHostToDevice, up),
+                          "uploading the chunk table");
+  if (st.ok()) st = cuda_status(cudaStreamSynchronize(up), "uploading the chunk table");
+  cudaStreamDestroy(up);
+  KVBM_RETURN_IF_ERROR(st);
   cache[key] = {layout, t};
   return t;
 }
