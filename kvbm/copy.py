@@ -12,6 +12,8 @@ returned handle is already done. For a CUDA layout the work is queued on ``strea
 ``stream`` is None, on kvbm's own stream for that device and direction (so an offload and an
 onboard overlap); that stream is not ordered after any other, so make sure the engine's
 writes to the blocks (or its reads, for an onboard) are complete, or pass the engine's stream.
+The first transfer on a layout uploads its chunk table and sets up staging (one-time work that
+may wait for work already queued on the device); later calls only enqueue and return.
 Methods: ``"auto"`` (= ``"staged"``, chosen by measurement: see
 ``benchmarks/results/cuda_datapath.md``), ``"kernel"`` (16-byte loads/stores straight to mapped pinned memory),
 ``"copy_engine"`` (``cudaMemcpyBatchAsync`` of every chunk), ``"staged"`` (a kernel packs
