@@ -39,6 +39,7 @@ StatusOr<std::shared_ptr<GpuArena>> GpuArena::create(const GpuArenaSpec& s) {
   for (int64_t d : shape) layer_elems *= static_cast<uint64_t>(d);
   const uint64_t layer_bytes = layer_elems * dtype_size(s.dtype);
 #ifndef KVBM_WITH_CUDA
+  (void)layer_bytes;
   return CudaUnavailable("GpuArena: this kvbm build has no CUDA support (rebuild with KVBM_CUDA=ON)");
 #else
   if (!cuda_available()) return CudaUnavailable("GpuArena: no CUDA GPU is usable on this machine");
