@@ -250,3 +250,18 @@ def test_repr_names_the_geometry():
     layout, _ = small_layout()
     r = repr(layout)
     assert "kind=vllm" in r and "num_blocks=4" in r and f"block_bytes={layout.block_bytes}" in r
+
+
+@pytest.mark.skipif(_native.cuda_available(), reason="checks the no-GPU error; a GPU is present")
+def test_gpu_arena_without_cuda_raises_cuda_unavailable():
+    from kvbm.gpu_arena import GpuArena
+
+    with pytest.raises(kvbm.CudaUnavailableError, match="GpuArena"):
+        GpuArena(num_blocks=4, num_layers=2, block_size=16, num_kv_heads=2, head_size=64)
+
+
+def test_gpu_arena_rejects_bad_sizes():
+    from kvbm.gpu_arena import GpuArena
+
+    with pytest.raises(kvbm.InvalidArgumentError, match="must be > 0"):
+        GpuArena(num_blocks=0, num_layers=2, block_size=16)
