@@ -40,4 +40,6 @@ class GpuArena:
 
     def layer_specs(self, layer: int) -> list[TensorSpec]:
         """Layer ``layer``'s tensor(s) as specs (to view the arena from torch/CuPy)."""
-        return [TensorSpec(p, tuple(sh), tuple(st), dt, dev) for p, sh, st, dt, dev in self._native.layer_tensors(layer)]
+        return [
+            TensorSpec(p, tuple(sh), tuple(st), dt, dev) for p, sh, st, dt, dev in self._native.layer_tensors(layer)
+        ]
