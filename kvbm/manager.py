@@ -273,7 +273,7 @@ class BlockManager:
         """Copy the given blocks from the host tier into ``out`` (same forms as ``store``'s data).
 
         With a disk tier, blocks found only on disk are first brought into the host tier
-        (:meth:`onboard`), so disk -> host -> ``out`` is one call. More blocks than half the host
+        (:meth:`promote`), so disk -> host -> ``out`` is one call. More blocks than half the host
         tier are then moved in chunks; a verification failure on disk discovered in a later
         chunk raises after earlier chunks were copied.
 
@@ -331,7 +331,11 @@ class BlockManager:
         """Copy cached host blocks ``hashes`` into engine blocks ``block_ids``; returns a handle.
         The host slots stay pinned (never evicted) until the handle completes.
 
-        Raises BlockNotFoundError when a block is not in the host tier (nothing is copied).
+        With a disk tier, blocks found only on disk are promoted to host slots first (the disk
+        reads are waited for; use :meth:`promote_async` earlier to overlap them).
+
+        Raises BlockNotFoundError when a block is not in the host tier (nor on disk); nothing
+        is copied then.
         """
         from kvbm import copy as kvcopy
 
@@ -339,7 +343,8 @@ class BlockManager:
         ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
         self._check_layout(layout, len(ids), hashes)
         keys = [bytes(h) for h in hashes]
-        slots = self._index.prepare_load(int(Tier.HOST), keys)
+        # with a disk tier, disk-only blocks are promoted first: disk -> host -> GPU in one call
+        slots = self._pin_in_host(keys) if self._disk is not None else self._index.prepare_load(int(Tier.HOST), keys)
         try:
             handle = kvcopy.scatter(layout, ids, arena.addresses(slots), stream, slot_bytes=self.block_bytes)
         except BaseException:
@@ -500,15 +505,15 @@ class BlockManager:
         # The handle keeps `staging` alive; the tier commits it when done (reaped on later calls).
         disk.put_async([e[0] for e in todo], list(staging), parents=parents)
 
-    def onboard(self, hashes: HashesLike) -> int:
+    def promote(self, hashes: HashesLike) -> int:
         """Bring blocks that are on disk but not in the host tier into host slots; returns how many.
 
-        Synchronous :meth:`onboard_async`. Raises CapacityError when the host tier has no
+        Synchronous :meth:`promote_async`. Raises CapacityError when the host tier has no
         evictable room.
         """
-        return self.onboard_async(hashes).wait()
+        return self.promote_async(hashes).wait()
 
-    def onboard_async(self, hashes: HashesLike) -> OnboardHandle:
+    def promote_async(self, hashes: HashesLike) -> PromoteHandle:
         """Start bringing disk-only blocks into host slots; returns a handle to poll or wait on.
 
         Host slots are reserved (state Storing; evicting, and demoting, as the policy says), the
@@ -520,7 +525,7 @@ class BlockManager:
         """
         disk, arena = self._disk, self._need_arena()
         if disk is None:
-            return OnboardHandle(self, [], None)
+            return PromoteHandle(self, [], None)
         want: list[bytes] = []
         seen: set[bytes] = set()
         for k in _hash_list(hashes):
@@ -530,7 +535,7 @@ class BlockManager:
             if not self._index.peek([k])[0] and disk.contains(k):
                 want.append(k)
         if not want:
-            return OnboardHandle(self, [], None)
+            return PromoteHandle(self, [], None)
         plan = self.prepare_store(want)
         self._demote(plan.evicted)  # copies evicted bytes out before the reads land in their slots
         idx = [i for i, s in enumerate(plan.slots.tolist()) if s >= 0]
@@ -541,44 +546,45 @@ class BlockManager:
             if new:
                 self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
-        return OnboardHandle(self, new, h)
+        return PromoteHandle(self, new, h)
 
     def _load_via_disk(self, hashes: HashesLike, out: Any) -> None:
-        arena, disk = self._need_arena(), self._disk
-        assert disk is not None
+        arena = self._need_arena()
         keys = _hash_list(hashes)
+        self._host_or_disk(keys)  # BlockNotFoundError before anything is copied
+        if len(keys) <= max(1, self.host_slots // 2):
+            chunks = [(0, keys, out)]
+        else:  # more than the host tier comfortably holds: disk -> host -> out chunk by chunk
+            rows = _rows(out, len(keys), self.block_bytes, writable=True)
+            step = max(1, self.host_slots // 2)
+            chunks = [(c, keys[c : c + step], rows[c : c + step]) for c in range(0, len(keys), step)]
+        for _, ck, dst in chunks:
+            slots = self._pin_in_host(ck)
+            try:
+                arena.read(slots, dst)
+            finally:
+                self._index.complete_load(int(Tier.HOST), ck)
+
+    def _pin_in_host(self, keys: list[bytes]) -> np.ndarray:
+        """Pin ``keys`` in the host tier (as prepare_load does), promoting disk-only ones first.
+
+        Blocks already in the host tier are pinned while the others are promoted, so the
+        promotion cannot evict them. Returns the slots; the caller calls complete_load(keys).
+        Raises BlockNotFoundError for a block in neither tier or one that failed verification.
+        """
         in_host = self._host_or_disk(keys)
-        if all(in_host):
-            slots = self._index.prepare_load(int(Tier.HOST), keys)
-            try:
-                arena.read(slots, out)
-            finally:
-                self._index.complete_load(int(Tier.HOST), keys)
-            return
-        rows = _rows(out, len(keys), self.block_bytes, writable=True)
-        chunk = max(1, self.host_slots // 2)
-        for c0 in range(0, len(keys), chunk):
-            ck = keys[c0 : c0 + chunk]
-            ch = self._host_or_disk(ck)  # earlier chunks may have pushed some of these to disk
-            hosted = [k for k, h in zip(ck, ch, strict=True) if h]
-            pinned: list[bytes] = []
-            try:
-                if hosted:  # pin first, so onboarding the others cannot evict them
-                    self._index.prepare_load(int(Tier.HOST), hosted)
-                    pinned += hosted
-                others = [k for k, h in zip(ck, ch, strict=True) if not h]
-                if others:
-                    self.onboard(others)
-                    self._index.prepare_load(int(Tier.HOST), others)  # BlockNotFoundError if it failed
-                    pinned += others
-                slots = self._index.prepare_load(int(Tier.HOST), ck)  # a second pin, for the slots
-                try:
-                    arena.read(slots, rows[c0 : c0 + chunk])
-                finally:
-                    self._index.complete_load(int(Tier.HOST), ck)
-            finally:
-                if pinned:
-                    self._index.complete_load(int(Tier.HOST), pinned)
+        hosted = [k for k, h in zip(keys, in_host, strict=True) if h]
+        others = [k for k, h in zip(keys, in_host, strict=True) if not h]
+        if not others:
+            return self._index.prepare_load(int(Tier.HOST), keys)
+        if hosted:
+            self._index.prepare_load(int(Tier.HOST), hosted)
+        try:
+            self.promote(others)
+            return self._index.prepare_load(int(Tier.HOST), keys)
+        finally:
+            if hosted:
+                self._index.complete_load(int(Tier.HOST), hosted)
 
     def _host_or_disk(self, keys: list[bytes]) -> list[bool]:
         """Per key: True in the host tier, False on disk. BlockNotFoundError when in neither."""
@@ -619,8 +625,8 @@ class BlockManager:
         return d
 
 
-class OnboardHandle:
-    """A disk -> host onboarding in flight (from :meth:`BlockManager.onboard_async`).
+class PromoteHandle:
+    """A disk -> host promotion in flight (from :meth:`BlockManager.promote_async`).
 
     ``poll()`` is True once done (the verified blocks are then Ready in the host tier);
     ``wait(timeout=None)`` blocks and returns how many blocks were onboarded.

@@ -124,17 +124,48 @@ def test_disk_stats_reach_prometheus(tmp_path: Path) -> None:
         assert f'kvbm_capacity_bytes{{tier="disk"}} {float(64 * BB)}' in text
 
 
-def test_onboard_async(tmp_path: Path) -> None:
+def test_promote_async(tmp_path: Path) -> None:
     hs, data = hashes(8, salt=5), blocks(8, seed=5)
     with manager(tmp_path, host_blocks=8) as m:
         m.store(hs, data)
         m.evict(8)  # all demoted to disk
         m.disk.flush()
         assert m.lookup(hs).num_hits == 8 and m.contains(hs[0]) == Tier.DISK
-        h = m.onboard_async(hs[:4])
+        h = m.promote_async(hs[:4])
         assert h.wait(timeout=30) == 4 and h.poll()
         assert [m.contains(x) for x in hs[:5]] == [Tier.HOST] * 4 + [Tier.DISK]
-        assert m.onboard_async(hs[:4]).wait() == 0  # already in the host tier
+        assert m.promote_async(hs[:4]).wait() == 0  # already in the host tier
         out = np.zeros((4, BB), np.uint8)
         m.load(hs[:4], out)
         assert np.array_equal(out, data[:4])
+
+
+def test_engine_path_disk_to_host_to_engine_in_one_call(tmp_path: Path) -> None:
+    import kvbm
+    from kvbm.kv_layout import KvLayout
+
+    layers, nblocks, heads, bs, head = 2, 10, 2, 16, 64
+    rng = np.random.default_rng(11)
+    src = [rng.integers(0, 1 << 16, (nblocks, heads, bs, 2 * head), dtype=np.uint16) for _ in range(layers)]
+    layout = KvLayout.from_tensors(src, kind="vllm", dtype="float16")
+    hs = kvbm.block_hashes(np.arange(6 * bs), bs, kvbm.Namespace("m", "fp16", "NHD", bs))
+    cfg = KvbmConfig(
+        block_bytes=layout.block_bytes, host_capacity_bytes=layout.block_bytes * 8, host_pinned=False,
+        disk_path=str(tmp_path), disk_capacity_bytes=layout.block_bytes * 32, disk_durability="none",
+    )  # fmt: skip
+    src_ids = [3, 1, 4, 0, 9, 2]
+    with BlockManager(cfg) as m:
+        assert m.offload(layout, src_ids, hs).wait(10)
+        m.evict(6)  # the host tier lets them go: demoted to disk
+        m.disk.flush()
+        assert [m.contains(h) for h in hs] == [Tier.DISK] * 6
+    with BlockManager(cfg) as m:  # a restart: only the disk tier has them
+        dst = [np.zeros_like(x) for x in src]
+        dst_layout = KvLayout.from_tensors(dst, kind="vllm", dtype="float16")
+        dst_ids = [5, 6, 7, 8, 0, 1]
+        assert m.onboard(dst_layout, dst_ids, hs).wait(10)  # disk -> host -> engine blocks
+        for layer in range(layers):
+            assert np.array_equal(dst[layer][dst_ids], src[layer][src_ids])
+        assert m.stats()["host"]["pinned_blocks"] == 0
+        assert m.stats()["disk"]["hits"] == 6
+        m.index.validate()
