@@ -110,6 +110,8 @@ class EngineTransfer:
         if self._kind == "store":
             flags = np.full(len(self._keys), 1 if ok else 0, np.uint8)
             ix.complete_store(int(Tier.HOST), self._keys, flags)
+            if ok:
+                self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
         else:
             ix.complete_load(int(Tier.HOST), self._keys)
 
@@ -313,6 +315,7 @@ class BlockManager:
         ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
         self._check_layout(layout, len(ids), hashes)
         plan = self.prepare_store(hashes, parent=parent)
+        self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
         new_idx = np.flatnonzero(plan.slots >= 0)
         new = [bytes(hashes[i]) for i in new_idx]
         if len(new) == 0:
@@ -472,6 +475,23 @@ class BlockManager:
             verify_checksums=c.checksums,
             eviction=c.eviction_policy,
         )
+
+    def _write_through_from_host(self, keys: list[bytes]) -> None:
+        """With disk_write_policy write_through: queue host blocks ``keys`` for the disk tier.
+
+        Used by the engine path once an offload completes; the disk writes are asynchronous (the
+        bytes are copied out of the host slots first, so those may be evicted meanwhile).
+        """
+        disk = self._disk
+        if disk is None or self.config.disk_write_policy != "write_through" or not keys or self._arena is None:
+            return
+        slots = self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
+            self._arena.read(slots, staging)
+        finally:
+            self._index.complete_load(int(Tier.HOST), keys)
+        disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
 
     def _disk_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
         """Continue a lookup past the index's prefix: blocks on disk (or back in the index)."""

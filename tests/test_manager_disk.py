@@ -169,3 +169,32 @@ def test_engine_path_disk_to_host_to_engine_in_one_call(tmp_path: Path) -> None:
         assert m.stats()["host"]["pinned_blocks"] == 0
         assert m.stats()["disk"]["hits"] == 6
         m.index.validate()
+
+
+@pytest.mark.parametrize("policy", ["write_behind", "write_through"])
+def test_engine_offload_reaches_disk(tmp_path: Path, policy: str) -> None:
+    import kvbm
+    from kvbm.kv_layout import KvLayout
+
+    layers, nblocks, heads, bs, head = 2, 12, 2, 16, 64
+    rng = np.random.default_rng(12)
+    src = [rng.integers(0, 1 << 16, (nblocks, heads, bs, 2 * head), dtype=np.uint16) for _ in range(layers)]
+    layout = KvLayout.from_tensors(src, kind="vllm", dtype="float16")
+    hs = kvbm.block_hashes(np.arange(10 * bs), bs, kvbm.Namespace("m", "fp16", "NHD", bs))
+    cfg = KvbmConfig(
+        block_bytes=layout.block_bytes, host_capacity_bytes=layout.block_bytes * 4, host_pinned=False,
+        disk_path=str(tmp_path), disk_capacity_bytes=layout.block_bytes * 32, disk_durability="none",
+        disk_write_policy=policy,
+    )  # fmt: skip
+    with BlockManager(cfg) as m:
+        for i in range(10):  # one block per offload: the 4-slot host tier evicts as it goes
+            assert m.offload(layout, [i], hs[i : i + 1], parent=hs[i - 1] if i else None).wait(10)
+        m.disk.flush()
+        on_disk = [h for h in hs if m.disk.contains(h)]
+        assert len(on_disk) == (10 if policy == "write_through" else 6)
+        assert m.lookup(hs).num_hits == 10
+        dst = [np.zeros_like(x) for x in src]
+        dst_layout = KvLayout.from_tensors(dst, kind="vllm", dtype="float16")
+        assert m.onboard(dst_layout, [11, 10], hs[:2]).wait(10)  # from disk
+        for layer in range(layers):
+            assert np.array_equal(dst[layer][[11, 10]], src[layer][[0, 1]])
