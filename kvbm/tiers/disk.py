@@ -760,6 +760,13 @@ class DiskTier:
     ``capacity_bytes // slot_bytes`` slots; when full, the eviction policy picks victims.
     Not thread-safe beyond an internal lock around catalog updates: drive it from one thread.
 
+    Args: ``namespace`` is stored with every block and checked on load (another namespace is a
+    miss); ``io_threads`` IO worker threads; ``o_direct`` try O_DIRECT (falls back with a
+    RuntimeWarning where refused); ``durability`` "none" | "batch" | "always" (see the module
+    note); ``verify_checksums`` check CRC32C on every load; ``eviction`` a name from
+    ``kvbm.eviction_policies()``; ``slab_bytes`` slab file size for a new directory;
+    ``preallocate`` fallocate slabs at open (best effort).
+
     Raises ConfigError for a bad configuration (missing or unwritable directory, capacity below
     one slot, slot size not a multiple of 4096, unknown durability) and StorageIOError when
     another process holds the directory.
