@@ -32,6 +32,11 @@ class EvictionPolicy {
   virtual void insert(uint32_t id, int64_t parent) = 0;
   // The block in `id` was used (a lookup hit, a load).
   virtual void touch(uint32_t id) = 0;
+  // touch() each id in order. Policies override it to prefetch their metadata ahead, which
+  // is what keeps chain lookups fast once the index is far larger than the caches.
+  virtual void touch_many(const uint32_t* ids, size_t n) {
+    for (size_t i = 0; i < n; ++i) touch(ids[i]);
+  }
   // The block in `id` left the tier.
   virtual void remove(uint32_t id) = 0;
   // Pinned ids are never chosen as victims.

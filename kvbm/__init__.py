@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from kvbm._version import __version__
-from kvbm.errors import *  # noqa: F401,F403
-from kvbm.errors import KvbmError
 from kvbm import _native
+from kvbm._version import __version__
+from kvbm.errors import *
+from kvbm.errors import KvbmError
+from kvbm.hashing import Namespace, block_hashes
 
 
 def eviction_policies() -> list[str]:
@@ -28,17 +29,19 @@ def build_info() -> dict:
     }
 
 
-from kvbm.config import KvbmConfig  # noqa: E402
-from kvbm.manager import BlockManager, LookupResult, StorePlan, Tier  # noqa: E402
+from kvbm.config import KvbmConfig
+from kvbm.manager import BlockManager, LookupResult, StorePlan, Tier
 
 __all__ = [
-    "__version__",
-    "KvbmError",
-    "KvbmConfig",
     "BlockManager",
+    "KvbmConfig",
+    "KvbmError",
     "LookupResult",
+    "Namespace",
     "StorePlan",
     "Tier",
+    "__version__",
+    "block_hashes",
     "build_info",
     "eviction_policies",
 ]

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from kvbm.errors import ConfigError
 
@@ -29,7 +30,7 @@ _SIZE_UNITS = {
 }
 
 
-def parse_size(value: Union[int, str], key: str = "size") -> int:
+def parse_size(value: int | str, key: str = "size") -> int:
     """Parse a byte size (``1048576``, ``"1MiB"``, ``"1.5GB"``); raise ConfigError naming ``key``."""
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a byte size, got {value!r}")
@@ -76,13 +77,13 @@ class KvbmConfig:
     block_size: int = 16
     block_bytes: int = 0
     host_capacity_bytes: int = 1 << 30
-    host_pinned: Optional[bool] = None
+    host_pinned: bool | None = None
     eviction_policy: str = "lru"
     hash_algorithm: str = "sha256"
     checksums: bool = True
     index_initial_capacity: int = 1024
-    metrics_port: Optional[int] = None
-    disk_path: Optional[str] = None
+    metrics_port: int | None = None
+    disk_path: str | None = None
     disk_capacity_bytes: int = 0
     disk_write_policy: str = "write_behind"
     disk_durability: str = "batch"
@@ -100,7 +101,7 @@ class KvbmConfig:
         return [f.name for f in fields(cls) if not f.name.startswith("_")]
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "dict") -> "KvbmConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "dict") -> KvbmConfig:
         """Build from a mapping; unknown keys raise ConfigError naming them."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
@@ -114,7 +115,7 @@ class KvbmConfig:
         return cls(**dict(data), _source=source)
 
     @classmethod
-    def from_yaml(cls, path: Union[str, os.PathLike]) -> "KvbmConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> KvbmConfig:
         """Build from a YAML file holding a mapping of config keys."""
         import yaml
 
@@ -130,7 +131,7 @@ class KvbmConfig:
         return cls.from_dict(data, source=str(p))
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> "KvbmConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> KvbmConfig:
         """Build from ``KVBM_<FIELD>`` environment variables (e.g. ``KVBM_HOST_CAPACITY_BYTES=4GiB``).
 
         ``KVBM_CONFIG`` may name a YAML file applied first. Other ``KVBM_*`` variables that are
@@ -156,7 +157,7 @@ class KvbmConfig:
                 continue
             v = getattr(self, f.name)
             t = hints[f.name]
-            optional = get_origin(t) is Union and type(None) in get_args(t)
+            optional = get_origin(t) in (Union, types.UnionType) and type(None) in get_args(t)
             base = next((a for a in get_args(t) if a is not type(None)), t) if optional else t
             if v is None:
                 if optional:
@@ -185,9 +186,8 @@ class KvbmConfig:
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise ConfigError(f"{f.name}: expected an integer, got {v!r}")
                 setattr(self, f.name, v)
-            elif base is str:
-                if not isinstance(v, str):
-                    raise ConfigError(f"{f.name}: expected a string, got {v!r}")
+            elif base is str and not isinstance(v, str):
+                raise ConfigError(f"{f.name}: expected a string, got {v!r}")
 
     def validate(self) -> None:
         """Check every value; raise ConfigError naming the first bad key."""

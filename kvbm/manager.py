@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from kvbm import _native
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, InvalidArgumentError
 
-HashesLike = Union[Sequence[bytes], np.ndarray]
+HashesLike = Sequence[bytes] | np.ndarray
 
 
 class Tier(enum.IntEnum):
@@ -55,7 +56,7 @@ class LookupResult:
     num_hits: int
     tiers: np.ndarray
 
-    def tier_of(self, i: int) -> Optional[Tier]:
+    def tier_of(self, i: int) -> Tier | None:
         """The tier of block ``i``, or None past the hit prefix."""
         t = int(self.tiers[i])
         return None if t == NO_TIER else Tier(t)
@@ -74,7 +75,11 @@ class StorePlan:
 
     tier: Tier
     slots: np.ndarray
-    evicted: list[tuple[bytes, bytes, int, Optional[int]]]
+    evicted: list[tuple[bytes, bytes, int, int | None]]
+
+    def new_hashes(self, hashes: HashesLike) -> list[bytes]:
+        """The hashes that got a slot (the ones to write and then complete)."""
+        return [bytes(hashes[i]) for i in np.flatnonzero(self.slots >= 0)]
 
 
 class BlockManager:
@@ -95,9 +100,9 @@ class BlockManager:
 
     def __init__(
         self,
-        config: Optional[KvbmConfig] = None,
+        config: KvbmConfig | None = None,
         *,
-        block_bytes: Optional[int] = None,
+        block_bytes: int | None = None,
         allocate_memory: bool = True,
     ) -> None:
         self.config = config if config is not None else KvbmConfig()
@@ -115,7 +120,7 @@ class BlockManager:
         self.host_slots = int(num_slots)
         self._index = _native.BlockIndex(min(self.config.index_initial_capacity, 1 << 30))
         self._index.configure_tier(int(Tier.HOST), self.host_slots, bb, self.config.eviction_policy)
-        self._arena: Optional[_native.HostArena] = None
+        self._arena: _native.HostArena | None = None
         if allocate_memory:
             self._arena = _native.HostArena(self.host_slots, bb, self.config.host_pinned)
         self._lock = threading.Lock()
@@ -128,18 +133,20 @@ class BlockManager:
 
     # ---- properties ---------------------------------------------------------------------------
     @property
-    def index(self) -> "_native.BlockIndex":
+    def index(self) -> _native.BlockIndex:
         """The native block index (advanced use: tiers, tests)."""
         return self._index
 
     @property
-    def host_arena(self) -> "Optional[_native.HostArena]":
+    def host_arena(self) -> _native.HostArena | None:
         """The host tier's memory, or None for a bookkeeping-only manager."""
         return self._arena
 
-    def _need_arena(self) -> "_native.HostArena":
+    def _need_arena(self) -> _native.HostArena:
         if self._arena is None:
-            raise InvalidArgumentError("this BlockManager is bookkeeping-only (allocate_memory=False): it holds no bytes")
+            raise InvalidArgumentError(
+                "this BlockManager is bookkeeping-only (allocate_memory=False): it holds no bytes"
+            )
         return self._arena
 
     # ---- lookups ------------------------------------------------------------------------------
@@ -156,13 +163,13 @@ class BlockManager:
         """Like :meth:`lookup` but writes tiers into a caller-owned uint8 array (no allocation)."""
         return int(self._index.lookup_into(hashes, tiers_out))
 
-    def contains(self, block_hash: bytes) -> Optional[Tier]:
+    def contains(self, block_hash: bytes) -> Tier | None:
         """The fastest tier holding the block (no recency update), or None."""
         n, tiers = self._index.peek([block_hash])
         return Tier(int(tiers[0])) if n else None
 
     # ---- one-call store / load (host tier) ----------------------------------------------------
-    def store(self, hashes: HashesLike, data: Any, *, parent: Optional[bytes] = None) -> int:
+    def store(self, hashes: HashesLike, data: Any, *, parent: bytes | None = None) -> int:
         """Store a chain of blocks in the host tier; returns how many were newly stored.
 
         ``data`` holds one row of ``block_bytes`` per hash: a C-contiguous ``(n, block_bytes)``
@@ -176,15 +183,14 @@ class BlockManager:
         """
         arena = self._need_arena()
         plan = self.prepare_store(hashes, parent=parent)
-        ok = np.ones(len(plan.slots), dtype=np.uint8)
+        new = plan.new_hashes(hashes)
         try:
             arena.write(plan.slots, data)
         except BaseException:
-            ok[:] = 0
-            self._index.complete_store(int(Tier.HOST), hashes, ok)
+            self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
-        self._index.complete_store(int(Tier.HOST), hashes, ok)
-        return int((plan.slots >= 0).sum())
+        self._index.complete_store(int(Tier.HOST), new)
+        return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
         """Copy the given blocks from the host tier into ``out`` (same forms as ``store``'s data).
@@ -201,7 +207,7 @@ class BlockManager:
             self._index.complete_load(int(Tier.HOST), hashes)
 
     # ---- split-process primitives -------------------------------------------------------------
-    def prepare_store(self, hashes: HashesLike, *, parent: Optional[bytes] = None, tier: Tier = Tier.HOST) -> StorePlan:
+    def prepare_store(self, hashes: HashesLike, *, parent: bytes | None = None, tier: Tier = Tier.HOST) -> StorePlan:
         """Reserve slots (state Storing) for the blocks not yet present; see :class:`StorePlan`."""
         slots, evicted = self._index.prepare_store(int(tier), hashes, parent)
         return StorePlan(Tier(tier), slots, evicted)
@@ -209,8 +215,8 @@ class BlockManager:
     def complete_store(
         self,
         hashes: HashesLike,
-        ok: Optional[Any] = None,
-        checksums: Optional[Any] = None,
+        ok: Any | None = None,
+        checksums: Any | None = None,
         *,
         tier: Tier = Tier.HOST,
     ) -> None:
@@ -273,7 +279,7 @@ class BlockManager:
             self._metrics_server = None
         self._arena = None
 
-    def __enter__(self) -> "BlockManager":
+    def __enter__(self) -> BlockManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
