@@ -12,7 +12,8 @@
 // re-used, while a block re-used once is re-used again about half the time.
 //
 // Approach. Every present, unpinned slot sits on exactly one intrusive doubly-linked list
-// (arrays prev_/next_ with one sentinel per list, no allocation per operation):
+// (one 40-byte node per slot holding its links, stamp, tree links and class, plus one sentinel
+// node per list; nothing allocates after construction):
 //   - the orphan list: blocks whose parent left this tier (FIFO, evicted first);
 //   - leaf lists, one per frequency class (seen once / re-used once / re-used 2-7 times /
 //     re-used 8 times or more, "hot"): blocks with no cached child;
@@ -31,12 +32,13 @@
 // Weights were chosen on the Mooncake trace at 5/10/25% capacity; the landscape is flat near
 // them (1:2:3 or 1:2:4 for the first three classes gain a little at 5-10% but fall below LRU at
 // 25%; the hot class barely matters there and is what makes scans harmless).
-// Parent/child links are intrusive too (parent_, first_child_, next_sib_, prev_sib_), so
+// Parent/child links are intrusive too (parent, first_child, next_sib, prev_sib), so
 // remove(p) turns p's children into orphans in O(children): amortized O(1), since each link is
 // made once (at insert) and broken once. A parent whose last child leaves goes back to a leaf
 // list at the place its stamp says; that ordered insert looks at most kWalk nodes from each end
 // of the list and otherwise settles for the closest place found (an approximation: that block
-// may go a little early or late).
+// may go a little early or late). Chain lookups touch through touch_many, which prefetches the
+// nodes (and their list neighbours) a few ids ahead, as LRU does.
 //
 // Limits. The policy sees slot ids, not block hashes, so it keeps no ghost history of evicted
 // blocks (a slot is reused by unrelated blocks at once). Links are only known at insert: when
@@ -63,94 +65,96 @@ constexpr uint32_t kNone = 0xFFFFFFFFu;
 
 class PrefixFreqPolicy final : public EvictionPolicy {
  public:
-  explicit PrefixFreqPolicy(uint32_t capacity)
-      : cap_(capacity),
-        prev_(capacity + kNumLists),
-        next_(capacity + kNumLists),
-        ts_(capacity, 0),
-        parent_(capacity, kNone),
-        first_child_(capacity, kNone),
-        next_sib_(capacity, kNone),
-        prev_sib_(capacity, kNone),
-        list_(capacity, kAbsent),
-        freq_(capacity, 0),
-        orphan_(capacity, 0) {
-    for (uint32_t l = 0; l < kNumLists; ++l) prev_[cap_ + l] = next_[cap_ + l] = cap_ + l;
+  explicit PrefixFreqPolicy(uint32_t capacity) : cap_(capacity), n_(capacity + kNumLists) {
+    for (uint32_t l = 0; l < kNumLists; ++l) n_[cap_ + l].prev = n_[cap_ + l].next = cap_ + l;
   }
 
   const char* name() const override { return "prefix_freq"; }
 
   void insert(uint32_t id, int64_t parent) override {
-    ts_[id] = ++clock_;
-    freq_[id] = 0;
-    orphan_[id] = 0;
-    parent_[id] = first_child_[id] = next_sib_[id] = prev_sib_[id] = kNone;
+    n_[id].ts = ++clock_;
+    n_[id].freq = 0;
+    n_[id].orphan = 0;
+    n_[id].parent = n_[id].first_child = n_[id].next_sib = n_[id].prev_sib = kNone;
     ++size_;
-    if (parent >= 0 && parent < static_cast<int64_t>(cap_) && parent != id && list_[parent] != kAbsent) {
+    if (parent >= 0 && parent < static_cast<int64_t>(cap_) && parent != id && n_[parent].list != kAbsent) {
       const uint32_t p = static_cast<uint32_t>(parent);
-      const bool was_leaf = first_child_[p] == kNone;
-      parent_[id] = p;
-      next_sib_[id] = first_child_[p];
-      if (first_child_[p] != kNone) prev_sib_[first_child_[p]] = id;
-      first_child_[p] = id;
+      const bool was_leaf = n_[p].first_child == kNone;
+      n_[id].parent = p;
+      n_[id].next_sib = n_[p].first_child;
+      if (n_[p].first_child != kNone) n_[n_[p].first_child].prev_sib = id;
+      n_[p].first_child = id;
       if (was_leaf && is_linked(p)) {  // leaf -> interior, same recency
         unlink(p);
         link_ordered(p);
       }
     }
-    list_[id] = home_list(id);
-    push_head(id, list_[id]);
+    n_[id].list = home_list(id);
+    push_head(id, n_[id].list);
   }
 
   void touch(uint32_t id) override {
-    ts_[id] = ++clock_;
-    if (freq_[id] != 0xFF) ++freq_[id];
+    n_[id].ts = ++clock_;
+    if (n_[id].freq != 0xFF) ++n_[id].freq;
     if (!is_linked(id)) return;  // pinned: relinked on unpin
     unlink(id);
-    list_[id] = home_list(id);
-    push_head(id, list_[id]);
+    n_[id].list = home_list(id);
+    push_head(id, n_[id].list);
+  }
+
+  void touch_many(const uint32_t* ids, size_t n) override {
+    constexpr size_t kAhead = 8;
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) __builtin_prefetch(&n_[ids[i + kAhead]], 1, 1);
+      if (i + kAhead / 2 < n) {  // neighbours of a node a few steps ahead (in cache by now)
+        const Node& x = n_[ids[i + kAhead / 2]];
+        __builtin_prefetch(&n_[x.prev], 1, 1);
+        __builtin_prefetch(&n_[x.next], 1, 1);
+      }
+      touch(ids[i]);
+    }
   }
 
   void remove(uint32_t id) override {
-    if (list_[id] == kAbsent) return;
+    if (n_[id].list == kAbsent) return;
     if (is_linked(id)) unlink(id);
-    list_[id] = kAbsent;
+    n_[id].list = kAbsent;
     --size_;
     // Detach from the parent; a parent left without children becomes a leaf again.
-    const uint32_t p = parent_[id];
+    const uint32_t p = n_[id].parent;
     if (p != kNone) {
-      if (prev_sib_[id] != kNone) next_sib_[prev_sib_[id]] = next_sib_[id];
-      else first_child_[p] = next_sib_[id];
-      if (next_sib_[id] != kNone) prev_sib_[next_sib_[id]] = prev_sib_[id];
-      if (first_child_[p] == kNone && is_linked(p)) {
+      if (n_[id].prev_sib != kNone) n_[n_[id].prev_sib].next_sib = n_[id].next_sib;
+      else n_[p].first_child = n_[id].next_sib;
+      if (n_[id].next_sib != kNone) n_[n_[id].next_sib].prev_sib = n_[id].prev_sib;
+      if (n_[p].first_child == kNone && is_linked(p)) {
         unlink(p);
         link_ordered(p);
       }
     }
     // Children become orphans: their prefix is broken.
-    for (uint32_t c = first_child_[id]; c != kNone;) {
-      const uint32_t nxt = next_sib_[c];
-      parent_[c] = next_sib_[c] = prev_sib_[c] = kNone;
-      orphan_[c] = 1;
+    for (uint32_t c = n_[id].first_child; c != kNone;) {
+      const uint32_t nxt = n_[c].next_sib;
+      n_[c].parent = n_[c].next_sib = n_[c].prev_sib = kNone;
+      n_[c].orphan = 1;
       if (is_linked(c)) {
         unlink(c);
-        list_[c] = kOrphans;
+        n_[c].list = kOrphans;
         push_head(c, kOrphans);
       }
       c = nxt;
     }
-    parent_[id] = first_child_[id] = next_sib_[id] = prev_sib_[id] = kNone;
+    n_[id].parent = n_[id].first_child = n_[id].next_sib = n_[id].prev_sib = kNone;
   }
 
   void set_pinned(uint32_t id, bool pinned) override {
-    if (list_[id] == kAbsent) return;
+    if (n_[id].list == kAbsent) return;
     if (pinned && is_linked(id)) {
       unlink(id);
-      list_[id] = kPinned;
-    } else if (!pinned && list_[id] == kPinned) {
-      ts_[id] = ++clock_;
-      list_[id] = home_list(id);
-      push_head(id, list_[id]);
+      n_[id].list = kPinned;
+    } else if (!pinned && n_[id].list == kPinned) {
+      n_[id].ts = ++clock_;
+      n_[id].list = home_list(id);
+      push_head(id, n_[id].list);
     }
   }
 
@@ -163,7 +167,7 @@ class PrefixFreqPolicy final : public EvictionPolicy {
         const uint8_t l = first + c;
         if (empty(l)) continue;
         const uint32_t t = tail(l);
-        const uint64_t score = (clock_ - ts_[t]) * kAgeMultiplier[c];
+        const uint64_t score = (clock_ - n_[t].ts) * kAgeMultiplier[c];
         if (best < 0 || score > best_score) {
           best = t;
           best_score = score;
@@ -176,11 +180,7 @@ class PrefixFreqPolicy final : public EvictionPolicy {
 
   size_t size() const override { return size_; }
 
-  size_t memory_bytes() const override {
-    return (prev_.capacity() + next_.capacity() + parent_.capacity() + first_child_.capacity() +
-            next_sib_.capacity() + prev_sib_.capacity()) * 4 +
-           ts_.capacity() * 8 + list_.capacity() + freq_.capacity() + orphan_.capacity();
-  }
+  size_t memory_bytes() const override { return n_.capacity() * sizeof(Node); }
 
  private:
   // List ids; the sentinel of list l is node cap_ + l.
@@ -196,47 +196,47 @@ class PrefixFreqPolicy final : public EvictionPolicy {
   // Class weights 1 : 1.5 : 2 : 8 as integer multipliers of age (24/1, 24/1.5, 24/2, 24/8).
   static constexpr uint64_t kAgeMultiplier[kClasses] = {24, 16, 12, 3};
 
-  bool is_linked(uint32_t id) const { return list_[id] < kNumLists; }
-  bool empty(uint8_t l) const { return next_[cap_ + l] == cap_ + l; }
-  uint32_t tail(uint8_t l) const { return prev_[cap_ + l]; }
+  bool is_linked(uint32_t id) const { return n_[id].list < kNumLists; }
+  bool empty(uint8_t l) const { return n_[cap_ + l].next == cap_ + l; }
+  uint32_t tail(uint8_t l) const { return n_[cap_ + l].prev; }
 
   uint8_t home_list(uint32_t id) const {
-    if (orphan_[id]) return kOrphans;
-    const uint8_t f = freq_[id];
+    if (n_[id].orphan) return kOrphans;
+    const uint8_t f = n_[id].freq;
     const uint8_t c = f == 0 ? 0 : f == 1 ? 1 : f < kHotUses ? 2 : 3;
-    return (first_child_[id] == kNone ? kLeaf0 : kInner0) + c;
+    return (n_[id].first_child == kNone ? kLeaf0 : kInner0) + c;
   }
 
   void push_head(uint32_t id, uint8_t l) { insert_after(id, cap_ + l); }
 
   // Place id right after node `at` (toward the tail).
   void insert_after(uint32_t id, uint32_t at) {
-    const uint32_t n = next_[at];
-    prev_[id] = at;
-    next_[id] = n;
-    prev_[n] = id;
-    next_[at] = id;
+    const uint32_t n = n_[at].next;
+    n_[id].prev = at;
+    n_[id].next = n;
+    n_[n].prev = id;
+    n_[at].next = id;
   }
 
   void unlink(uint32_t id) {
-    next_[prev_[id]] = next_[id];
-    prev_[next_[id]] = prev_[id];
+    n_[n_[id].prev].next = n_[id].next;
+    n_[n_[id].next].prev = n_[id].prev;
   }
 
   // Link id into its home list at the place its stamp says (head = newest), looking at most
   // kWalk nodes from each end; see the note for the approximation.
   void link_ordered(uint32_t id) {
     const uint8_t l = home_list(id);
-    list_[id] = l;
+    n_[id].list = l;
     const uint32_t s = cap_ + l;
     if (l == kOrphans) {
       push_head(id, l);
       return;
     }
     // From the tail (oldest): stop at the first node newer than id; id goes on its tail side.
-    uint32_t n = prev_[s];
-    for (int k = 0; k < kWalk && n != s; ++k, n = prev_[n]) {
-      if (ts_[n] > ts_[id]) {
+    uint32_t n = n_[s].prev;
+    for (int k = 0; k < kWalk && n != s; ++k, n = n_[n].prev) {
+      if (n_[n].ts > n_[id].ts) {
         insert_after(id, n);
         return;
       }
@@ -247,21 +247,29 @@ class PrefixFreqPolicy final : public EvictionPolicy {
     }
     const uint32_t fallback = n;
     // From the head (newest): stop at the first node not newer than id; id goes before it.
-    uint32_t m = next_[s];
-    for (int k = 0; k < kWalk && m != s; ++k, m = next_[m]) {
-      if (ts_[m] <= ts_[id]) {
-        insert_after(id, prev_[m]);
+    uint32_t m = n_[s].next;
+    for (int k = 0; k < kWalk && m != s; ++k, m = n_[m].next) {
+      if (n_[m].ts <= n_[id].ts) {
+        insert_after(id, n_[m].prev);
         return;
       }
     }
     insert_after(id, fallback);
   }
 
+  // Everything about one slot side by side: a touch reads one node and its two neighbours.
+  struct Node {
+    uint32_t prev = 0, next = 0;  // recency list
+    uint64_t ts = 0;              // logical clock of the last access
+    uint32_t parent = kNone, first_child = kNone, next_sib = kNone, prev_sib = kNone;
+    uint8_t list = kAbsent;  // list id, kPinned or kAbsent
+    uint8_t freq = 0;        // re-uses, saturating
+    uint8_t orphan = 0;
+  };
+  static_assert(sizeof(Node) == 40, "Node layout changed");
+
   uint32_t cap_;
-  std::vector<uint32_t> prev_, next_;
-  std::vector<uint64_t> ts_;
-  std::vector<uint32_t> parent_, first_child_, next_sib_, prev_sib_;
-  std::vector<uint8_t> list_, freq_, orphan_;
+  std::vector<Node> n_;  // cap_ slots, then one sentinel per list
   uint64_t clock_ = 0;
   size_t size_ = 0;
 };
