@@ -7,7 +7,7 @@ import pytest
 
 import kvbm
 from kvbm import _native
-from kvbm.errors import InvalidArgumentError, OutOfRangeError, StateError
+from kvbm.errors import CapacityError, InvalidArgumentError, OutOfRangeError, StateError
 
 HOST = 1
 POLICIES = ["lru", "prefix_freq"]
@@ -127,6 +127,17 @@ def test_lru_order() -> None:
     p.set_pinned(2, True)
     p.set_pinned(2, False)  # unpin relinks as most recent
     assert drain(p) == [3, 4, 1, 0, 2]
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_refused_store_leaves_eviction_order_alone(name: str) -> None:
+    ix = make_index(2, name)
+    store(ix, [0])
+    store(ix, [1])
+    with pytest.raises(CapacityError):
+        ix.prepare_store(HOST, [k(0), k(2), k(3)])  # needs 2 slots, only block 1 is evictable
+    ix.validate()
+    assert ix.evict(HOST, 1)[0][0] == k(0)  # still the older one: the refused store touched nothing
 
 
 def test_lru_index_evicts_least_recent_root_first() -> None:
