@@ -82,6 +82,60 @@ class StorePlan:
         return [bytes(hashes[i]) for i in np.flatnonzero(self.slots >= 0)]
 
 
+class EngineTransfer:
+    """An offload or onboard in flight; finishing it (``wait``/``poll``) publishes the stored
+    blocks or unpins the loaded ones. Exactly once, whatever the outcome."""
+
+    def __init__(self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str) -> None:
+        self._manager = manager
+        self._handle = handle
+        self._keys = keys
+        self._kind = kind
+        self._done = handle is None
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks this transfer moves (skipped, already-cached blocks not counted)."""
+        return len(self._keys)
+
+    def _finish(self, ok: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        ix = self._manager.index
+        if self._kind == "store":
+            flags = np.full(len(self._keys), 1 if ok else 0, np.uint8)
+            ix.complete_store(int(Tier.HOST), self._keys, flags)
+        else:
+            ix.complete_load(int(Tier.HOST), self._keys)
+
+    def poll(self) -> bool:
+        """True once finished; raises the copy's error (after releasing the blocks)."""
+        if self._done:
+            return True
+        try:
+            done = self._handle.poll()
+        except BaseException:
+            self._finish(False)
+            raise
+        if done:
+            self._finish(True)
+        return done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` s (None: forever); True when finished. Raises the copy's error."""
+        if self._done:
+            return True
+        try:
+            done = self._handle.wait(timeout)
+        except BaseException:
+            self._finish(False)
+            raise
+        if done:
+            self._finish(True)
+        return done
+
+
 class BlockManager:
     """Keeps KV blocks across tiers with prefix-hash reuse and eviction.
 
@@ -205,6 +259,69 @@ class BlockManager:
             arena.read(slots, out)
         finally:
             self._index.complete_load(int(Tier.HOST), hashes)
+
+    # ---- engine path: paged KV <-> host slots (CUDA kernels or the host memcpy path) ----------
+    def offload(
+        self,
+        layout: Any,
+        block_ids: Sequence[int] | np.ndarray,
+        hashes: HashesLike,
+        *,
+        parent: bytes | None = None,
+        stream: Any = None,
+    ) -> EngineTransfer:
+        """Copy engine blocks ``block_ids`` (a :class:`kvbm.kv_layout.KvLayout`) into host slots
+        as the chain ``hashes``; returns a handle. Blocks already cached are skipped. The
+        blocks become visible to lookups when the handle completes (``wait``/``poll``); a
+        failed copy drops them. ``layout.block_bytes`` must equal this manager's block_bytes.
+        """
+        from kvbm import copy as kvcopy
+
+        arena = self._need_arena()
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        self._check_layout(layout, len(ids), hashes)
+        plan = self.prepare_store(hashes, parent=parent)
+        new_idx = np.flatnonzero(plan.slots >= 0)
+        new = [bytes(hashes[i]) for i in new_idx]
+        if len(new) == 0:
+            return EngineTransfer(self, None, [], "store")
+        try:
+            addrs = arena.addresses(plan.slots[new_idx])
+            handle = kvcopy.gather(layout, ids[new_idx], addrs, stream, slot_bytes=self.block_bytes)
+        except BaseException:
+            self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        return EngineTransfer(self, handle, new, "store")
+
+    def onboard(
+        self, layout: Any, block_ids: Sequence[int] | np.ndarray, hashes: HashesLike, *, stream: Any = None
+    ) -> EngineTransfer:
+        """Copy cached host blocks ``hashes`` into engine blocks ``block_ids``; returns a handle.
+        The host slots stay pinned (never evicted) until the handle completes.
+
+        Raises BlockNotFoundError when a block is not in the host tier (nothing is copied).
+        """
+        from kvbm import copy as kvcopy
+
+        arena = self._need_arena()
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        self._check_layout(layout, len(ids), hashes)
+        keys = [bytes(h) for h in hashes]
+        slots = self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            handle = kvcopy.scatter(layout, ids, arena.addresses(slots), stream, slot_bytes=self.block_bytes)
+        except BaseException:
+            self._index.complete_load(int(Tier.HOST), keys)
+            raise
+        return EngineTransfer(self, handle, keys, "load")
+
+    def _check_layout(self, layout: Any, n_ids: int, hashes: HashesLike) -> None:
+        if layout.block_bytes != self.block_bytes:
+            raise InvalidArgumentError(
+                f"layout.block_bytes is {layout.block_bytes} but this manager's block_bytes is {self.block_bytes}"
+            )
+        if n_ids != len(hashes):
+            raise InvalidArgumentError(f"{n_ids} block ids for {len(hashes)} hashes")
 
     # ---- split-process primitives -------------------------------------------------------------
     def prepare_store(self, hashes: HashesLike, *, parent: bytes | None = None, tier: Tier = Tier.HOST) -> StorePlan:
