@@ -432,7 +432,7 @@ class TransferEngine:
             while self._server is srv:
                 try:
                     conn, _ = srv.accept()
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     continue
                 except OSError:
                     return

@@ -102,7 +102,8 @@ def _run_block_sets(eng: TransferEngine, peer_proc: PeerProc, rounds: int, rng: 
             src_ids = rng.choice(nblocks, n, replace=False)
             dst_ids = rng.choice(nblocks, n, replace=False)
             src[:] = rng.integers(0, 256, size, dtype=np.uint8)
-            h = peer.put_blocks(rs.addr, src_ids, remote.addr, dst_ids, block, notify=f"digest 0 {size} r{rnd}".encode())
+            note = f"digest 0 {size} r{rnd}".encode()
+            h = peer.put_blocks(rs.addr, src_ids, remote.addr, dst_ids, block, notify=note)
             h.wait(20)
             assert h.nbytes == n * block and h.count == n
             for s, d in zip(src_ids, dst_ids):
@@ -239,3 +240,64 @@ def test_unavailable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_build_reports_ucx() -> None:
     assert kvbm.build_info()["ucx_compiled"] is True
+
+
+# ---- GPU memory (cuda_ipc between two processes on one GPU; GPU -> another process's host) ----
+GPU_TLS = "cuda_ipc,cuda_copy,sm,tcp"
+
+
+def _cuda_peer(name: str, size: int, seed: int, cuda: bool) -> PeerProc:
+    p = PeerProc.__new__(PeerProc)
+    env = _env()
+    env["UCX_TLS"] = GPU_TLS
+    args = [sys.executable, PEER, "--name", name, "--transports", GPU_TLS, "--error-handling", "0", "--size",
+            str(size), "--seed", str(seed)] + (["--cuda"] if cuda else [])
+    p.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    line = p.proc.stdout.readline()
+    assert line.startswith("PORT "), f"peer did not start: {line!r}"
+    p.port = int(line.split()[1])
+    p.mirror = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8)
+    return p
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("remote_cuda", [True, False], ids=["gpu_to_gpu_cuda_ipc", "gpu_to_remote_host"])
+@pytest.mark.parametrize("progress", ["thread", "caller"])
+def test_gpu_memory_two_processes(remote_cuda: bool, progress: str) -> None:
+    torch = pytest.importorskip("torch")
+    size = 8 << 20
+    peer_proc = _cuda_peer("gpu-server", size, seed=21, cuda=remote_cuda)
+    try:
+        with TransferEngine("gpu-client", transports=GPU_TLS, net_devices="lo", error_handling=False,
+                            progress=progress) as eng:
+            gen = torch.Generator(device="cuda").manual_seed(5)
+            src = torch.randint(0, 256, (size,), dtype=torch.uint8, device="cuda", generator=gen)
+            back = torch.zeros(size, dtype=torch.uint8, device="cuda")
+            rs = eng.register(src.data_ptr(), size, memory="cuda")
+            rb = eng.register(back.data_ptr(), size, memory="cuda")
+            torch.cuda.synchronize()
+            peer = eng.connect("127.0.0.1", peer_proc.port)
+            (remote,) = peer.remote_regions
+            assert remote.memory == ("cuda" if remote_cuda else "host")
+            rng = np.random.default_rng(9)
+            src_np = src.cpu().numpy()
+            for rnd in range(4):
+                block = int(rng.choice([4096, 65536, 1 << 20]))
+                nb = size // block
+                n = int(rng.integers(1, nb + 1))
+                s_ids, d_ids = rng.choice(nb, n, replace=False), rng.choice(nb, n, replace=False)
+                peer.put_blocks(rs.addr, s_ids, remote.addr, d_ids, block,
+                                notify=f"digest 0 {size} g{rnd}".encode()).wait(30)
+                for s, d in zip(s_ids, d_ids):
+                    peer_proc.mirror[d * block : (d + 1) * block] = src_np[s * block : (s + 1) * block]
+                assert peer_proc.digest(f"g{rnd}") == hashlib.sha256(peer_proc.mirror.tobytes()).hexdigest()
+                back.zero_()
+                torch.cuda.synchronize()
+                peer.get_blocks(rb.addr, d_ids, remote.addr, d_ids, block).wait(30)
+                got = back.cpu().numpy()
+                for d in d_ids:
+                    sl = slice(d * block, (d + 1) * block)
+                    assert np.array_equal(got[sl], peer_proc.mirror[sl])
+            peer.close()
+    finally:
+        peer_proc.stop()

@@ -73,12 +73,21 @@ Status Request::wait(double timeout_s) {
   std::shared_ptr<Engine> eng = engine_.lock();
   if (eng && !eng->options().progress_thread) {
     // Caller-driven progress: this thread runs the worker until the request is done.
+    auto last_event = Clock::now();
+    const auto spin = std::chrono::microseconds(eng->options().spin_us);
     while (!done()) {
       if (eng->closed()) break;
-      eng->progress();
-      if (!done() && Clock::now() >= deadline)
+      auto now = Clock::now();
+      if (eng->progress() > 0) last_event = now;
+      if (done()) break;
+      if (now >= deadline)
         return Timeout("transfer not complete after " + std::to_string(timeout_s) + " s (" +
                        std::to_string(count_) + " operations, " + std::to_string(bytes_) + " bytes)");
+      if (now - last_event >= spin) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
+        eng->sleep_on_worker(static_cast<int>(std::min<int64_t>(100, std::max<int64_t>(1, left))));
+        last_event = Clock::now();
+      }
     }
   }
   eng.reset();
@@ -190,7 +199,10 @@ void Engine::wake() {
 }
 
 void Engine::thread_main() {
-  auto last_activity = Clock::now();
+  // Spin while there was an event in the last spin_us; otherwise arm the worker and sleep on its
+  // event fd (plus our wake fd, written by submitters that find the thread asleep). On a few shared
+  // cores spinning steals the CPU the peer needs; measured in docs/transfer.md.
+  auto last_event = Clock::now();
   const auto spin = std::chrono::microseconds(opts_.spin_us);
   while (!stop_.load()) {
     if (lock_waiters_.load(std::memory_order_relaxed) > 0) std::this_thread::yield();
@@ -200,30 +212,39 @@ void Engine::thread_main() {
       n = progress_locked();
     }
     auto now = Clock::now();
-    if (n > 0 || inflight_.load() > 0) {
-      last_activity = now;
+    if (n > 0) {
+      last_event = now;
       continue;
     }
-    if (now - last_activity < spin) continue;
-    ucs_status_t armed;
-    {
-      std::lock_guard<std::recursive_mutex> lock(mu_);
-      if (!orphans_.empty() || !closing_.empty() || !deferred_notify_.empty()) continue;
-      armed = U().ucp_worker_arm(worker_);
-    }
-    if (armed == UCS_ERR_BUSY) continue;
-    sleeping_.store(true);
-    if (inflight_.load() == 0 && !stop_.load()) {
-      epoll_event evs[2];
-      // Wake at least every 100 ms: keeps keepalive and peer-failure detection going.
-      epoll_wait(epoll_fd_, evs, 2, 100);
-    }
-    sleeping_.store(false);
-    uint64_t drain;
-    while (::read(wake_fd_, &drain, sizeof(drain)) > 0) {
-    }
-    last_activity = Clock::now();
+    if (now - last_event < spin) continue;
+    if (!sleep_on_worker(100)) continue;
+    last_event = Clock::now();
   }
+}
+
+bool Engine::sleep_on_worker(int max_ms) {
+  {
+    std::lock_guard<std::recursive_mutex> lock(mu_);
+    if (closed_.load() && !worker_) return false;
+    if (!orphans_.empty() || !closing_.empty() || !deferred_notify_.empty()) return false;
+    // sleeping_ is set before arming, under the lock: a submitter that posts after this point
+    // sees it and writes the wake fd, so no posted operation waits for the timeout.
+    sleeping_.store(true);
+    if (U().ucp_worker_arm(worker_) == UCS_ERR_BUSY) {
+      sleeping_.store(false);
+      return false;
+    }
+  }
+  if (!stop_.load()) {
+    epoll_event evs[2];
+    // A bounded sleep keeps keepalive and peer-failure detection going on an idle engine.
+    epoll_wait(epoll_fd_, evs, 2, max_ms);
+  }
+  sleeping_.store(false);
+  uint64_t drain;
+  while (::read(wake_fd_, &drain, sizeof(drain)) > 0) {
+  }
+  return true;
 }
 
 unsigned Engine::progress() {

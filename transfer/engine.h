@@ -4,9 +4,9 @@
 // * One UCP context and one worker per Engine. All worker calls happen under Engine::mu_ (the
 //   worker runs in UCS_THREAD_MODE_SERIALIZED). Progress is driven either by an engine thread
 //   (default) or by the callers' own wait()/progress() calls.
-//   The thread spins ucp_worker_progress while requests are outstanding (and `spin_us` after
-//   the last activity), then arms the worker and sleeps on its event fd, so an idle serving
-//   process costs no CPU yet still answers tcp-emulated RMA and keepalives.
+//   The thread spins ucp_worker_progress for `spin_us` after the last event, then arms the
+//   worker and sleeps on its event fd, so an idle serving process costs no CPU yet still
+//   answers tcp-emulated RMA and keepalives. Callers in caller mode wait the same way.
 // * Memory is registered with ucp_mem_map (host or CUDA); its packed rkey and the worker
 //   address are plain bytes: the Python control plane exchanges them over any channel.
 // * A transfer is one native call over arrays of (local address, remote address, length): each
@@ -182,6 +182,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   explicit Engine(EngineOptions o) : opts_(std::move(o)) {}
   Status init();
   void thread_main();
+  // Arms the worker and waits on its event fd (or the wake fd) up to max_ms; false if it could not arm.
+  bool sleep_on_worker(int max_ms);
   unsigned progress_locked();  // mu_ held: progress + deferred work
   void wake();
   // Takes the result of a *_nbx call made for `r`: finishes r now or tracks the UCX request.
