@@ -217,6 +217,16 @@ def test_in_process_pair_errors_and_notifications() -> None:
         (note,) = b.notifications()
         assert note.sender == "a" and note.message == b"done-1"
         assert np.array_equal(x, y)
+        # Runs of consecutive blocks (merged into one operation natively) mixed with scattered ones.
+        blk = 1024
+        src_ids, dst_ids = [0, 1, 2, 5, 6, 9, 3, 4], [10, 11, 12, 20, 21, 30, 13, 40]
+        x[:] = np.random.default_rng(0).integers(0, 256, x.size, dtype=np.uint8)
+        y[:] = 0
+        peer.put_blocks(rx.addr, src_ids, ry.addr, dst_ids, blk).wait(5)
+        want = np.zeros_like(y)
+        for s_, d_ in zip(src_ids, dst_ids):
+            want[d_ * blk : (d_ + 1) * blk] = x[s_ * blk : (s_ + 1) * blk]
+        assert np.array_equal(y, want)
         peer.flush().wait(5)
         peer.notify(b"ping").wait(5)
         assert b.wait_notification(5) and b.notifications()[0].message == b"ping"

@@ -694,14 +694,23 @@ StatusOr<std::shared_ptr<Request>> Endpoint::transfer(Op op, const uint64_t* loc
   req->bytes_ = total;
   ucp_request_param_t p;
   std::memset(&p, 0, sizeof(p));
-  for (size_t i = 0; i < n; ++i) {
-    uint64_t len = lengths[n_lengths == 1 ? 0 : i];
+  // Entries that continue the previous one on both sides (same registrations) become one
+  // operation: runs of consecutive block ids cost one put instead of one per block.
+  size_t i = 0;
+  while (i < n) {
+    uint64_t lo = local[i], ro = remote[i], len = lengths[n_lengths == 1 ? 0 : i];
+    size_t j = i + 1;
+    while (j < n && local[j] == lo + len && remote[j] == ro + len && items[j].memh == items[i].memh &&
+           items[j].rkey == items[i].rkey) {
+      len += lengths[n_lengths == 1 ? 0 : j];
+      ++j;
+    }
     p.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;
     p.memh = items[i].memh;
     ucs_status_ptr_t sp =
-        op == Op::kPut
-            ? U().ucp_put_nbx(ep_, reinterpret_cast<void*>(local[i]), len, remote[i], items[i].rkey, &p)
-            : U().ucp_get_nbx(ep_, reinterpret_cast<void*>(local[i]), len, remote[i], items[i].rkey, &p);
+        op == Op::kPut ? U().ucp_put_nbx(ep_, reinterpret_cast<void*>(lo), len, ro, items[i].rkey, &p)
+                       : U().ucp_get_nbx(ep_, reinterpret_cast<void*>(lo), len, ro, items[i].rkey, &p);
+    i = j;
     if (sp == nullptr) continue;
     if (UCS_PTR_IS_ERR(sp)) {
       if (failed_.load()) return failure_;
