@@ -163,7 +163,7 @@ def test_buffered_io_when_o_direct_off(tmp_path: Path) -> None:
 
 
 def test_lru_eviction_and_capacity(tmp_path: Path) -> None:
-    with tier(tmp_path, slots=8) as t:
+    with tier(tmp_path, slots=8, eviction="lru") as t:
         assert t.put(list(range(8)), [content(k) for k in range(8)]) == [True] * 8
         assert load_one(t, 0) is not None and load_one(t, 1) is not None  # 0, 1 recently used
         assert t.put([8, 9], [content(8), content(9)]) == [True, True]
@@ -172,7 +172,7 @@ def test_lru_eviction_and_capacity(tmp_path: Path) -> None:
         assert t.stats()["evictions"] == 2
         for k in (0, 1, 4, 5, 6, 7, 8, 9):
             assert np.array_equal(load_one(t, k), content(k))
-    with tier(tmp_path, slots=8) as t:  # the catalog agrees after a restart
+    with tier(tmp_path, slots=8, eviction="lru") as t:  # the catalog agrees after a restart
         assert sorted(int.from_bytes(k, "big") for k in t) == [0, 1, 4, 5, 6, 7, 8, 9]
         assert t.stats()["totals"]["evictions"] == 2
 

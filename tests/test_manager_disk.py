@@ -40,8 +40,9 @@ def test_write_behind_lookup_and_onboard(tmp_path: Path) -> None:
         m.disk.flush()
         r = m.lookup(hs)
         assert r.num_hits == 10
-        assert [r.tier_of(i) for i in range(10)] == [Tier.DISK] * 6 + [Tier.HOST] * 4
-        assert m.contains(hs[0]) == Tier.DISK
+        tiers = [r.tier_of(i) for i in range(10)]
+        assert tiers.count(Tier.DISK) == 6 and tiers.count(Tier.HOST) == 4  # which 6: the policy's choice
+        assert m.contains(hs[tiers.index(Tier.DISK)]) == Tier.DISK
         out = np.zeros((10, BB), np.uint8)
         m.load(hs, out)  # disk -> host -> out in one call
         assert np.array_equal(out, data)

@@ -202,7 +202,7 @@ class DiskCatalog:
         num_slots: int,
         slab_bytes: int = 1 << 30,
         durability: str = "batch",
-        eviction: str = "lru",
+        eviction: str | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if durability not in DURABILITY:
@@ -292,7 +292,7 @@ class DiskCatalog:
         self._dirty: set[int] = set()  # access/hits changed since the last txn
         from kvbm import _native
 
-        self._policy = _native.EvictionPolicy(eviction, n)
+        self._policy = _native.EvictionPolicy(eviction or _native.eviction_policy_names()[0], n)
         t0 = time.perf_counter()
         self._rebuild()
         self.rebuild_seconds = time.perf_counter() - t0
@@ -764,7 +764,7 @@ class DiskTier:
     miss); ``io_threads`` IO worker threads; ``o_direct`` try O_DIRECT (falls back with a
     RuntimeWarning where refused); ``durability`` "none" | "batch" | "always" (see the module
     note); ``verify_checksums`` check CRC32C on every load; ``eviction`` a name from
-    ``kvbm.eviction_policies()``; ``slab_bytes`` slab file size for a new directory;
+    ``kvbm.eviction_policies()`` (None: the default, its first); ``slab_bytes`` slab file size for a new directory;
     ``preallocate`` fallocate slabs at open (best effort).
 
     Raises ConfigError for a bad configuration (missing or unwritable directory, capacity below
@@ -783,7 +783,7 @@ class DiskTier:
         o_direct: bool = True,
         durability: str = "batch",
         verify_checksums: bool = True,
-        eviction: str = "lru",
+        eviction: str | None = None,
         slab_bytes: int = 1 << 30,
         preallocate: bool = True,
     ) -> None:
