@@ -1,4 +1,4 @@
-"""A load client for ``kvbm serve`` (run as a process): mixed put/get/lookup, every byte checked.
+"""A load client for a remote tier (kvbm serve or Redis; run as a process): mixed ops, every byte checked.
 
 Blocks come from a pool shared by all clients; a block's bytes are a function of its hash, so any
 client can check any block it reads. With a server large enough to never evict, a block whose
@@ -36,34 +36,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=2000)
     p.add_argument("--block-bytes", type=int, default=4096)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--namespace", default="load")
+    p.add_argument("--namespace", default="load", help="tenant name (the block size is appended)")
     p.add_argument("--seconds", type=float, default=120.0, help="stop early after this long")
+    p.add_argument("--start-at", type=float, default=0.0, help="wait until this time.time() before the first op")
     a = p.parse_args(argv)
-    from kvbm.tiers.serve_client import ServeClientTier
+    from kvbm.tiers import open_remote_tier
 
     token = os.environ.get("KVBM_SERVE_TOKEN")
     rng = np.random.default_rng(1000 + a.client)
     hashes = [block_hash(i) for i in range(a.pool)]
-    data = {}
-    t = ServeClientTier(a.url, block_bytes=a.block_bytes, namespace=a.namespace, token=token, timeout_s=10,
-                        connections=1)
+    data = {i: block_data(h, a.block_bytes) for i, h in enumerate(hashes)}
+    extra = {"connections": 1} if a.url.startswith("kvbm:") else {}
+    t = open_remote_tier(a.url, block_bytes=a.block_bytes, namespace=f"{a.namespace}-{a.block_bytes}", token=token,
+                         timeout_s=10, **extra)
+    put_kw = {"chain": False} if a.url.startswith("kvbm:") else {}
     stored: set[int] = set()
     res = {"client": a.client, "ops": 0, "errors": 0, "wrong": 0, "lost": 0, "put_blocks": 0, "get_blocks": 0,
            "lat_us": {"put": [], "get": [], "lookup": []}}
+    if a.start_at:
+        time.sleep(max(0.0, min(60.0, a.start_at - time.time())))
     deadline = time.monotonic() + a.seconds
+    res["t_start"] = time.time()
     for _ in range(a.ops):
         if time.monotonic() > deadline:
             break
         k = int(rng.integers(1, a.max_batch + 1))
         idx = [int(x) for x in rng.choice(a.pool, k, replace=False)]
         hs = [hashes[i] for i in idx]
-        for i, h in zip(idx, hs):
-            if i not in data:
-                data[i] = block_data(h, a.block_bytes)
         r = rng.random()
         t0 = time.perf_counter()
         if r < 0.4:
-            ok = t.put(hs, np.stack([data[i] for i in idx]), chain=False)
+            ok = t.put(hs, np.stack([data[i] for i in idx]), **put_kw)
             dt = time.perf_counter() - t0
             res["lat_us"]["put"].append(dt * 1e6)
             res["put_blocks"] += k
@@ -84,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             t.lookup_prefix(hs)
             res["lat_us"]["lookup"].append((time.perf_counter() - t0) * 1e6)
         res["ops"] += 1
+    res["t_end"] = time.time()
     s = t.stats()
     res["errors"] += s["errors"] + s["checksum_failures"]
     res["stored"] = sorted(stored)

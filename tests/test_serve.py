@@ -255,7 +255,7 @@ def test_cli_serve_with_8_client_processes(tmp_path):
 
         stored = sorted({i for r in results for i in r["stored"]})
         assert len(stored) > 1000
-        t = ServeClientTier(url, block_bytes=4096, namespace="load", token="s3cret")
+        t = ServeClientTier(url, block_bytes=4096, namespace="load-4096", token="s3cret")
         hs = [block_hash(i) for i in stored]
         out = np.zeros((len(hs), 4096), np.uint8)
         assert t.get(hs, out).all()
