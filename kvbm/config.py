@@ -223,6 +223,15 @@ class KvbmConfig:
             raise ConfigError(f"disk_durability: must be 'none', 'batch' or 'always', got {self.disk_durability!r}")
         if self.disk_io_threads <= 0 or self.disk_io_threads > 256:
             raise ConfigError(f"disk_io_threads: must be 1..256, got {self.disk_io_threads}")
+        # disk tier (kvbm.tiers.disk): the directory itself is checked when the tier opens.
+        if self.disk_path is not None and self.disk_capacity_bytes <= 0:
+            raise ConfigError(
+                f"disk_capacity_bytes: must be positive when disk_path is set, got {self.disk_capacity_bytes}"
+            )
+        if self.disk_path is not None and self.block_bytes and self.disk_capacity_bytes < self.block_bytes:
+            raise ConfigError(
+                f"disk_capacity_bytes: {self.disk_capacity_bytes} bytes hold no block of {self.block_bytes} bytes"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration as plain data."""

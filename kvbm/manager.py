@@ -20,7 +20,7 @@ import enum
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +28,11 @@ from kvbm import _native
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, InvalidArgumentError
 
+if TYPE_CHECKING:
+    from kvbm.tiers.disk import DiskTier
+
 HashesLike = Sequence[bytes] | np.ndarray
+_NO_PARENT = bytes(16)
 
 
 class Tier(enum.IntEnum):
@@ -125,6 +129,7 @@ class BlockManager:
             self._arena = _native.HostArena(self.host_slots, bb, self.config.host_pinned)
         self._lock = threading.Lock()
         self._closed = False
+        self._disk = self._open_disk() if allocate_memory else None
         self._metrics_server: Any = None
         if self.config.metrics_port is not None:
             from kvbm.metrics import start_metrics_server
@@ -142,6 +147,11 @@ class BlockManager:
         """The host tier's memory, or None for a bookkeeping-only manager."""
         return self._arena
 
+    @property
+    def disk(self) -> DiskTier | None:
+        """The local disk tier (``config.disk_path``), or None."""
+        return self._disk
+
     def _need_arena(self) -> _native.HostArena:
         if self._arena is None:
             raise InvalidArgumentError(
@@ -157,16 +167,25 @@ class BlockManager:
         for malformed hashes.
         """
         n, tiers = self._index.lookup(hashes)
+        if self._disk is not None and n < len(tiers):
+            n = self._disk_extend_lookup(hashes, int(n), tiers)
         return LookupResult(int(n), tiers)
 
     def lookup_into(self, hashes: HashesLike, tiers_out: np.ndarray) -> int:
         """Like :meth:`lookup` but writes tiers into a caller-owned uint8 array (no allocation)."""
-        return int(self._index.lookup_into(hashes, tiers_out))
+        n = int(self._index.lookup_into(hashes, tiers_out))
+        if self._disk is not None and n < len(hashes):
+            n = self._disk_extend_lookup(hashes, n, tiers_out)
+        return n
 
     def contains(self, block_hash: bytes) -> Tier | None:
         """The fastest tier holding the block (no recency update), or None."""
         n, tiers = self._index.peek([block_hash])
-        return Tier(int(tiers[0])) if n else None
+        if n:
+            return Tier(int(tiers[0]))
+        if self._disk is not None and self._disk.contains(bytes(block_hash)):
+            return Tier.DISK
+        return None
 
     # ---- one-call store / load (host tier) ----------------------------------------------------
     def store(self, hashes: HashesLike, data: Any, *, parent: bytes | None = None) -> int:
@@ -183,6 +202,7 @@ class BlockManager:
         """
         arena = self._need_arena()
         plan = self.prepare_store(hashes, parent=parent)
+        self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
         new = plan.new_hashes(hashes)
         try:
             arena.write(plan.slots, data)
@@ -190,16 +210,28 @@ class BlockManager:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
         self._index.complete_store(int(Tier.HOST), new)
+        if self._disk is not None and self.config.disk_write_policy == "write_through":
+            keys = _hash_list(hashes)
+            self._disk.put(keys, _rows(data, len(keys), self.block_bytes), parents=_chain_parents(keys, parent))
         return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
         """Copy the given blocks from the host tier into ``out`` (same forms as ``store``'s data).
 
+        With a disk tier, blocks found only on disk are first brought into the host tier
+        (:meth:`onboard`), so disk -> host -> ``out`` is one call. More blocks than half the host
+        tier are then moved in chunks; a verification failure on disk discovered in a later
+        chunk raises after earlier chunks were copied.
+
         Raises:
-            BlockNotFoundError: a block is not in the host tier (nothing is copied then).
+            BlockNotFoundError: a block is in neither the host nor the disk tier (nothing is
+                copied then), or failed verification on disk (counted; it is dropped).
             StateError: a block is still being stored.
         """
         arena = self._need_arena()
+        if self._disk is not None:
+            self._load_via_disk(hashes, out)
+            return
         slots = self._index.prepare_load(int(Tier.HOST), hashes)
         try:
             arena.read(slots, out)
@@ -240,10 +272,15 @@ class BlockManager:
         """Evict up to ``count`` blocks chosen by the policy; returns their hashes."""
         if count < 0:
             raise InvalidArgumentError(f"count: must be >= 0, got {count}")
-        return [e[0] for e in self._index.evict(int(tier), int(count))]
+        ev = self._index.evict(int(tier), int(count))
+        if tier == Tier.HOST:
+            self._demote(ev)
+        return [e[0] for e in ev]
 
     def remove(self, hashes: HashesLike, *, tier: Tier = Tier.HOST, ignore_missing: bool = False) -> int:
         """Drop blocks from a tier; raises StateError for pinned or in-flight ones."""
+        if tier == Tier.DISK and self._disk is not None:
+            return self._disk.remove(_hash_list(hashes))
         return len(self._index.remove(int(tier), hashes, ignore_missing))
 
     # ---- stats --------------------------------------------------------------------------------
@@ -265,6 +302,8 @@ class BlockManager:
                 policy=info["policy"],
             )
             out[tier.name.lower()] = d
+        if self._disk is not None:
+            out["disk"] = self._disk_stats()
         out["index"] = {"blocks": len(self._index), "memory_bytes": self._index.memory_bytes}
         return out
 
@@ -277,6 +316,9 @@ class BlockManager:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
         self._arena = None
 
     def __enter__(self) -> BlockManager:
@@ -284,3 +326,188 @@ class BlockManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ---- disk tier (kvbm.tiers.disk) ----------------------------------------------------------
+    # The disk tier keeps its own persistent catalog (LMDB) and eviction; the native index
+    # tracks GPU/host residency. Lookups walk the index first and continue on disk; host
+    # evictions are demoted to disk (write-behind); loads onboard disk blocks into host slots.
+
+    def _open_disk(self) -> DiskTier | None:
+        c = self.config
+        if not c.disk_path:
+            return None
+        from kvbm.tiers.disk import ALIGNMENT, DiskTier, namespace_fingerprint
+
+        slot = -(-self.block_bytes // ALIGNMENT) * ALIGNMENT
+        return DiskTier(
+            c.disk_path,
+            slot_bytes=slot,
+            capacity_bytes=c.disk_capacity_bytes,
+            namespace=namespace_fingerprint(f"kvbm-block-bytes:{self.block_bytes}"),
+            io_threads=c.disk_io_threads,
+            o_direct=c.disk_o_direct,
+            durability=c.disk_durability,
+            verify_checksums=c.checksums,
+            eviction=c.eviction_policy,
+        )
+
+    def _disk_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
+        """Continue a lookup past the index's prefix: blocks on disk (or back in the index)."""
+        assert self._disk is not None
+        keys = _hash_list(hashes)
+        disk = self._disk
+        i = n
+        while i < len(keys):
+            k = keys[i]
+            m, t = self._index.peek([k])
+            if m:
+                tiers[i] = t[0]
+            elif disk.contains(k):
+                tiers[i] = int(Tier.DISK)
+            else:
+                break
+            i += 1
+        return i
+
+    def _demote(self, evicted: list[tuple[bytes, bytes, int, int | None]]) -> None:
+        """Write host blocks that were just evicted to disk (asynchronously), unless there already."""
+        disk = self._disk
+        if disk is None or not evicted or self._arena is None:
+            return
+        todo = [e for e in evicted if not disk.contains(e[0])]
+        if not todo:
+            return
+        staging = np.empty((len(todo), self.block_bytes), dtype=np.uint8)
+        self._arena.read(np.array([e[2] for e in todo], dtype=np.int64), staging)
+        parents = [None if e[1] == _NO_PARENT else e[1] for e in todo]
+        # The handle keeps `staging` alive; the tier commits it when done (reaped on later calls).
+        disk.put_async([e[0] for e in todo], list(staging), parents=parents)
+
+    def onboard(self, hashes: HashesLike) -> int:
+        """Bring blocks that are on disk but not in the host tier into host slots; returns how many.
+
+        Host slots are reserved (evicting, and demoting, as the policy says), the disk reads go
+        straight into them with CRC32C verification, and the blocks become Ready in the host tier.
+        A block failing verification is a counted miss and stays absent. Raises CapacityError
+        when the host tier has no evictable room.
+        """
+        disk, arena = self._disk, self._need_arena()
+        if disk is None:
+            return 0
+        keys = _hash_list(hashes)
+        want = []
+        for k in keys:
+            m, _ = self._index.peek([k])
+            if not m and disk.contains(k) and k not in want:
+                want.append(k)
+        if not want:
+            return 0
+        plan = self.prepare_store(want)
+        self._demote(plan.evicted)
+        idx = [i for i, s in enumerate(plan.slots.tolist()) if s >= 0]
+        new = [want[i] for i in idx]
+        ok = np.zeros(len(new), dtype=np.uint8)
+        try:
+            res = disk.get(new, [arena.view(int(plan.slots[i])) for i in idx])
+            ok[:] = res
+        finally:
+            if new:
+                self._index.complete_store(int(Tier.HOST), new, ok)
+        return int(ok.sum())
+
+    def _load_via_disk(self, hashes: HashesLike, out: Any) -> None:
+        arena, disk = self._need_arena(), self._disk
+        assert disk is not None
+        keys = _hash_list(hashes)
+        in_host = self._host_or_disk(keys)
+        if all(in_host):
+            slots = self._index.prepare_load(int(Tier.HOST), keys)
+            try:
+                arena.read(slots, out)
+            finally:
+                self._index.complete_load(int(Tier.HOST), keys)
+            return
+        rows = _rows(out, len(keys), self.block_bytes, writable=True)
+        chunk = max(1, self.host_slots // 2)
+        for c0 in range(0, len(keys), chunk):
+            ck = keys[c0 : c0 + chunk]
+            ch = self._host_or_disk(ck)  # earlier chunks may have pushed some of these to disk
+            hosted = [k for k, h in zip(ck, ch, strict=True) if h]
+            pinned: list[bytes] = []
+            try:
+                if hosted:  # pin first, so onboarding the others cannot evict them
+                    self._index.prepare_load(int(Tier.HOST), hosted)
+                    pinned += hosted
+                others = [k for k, h in zip(ck, ch, strict=True) if not h]
+                if others:
+                    self.onboard(others)
+                    self._index.prepare_load(int(Tier.HOST), others)  # BlockNotFoundError if it failed
+                    pinned += others
+                slots = self._index.prepare_load(int(Tier.HOST), ck)  # a second pin, for the slots
+                try:
+                    arena.read(slots, rows[c0 : c0 + chunk])
+                finally:
+                    self._index.complete_load(int(Tier.HOST), ck)
+            finally:
+                if pinned:
+                    self._index.complete_load(int(Tier.HOST), pinned)
+
+    def _host_or_disk(self, keys: list[bytes]) -> list[bool]:
+        """Per key: True in the host tier, False on disk. BlockNotFoundError when in neither."""
+        from kvbm.errors import BlockNotFoundError
+
+        disk = self._disk
+        assert disk is not None
+        in_host = [bool(self._index.peek([k])[0]) for k in keys]
+        flushed = False
+        for k, h in zip(keys, in_host, strict=True):
+            if h or disk.contains(k):
+                continue
+            if not flushed:  # a demotion may still be in flight: let it land, then look again
+                disk.flush()
+                flushed = True
+                if disk.contains(k):
+                    continue
+            raise BlockNotFoundError(f"block {k.hex()} is in neither the host nor the disk tier")
+        return in_host
+
+    def _disk_stats(self) -> dict[str, Any]:
+        assert self._disk is not None
+        d = self._disk.stats()
+        io = d.pop("io")
+        totals = d.pop("totals")
+        d.update(
+            capacity_blocks=d["slots_total"],
+            used_blocks=d["blocks"],
+            block_bytes=d["slot_bytes"],
+            used_bytes=d["bytes_used"],
+            policy=self.config.eviction_policy,
+            bytes_written=io["bytes_written"],
+            bytes_read=io["bytes_read"],
+            lifetime=totals,
+        )
+        return d
+
+
+def _hash_list(hashes: HashesLike) -> list[bytes]:
+    if isinstance(hashes, np.ndarray):
+        if hashes.ndim != 2:
+            raise InvalidArgumentError(f"hashes: expected an (n, 16) uint8 array, got shape {hashes.shape}")
+        return [bytes(r) for r in hashes]
+    return [bytes(h) for h in hashes]
+
+
+def _rows(data: Any, n: int, block_bytes: int, writable: bool = False) -> list[Any]:
+    """Per-block buffers of ``data`` (a sequence of n buffers, or one buffer of n rows)."""
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    mv = memoryview(data).cast("B")
+    if writable and mv.readonly:
+        raise InvalidArgumentError("out: buffer must be writable")
+    if mv.nbytes != n * block_bytes:
+        raise InvalidArgumentError(f"data: {mv.nbytes} bytes for {n} blocks of {block_bytes}")
+    return [mv[i * block_bytes : (i + 1) * block_bytes] for i in range(n)]
+
+
+def _chain_parents(keys: list[bytes], parent: bytes | None) -> list[bytes | None]:
+    return [parent if i == 0 else keys[i - 1] for i in range(len(keys))]
