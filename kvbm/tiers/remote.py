@@ -57,6 +57,10 @@ assert HEADER_SIZE == 56
 
 HashesLike = Sequence[bytes] | np.ndarray
 
+REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
+REMOTE_SCHEMES = (*REDIS_SCHEMES, "kvbm")
+"""URL schemes :func:`open_remote_tier` accepts."""
+
 
 def normalize_hashes(hashes: HashesLike, what: str = "hashes") -> list[bytes]:
     """Hashes as a list of 16-byte ``bytes``; raises InvalidArgumentError naming the bad one."""
@@ -282,7 +286,7 @@ def open_remote_tier(
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError(f"remote_url: expected a URL such as redis://127.0.0.1:6379/0, got {url!r}")
     scheme = urlsplit(url).scheme.lower()
-    if scheme in ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster"):
+    if scheme in REDIS_SCHEMES:
         from kvbm.tiers.redis_tier import RedisTier
 
         return RedisTier(url, block_bytes=block_bytes, namespace=namespace, timeout_s=timeout_s, **kwargs)
