@@ -72,3 +72,58 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _free_cluster_port() -> int:
+    """A port p with p and its cluster bus port p+10000 both free on loopback."""
+    for _ in range(200):
+        p = free_port()
+        if p + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 10000))
+            except OSError:
+                continue
+        return p
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisCluster:
+    """A 3-master Redis Cluster on 127.0.0.1 (no replicas), made with ``redis-cli --cluster create``."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [RedisServer(port=_free_cluster_port(), extra=["--cluster-enabled", "yes",
+                                                                   "--cluster-node-timeout", "2000"])
+                      for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RuntimeError("redis-cli is not installed (scripts/install_redis.sh installs it)")
+        for n in self.nodes:
+            n.start()
+        addrs = [f"127.0.0.1:{n.port}" for n in self.nodes]
+        r = subprocess.run([cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            self.close()
+            raise RuntimeError(f"redis-cli --cluster create failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ok = all("cluster_state:ok" in subprocess.run([cli, "-p", str(n.port), "cluster", "info"],
+                                                          capture_output=True, text=True).stdout
+                     for n in self.nodes)
+            if ok:
+                return self
+            time.sleep(0.1)
+        self.close()
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.close()

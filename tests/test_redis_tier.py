@@ -225,3 +225,29 @@ def test_threads_share_one_tier(server):
     assert not errors
     assert t.stats()["stored"] == 800
     t.close()
+
+
+def test_redis_cluster_three_masters():
+    from redis_server import RedisCluster
+
+    cluster = RedisCluster()
+    try:
+        cluster.start()
+    except RuntimeError as e:
+        cluster.close()
+        pytest.skip(str(e))
+    try:
+        with RedisTier(cluster.url, block_bytes=10000, namespace="cl", chunk_bytes=4096) as t:
+            assert t.cluster
+            hs, data = hashes(300), blocks(300, 10000)
+            assert t.put(hs, data).all()
+            assert t.lookup_prefix(hs) == 300
+            out = np.zeros_like(data)
+            assert t.get(hs, out).all()
+            np.testing.assert_array_equal(out, data)
+            # the blocks really are spread over the three masters
+            counts = [redis.Redis(port=n.port).dbsize() for n in cluster.nodes]
+            assert sum(counts) == 300 * 3 and min(counts) > 0
+            assert t.stats()["errors"] == 0
+    finally:
+        cluster.close()
