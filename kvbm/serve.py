@@ -16,8 +16,14 @@ Design note — control plane and data path.
     holds the whole record (56-byte header, then the payload), so what a client wrote is
     exactly what a later GET sends back, and the client verifies it end to end. A one-sided
     transfer-engine path (server registers its arena, client gets its remote key and
-    puts/gets into slot addresses) would replace only the two record loops below
-    (``_recv_records`` / ``_send_records``); it is not built yet.
+    puts/gets into slot addresses) replaces only those record loops: with ``data_path="ucx"``
+    the server registers its whole arena with a :class:`kvbm.transfer.TransferEngine` and
+    offers it at HELLO; a client that takes it asks for the slot addresses of a batch
+    (PUT_PREP / GET_PIN), moves the records with one batched one-sided put or get, and closes
+    the batch (PUT_COMMIT: verify and publish; GET_DONE: unpin). Reserved and pinned slots
+    belong to the connection: if it drops, its reservations are dropped and its pins released.
+    The TCP control connection is also how a dead client is noticed, so UCX may run with
+    endpoint error handling off (what shared memory between processes needs).
 
 Protocol (version 1). ``n`` is at most the ``max_batch`` the server announced.
 
@@ -28,6 +34,13 @@ Protocol (version 1). ``n`` is at most the ``max_batch`` the server announced.
             <- n bytes: 1 stored (or already there), 0 not stored
     GET     -> u32 n, n*16 hashes                   <- n bytes present flags, then the present records
     STATS   -> (empty)                              <- UTF-8 JSON
+    UCX_META -> (empty)                             <- the server's transfer-engine metadata
+    PUT_PREP -> u32 n, u32 flags, n*16 hashes       <- n bytes (0 refused, 1 present, 2 write), n*u64 slot addresses
+    PUT_COMMIT -> (empty)                           <- n bytes: 1 stored (or already there), 0 not
+    GET_PIN -> u32 n, n*16 hashes                   <- n bytes present flags, n*u64 addresses (0 if absent)
+    GET_DONE -> (empty)                             (no reply: unpins the last GET_PIN)
+
+HELLO_OK's ``features`` bit 0 says the UCX ops are offered.
 
 A record is ``56 + block_bytes`` bytes (header as in :mod:`kvbm.tiers.remote`). The server checks
 each PUT record's header and CRC32C before publishing it; a bad one is answered 0 and never
@@ -61,11 +74,13 @@ PROTOCOL_VERSION = 1
 HELLO_MAGIC = b"KVBS"
 FRAME = struct.Struct("<BBHI")
 HELLO = struct.Struct("<4sHHQ16s")
-HELLO_OK = struct.Struct("<HIQ")
+HELLO_OK = struct.Struct("<HIQI")
 U32 = struct.Struct("<I")
 PUT_HEAD = struct.Struct("<II")
 
 OP_HELLO, OP_LOOKUP, OP_PUT, OP_GET, OP_STATS = 1, 2, 3, 4, 5
+OP_UCX_META, OP_PUT_PREP, OP_PUT_COMMIT, OP_GET_PIN, OP_GET_DONE = 6, 7, 8, 9, 10
+FEATURE_UCX = 1
 ST_OK, ST_ERR, ST_AUTH, ST_BUSY = 0, 1, 2, 3
 PUT_CHAIN = 1
 MAX_TOKEN = 4096
@@ -124,6 +139,12 @@ class ServeConfig:
         max_clients: most connections at once; more are refused with BUSY.
         idle_timeout_s: a connection silent this long is closed.
         pinned: pin the arena (None: when a GPU is present).
+        data_path: ``"tcp"`` (records in the TCP stream only) or ``"ucx"`` (also offer the
+            transfer-engine data path; needs UCX, else UnsupportedError at start). Clients
+            that do not take it keep using TCP.
+        ucx_transports: UCX transports for the ucx data path (``"sm,tcp"``: shared memory
+            between processes of one host, with endpoint error handling off).
+        ucx_net_devices: UCX network devices (``"lo"``: loopback only).
     """
 
     host: str = "127.0.0.1"
@@ -136,6 +157,9 @@ class ServeConfig:
     max_clients: int = 64
     idle_timeout_s: float = 300.0
     pinned: bool | None = False
+    data_path: str = "tcp"
+    ucx_transports: str = "sm,tcp"
+    ucx_net_devices: str = "lo"
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -155,6 +179,8 @@ class ServeConfig:
             raise ConfigError(f"idle_timeout_s: must be > 0, got {self.idle_timeout_s}")
         if self.token is not None and not 0 < len(self.token.encode()) <= MAX_TOKEN:
             raise ConfigError(f"token: must be 1..{MAX_TOKEN} bytes")
+        if self.data_path not in ("tcp", "ucx"):
+            raise ConfigError(f"data_path: must be 'tcp' or 'ucx', got {self.data_path!r}")
         if self.host not in ("127.0.0.1", "localhost", "::1") and not self.token:
             raise ConfigError(f"host: binding {self.host!r} (not loopback) requires a token")
 
@@ -196,10 +222,23 @@ class StoreServer:
         self._closing = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self._token = self.config.token.encode() if self.config.token else None
+        self._engine: Any = None
+        self._ucx_md = b""
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> StoreServer:
-        """Bind and start accepting connections (in background threads)."""
+        """Bind and start accepting connections (in background threads).
+
+        Raises UnsupportedError when ``data_path="ucx"`` and UCX is not available here.
+        """
+        if self.config.data_path == "ucx" and self._engine is None:
+            from kvbm.transfer import TransferEngine
+
+            c = self.config
+            self._engine = TransferEngine("kvbm-serve", transports=c.ucx_transports, net_devices=c.ucx_net_devices,
+                                          error_handling="sm" not in c.ucx_transports.split(","))
+            self._engine.register(self._arena.address(0), self._arena.num_slots * self.slot_bytes)
+            self._ucx_md = self._engine.metadata()
         fam = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -238,6 +277,9 @@ class StoreServer:
                 c.shutdown(socket.SHUT_RDWR)
         for t in list(self._threads):
             t.join(timeout)
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
         self._mgr.close()
 
     def __enter__(self) -> StoreServer:
@@ -298,6 +340,7 @@ class StoreServer:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         self._count(connections=1)
+        sess: _Session | None = None
         try:
             conn.settimeout(self.config.idle_timeout_s)
             sess = self._hello(conn)
@@ -318,6 +361,8 @@ class StoreServer:
         except Exception:  # a bug: log it, drop only this connection
             log.exception("kvbm serve: connection failed")
         finally:
+            if sess is not None:
+                self._release(sess)
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
@@ -344,8 +389,9 @@ class StoreServer:
             send_frame(conn, OP_HELLO, ST_ERR,
                        f"block_bytes {block_bytes} is outside 1..{self.config.max_block_bytes} (server's max)".encode())
             return None
+        features = FEATURE_UCX if self._engine is not None else 0
         send_frame(conn, OP_HELLO, ST_OK,
-                   HELLO_OK.pack(PROTOCOL_VERSION, self.config.max_batch, self.config.max_block_bytes))
+                   HELLO_OK.pack(PROTOCOL_VERSION, self.config.max_batch, self.config.max_block_bytes, features))
         return _Session(ns, int(block_bytes))
 
     # ---- requests -----------------------------------------------------------------------------
@@ -379,6 +425,8 @@ class StoreServer:
         elif op == OP_GET:
             _f, hs, keys = self._read_hashes(conn, sess, blen, 0, U32)
             self._get(conn, sess, op, keys)
+        elif op in (OP_UCX_META, OP_PUT_PREP, OP_PUT_COMMIT, OP_GET_PIN, OP_GET_DONE):
+            self._dispatch_ucx(conn, sess, op, blen)
         elif op == OP_STATS:
             if blen:
                 raise _ProtocolError("STATS takes no body")
@@ -429,20 +477,7 @@ class StoreServer:
         return ok
 
     def _get(self, conn: socket.socket, sess: _Session, op: int, keys: list[bytes]) -> None:
-        present = np.zeros(len(keys), np.uint8)
-        pinned: list[bytes] = []
-        slots: list[int] = []
-        with self._lock:
-            for i, k in enumerate(keys):
-                if self._mgr.contains(k) is None:
-                    continue
-                try:
-                    s = self._mgr.prepare_load([k])
-                except KvbmError:
-                    continue
-                present[i] = 1
-                pinned.append(k)
-                slots.append(int(s[0]))
+        present, pinned, slots = self._pin(keys)
         try:
             rb = sess.record_bytes
             # data path (TCP): records go from the pinned slots to the socket, no copy
@@ -457,15 +492,104 @@ class StoreServer:
                     bytes_out=len(slots) * sess.record_bytes)
 
 
-class _Session:
-    """One HELLO'd connection: its namespace and record size."""
+    # ---- the transfer-engine data path --------------------------------------------------------
+    def _dispatch_ucx(self, conn: socket.socket, sess: _Session, op: int, blen: int) -> None:
+        if self._engine is None:
+            raise _ProtocolError("this server does not offer the ucx data path")
+        if op == OP_UCX_META:
+            if blen:
+                raise _ProtocolError("UCX_META takes no body")
+            send_frame(conn, op, ST_OK, self._ucx_md)
+        elif op == OP_PUT_PREP:
+            if sess.put is not None or sess.pins:
+                raise _ProtocolError("PUT_PREP while a batch is open")
+            (_n, flags), hs, keys = self._read_hashes(conn, sess, blen, 0, PUT_HEAD)
+            slots = self._prepare_store(keys, bool(flags & PUT_CHAIN))
+            sess.put = (hs, keys, slots)
+            state = np.where(slots >= 0, 2, np.where(slots == -1, 1, 0)).astype(np.uint8)
+            addrs = np.zeros(len(keys), np.uint64)
+            base, sb = self._arena.address(0), self.slot_bytes
+            addrs[slots >= 0] = base + slots[slots >= 0].astype(np.uint64) * np.uint64(sb)
+            send_frame(conn, op, ST_OK, state, addrs)
+        elif op == OP_PUT_COMMIT:
+            if blen or sess.put is None:
+                raise _ProtocolError("PUT_COMMIT without an open PUT_PREP (or with a body)")
+            hs, keys, slots = sess.put
+            sess.put = None
+            good = np.zeros(len(keys), np.uint8)
+            rb = sess.record_bytes
+            new = [i for i in range(len(keys)) if slots[i] >= 0]
+            try:
+                for i in new:
+                    view = memoryview(self._arena.view(int(slots[i])))[:rb]
+                    good[i] = check_record(view[:HEADER_SIZE], view[HEADER_SIZE:], sess.ns, hs[i]) is None
+            finally:
+                with self._lock:
+                    if new:
+                        self._mgr.complete_store([keys[i] for i in new], good[new])
+            ok = (slots == -1) | (good.astype(bool) & (slots >= 0))
+            self._count(puts=1, blocks_stored=int(ok.sum()), blocks_rejected=int(len(ok) - ok.sum()),
+                        bytes_in=len(new) * rb)
+            send_frame(conn, op, ST_OK, ok.astype(np.uint8))
+        elif op == OP_GET_PIN:
+            if sess.put is not None or sess.pins:
+                raise _ProtocolError("GET_PIN while a batch is open")
+            _f, _hs, keys = self._read_hashes(conn, sess, blen, 0, U32)
+            present, pinned, slots = self._pin(keys)
+            sess.pins = pinned
+            addrs = np.zeros(len(keys), np.uint64)
+            idx = np.flatnonzero(present)
+            addrs[idx] = self._arena.address(0) + np.asarray(slots, np.uint64) * np.uint64(self.slot_bytes)
+            self._count(gets=1, blocks_served=len(slots), block_misses=len(keys) - len(slots),
+                        bytes_out=len(slots) * sess.record_bytes)
+            send_frame(conn, op, ST_OK, present, addrs)
+        elif op == OP_GET_DONE:
+            if blen:
+                raise _ProtocolError("GET_DONE takes no body")
+            self._release(sess)
 
-    __slots__ = ("block_bytes", "ns", "record_bytes")
+    def _pin(self, keys: list[bytes]) -> tuple[np.ndarray, list[bytes], list[int]]:
+        present = np.zeros(len(keys), np.uint8)
+        pinned: list[bytes] = []
+        slots: list[int] = []
+        with self._lock:
+            for i, k in enumerate(keys):
+                if self._mgr.contains(k) is None:
+                    continue
+                try:
+                    s = self._mgr.prepare_load([k])
+                except KvbmError:
+                    continue
+                present[i] = 1
+                pinned.append(k)
+                slots.append(int(s[0]))
+        return present, pinned, slots
+
+    def _release(self, sess: _Session) -> None:
+        """Unpin a connection's open GET batch and drop its open PUT reservations."""
+        with self._lock:
+            if sess.pins:
+                self._mgr.complete_load(sess.pins)
+                sess.pins = []
+            if sess.put is not None:
+                _hs, keys, slots = sess.put
+                new = [keys[i] for i in range(len(keys)) if slots[i] >= 0]
+                if new:
+                    self._mgr.complete_store(new, np.zeros(len(new), np.uint8))
+                sess.put = None
+
+
+class _Session:
+    """One HELLO'd connection: its namespace, record size and open ucx batch."""
+
+    __slots__ = ("block_bytes", "ns", "pins", "put", "record_bytes")
 
     def __init__(self, ns: bytes, block_bytes: int) -> None:
         self.ns = ns
         self.block_bytes = block_bytes
         self.record_bytes = block_bytes + HEADER_SIZE
+        self.pins: list[bytes] = []
+        self.put: tuple[list[bytes], list[bytes], np.ndarray] | None = None
 
     def key(self, h: bytes) -> bytes:
         return hashlib.blake2b(self.ns + h, digest_size=HASH_SIZE).digest()

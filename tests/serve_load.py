@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--namespace", default="load", help="tenant name (the block size is appended)")
     p.add_argument("--seconds", type=float, default=120.0, help="stop early after this long")
+    p.add_argument("--data-path", default="auto", help="kvbm serve data path: auto, tcp or ucx")
     p.add_argument("--start-at", type=float, default=0.0, help="wait until this time.time() before the first op")
     a = p.parse_args(argv)
     from kvbm.tiers import open_remote_tier
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(1000 + a.client)
     hashes = [block_hash(i) for i in range(a.pool)]
     data = {i: block_data(h, a.block_bytes) for i, h in enumerate(hashes)}
-    extra = {"connections": 1} if a.url.startswith("kvbm:") else {}
+    extra = {"connections": 1, "data_path": a.data_path} if a.url.startswith("kvbm:") else {}
     t = open_remote_tier(a.url, block_bytes=a.block_bytes, namespace=f"{a.namespace}-{a.block_bytes}", token=token,
                          timeout_s=10, **extra)
     put_kw = {"chain": False} if a.url.startswith("kvbm:") else {}
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             res["lat_us"]["lookup"].append((time.perf_counter() - t0) * 1e6)
         res["ops"] += 1
     res["t_end"] = time.time()
+    res["using_ucx"] = bool(getattr(t, "using_ucx", False))
     s = t.stats()
     res["errors"] += s["errors"] + s["checksum_failures"]
     res["stored"] = sorted(stored)

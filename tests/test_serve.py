@@ -31,14 +31,29 @@ def rand_blocks(n: int, size: int) -> np.ndarray:
     return np.random.default_rng().integers(0, 256, (n, size), np.uint8)
 
 
+def _ucx_skip() -> str | None:
+    from kvbm.transfer import ucx_available
+
+    ok, why = ucx_available()
+    return None if ok else why
+
+
+@pytest.fixture(params=["tcp", "ucx"])
+def data_path(request):
+    if request.param == "ucx" and _ucx_skip():
+        pytest.skip(f"ucx data path: {_ucx_skip()}")
+    return request.param
+
+
 @pytest.fixture
-def server():
+def server(data_path):
     with StoreServer(ServeConfig(capacity_bytes=8 << 20, max_block_bytes=4096, token="sesame",
-                                 max_batch=64)) as srv:
+                                 max_batch=64, data_path=data_path)) as srv:
         yield srv
 
 
 def client(srv: StoreServer, **kw) -> ServeClientTier:
+    kw.setdefault("data_path", srv.config.data_path)
     kw.setdefault("block_bytes", 4096)
     kw.setdefault("namespace", "t")
     kw.setdefault("token", "sesame")
@@ -47,6 +62,7 @@ def client(srv: StoreServer, **kw) -> ServeClientTier:
 
 def test_roundtrip_prefix_and_batches_larger_than_max_batch(server):
     with client(server) as t:
+        assert t.using_ucx == (server.config.data_path == "ucx")
         hs, data = rand_hashes(150), rand_blocks(150, 4096)  # 150 > max_batch 64: split
         assert t.put(hs, data).all()
         assert t.lookup_prefix(hs) == 150
@@ -128,10 +144,11 @@ def test_eviction_never_serves_wrong_bytes():
         t.close()
 
 
-def test_server_down_degrades_to_misses_then_recovers():
-    srv = StoreServer(ServeConfig(capacity_bytes=1 << 20, max_block_bytes=4096)).start()
+def test_server_down_degrades_to_misses_then_recovers(data_path):
+    srv = StoreServer(ServeConfig(capacity_bytes=1 << 20, max_block_bytes=4096, data_path=data_path)).start()
     port = srv.address[1]
-    t = ServeClientTier(srv.url, block_bytes=4096, namespace="d", timeout_s=1.0, retry_interval_s=0.2)
+    t = ServeClientTier(srv.url, block_bytes=4096, namespace="d", timeout_s=1.0, retry_interval_s=0.2,
+                        data_path=data_path)
     hs, data = rand_hashes(8), rand_blocks(8, 4096)
     assert t.put(hs, data).all()
     srv.close()
@@ -140,7 +157,8 @@ def test_server_down_degrades_to_misses_then_recovers():
         assert not t.get(hs, np.zeros_like(data)).any()
         assert not t.put(hs, data).any()
     assert t.stats()["errors"] >= 1 and not t.stats()["available"]
-    srv2 = StoreServer(ServeConfig(port=port, capacity_bytes=1 << 20, max_block_bytes=4096)).start()
+    srv2 = StoreServer(ServeConfig(port=port, capacity_bytes=1 << 20, max_block_bytes=4096,
+                                   data_path=data_path)).start()
     try:
         deadline = time.monotonic() + 10
         while not t.put(hs, data).all():
@@ -149,6 +167,7 @@ def test_server_down_degrades_to_misses_then_recovers():
         out = np.zeros_like(data)
         assert t.get(hs, out).all()
         np.testing.assert_array_equal(out, data)
+        assert t.using_ucx == (data_path == "ucx")  # fresh transfer-engine metadata from the new server
     finally:
         t.close()
         srv2.close()
@@ -227,13 +246,13 @@ def _start_cli(tmp_path: Path, token: str, *extra: str) -> tuple[subprocess.Pope
     return proc, m.group(1)
 
 
-def test_cli_serve_with_8_client_processes(tmp_path):
+def test_cli_serve_with_8_client_processes(tmp_path, data_path):
     """8 clients x 1,000 mixed ops at once: no errors, no lost or wrong blocks; a wrong token is refused."""
-    proc, url = _start_cli(tmp_path, "s3cret")
+    proc, url = _start_cli(tmp_path, "s3cret", "--data-path", data_path)
     try:
         env = dict(os.environ, KVBM_SERVE_TOKEN="s3cret")
         clients = [subprocess.Popen([sys.executable, str(HERE / "serve_load.py"), "--url", url, "--client", str(i),
-                                     "--ops", "1000", "--pool", "2000", "--seconds", "240"],
+                                     "--ops", "1000", "--pool", "2000", "--seconds", "240", "--data-path", data_path],
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for i in range(8)]
         bad = subprocess.run([sys.executable, str(HERE / "serve_load.py"), "--url", url, "--ops", "1"],
@@ -246,6 +265,7 @@ def test_cli_serve_with_8_client_processes(tmp_path):
             assert c.returncode == 0, err
             results.append(json.loads(out))
         assert [r["ops"] for r in results] == [1000] * 8
+        assert all(r["using_ucx"] == (data_path == "ucx") for r in results)
         assert sum(r["errors"] for r in results) == 0
         assert sum(r["wrong"] for r in results) == 0
         assert sum(r["lost"] for r in results) == 0
@@ -255,7 +275,7 @@ def test_cli_serve_with_8_client_processes(tmp_path):
 
         stored = sorted({i for r in results for i in r["stored"]})
         assert len(stored) > 1000
-        t = ServeClientTier(url, block_bytes=4096, namespace="load-4096", token="s3cret")
+        t = ServeClientTier(url, block_bytes=4096, namespace="load-4096", token="s3cret", data_path=data_path)
         hs = [block_hash(i) for i in stored]
         out = np.zeros((len(hs), 4096), np.uint8)
         assert t.get(hs, out).all()
@@ -268,3 +288,46 @@ def test_cli_serve_with_8_client_processes(tmp_path):
         proc.terminate()
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_ucx_client_vanishing_mid_batch_releases_its_slots():
+    if _ucx_skip():
+        pytest.skip(f"ucx data path: {_ucx_skip()}")
+    from kvbm.serve import OP_GET_PIN, OP_PUT_PREP, PUT_HEAD, U32
+
+    with StoreServer(ServeConfig(capacity_bytes=1 << 20, max_block_bytes=4096, token="sesame",
+                                 data_path="ucx")) as srv:
+        hs, data = rand_hashes(4), rand_blocks(4, 4096)
+        with ServeClientTier(srv.url, block_bytes=4096, namespace=b"n" * 16, token="sesame") as t:
+            assert t.using_ucx and t.put(hs[:2], data[:2]).all()
+        s = _raw_hello(srv.address[1])  # namespace b"n"*16, block_bytes 4096, like t
+        s.sendall(FRAME.pack(OP_PUT_PREP, 0, 0, PUT_HEAD.size + 32) + PUT_HEAD.pack(2, 1) + b"".join(hs[2:]))
+        st, body = _reply(s)
+        assert st == ST_OK and list(body[:2]) == [2, 2]  # two slots reserved for writing
+        s2 = _raw_hello(srv.address[1])
+        s2.sendall(FRAME.pack(OP_GET_PIN, 0, 0, 4 + 32) + U32.pack(2) + b"".join(hs[:2]))
+        st, body = _reply(s2)
+        assert st == ST_OK and list(body[:2]) == [1, 1]
+        assert srv._mgr.stats()["host"]["pinned_blocks"] == 2
+        s.close()  # vanish without PUT_COMMIT / GET_DONE
+        s2.close()
+        deadline = time.monotonic() + 5
+        while srv._mgr.stats()["host"]["pinned_blocks"] or srv._mgr.stats()["host"]["used_blocks"] != 2:
+            assert time.monotonic() < deadline, srv._mgr.stats()["host"]
+            time.sleep(0.02)
+        with ServeClientTier(srv.url, block_bytes=4096, namespace=b"n" * 16, token="sesame") as t:
+            assert t.lookup_prefix(hs) == 2  # the reserved, never-committed blocks are not visible
+            assert t.put(hs, data).all()
+            out = np.zeros_like(data)
+            assert t.get(hs, out).all()
+            np.testing.assert_array_equal(out, data)
+
+
+def test_ucx_required_but_not_offered_is_refused():
+    if _ucx_skip():
+        pytest.skip(f"ucx data path: {_ucx_skip()}")
+    with StoreServer(ServeConfig(capacity_bytes=1 << 20, max_block_bytes=4096)) as srv:
+        with pytest.raises(PeerError, match="does not offer the ucx data path"):
+            ServeClientTier(srv.url, block_bytes=64, namespace="x", data_path="ucx")
+        with ServeClientTier(srv.url, block_bytes=64, namespace="x") as t:  # auto: TCP
+            assert not t.using_ucx and t.put(rand_hashes(1), rand_blocks(1, 64)).all()

@@ -26,6 +26,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-batch", type=int, default=1024, help="most blocks per request")
     p.add_argument("--max-clients", type=int, default=64, help="most connections at once")
     p.add_argument("--idle-timeout", type=float, default=300.0, help="close connections idle this many seconds")
+    p.add_argument("--data-path", choices=("tcp", "ucx"), default="tcp",
+                   help="also offer the UCX transfer-engine data path (ucx), or TCP only (default)")
     p.add_argument("--port-file", help="write the bound port to this file once listening")
     p.set_defaults(func=run)
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, capacity_bytes=parse_size(args.capacity, "--capacity"),
         max_block_bytes=parse_size(args.max_block_bytes, "--max-block-bytes"), token=token,
         eviction_policy=args.eviction_policy, max_batch=args.max_batch, max_clients=args.max_clients,
-        idle_timeout_s=args.idle_timeout,
+        idle_timeout_s=args.idle_timeout, data_path=args.data_path,
     )
     server = StoreServer(cfg).start()
 
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.port_file).write_text(f"{server.address[1]}\n")
     print(f"kvbm serve listening on {server.url} ({cfg.capacity_bytes} bytes, "
           f"{server.stats()['capacity_blocks']} blocks of up to {cfg.max_block_bytes} bytes, "
-          f"token {'required' if token else 'none'})", flush=True)
+          f"token {'required' if token else 'none'}, data path {cfg.data_path})", flush=True)
     try:
         server.serve_forever()
     finally:

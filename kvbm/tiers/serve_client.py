@@ -5,6 +5,13 @@ threads of one process — e.g. a prefetch pool — run requests in parallel). R
 without a joining copy (``sendmsg`` of the header and the caller's row) and received straight
 into the caller's output rows, then verified (namespace, hash, length, CRC32C).
 
+Data path. By default (``data_path="auto"``) the client moves records over the transfer engine
+(UCX one-sided put/get into the server's registered arena, shared memory on one host) when the
+server offers it and UCX is installed here, and over the TCP stream otherwise
+(``data_path="tcp"`` forces TCP; ``"ucx"`` requires UCX and raises if either side lacks it).
+Each pooled connection has its own UCX endpoint and registered staging buffer; records are
+staged there (one copy on each side of the wire).
+
 A server that is down or restarting degrades the tier to misses, like :class:`RedisTier`; a
 server that *refuses* us (wrong token, block size it cannot hold) raises
 :class:`~kvbm.errors.PeerError` when the tier is created, because that is a configuration error.
@@ -22,18 +29,24 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from kvbm.errors import ConfigError, PeerError
+from kvbm.errors import ConfigError, KvbmError, PeerError
 from kvbm.serve import (
+    FEATURE_UCX,
     FRAME,
     HELLO,
     HELLO_MAGIC,
     HELLO_OK,
     MAX_TOKEN,
     OP_GET,
+    OP_GET_DONE,
+    OP_GET_PIN,
     OP_HELLO,
     OP_LOOKUP,
     OP_PUT,
+    OP_PUT_COMMIT,
+    OP_PUT_PREP,
     OP_STATS,
+    OP_UCX_META,
     PROTOCOL_VERSION,
     PUT_CHAIN,
     PUT_HEAD,
@@ -75,6 +88,9 @@ class ServeClientTier(RemoteTier):
         timeout_s: connect timeout and per-request socket timeout.
         connections: most pooled connections (parallel requests from threads).
         retry_interval_s: after a connection failure, report misses for this long, then retry.
+        data_path: ``"auto"``, ``"tcp"`` or ``"ucx"`` (see the module docstring).
+        ucx_transports: UCX transports for the ucx data path (default ``"sm,tcp"``).
+        ucx_staging_bytes: most bytes of records per ucx batch (staging buffer per connection).
 
     Raises:
         ConfigError: malformed URL or arguments.
@@ -92,6 +108,9 @@ class ServeClientTier(RemoteTier):
         timeout_s: float = 5.0,
         connections: int = 4,
         retry_interval_s: float = 1.0,
+        data_path: str = "auto",
+        ucx_transports: str = "sm,tcp",
+        ucx_staging_bytes: int = 64 << 20,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme != "kvbm" or not parts.hostname or parts.port is None:
@@ -102,6 +121,22 @@ class ServeClientTier(RemoteTier):
             raise ConfigError(f"remote_timeout_s: must be > 0, got {timeout_s!r}")
         if not isinstance(connections, int) or not 1 <= connections <= 256:
             raise ConfigError(f"connections: must be 1..256, got {connections!r}")
+        if data_path not in ("auto", "tcp", "ucx"):
+            raise ConfigError(f"data_path: must be 'auto', 'tcp' or 'ucx', got {data_path!r}")
+        self.data_path = data_path
+        self._ucx_transports = ucx_transports
+        self._ucx_staging_bytes = int(ucx_staging_bytes)
+        self._engine: Any = None
+        self._ucx: dict[socket.socket, _UcxConn] = {}
+        self.ucx_offered = False
+        if data_path == "ucx":
+            from kvbm.transfer import ucx_available
+
+            ok, why = ucx_available()
+            if not ok:
+                from kvbm.errors import UnsupportedError
+
+                raise UnsupportedError(f"data_path='ucx': {why}")
         tok = (token or "").encode()
         if len(tok) > MAX_TOKEN:
             raise ConfigError(f"remote_token: longer than {MAX_TOKEN} bytes")
@@ -143,8 +178,16 @@ class ServeClientTier(RemoteTier):
                 reason = reply.decode("utf-8", "replace")
                 raise _Refused(f"kvbm serve at {self.url} refused the connection: "
                                f"{'token refused' if st == ST_AUTH else reason}")
-            _ver, max_batch, _max_bb = HELLO_OK.unpack_from(reply)
+            _ver, max_batch, _max_bb, features = HELLO_OK.unpack_from(reply)
             self.max_batch = int(max_batch)
+            self.ucx_offered = bool(features & FEATURE_UCX)
+            if self._want_ucx():
+                try:
+                    self._ucx[s] = self._ucx_attach(s)
+                except KvbmError as e:  # UCX failed here: TCP for this connection, or a failure
+                    if self.data_path == "ucx":
+                        raise ConnectionError(f"ucx data path to {self.url}: {e}") from None
+                    log.warning("kvbm serve at %s: ucx data path unavailable (%s); using TCP", self.url, e)
             return s
         except BaseException:
             s.close()
@@ -175,9 +218,103 @@ class ServeClientTier(RemoteTier):
                 if ok and not self._closed:
                     self._idle.append(s)
                 else:
-                    s.close()
+                    self._drop(s)
                     self._open -= 1
                 self._cv.notify()
+
+    # ---- the transfer-engine data path --------------------------------------------------------
+    def _want_ucx(self) -> bool:
+        if self.data_path == "tcp":
+            return False
+        if not self.ucx_offered:
+            if self.data_path == "ucx":
+                raise _Refused(f"kvbm serve at {self.url} does not offer the ucx data path (data_path='ucx')")
+            return False
+        if self.data_path == "auto":
+            from kvbm.transfer import ucx_available
+
+            return ucx_available()[0]
+        return True
+
+    @property
+    def using_ucx(self) -> bool:
+        """Whether requests currently move records over the transfer engine."""
+        return self._engine is not None and self.ucx_offered and self.data_path != "tcp"
+
+    def _ucx_attach(self, s: socket.socket) -> _UcxConn:
+        import os
+
+        from kvbm.transfer import TransferEngine
+
+        with self._cv:
+            if self._engine is None:
+                self._engine = TransferEngine(
+                    f"kvbm-client-{os.getpid()}-{id(self):x}", transports=self._ucx_transports, net_devices="lo",
+                    error_handling="sm" not in self._ucx_transports.split(","))
+        sendmsg_all(s, [FRAME.pack(OP_UCX_META, 0, 0, 0)])
+        blen = self._reply(s, OP_UCX_META)
+        peer = self._engine.add_peer(recv_exact(s, blen))
+        rows = max(1, min(self.max_batch, self._ucx_staging_bytes // self.record_bytes))
+        staging = np.zeros((rows, self.record_bytes), np.uint8)
+        region = self._engine.register(staging)
+        return _UcxConn(peer, staging, region)
+
+    def _drop(self, s: socket.socket) -> None:
+        u = self._ucx.pop(s, None)
+        s.close()  # the server drops this connection's open batch
+        if u is not None:
+            u.close(self._engine)
+
+    def _batch(self, s: socket.socket) -> int:
+        u = self._ucx.get(s)
+        return self.max_batch if u is None else len(u.staging)
+
+    def _ucx_put(self, s: socket.socket, u: _UcxConn, part: list[bytes], rows: np.ndarray, chain: bool) -> np.ndarray:
+        n = len(part)
+        sendmsg_all(s, [FRAME.pack(OP_PUT_PREP, 0, 0, PUT_HEAD.size + 16 * n),
+                        PUT_HEAD.pack(n, PUT_CHAIN if chain else 0), *part])
+        if self._reply(s, OP_PUT_PREP) != 9 * n:
+            raise ConnectionError("PUT_PREP reply has the wrong size")
+        body = recv_exact(s, 9 * n)
+        state = np.frombuffer(body, np.uint8, n)
+        addrs = np.frombuffer(body, np.uint64, n, offset=n) if n else np.zeros(0, np.uint64)
+        sel = np.flatnonzero(state == 2)
+        for j in sel:
+            u.staging[j, :HEADER_SIZE] = np.frombuffer(encode_header(self.namespace, part[j], rows[j]), np.uint8)
+            u.staging[j, HEADER_SIZE:] = rows[j]
+        if len(sel):
+            local = np.uint64(u.region.addr) + sel.astype(np.uint64) * np.uint64(self.record_bytes)
+            u.peer.put(local, addrs[sel], self.record_bytes).wait(self.timeout_s)
+        sendmsg_all(s, [FRAME.pack(OP_PUT_COMMIT, 0, 0, 0)])
+        if self._reply(s, OP_PUT_COMMIT) != n:
+            raise ConnectionError("PUT_COMMIT reply has the wrong size")
+        return np.frombuffer(recv_exact(s, n), np.uint8) == 1
+
+    def _ucx_get(self, s: socket.socket, u: _UcxConn, part: list[bytes], rows: np.ndarray,
+                 ok: np.ndarray) -> int:
+        n = len(part)
+        sendmsg_all(s, [FRAME.pack(OP_GET_PIN, 0, 0, 4 + 16 * n), U32.pack(n), *part])
+        if self._reply(s, OP_GET_PIN) != 9 * n:
+            raise ConnectionError("GET_PIN reply has the wrong size")
+        body = recv_exact(s, 9 * n)
+        present = np.frombuffer(body, np.uint8, n)
+        addrs = np.frombuffer(body, np.uint64, n, offset=n) if n else np.zeros(0, np.uint64)
+        sel = np.flatnonzero(present)
+        try:
+            if len(sel):
+                local = np.uint64(u.region.addr) + sel.astype(np.uint64) * np.uint64(self.record_bytes)
+                u.peer.get(local, addrs[sel], self.record_bytes).wait(self.timeout_s)
+        finally:
+            sendmsg_all(s, [FRAME.pack(OP_GET_DONE, 0, 0, 0)])
+        bad = 0
+        for j in sel:
+            rec = u.staging[j]
+            if check_record(rec[:HEADER_SIZE], rec[HEADER_SIZE:], self.namespace, part[j]) is None:
+                rows[j] = rec[HEADER_SIZE:]
+                ok[j] = True
+            else:
+                bad += 1
+        return bad
 
     def _reply(self, s: socket.socket, op: int) -> int:
         rop, st, _r, blen = FRAME.unpack(recv_exact(s, FRAME.size))
@@ -232,9 +369,14 @@ class ServeClientTier(RemoteTier):
             return ok
         try:
             with self._conn() as s:
-                for start in range(0, len(hs), self.max_batch):
-                    part = hs[start:start + self.max_batch]
+                u = self._ucx.get(s)
+                step = self._batch(s)
+                for start in range(0, len(hs), step):
+                    part = hs[start:start + step]
                     n = len(part)
+                    if u is not None:
+                        ok[start:start + n] = self._ucx_put(s, u, part, rows[start:start + n], chain)
+                        continue
                     bufs: list[Any] = [
                         FRAME.pack(OP_PUT, 0, 0, PUT_HEAD.size + n * (16 + self.record_bytes)),
                         PUT_HEAD.pack(n, PUT_CHAIN if chain else 0), *part,
@@ -267,9 +409,14 @@ class ServeClientTier(RemoteTier):
         hv = memoryview(header)
         try:
             with self._conn() as s:
-                for start in range(0, len(hs), self.max_batch):
-                    part = hs[start:start + self.max_batch]
+                u = self._ucx.get(s)
+                step = self._batch(s)
+                for start in range(0, len(hs), step):
+                    part = hs[start:start + step]
                     n = len(part)
+                    if u is not None:
+                        bad += self._ucx_get(s, u, part, rows[start:start + n], ok[start:start + n])
+                        continue
                     sendmsg_all(s, [FRAME.pack(OP_GET, 0, 0, 4 + 16 * n), U32.pack(n), *part])
                     blen = self._reply(s, OP_GET)
                     present = np.frombuffer(recv_exact(s, n), np.uint8)
@@ -321,4 +468,25 @@ class ServeClientTier(RemoteTier):
             self._open -= len(idle)
             self._cv.notify_all()
         for s in idle:
-            s.close()
+            self._drop(s)
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+
+class _UcxConn:
+    """A pooled connection's transfer-engine state: its endpoint and registered staging rows."""
+
+    __slots__ = ("peer", "region", "staging")
+
+    def __init__(self, peer: Any, staging: np.ndarray, region: Any) -> None:
+        self.peer = peer
+        self.staging = staging
+        self.region = region
+
+    def close(self, engine: Any) -> None:
+        with contextlib.suppress(Exception):  # a dead peer or a closed engine: nothing left to release
+            self.peer.close(force=True, timeout=0.5)
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.deregister(self.region)
