@@ -104,11 +104,13 @@ def bench_redis(url: str, block_bytes: int, batch: int, batches: int, reps: int)
     return res
 
 
-def run_clients(url: str, clients: int, ops: int, pool: int, block_bytes: int, env: dict) -> dict:
+def run_clients(url: str, clients: int, ops: int, pool: int, block_bytes: int, env: dict,
+                data_path: str = "auto") -> dict:
     start_at = time.time() + 3.0
     procs = [subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "serve_load.py"), "--url", url, "--client", str(i), "--ops", str(ops),
-         "--pool", str(pool), "--block-bytes", str(block_bytes), "--start-at", str(start_at), "--seconds", "300"],
+         "--pool", str(pool), "--block-bytes", str(block_bytes), "--start-at", str(start_at), "--seconds", "300",
+         "--data-path", data_path],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(clients)]
     results = []
     for p in procs:
@@ -127,25 +129,78 @@ def run_clients(url: str, clients: int, ops: int, pool: int, block_bytes: int, e
         "p50_us": round(float(np.percentile(all_lat, 50)), 1), "p99_us": round(float(np.percentile(all_lat, 99)), 1),
         **{f"{k}_p99_us": round(float(np.percentile(v, 99)), 1) for k, v in lat.items()},
         "errors": sum(r["errors"] for r in results), "wrong": sum(r["wrong"] for r in results),
-        "lost": sum(r["lost"] for r in results),
+        "lost": sum(r["lost"] for r in results), "data_path": "ucx" if all(r["using_ucx"] for r in results) else
+        ("tcp" if not any(r["using_ucx"] for r in results) else "mixed"),
     }
 
 
-def bench_serve(redis_url: str, clients: int, ops: int, pool: int, block_bytes: int) -> dict:
-    env = dict(os.environ, KVBM_SERVE_TOKEN="bench-token")
-    cap = pool * (block_bytes + 56) * 2
+def start_serve(capacity: int, block_bytes: int, data_path: str, env: dict) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvbm", "serve", "--port", "0", "--capacity", str(cap),
-         "--max-block-bytes", str(block_bytes)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "kvbm", "serve", "--port", "0", "--capacity", str(capacity),
+         "--max-block-bytes", str(block_bytes), "--data-path", data_path],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    m = re.search(r"listening on (kvbm://127\.0\.0\.1:\d+)", proc.stdout.readline())
+    if not m:
+        proc.kill()
+        raise RuntimeError(proc.stderr.read())
+    return proc, m.group(1)
+
+
+def bench_serve(redis_url: str, clients: int, ops: int, pool: int, block_bytes: int, ucx: bool) -> dict:
+    env = dict(os.environ, KVBM_SERVE_TOKEN="bench-token")
+    out = {}
+    for dp in ("tcp", "ucx") if ucx else ("tcp",):
+        proc, url = start_serve(pool * (block_bytes + 56) * 2, block_bytes, dp, env)
+        try:
+            out[f"kvbm_serve_{dp}"] = run_clients(url, clients, ops, pool, block_bytes, env, dp)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    out["redis_tier"] = run_clients(redis_url, clients, ops, pool, block_bytes, env)
+    return out
+
+
+def bench_serve_throughput(redis_url: str, block_bytes: int, batch: int, batches: int, reps: int,
+                           ucx: bool) -> dict:
+    """One client, big batches: kvbm serve (TCP and UCX data paths) vs RedisTier, same bytes, GB/s."""
+    from kvbm.tiers import open_remote_tier
+
+    env = dict(os.environ, KVBM_SERVE_TOKEN="bench-token")
+    n = batch * batches
+    data = np.random.default_rng(3).integers(0, 256, (n, block_bytes), np.uint8)
+    proc, url = start_serve(n * (block_bytes + 56) * 2, block_bytes, "ucx" if ucx else "tcp", env)
+    res: dict = {"block_bytes": block_bytes, "batch": batch, "blocks": n}
     try:
-        m = re.search(r"listening on (kvbm://127\.0\.0\.1:\d+)", proc.stdout.readline())
-        assert m, proc.stderr.read()
-        serve = run_clients(m.group(1), clients, ops, pool, block_bytes, env)
+        tiers = {f"kvbm_serve_{dp}": open_remote_tier(url, block_bytes=block_bytes, namespace="tp", token="bench-token",
+                                                     data_path=dp, connections=1)
+                 for dp in (("tcp", "ucx") if ucx else ("tcp",))}
+        tiers["redis_tier"] = open_remote_tier(redis_url, block_bytes=block_bytes, namespace="tp", timeout_s=30)
+        rates: dict = {k: {"put": [], "get": []} for k in tiers}
+        out = np.zeros_like(data)
+        for _ in range(reps):
+            for name, t in tiers.items():
+                hs = [os.urandom(16) for _ in range(n)]  # fresh keys: every put really stores
+                t0 = time.perf_counter()
+                for b in range(batches):
+                    assert t.put(hs[b * batch:(b + 1) * batch], data[b * batch:(b + 1) * batch]).all()
+                rates[name]["put"].append(n * block_bytes / (time.perf_counter() - t0) / 1e9)
+                out[:] = 0
+                t0 = time.perf_counter()
+                for b in range(batches):
+                    assert t.get(hs[b * batch:(b + 1) * batch], out[b * batch:(b + 1) * batch]).all()
+                rates[name]["get"].append(n * block_bytes / (time.perf_counter() - t0) / 1e9)
+                np.testing.assert_array_equal(out, data)
+        for name, d in rates.items():
+            for op, v in d.items():
+                q = np.percentile(v, [25, 50, 75])
+                res[f"{name}_{op}_gbps"] = round(float(q[1]), 3)
+                res[f"{name}_{op}_iqr"] = round(float(q[2] - q[0]), 3)
+        for t in tiers.values():
+            t.close()
     finally:
         proc.terminate()
         proc.wait(30)
-    redis_res = run_clients(redis_url, clients, ops, pool, block_bytes, env)
-    return {"kvbm_serve": serve, "redis_tier": redis_res}
+    return res
 
 
 def machine() -> str:
@@ -171,7 +226,9 @@ def main() -> int:
     import redis
 
     import kvbm
+    from kvbm.transfer import ucx_available
 
+    ucx = ucx_available()[0]
     srv = RedisServer().start()
     try:
         version = subprocess.run([srv.binary, "--version"], capture_output=True, text=True).stdout.split()[2]
@@ -181,11 +238,13 @@ def main() -> int:
                                          text=True).stdout.strip(),
             "machine": machine(),
             "python": platform.python_version(), "kvbm": kvbm.__version__, "redis_py": redis.__version__,
-            "redis_server": version,
+            "redis_server": version, "ucx_data_path": ucx,
             "command": "python benchmarks/bench_remote.py " + " ".join(sys.argv[1:]),
             "redis_throughput": [bench_redis(srv.url, bb, batch, batches, a.reps)
                                  for bb, batch, batches in ((64 << 10, 32, 8), (1 << 20, 8, 4), (4 << 20, 4, 2))],
-            "load": {f"{bb}": bench_serve(srv.url, a.clients, a.ops, 2000, bb) for bb in (4096, 65536)},
+            "serve_throughput": [bench_serve_throughput(srv.url, bb, batch, batches, a.reps, ucx)
+                                 for bb, batch, batches in ((64 << 10, 32, 8), (1 << 20, 8, 8))],
+            "load": {f"{bb}": bench_serve(srv.url, a.clients, a.ops, 2000, bb, ucx) for bb in (4096, 65536)},
         }
         result["machine"] += f", {os.getloadavg()[0]:.1f} at the end"
     finally:
@@ -228,6 +287,24 @@ def render_md(r: dict) -> str:
         )
     lines += [
         "",
+        "## `kvbm serve` data paths vs the Redis tier, one client, same bytes",
+        "",
+        "A `kvbm serve` process offering both data paths; one client process (this one) per path with one "
+        "connection; fresh keys every repetition; GB/s median [IQR] of alternating repetitions; bytes checked. "
+        "UCX runs with transports `sm,tcp` on `lo` (shared memory between the two processes).",
+        "",
+        "| block | batch | store | put GB/s | get GB/s |",
+        "|---|---|---|---|---|",
+    ]
+    for x in r.get("serve_throughput", []):
+        for name in ("kvbm_serve_tcp", "kvbm_serve_ucx", "redis_tier"):
+            if f"{name}_put_gbps" in x:
+                lines.append(
+                    f"| {x['block_bytes'] >> 10} KiB | {x['batch']} | {name} | {x[name + '_put_gbps']} "
+                    f"[{x[name + '_put_iqr']}] | {x[name + '_get_gbps']} [{x[name + '_get_iqr']}] |"
+                )
+    lines += [
+        "",
         "## `kvbm serve` under load: 8 client processes, mixed ops",
         "",
         "Each client: its ops of 40% put / 40% get / 20% lookup on 1-8 random blocks of a pool of 2,000 shared by "
@@ -249,7 +326,8 @@ def render_md(r: dict) -> str:
             )
     lines += [
         "",
-        "Data path measured: TCP (records in the request stream). The UCX transfer-engine data path is not built yet.",
+        "Data paths: `kvbm_serve_tcp` moves records in the TCP request stream; `kvbm_serve_ucx` moves them with "
+        "one-sided UCX put/get into the server's registered arena (control messages stay on TCP).",
         "",
     ]
     return "\n".join(lines)
