@@ -24,6 +24,9 @@ Design note — control plane and data path.
     belong to the connection: if it drops, its reservations are dropped and its pins released.
     The TCP control connection is also how a dead client is noticed, so UCX may run with
     endpoint error handling off (what shared memory between processes needs).
+    Limit: a remote key covers the whole registered arena, so the ucx path trusts every
+    authenticated client with every slot (namespaces then separate cooperating tenants only);
+    per-slot keys or a server-side copy would be needed against hostile tenants.
 
 Protocol (version 1). ``n`` is at most the ``max_batch`` the server announced.
 
