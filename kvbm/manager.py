@@ -596,10 +596,12 @@ class BlockManager:
     def prefetch(self, hashes: HashesLike) -> PrefetchHandle:
         """Start bringing blocks that only the remote tier holds into the host tier.
 
-        Returns at once; the handle's :meth:`PrefetchHandle.wait` gives how many blocks arrived.
-        Blocks already in host or on disk, missing remotely, or failing verification are skipped
-        (the latter counted in ``stats()["remote"]``). Without a remote tier the handle is done
-        with 0.
+        Returns at once; a thread fetches the blocks and :meth:`PrefetchHandle.wait` gives how
+        many entered the host tier. Blocks already in host (or on disk), missing remotely, or
+        failing verification are skipped (the latter counted in ``stats()["remote"]``). With a
+        disk tier (driven from one thread only), the fetched blocks enter the host tier in
+        ``wait()``, on the caller's thread; without one, in the background. Without a remote tier
+        the handle is done with 0.
         """
         from concurrent.futures import Future
 
@@ -608,40 +610,56 @@ class BlockManager:
             f: Future = Future()
             f.set_result(0)
             return PrefetchHandle(f)
-        return PrefetchHandle(self._track(self._remote_pool.submit(self._onboard_remote, keys)))
+        if self._disk is None:
+            return PrefetchHandle(self._track(self._remote_pool.submit(self._onboard_remote, keys)))
+        fut = self._track(self._remote_pool.submit(self._fetch_remote, keys, False))
+        return PrefetchHandle(fut, self._install_remote)
 
-    def _onboard_remote(self, keys: list[bytes]) -> int:
-        remote, arena = self._remote, self._arena
-        if remote is None or arena is None:
-            return 0
+    def _fetch_remote(self, keys: list[bytes], check_disk: bool) -> tuple[list[bytes], np.ndarray]:
+        """Get the blocks missing from host (and, with ``check_disk``, from disk) from the remote
+        tier into a staging array. Touches neither the arena nor the disk tier: safe on any thread."""
+        remote = self._remote
         want: list[bytes] = []
         seen: set[bytes] = set()
         for k in keys:
-            if k in seen or self._index.peek([k])[0] or (self._disk is not None and self._disk.contains(k)):
+            if k in seen or self._index.peek([k])[0]:
+                continue
+            if check_disk and self._disk is not None and self._disk.contains(k):
                 continue
             seen.add(k)
             want.append(k)
-        if not want:
+        if remote is None or not want:
+            return [], np.empty((0, self.block_bytes), np.uint8)
+        staging = np.empty((len(want), self.block_bytes), np.uint8)
+        got = remote.get(want, staging)
+        return [want[i] for i in np.flatnonzero(got)], staging[got]
+
+    def _install_remote(self, fetched: tuple[list[bytes], np.ndarray]) -> int:
+        """Put fetched blocks into host slots (evicting, and demoting, as the policy says)."""
+        from kvbm.errors import CapacityError
+
+        keys, rows = fetched
+        if not keys or self._arena is None:
             return 0
-        plan = self.prepare_store(want)
-        self._demote(plan.evicted)
-        idx = np.flatnonzero(plan.slots >= 0)
-        new = [want[i] for i in idx]
-        ok = np.zeros(len(new), np.uint8)
         try:
-            staging = np.empty((len(new), self.block_bytes), np.uint8)
-            got = remote.get(new, staging)
-            slots = plan.slots[idx].copy()
-            slots[~got] = -1
-            arena.write(slots, staging)
-            ok[:] = got
-        finally:
-            if new:
-                self._index.complete_store(int(Tier.HOST), new, ok)
-        return int(ok.sum())
+            plan = self.prepare_store(keys)
+        except CapacityError:
+            return 0  # everything pinned: the prefetch brings nothing, the load will say so
+        self._demote(plan.evicted)
+        new = plan.new_hashes(keys)
+        try:
+            self._arena.write(plan.slots, rows)
+        except BaseException:
+            self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        self._index.complete_store(int(Tier.HOST), new)
+        return len(new)
+
+    def _onboard_remote(self, keys: list[bytes]) -> int:
+        return self._install_remote(self._fetch_remote(keys, True))
 
     def _remote_fill(self, hashes: HashesLike) -> None:
-        """For load: wait for prefetches in flight, then fetch blocks only the remote tier holds."""
+        """For load: wait for remote work in flight, then fetch blocks only the remote tier holds."""
         with self._lock:
             pending = [f for f in self._remote_pending if not f.done()]
         for f in pending:
@@ -652,14 +670,16 @@ class BlockManager:
 class PrefetchHandle:
     """Completion of :meth:`BlockManager.prefetch`."""
 
-    __slots__ = ("_fut",)
+    __slots__ = ("_count", "_finish", "_fut")
 
-    def __init__(self, fut: Any) -> None:
+    def __init__(self, fut: Any, finish: Any = None) -> None:
         self._fut = fut
+        self._finish = finish
+        self._count: int | None = None
 
     @property
     def done(self) -> bool:
-        """True once finished."""
+        """True once the fetch finished (with a disk tier, ``wait()`` still installs the blocks)."""
         return bool(self._fut.done())
 
     def wait(self, timeout: float | None = None) -> int:
@@ -668,10 +688,14 @@ class PrefetchHandle:
 
         from kvbm.errors import TransferTimeoutError
 
+        if self._count is not None:
+            return self._count
         try:
-            return int(self._fut.result(timeout))
+            r = self._fut.result(timeout)
         except FutTimeout:
             raise TransferTimeoutError(f"prefetch still running after {timeout} s") from None
+        self._count = int(self._finish(r) if self._finish is not None else r)
+        return self._count
 
 
 def _hash_list(hashes: HashesLike) -> list[bytes]:

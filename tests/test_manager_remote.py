@@ -45,12 +45,25 @@ def serve_url():
         yield srv.url
 
 
-@pytest.fixture(params=["redis", "kvbm-serve"])
+@pytest.fixture
+def serve_ucx_url():
+    from kvbm.transfer import ucx_available
+
+    ok, why = ucx_available()
+    if not ok:
+        pytest.skip(f"ucx data path: {why}")
+    with StoreServer(ServeConfig(capacity_bytes=16 << 20, max_block_bytes=BB, token="tok", data_path="ucx")) as srv:
+        yield srv.url
+
+
+@pytest.fixture(params=["redis", "kvbm-serve", "kvbm-serve-ucx"])
 def remote_url(request):
     if request.param == "redis":
         yield request.getfixturevalue("redis_url").url
-    else:
+    elif request.param == "kvbm-serve":
         yield request.getfixturevalue("serve_url")
+    else:
+        yield request.getfixturevalue("serve_ucx_url")
 
 
 def manager(url: str, **kw) -> BlockManager:
@@ -157,6 +170,35 @@ def test_redis_stopped_mid_run_engine_goes_on_and_recovers(redis_url):
         out = np.zeros((4, BB), np.uint8)
         b.load(more, out)
         np.testing.assert_array_equal(out, mdata)
+
+
+def test_prefetch_with_a_disk_tier_installs_on_wait(redis_url, tmp_path):
+    hs, data = rand_hashes(6), rand_blocks(6)
+    with manager(redis_url.url) as other, manager(redis_url.url, disk_path=str(tmp_path),
+                                                  disk_capacity_bytes=64 * BB) as m:
+        other.store(hs, data)
+        other.flush_remote(10)
+        h = m.prefetch(hs)
+        assert h.wait(10) == 6 and h.wait(10) == 6  # installed once, on this thread
+        r = m.lookup(hs)
+        assert [r.tier_of(i) for i in range(6)] == [Tier.HOST] * 6
+        out = np.zeros_like(data)
+        m.load(hs, out)
+        np.testing.assert_array_equal(out, data)
+
+
+def test_remote_counters_are_exported_to_prometheus(redis_url):
+    pytest.importorskip("prometheus_client", reason="prometheus_client is not installed")
+    from kvbm.metrics import render
+
+    hs, data = rand_hashes(3), rand_blocks(3)
+    with manager(redis_url.url) as a, manager(redis_url.url) as b:
+        a.store(hs, data)
+        a.flush_remote(10)
+        b.load(hs, np.zeros_like(data))
+        text = render(b).decode()
+        assert 'kvbm_hits_total{tier="remote"}' in text or 'kvbm_hits{tier="remote"}' in text
+        assert f'kvbm_bytes_loaded_total{{tier="remote"}} {float(3 * BB)}' in text
 
 
 def test_remote_config_is_validated():
