@@ -134,6 +134,7 @@ class BlockManager:
         self._remote: RemoteTier | None = None
         self._remote_pool: Any = None
         self._remote_pending: list[Any] = []
+        self._prefetch_pending: list[Any] = []
         if allocate_memory and self.config.remote_url:
             self._open_remote()
         self._metrics_server: Any = None
@@ -572,10 +573,13 @@ class BlockManager:
         self._arena.read(slots, staging)
         self._track(self._remote_pool.submit(self._remote.put, keys, staging))
 
-    def _track(self, fut: Any) -> Any:
+    def _track(self, fut: Any, prefetch: bool = False) -> Any:
         with self._lock:
             self._remote_pending = [f for f in self._remote_pending if not f.done()]
             self._remote_pending.append(fut)
+            if prefetch:
+                self._prefetch_pending = [f for f in self._prefetch_pending if not f.done()]
+                self._prefetch_pending.append(fut)
         return fut
 
     def flush_remote(self, timeout: float | None = None) -> None:
@@ -611,7 +615,8 @@ class BlockManager:
             f.set_result(0)
             return PrefetchHandle(f)
         if self._disk is None:
-            return PrefetchHandle(self._track(self._remote_pool.submit(self._onboard_remote, keys)))
+            fut = self._track(self._remote_pool.submit(self._onboard_remote, keys), prefetch=True)
+            return PrefetchHandle(fut)
         fut = self._track(self._remote_pool.submit(self._fetch_remote, keys, False))
         return PrefetchHandle(fut, self._install_remote)
 
@@ -659,12 +664,20 @@ class BlockManager:
         return self._install_remote(self._fetch_remote(keys, True))
 
     def _remote_fill(self, hashes: HashesLike) -> None:
-        """For load: wait for remote work in flight, then fetch blocks only the remote tier holds."""
+        """For load: fetch the blocks that only the remote tier holds (nothing when all are in host).
+
+        Waits first for prefetches in flight (not for background writes), so a block being
+        prefetched is not fetched twice.
+        """
+        keys = _hash_list(hashes)
+        missing = [k for k in keys if not self._index.peek([k])[0]]
+        if not missing:
+            return
         with self._lock:
-            pending = [f for f in self._remote_pending if not f.done()]
+            pending = [f for f in self._prefetch_pending if not f.done()]
         for f in pending:
             f.result()
-        self._onboard_remote(_hash_list(hashes))
+        self._onboard_remote(missing)
 
 
 class PrefetchHandle:
