@@ -87,6 +87,62 @@ class StorePlan:
         return [bytes(hashes[i]) for i in np.flatnonzero(self.slots >= 0)]
 
 
+class EngineTransfer:
+    """An offload or onboard in flight; finishing it (``wait``/``poll``) publishes the stored
+    blocks or unpins the loaded ones. Exactly once, whatever the outcome."""
+
+    def __init__(self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str) -> None:
+        self._manager = manager
+        self._handle = handle
+        self._keys = keys
+        self._kind = kind
+        self._done = handle is None
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks this transfer moves (skipped, already-cached blocks not counted)."""
+        return len(self._keys)
+
+    def _finish(self, ok: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        ix = self._manager.index
+        if self._kind == "store":
+            flags = np.full(len(self._keys), 1 if ok else 0, np.uint8)
+            ix.complete_store(int(Tier.HOST), self._keys, flags)
+            if ok:
+                self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
+        else:
+            ix.complete_load(int(Tier.HOST), self._keys)
+
+    def poll(self) -> bool:
+        """True once finished; raises the copy's error (after releasing the blocks)."""
+        if self._done:
+            return True
+        try:
+            done = self._handle.poll()
+        except BaseException:
+            self._finish(False)
+            raise
+        if done:
+            self._finish(True)
+        return done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` s (None: forever); True when finished. Raises the copy's error."""
+        if self._done:
+            return True
+        try:
+            done = self._handle.wait(timeout)
+        except BaseException:
+            self._finish(False)
+            raise
+        if done:
+            self._finish(True)
+        return done
+
+
 class BlockManager:
     """Keeps KV blocks across tiers with prefix-hash reuse and eviction.
 
@@ -232,7 +288,7 @@ class BlockManager:
         """Copy the given blocks from the host tier into ``out`` (same forms as ``store``'s data).
 
         With a disk tier, blocks found only on disk are first brought into the host tier
-        (:meth:`onboard`), so disk -> host -> ``out`` is one call. More blocks than half the host
+        (:meth:`promote`), so disk -> host -> ``out`` is one call. More blocks than half the host
         tier are then moved in chunks; a verification failure on disk discovered in a later
         chunk raises after earlier chunks were copied.
 
@@ -252,6 +308,75 @@ class BlockManager:
             arena.read(slots, out)
         finally:
             self._index.complete_load(int(Tier.HOST), hashes)
+
+    # ---- engine path: paged KV <-> host slots (CUDA kernels or the host memcpy path) ----------
+    def offload(
+        self,
+        layout: Any,
+        block_ids: Sequence[int] | np.ndarray,
+        hashes: HashesLike,
+        *,
+        parent: bytes | None = None,
+        stream: Any = None,
+    ) -> EngineTransfer:
+        """Copy engine blocks ``block_ids`` (a :class:`kvbm.kv_layout.KvLayout`) into host slots
+        as the chain ``hashes``; returns a handle. Blocks already cached are skipped. The
+        blocks become visible to lookups when the handle completes (``wait``/``poll``); a
+        failed copy drops them. ``layout.block_bytes`` must equal this manager's block_bytes.
+        """
+        from kvbm import copy as kvcopy
+
+        arena = self._need_arena()
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        self._check_layout(layout, len(ids), hashes)
+        plan = self.prepare_store(hashes, parent=parent)
+        self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
+        new_idx = np.flatnonzero(plan.slots >= 0)
+        new = [bytes(hashes[i]) for i in new_idx]
+        if len(new) == 0:
+            return EngineTransfer(self, None, [], "store")
+        try:
+            addrs = arena.addresses(plan.slots[new_idx])
+            handle = kvcopy.gather(layout, ids[new_idx], addrs, stream, slot_bytes=self.block_bytes)
+        except BaseException:
+            self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        return EngineTransfer(self, handle, new, "store")
+
+    def onboard(
+        self, layout: Any, block_ids: Sequence[int] | np.ndarray, hashes: HashesLike, *, stream: Any = None
+    ) -> EngineTransfer:
+        """Copy cached host blocks ``hashes`` into engine blocks ``block_ids``; returns a handle.
+        The host slots stay pinned (never evicted) until the handle completes.
+
+        With a disk tier, blocks found only on disk are promoted to host slots first (the disk
+        reads are waited for; use :meth:`promote_async` earlier to overlap them).
+
+        Raises BlockNotFoundError when a block is not in the host tier (nor on disk); nothing
+        is copied then.
+        """
+        from kvbm import copy as kvcopy
+
+        arena = self._need_arena()
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        self._check_layout(layout, len(ids), hashes)
+        keys = [bytes(h) for h in hashes]
+        # with a disk tier, disk-only blocks are promoted first: disk -> host -> GPU in one call
+        slots = self._pin_in_host(keys) if self._disk is not None else self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            handle = kvcopy.scatter(layout, ids, arena.addresses(slots), stream, slot_bytes=self.block_bytes)
+        except BaseException:
+            self._index.complete_load(int(Tier.HOST), keys)
+            raise
+        return EngineTransfer(self, handle, keys, "load")
+
+    def _check_layout(self, layout: Any, n_ids: int, hashes: HashesLike) -> None:
+        if layout.block_bytes != self.block_bytes:
+            raise InvalidArgumentError(
+                f"layout.block_bytes is {layout.block_bytes} but this manager's block_bytes is {self.block_bytes}"
+            )
+        if n_ids != len(hashes):
+            raise InvalidArgumentError(f"{n_ids} block ids for {len(hashes)} hashes")
 
     # ---- split-process primitives -------------------------------------------------------------
     def prepare_store(self, hashes: HashesLike, *, parent: bytes | None = None, tier: Tier = Tier.HOST) -> StorePlan:
@@ -372,6 +497,23 @@ class BlockManager:
             eviction=c.eviction_policy,
         )
 
+    def _write_through_from_host(self, keys: list[bytes]) -> None:
+        """With disk_write_policy write_through: queue host blocks ``keys`` for the disk tier.
+
+        Used by the engine path once an offload completes; the disk writes are asynchronous (the
+        bytes are copied out of the host slots first, so those may be evicted meanwhile).
+        """
+        disk = self._disk
+        if disk is None or self.config.disk_write_policy != "write_through" or not keys or self._arena is None:
+            return
+        slots = self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
+            self._arena.read(slots, staging)
+        finally:
+            self._index.complete_load(int(Tier.HOST), keys)
+        disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+
     def _disk_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
         """Continue a lookup past the index's prefix: blocks on disk (or back in the index)."""
         assert self._disk is not None
@@ -406,74 +548,86 @@ class BlockManager:
         # The handle keeps `staging` alive; the tier commits it when done (reaped on later calls).
         disk.put_async([e[0] for e in todo], list(staging), parents=parents)
 
-    def onboard(self, hashes: HashesLike) -> int:
+    def promote(self, hashes: HashesLike) -> int:
         """Bring blocks that are on disk but not in the host tier into host slots; returns how many.
 
-        Host slots are reserved (evicting, and demoting, as the policy says), the disk reads go
-        straight into them with CRC32C verification, and the blocks become Ready in the host tier.
-        A block failing verification is a counted miss and stays absent. Raises CapacityError
-        when the host tier has no evictable room.
+        Synchronous :meth:`promote_async`. Raises CapacityError when the host tier has no
+        evictable room.
+        """
+        return self.promote_async(hashes).wait()
+
+    def promote_async(self, hashes: HashesLike) -> PromoteHandle:
+        """Start bringing disk-only blocks into host slots; returns a handle to poll or wait on.
+
+        Host slots are reserved (state Storing; evicting, and demoting, as the policy says), the
+        disk reads go straight into them with CRC32C verification, and when the handle completes
+        the blocks that verified become Ready in the host tier; a block that failed is a counted
+        miss and stays absent. The handle must be polled or waited on until done (until then the
+        reserved slots stay in flight). Blocks already in the host tier, or not on disk, are
+        skipped. Raises CapacityError when the host tier has no evictable room.
         """
         disk, arena = self._disk, self._need_arena()
         if disk is None:
-            return 0
-        keys = _hash_list(hashes)
-        want = []
-        for k in keys:
-            m, _ = self._index.peek([k])
-            if not m and disk.contains(k) and k not in want:
+            return PromoteHandle(self, [], None)
+        want: list[bytes] = []
+        seen: set[bytes] = set()
+        for k in _hash_list(hashes):
+            if k in seen:
+                continue
+            seen.add(k)
+            if not self._index.peek([k])[0] and disk.contains(k):
                 want.append(k)
         if not want:
-            return 0
+            return PromoteHandle(self, [], None)
         plan = self.prepare_store(want)
-        self._demote(plan.evicted)
+        self._demote(plan.evicted)  # copies evicted bytes out before the reads land in their slots
         idx = [i for i, s in enumerate(plan.slots.tolist()) if s >= 0]
         new = [want[i] for i in idx]
-        ok = np.zeros(len(new), dtype=np.uint8)
         try:
-            res = disk.get(new, [arena.view(int(plan.slots[i])) for i in idx])
-            ok[:] = res
-        finally:
+            h = disk.get_async(new, [arena.view(int(plan.slots[i])) for i in idx])
+        except BaseException:
             if new:
-                self._index.complete_store(int(Tier.HOST), new, ok)
-        return int(ok.sum())
+                self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        return PromoteHandle(self, new, h)
 
     def _load_via_disk(self, hashes: HashesLike, out: Any) -> None:
-        arena, disk = self._need_arena(), self._disk
-        assert disk is not None
+        arena = self._need_arena()
         keys = _hash_list(hashes)
+        self._host_or_disk(keys)  # BlockNotFoundError before anything is copied
+        if len(keys) <= max(1, self.host_slots // 2):
+            chunks = [(0, keys, out)]
+        else:  # more than the host tier comfortably holds: disk -> host -> out chunk by chunk
+            rows = _rows(out, len(keys), self.block_bytes, writable=True)
+            step = max(1, self.host_slots // 2)
+            chunks = [(c, keys[c : c + step], rows[c : c + step]) for c in range(0, len(keys), step)]
+        for _, ck, dst in chunks:
+            slots = self._pin_in_host(ck)
+            try:
+                arena.read(slots, dst)
+            finally:
+                self._index.complete_load(int(Tier.HOST), ck)
+
+    def _pin_in_host(self, keys: list[bytes]) -> np.ndarray:
+        """Pin ``keys`` in the host tier (as prepare_load does), promoting disk-only ones first.
+
+        Blocks already in the host tier are pinned while the others are promoted, so the
+        promotion cannot evict them. Returns the slots; the caller calls complete_load(keys).
+        Raises BlockNotFoundError for a block in neither tier or one that failed verification.
+        """
         in_host = self._host_or_disk(keys)
-        if all(in_host):
-            slots = self._index.prepare_load(int(Tier.HOST), keys)
-            try:
-                arena.read(slots, out)
-            finally:
-                self._index.complete_load(int(Tier.HOST), keys)
-            return
-        rows = _rows(out, len(keys), self.block_bytes, writable=True)
-        chunk = max(1, self.host_slots // 2)
-        for c0 in range(0, len(keys), chunk):
-            ck = keys[c0 : c0 + chunk]
-            ch = self._host_or_disk(ck)  # earlier chunks may have pushed some of these to disk
-            hosted = [k for k, h in zip(ck, ch, strict=True) if h]
-            pinned: list[bytes] = []
-            try:
-                if hosted:  # pin first, so onboarding the others cannot evict them
-                    self._index.prepare_load(int(Tier.HOST), hosted)
-                    pinned += hosted
-                others = [k for k, h in zip(ck, ch, strict=True) if not h]
-                if others:
-                    self.onboard(others)
-                    self._index.prepare_load(int(Tier.HOST), others)  # BlockNotFoundError if it failed
-                    pinned += others
-                slots = self._index.prepare_load(int(Tier.HOST), ck)  # a second pin, for the slots
-                try:
-                    arena.read(slots, rows[c0 : c0 + chunk])
-                finally:
-                    self._index.complete_load(int(Tier.HOST), ck)
-            finally:
-                if pinned:
-                    self._index.complete_load(int(Tier.HOST), pinned)
+        hosted = [k for k, h in zip(keys, in_host, strict=True) if h]
+        others = [k for k, h in zip(keys, in_host, strict=True) if not h]
+        if not others:
+            return self._index.prepare_load(int(Tier.HOST), keys)
+        if hosted:
+            self._index.prepare_load(int(Tier.HOST), hosted)
+        try:
+            self.promote(others)
+            return self._index.prepare_load(int(Tier.HOST), keys)
+        finally:
+            if hosted:
+                self._index.complete_load(int(Tier.HOST), hosted)
 
     def _host_or_disk(self, keys: list[bytes]) -> list[bool]:
         """Per key: True in the host tier, False on disk. BlockNotFoundError when in neither."""
@@ -505,6 +659,8 @@ class BlockManager:
             block_bytes=d["slot_bytes"],
             used_bytes=d["bytes_used"],
             policy=self.config.eviction_policy,
+            bytes_stored=d["stored_bytes"],
+            bytes_loaded=d["loaded_bytes"],
             bytes_written=io["bytes_written"],
             bytes_read=io["bytes_read"],
             lifetime=totals,
@@ -709,6 +865,43 @@ class PrefetchHandle:
             raise TransferTimeoutError(f"prefetch still running after {timeout} s") from None
         self._count = int(self._finish(r) if self._finish is not None else r)
         return self._count
+
+
+class PromoteHandle:
+    """A disk -> host promotion in flight (from :meth:`BlockManager.promote_async`).
+
+    ``poll()`` is True once done (the verified blocks are then Ready in the host tier);
+    ``wait(timeout=None)`` blocks and returns how many blocks were onboarded.
+    """
+
+    def __init__(self, manager: BlockManager, hashes: list[bytes], disk_handle: Any) -> None:
+        self._m = manager
+        self.hashes = hashes
+        self._h = disk_handle
+        self._count: int | None = None if hashes else 0
+
+    def poll(self) -> bool:
+        """True once finished (and published to the host tier)."""
+        if self._count is not None:
+            return True
+        if not self._h.poll():
+            return False
+        self._finish()
+        return True
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until done; returns the number of blocks onboarded. TransferTimeoutError after ``timeout`` s."""
+        if self._count is None:
+            self._h.wait(timeout)
+            self._finish()
+        return int(self._count or 0)
+
+    def _finish(self) -> None:
+        if self._count is not None:
+            return
+        ok = np.asarray(self._h.result(), dtype=np.uint8)
+        self._m._index.complete_store(int(Tier.HOST), self.hashes, ok)
+        self._count = int(ok.sum())
 
 
 def _hash_list(hashes: HashesLike) -> list[bytes]:

@@ -102,3 +102,99 @@ def test_disk_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         BlockManager(KvbmConfig(block_bytes=BB, host_pinned=False, disk_path=str(tmp_path / "nope"),
                                 disk_capacity_bytes=BB * 4))  # fmt: skip
+
+
+def test_disk_stats_reach_prometheus(tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus_client not installed")
+    from kvbm.metrics import render
+
+    hs, data = hashes(6, salt=4), blocks(6, seed=4)
+    with manager(tmp_path) as m:
+        for i in range(6):
+            m.store(hs[i : i + 1], data[i : i + 1])
+        m.disk.flush()
+        assert m.stats()["disk"]["stores"] == 2  # two host evictions demoted
+        m.load(hs[:1], np.zeros((1, BB), np.uint8))  # onboarding evicts (and demotes) one more
+        m.disk.flush()
+        st = m.stats()["disk"]
+        assert st["stores"] == 3 and st["hits"] == 1 and st["bytes_stored"] == 3 * BB
+        text = render(m).decode()
+        assert 'kvbm_stores_total{tier="disk"} 3.0' in text
+        assert 'kvbm_hits_total{tier="disk"} 1.0' in text
+        assert f'kvbm_capacity_bytes{{tier="disk"}} {float(64 * BB)}' in text
+
+
+def test_promote_async(tmp_path: Path) -> None:
+    hs, data = hashes(8, salt=5), blocks(8, seed=5)
+    with manager(tmp_path, host_blocks=8) as m:
+        m.store(hs, data)
+        m.evict(8)  # all demoted to disk
+        m.disk.flush()
+        assert m.lookup(hs).num_hits == 8 and m.contains(hs[0]) == Tier.DISK
+        h = m.promote_async(hs[:4])
+        assert h.wait(timeout=30) == 4 and h.poll()
+        assert [m.contains(x) for x in hs[:5]] == [Tier.HOST] * 4 + [Tier.DISK]
+        assert m.promote_async(hs[:4]).wait() == 0  # already in the host tier
+        out = np.zeros((4, BB), np.uint8)
+        m.load(hs[:4], out)
+        assert np.array_equal(out, data[:4])
+
+
+def test_engine_path_disk_to_host_to_engine_in_one_call(tmp_path: Path) -> None:
+    import kvbm
+    from kvbm.kv_layout import KvLayout
+
+    layers, nblocks, heads, bs, head = 2, 10, 2, 16, 64
+    rng = np.random.default_rng(11)
+    src = [rng.integers(0, 1 << 16, (nblocks, heads, bs, 2 * head), dtype=np.uint16) for _ in range(layers)]
+    layout = KvLayout.from_tensors(src, kind="vllm", dtype="float16")
+    hs = kvbm.block_hashes(np.arange(6 * bs), bs, kvbm.Namespace("m", "fp16", "NHD", bs))
+    cfg = KvbmConfig(
+        block_bytes=layout.block_bytes, host_capacity_bytes=layout.block_bytes * 8, host_pinned=False,
+        disk_path=str(tmp_path), disk_capacity_bytes=layout.block_bytes * 32, disk_durability="none",
+    )  # fmt: skip
+    src_ids = [3, 1, 4, 0, 9, 2]
+    with BlockManager(cfg) as m:
+        assert m.offload(layout, src_ids, hs).wait(10)
+        m.evict(6)  # the host tier lets them go: demoted to disk
+        m.disk.flush()
+        assert [m.contains(h) for h in hs] == [Tier.DISK] * 6
+    with BlockManager(cfg) as m:  # a restart: only the disk tier has them
+        dst = [np.zeros_like(x) for x in src]
+        dst_layout = KvLayout.from_tensors(dst, kind="vllm", dtype="float16")
+        dst_ids = [5, 6, 7, 8, 0, 1]
+        assert m.onboard(dst_layout, dst_ids, hs).wait(10)  # disk -> host -> engine blocks
+        for layer in range(layers):
+            assert np.array_equal(dst[layer][dst_ids], src[layer][src_ids])
+        assert m.stats()["host"]["pinned_blocks"] == 0
+        assert m.stats()["disk"]["hits"] == 6
+        m.index.validate()
+
+
+@pytest.mark.parametrize("policy", ["write_behind", "write_through"])
+def test_engine_offload_reaches_disk(tmp_path: Path, policy: str) -> None:
+    import kvbm
+    from kvbm.kv_layout import KvLayout
+
+    layers, nblocks, heads, bs, head = 2, 12, 2, 16, 64
+    rng = np.random.default_rng(12)
+    src = [rng.integers(0, 1 << 16, (nblocks, heads, bs, 2 * head), dtype=np.uint16) for _ in range(layers)]
+    layout = KvLayout.from_tensors(src, kind="vllm", dtype="float16")
+    hs = kvbm.block_hashes(np.arange(10 * bs), bs, kvbm.Namespace("m", "fp16", "NHD", bs))
+    cfg = KvbmConfig(
+        block_bytes=layout.block_bytes, host_capacity_bytes=layout.block_bytes * 4, host_pinned=False,
+        disk_path=str(tmp_path), disk_capacity_bytes=layout.block_bytes * 32, disk_durability="none",
+        disk_write_policy=policy,
+    )  # fmt: skip
+    with BlockManager(cfg) as m:
+        for i in range(10):  # one block per offload: the 4-slot host tier evicts as it goes
+            assert m.offload(layout, [i], hs[i : i + 1], parent=hs[i - 1] if i else None).wait(10)
+        m.disk.flush()
+        on_disk = [h for h in hs if m.disk.contains(h)]
+        assert len(on_disk) == (10 if policy == "write_through" else 6)
+        assert m.lookup(hs).num_hits == 10
+        dst = [np.zeros_like(x) for x in src]
+        dst_layout = KvLayout.from_tensors(dst, kind="vllm", dtype="float16")
+        assert m.onboard(dst_layout, [11, 10], hs[:2]).wait(10)  # from disk
+        for layer in range(layers):
+            assert np.array_equal(dst[layer][[11, 10]], src[layer][[0, 1]])

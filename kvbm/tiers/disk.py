@@ -760,6 +760,13 @@ class DiskTier:
     ``capacity_bytes // slot_bytes`` slots; when full, the eviction policy picks victims.
     Not thread-safe beyond an internal lock around catalog updates: drive it from one thread.
 
+    Args: ``namespace`` is stored with every block and checked on load (another namespace is a
+    miss); ``io_threads`` IO worker threads; ``o_direct`` try O_DIRECT (falls back with a
+    RuntimeWarning where refused); ``durability`` "none" | "batch" | "always" (see the module
+    note); ``verify_checksums`` check CRC32C on every load; ``eviction`` a name from
+    ``kvbm.eviction_policies()``; ``slab_bytes`` slab file size for a new directory;
+    ``preallocate`` fallocate slabs at open (best effort).
+
     Raises ConfigError for a bad configuration (missing or unwritable directory, capacity below
     one slot, slot size not a multiple of 4096, unknown durability) and StorageIOError when
     another process holds the directory.
@@ -826,7 +833,7 @@ class DiskTier:
             log.warning("disk tier %s: slabs not preallocated (%s); they grow as written", self.path,
                         self.store.prealloc_error)  # fmt: skip
         self.counters: dict[str, int] = dict.fromkeys(
-            ("hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "io_errors"),
+            ("lookups", "hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "io_errors", "removals"),
             0,
         )
         self._closed = False
@@ -867,6 +874,7 @@ class DiskTier:
         with self._lock:
             self._reap()
             n = 0
+            self.counters["lookups"] += 1
             for h in hashes:
                 s = self.catalog.slot_of(hash_key(h))
                 if s < 0 or int(self.catalog._ns[s]) != self.namespace:
@@ -1028,7 +1036,9 @@ class DiskTier:
         """Drop blocks from the tier; returns how many were present."""
         with self._lock:
             self._reap()
-            return self.catalog.drop([hash_key(h) for h in hashes])
+            n = self.catalog.drop([hash_key(h) for h in hashes])
+            self.counters["removals"] += n
+            return n
 
     # ---- completion ----
 
@@ -1136,6 +1146,7 @@ class DiskTier:
                 slot_bytes=self.slot_bytes,
                 slots_total=self.num_slots,
                 slots_free=cat.free_slots,
+                pinned_blocks=int((cat._pins > 0).sum()),
                 o_direct=self.o_direct_active,
                 io=self.store.stats(),
                 totals=dict(cat.totals),
