@@ -113,6 +113,7 @@ class EngineTransfer:
             ix.complete_store(int(Tier.HOST), self._keys, flags)
             if ok:
                 self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
+                self._manager._remote_write_through(self._keys)  # remote tier, write_through only
         else:
             ix.complete_load(int(Tier.HOST), self._keys)
 
@@ -361,6 +362,8 @@ class BlockManager:
         ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
         self._check_layout(layout, len(ids), hashes)
         keys = [bytes(h) for h in hashes]
+        if self._remote is not None:  # remote-only blocks come into host first: remote -> host -> GPU
+            self._remote_fill(keys)
         # with a disk tier, disk-only blocks are promoted first: disk -> host -> GPU in one call
         slots = self._pin_in_host(keys) if self._disk is not None else self._index.prepare_load(int(Tier.HOST), keys)
         try:
@@ -728,6 +731,16 @@ class BlockManager:
         staging = np.empty((len(keys), self.block_bytes), np.uint8)
         self._arena.read(slots, staging)
         self._track(self._remote_pool.submit(self._remote.put, keys, staging))
+
+    def _remote_write_through(self, keys: list[bytes]) -> None:
+        """With remote_write_policy write_through: put host blocks ``keys`` (engine offloads)."""
+        if self._remote is None or self.config.remote_write_policy != "write_through" or not keys:
+            return
+        slots = self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            self._remote_write(keys, slots)
+        finally:
+            self._index.complete_load(int(Tier.HOST), keys)
 
     def _track(self, fut: Any, prefetch: bool = False) -> Any:
         with self._lock:

@@ -201,6 +201,30 @@ def test_remote_counters_are_exported_to_prometheus(redis_url):
         assert f'kvbm_bytes_loaded_total{{tier="remote"}} {float(3 * BB)}' in text
 
 
+def test_engine_offload_on_one_instance_onboards_on_another(remote_url):
+    """Engine path: offload (paged KV -> host) writes through to the remote tier; another
+    instance onboards remote -> host -> its own paged KV in one call."""
+    import kvbm
+    from kvbm.kv_layout import KvLayout
+
+    rng = np.random.default_rng(5)
+    src = [rng.integers(0, 1 << 16, (8, 1, 16, 64), dtype=np.uint16) for _ in range(3)]  # 6 KiB blocks
+    dst = [np.zeros_like(x) for x in src]
+    layout = KvLayout.from_tensors(src, kind="vllm", dtype="float16")
+    dst_layout = KvLayout.from_tensors(dst, kind="vllm", dtype="float16")
+    hs = kvbm.block_hashes(np.arange(4 * 16), 16, kvbm.Namespace("m", "fp16", "NHD", 16))
+    cfg = KvbmConfig(block_bytes=layout.block_bytes, host_capacity_bytes=16 * layout.block_bytes,
+                     remote_url=remote_url, remote_token="tok")
+    with BlockManager(cfg) as a, BlockManager(cfg) as b:
+        assert a.offload(layout, [5, 1, 7, 2], hs).wait(10)
+        a.flush_remote(10)
+        assert [b.lookup(hs).tier_of(i) for i in range(4)] == [Tier.REMOTE] * 4
+        assert b.onboard(dst_layout, [0, 3, 4, 6], hs).wait(10)
+        for layer in range(3):
+            np.testing.assert_array_equal(dst[layer][[0, 3, 4, 6]], src[layer][[5, 1, 7, 2]])
+        assert b.stats()["host"]["pinned_blocks"] == 0
+
+
 def test_remote_config_is_validated():
     with pytest.raises(ConfigError, match="remote_url"):
         KvbmConfig(remote_url="http://127.0.0.1:1")
