@@ -268,7 +268,8 @@ Status BlockIndex::prepare_store(TierId tier, const Hash128* keys, size_t n, Has
       if (tb.slot_entry[s] == kNoEntry) tb.free_slots.push_back(s);
     tb.free_dirty = false;
   }
-  // Pass 1: what needs a slot; pin the batch's own present blocks so they are not victims.
+  // Pass 1: what needs a slot; the batch's own present blocks are pinned (once the store is
+  // known to fit, so a refused store leaves the policy untouched) so they are not victims.
   size_t need = 0;
   std::vector<uint32_t> temp_pinned;
   std::unordered_set<Hash128, Hash128Hasher> seen;  // a key listed twice is stored once
@@ -281,19 +282,18 @@ Status BlockIndex::prepare_store(TierId tier, const Hash128* keys, size_t n, Has
       ++need;
       slots_out[i] = 0;  // marks "needs a slot"
     } else if (entries_[id].state[t] == kReady && entries_[id].pins[t] == 0) {
-      tb.policy->set_pinned(entries_[id].slot[t], true);
       temp_pinned.push_back(entries_[id].slot[t]);
     }
   }
   const size_t evictable = tb.ready - tb.pinned - temp_pinned.size();
   if (need > tb.free_slots.size() + evictable) {
-    for (uint32_t s : temp_pinned) tb.policy->set_pinned(s, false);
     for (size_t i = 0; i < n; ++i) slots_out[i] = kNoSlot;
     return CapacityExceeded(std::string("tier '") + tier_name(tier) + "': " + std::to_string(need) +
                             " blocks need slots but only " + std::to_string(tb.free_slots.size()) + " are free and " +
                             std::to_string(evictable) + " evictable (" + std::to_string(tb.pinned) +
                             " pinned, " + std::to_string(tb.storing) + " in flight)");
   }
+  for (uint32_t s : temp_pinned) tb.policy->set_pinned(s, true);
   // Pass 2: allocate, evicting as needed.
   Hash128 parent = first_parent;
   for (size_t i = 0; i < n; ++i) {

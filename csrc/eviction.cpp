@@ -26,9 +26,8 @@ int register_policy(const char* name, int rank, PolicyFactory factory) {
   return static_cast<int>(r.size());
 }
 
-const std::vector<std::string>& eviction_policy_names() {
-  static std::vector<std::string> names;
-  names.clear();
+std::vector<std::string> eviction_policy_names() {
+  std::vector<std::string> names;
   for (const auto& p : policy_registry()) names.push_back(p.name);
   return names;
 }

@@ -50,7 +50,7 @@ class EvictionPolicy {
 };
 
 // Names accepted by make_policy, in a stable order (the first is the default).
-const std::vector<std::string>& eviction_policy_names();
+std::vector<std::string> eviction_policy_names();
 StatusOr<std::unique_ptr<EvictionPolicy>> make_policy(const std::string& name, uint32_t capacity);
 
 // Registration hook used by policy implementations (see eviction.cpp).

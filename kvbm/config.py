@@ -45,6 +45,12 @@ def parse_size(value: int | str, key: str = "size") -> int:
     raise ConfigError(f"{key}: expected a byte size such as 1073741824 or '1GiB', got {value!r}")
 
 
+def _default_eviction_policy() -> str:
+    from kvbm import _native
+
+    return str(_native.eviction_policy_names()[0])
+
+
 _SIZE_FIELDS = {"host_capacity_bytes", "block_bytes", "disk_capacity_bytes"}
 
 
@@ -58,7 +64,7 @@ class KvbmConfig:
             "set later" by the engine integration when it registers its KV layout.
         host_capacity_bytes: bytes of host DRAM for the host tier; > 0.
         host_pinned: pin host memory (None: pin when a GPU is present; True: require it).
-        eviction_policy: name from ``kvbm.eviction_policies()``.
+        eviction_policy: name from ``kvbm.eviction_policies()`` (default: the first, the default policy).
         hash_algorithm: ``"sha256"`` (default, collision resistant) or ``"fast128"``
             (non-cryptographic; for trusted single-tenant deployments only).
         checksums: compute and verify CRC32C for blocks stored below the GPU.
@@ -89,7 +95,7 @@ class KvbmConfig:
     block_bytes: int = 0
     host_capacity_bytes: int = 1 << 30
     host_pinned: bool | None = None
-    eviction_policy: str = "lru"
+    eviction_policy: str = field(default_factory=lambda: _default_eviction_policy())
     hash_algorithm: str = "sha256"
     checksums: bool = True
     index_initial_capacity: int = 1024

@@ -188,6 +188,51 @@ def test_peer_killed_mid_transfer_then_survivor_serves_another() -> None:
         other.stop()
 
 
+_FLOODER = """
+import sys, numpy as np
+from kvbm.transfer import TransferEngine
+eng = TransferEngine("flooder", transports="tcp", net_devices="lo")
+src = np.ones(32 << 20, np.uint8); r = eng.register(src)
+peer = eng.connect("127.0.0.1", int(sys.argv[1])); dst = peer.remote_regions[0]
+print("FLOODING", flush=True)
+while True:
+    hs = [peer.put(r.addr, dst.addr, dst.length) for _ in range(4)]
+    for h in hs:
+        h.wait(30)
+"""
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="UCX 1.21 (PyPI) aborts the *target* process about half the time here when its initiator dies with "
+    "tcp puts still in the target's socket buffer: ucp_put_handler -> software-RMA ack on the failed endpoint -> "
+    "ucs_fatal('unexpected error: Endpoint timeout') in ucp_request.inl:319 (backtrace in docs/transfer.md). "
+    "The initiator-side failure handling is tested above; the target side needs an AM-based tcp path or a UCX fix.",
+)
+def test_initiator_killed_mid_transfer_target_keeps_serving() -> None:
+    target = PeerProc("target", "tcp", size=32 << 20, seed=13)
+    try:
+        flooder = subprocess.Popen([sys.executable, "-c", _FLOODER, str(target.port)], stdout=subprocess.PIPE,
+                                   env=_env(), text=True)
+        assert flooder.stdout.readline().strip() == "FLOODING"
+        time.sleep(0.3)
+        flooder.send_signal(signal.SIGKILL)
+        flooder.wait(10)
+        assert target.proc.poll() is None, "the target died with its initiator"
+        # The flooder's writes left the target buffer in an unknown state: track it from a fresh fill.
+        with _engine("client", "tcp") as eng:
+            fill = np.random.default_rng(4).integers(0, 256, target.mirror.size, dtype=np.uint8)
+            rf = eng.register(fill)
+            peer = eng.connect("127.0.0.1", target.port)
+            peer.put(rf.addr, peer.remote_regions[0].addr, fill.nbytes).wait(20)
+            peer.close()
+            target.mirror[:] = fill
+            eng.deregister(rf)
+            _run_block_sets(eng, target, rounds=3, rng=np.random.default_rng(8))
+    finally:
+        target.stop()
+
+
 def test_in_process_pair_errors_and_notifications() -> None:
     with _engine("a", "tcp") as a, _engine("b", "tcp") as b:
         x = np.arange(1 << 16, dtype=np.uint8)

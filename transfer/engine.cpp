@@ -462,8 +462,8 @@ void Engine::on_ep_error(ucp_ep* ep, const Status& s) {
       return;
     }
   }
-  // An endpoint already released by its owner: just close it.
-  orphan_locked(ep, {}, true);
+  // Not found: an endpoint already failed or released, hence already handed to orphans_ (closing
+  // it again would be a double close).
 }
 
 void Engine::on_notification(Notification n) {
