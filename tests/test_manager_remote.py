@@ -101,7 +101,8 @@ def test_namespaces_keep_managers_apart(remote_url):
 
 def test_write_behind_sends_host_evictions(redis_url):
     hs, data = rand_hashes(20), rand_blocks(20)
-    with manager(redis_url.url, host_capacity_bytes=8 * BB, remote_write_policy="write_behind") as a:
+    with manager(redis_url.url, host_capacity_bytes=8 * BB, remote_write_policy="write_behind",
+                 eviction_policy="lru") as a:
         for i in range(0, 20, 4):
             a.store(hs[i:i + 4], data[i:i + 4])
         a.flush_remote(10)
