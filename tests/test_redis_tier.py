@@ -251,3 +251,34 @@ def test_redis_cluster_three_masters():
             assert t.stats()["errors"] == 0
     finally:
         cluster.close()
+
+
+def test_redis_frozen_mid_run_times_out_to_misses_and_recovers():
+    """SIGSTOP: the server accepts nothing and answers nothing; each call is bounded by timeout_s."""
+    import signal
+
+    srv = _start()
+    try:
+        t = RedisTier(srv.url, block_bytes=4096, namespace="z", timeout_s=0.5, retry_interval_s=0.3)
+        hs, data = hashes(4), blocks(4, 4096)
+        assert t.put(hs, data).all()
+        os.kill(srv.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            assert t.lookup_prefix(hs) == 0
+            assert time.monotonic() - t0 < 3  # one timeout (plus one retry), not a hang
+            t0 = time.monotonic()
+            for _ in range(10):  # the breaker keeps the rest off the frozen server
+                assert not t.get(hs, np.zeros_like(data)).any()
+            assert time.monotonic() - t0 < 3
+        finally:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        out = np.zeros_like(data)
+        while not t.get(hs, out).all():
+            assert time.monotonic() < deadline, "did not recover after SIGCONT"
+            time.sleep(0.1)
+        np.testing.assert_array_equal(out, data)
+        t.close()
+    finally:
+        srv.close()

@@ -331,3 +331,33 @@ def test_ucx_required_but_not_offered_is_refused():
             ServeClientTier(srv.url, block_bytes=64, namespace="x", data_path="ucx")
         with ServeClientTier(srv.url, block_bytes=64, namespace="x") as t:  # auto: TCP
             assert not t.using_ucx and t.put(rand_hashes(1), rand_blocks(1, 64)).all()
+
+
+def test_frozen_server_process_times_out_to_misses_and_recovers(tmp_path):
+    import signal
+
+    proc, url = _start_cli(tmp_path, "tok")
+    try:
+        t = ServeClientTier(url, block_bytes=4096, namespace="f", token="tok", timeout_s=0.5, retry_interval_s=0.3)
+        hs, data = rand_hashes(4), rand_blocks(4, 4096)
+        assert t.put(hs, data).all()
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            for _ in range(10):
+                assert t.lookup_prefix(hs) == 0
+                assert not t.get(hs, np.zeros_like(data)).any()
+            assert time.monotonic() - t0 < 5
+            assert t.stats()["errors"] >= 1
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        out = np.zeros_like(data)
+        while not t.get(hs, out).all():
+            assert time.monotonic() < deadline, "did not recover after SIGCONT"
+            time.sleep(0.1)
+        np.testing.assert_array_equal(out, data)
+        t.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
