@@ -127,3 +127,18 @@ class RedisCluster:
     def close(self) -> None:
         for n in self.nodes:
             n.close()
+
+
+def stop_process(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and wait until the kernel reports it stopped (state T in /proc)."""
+    import os
+    import signal
+
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.005)
+    raise RuntimeError(f"process {pid} did not stop within {timeout} s")

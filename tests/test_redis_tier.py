@@ -257,12 +257,14 @@ def test_redis_frozen_mid_run_times_out_to_misses_and_recovers():
     """SIGSTOP: the server accepts nothing and answers nothing; each call is bounded by timeout_s."""
     import signal
 
+    from redis_server import stop_process
+
     srv = _start()
     try:
         t = RedisTier(srv.url, block_bytes=4096, namespace="z", timeout_s=0.5, retry_interval_s=0.3)
         hs, data = hashes(4), blocks(4, 4096)
         assert t.put(hs, data).all()
-        os.kill(srv.proc.pid, signal.SIGSTOP)
+        stop_process(srv.proc.pid)
         try:
             t0 = time.monotonic()
             assert t.lookup_prefix(hs) == 0

@@ -336,12 +336,14 @@ def test_ucx_required_but_not_offered_is_refused():
 def test_frozen_server_process_times_out_to_misses_and_recovers(tmp_path):
     import signal
 
+    from redis_server import stop_process
+
     proc, url = _start_cli(tmp_path, "tok")
     try:
         t = ServeClientTier(url, block_bytes=4096, namespace="f", token="tok", timeout_s=0.5, retry_interval_s=0.3)
         hs, data = rand_hashes(4), rand_blocks(4, 4096)
         assert t.put(hs, data).all()
-        os.kill(proc.pid, signal.SIGSTOP)
+        stop_process(proc.pid)
         try:
             t0 = time.monotonic()
             for _ in range(10):
