@@ -223,6 +223,7 @@ class StoreServer:
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
         self._closing = threading.Event()
+        self._stop = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self._token = self.config.token.encode() if self.config.token else None
         self._engine: Any = None
@@ -292,9 +293,13 @@ class StoreServer:
         self.close()
 
     def serve_forever(self) -> None:
-        """Block until :meth:`close` is called (from a signal handler or another thread)."""
-        while not self._closing.wait(0.5):
+        """Block until :meth:`request_stop` or :meth:`close` is called (e.g. from a signal handler)."""
+        while not (self._stop.wait(0.5) or self._closing.is_set()):
             pass
+
+    def request_stop(self) -> None:
+        """Make :meth:`serve_forever` return (safe in a signal handler); then call :meth:`close`."""
+        self._stop.set()
 
     def stats(self) -> dict[str, Any]:
         """Server counters plus the host tier's occupancy."""

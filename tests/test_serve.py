@@ -363,3 +363,17 @@ def test_frozen_server_process_times_out_to_misses_and_recovers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_pooled_connection_closed_by_the_server_while_idle_is_replaced(data_path):
+    with StoreServer(ServeConfig(capacity_bytes=1 << 20, max_block_bytes=4096, idle_timeout_s=0.2,
+                                 data_path=data_path)) as srv:
+        t = ServeClientTier(srv.url, block_bytes=4096, namespace="i", data_path=data_path)
+        hs, data = rand_hashes(3), rand_blocks(3, 4096)
+        assert t.put(hs, data).all()
+        time.sleep(0.6)  # the server closes the idle connection
+        out = np.zeros_like(data)
+        assert t.get(hs, out).all()
+        np.testing.assert_array_equal(out, data)
+        assert t.stats()["errors"] == 0 and srv.stats()["connections"] == 2
+        t.close()

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     server = StoreServer(cfg).start()
 
     def stop(_sig: int, _frame: Any) -> None:
-        server._closing.set()
+        server.request_stop()
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -66,7 +66,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         server.serve_forever()
     finally:
-        server._closing.clear()
         server.close()
         print("kvbm serve stopped", file=sys.stderr, flush=True)
     return 0

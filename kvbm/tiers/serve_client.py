@@ -201,6 +201,9 @@ class ServeClientTier(RemoteTier):
                 raise TimeoutError(f"no free connection to {self.url} within {self.timeout_s} s")
             s = self._idle.pop() if self._idle else None
             self._open += 1 if s is None else 0
+        if s is not None and not self._alive(s):
+            self._drop(s)  # the server closed it while idle (idle timeout, restart): reconnect
+            s = None
         try:
             if s is None:
                 s = self._connect()
@@ -221,6 +224,20 @@ class ServeClientTier(RemoteTier):
                     self._drop(s)
                     self._open -= 1
                 self._cv.notify()
+
+    def _alive(self, s: socket.socket) -> bool:
+        """Whether an idle pooled connection is still open (nothing to read, no FIN/RST)."""
+        try:
+            s.setblocking(False)
+            s.recv(1, socket.MSG_PEEK)
+            return False  # end of stream, or bytes nobody asked for: not usable
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                s.settimeout(self.timeout_s)
 
     # ---- the transfer-engine data path --------------------------------------------------------
     def _want_ucx(self) -> bool:
