@@ -329,6 +329,18 @@ def render_md(r: dict) -> str:
         "Data paths: `kvbm_serve_tcp` moves records in the TCP request stream; `kvbm_serve_ucx` moves them with "
         "one-sided UCX put/get into the server's registered arena (control messages stay on TCP).",
         "",
+        "## Notes",
+        "",
+        "- One run on a shared 2-core VM: 8 client processes, the server and redis-server compete for 2 CPUs, so "
+        "the load figures are CPU-bound and p99 is dominated by scheduling. Earlier runs of the same script on "
+        "the same machine moved single figures by up to about 2x (e.g. 1 MiB UCX get 3.5 GB/s vs TCP 1.4 GB/s "
+        "in one run, 1.2 vs 1.3 GB/s in another); read the same-run ratios, and only their direction where "
+        "the IQR is wide.",
+        "- The UCX path spends one extra control round trip per batch (PUT_PREP/PUT_COMMIT, GET_PIN/GET_DONE) "
+        "and one staging copy per side, so it loses on small blocks/batches and gains on large ones.",
+        "- Correctness in the same run: every block read was compared with its expected bytes (`wrong`), and "
+        "no block a client stored went missing (`lost`; the server is sized not to evict).",
+        "",
     ]
     return "\n".join(lines)
 
