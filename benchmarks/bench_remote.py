@@ -337,7 +337,8 @@ def render_md(r: dict) -> str:
         "in one run, 1.2 vs 1.3 GB/s in another); read the same-run ratios, and only their direction where "
         "the IQR is wide.",
         "- The UCX path spends one extra control round trip per batch (PUT_PREP/PUT_COMMIT, GET_PIN/GET_DONE) "
-        "and one staging copy per side, so it loses on small blocks/batches and gains on large ones.",
+        "and one staging copy on the client (the server reads and writes its arena in place), so it tends to lose "
+        "on small blocks and batches and to gain on large ones.",
         "- Correctness in the same run: every block read was compared with its expected bytes (`wrong`), and "
         "no block a client stored went missing (`lost`; the server is sized not to evict).",
         "",
