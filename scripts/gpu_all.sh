@@ -13,7 +13,11 @@ UCXDIR=${UCXDIR:-.ucx}
 mkdir -p "$OUT" /opt/ucx
 export PYTHONUNBUFFERED=1 UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n NCCL_NVLS_ENABLE=0
 [ -f /opt/ucx/.unpacked ] || { tar xzf "$UCXDIR/ucx_stack.tgz" -C /opt/ucx && touch /opt/ucx/.unpacked; }
-export PYTHONPATH=/opt/ucx:$PWD:${PYTHONPATH:-}
+# Pure/abi wheels the GPU machine lacks (lmdb, redis, prometheus_client, hypothesis, ...), carried as .whl/
+if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done
+fi
+export PYTHONPATH=/opt/ucx:$PWD:${PYTHONPATH:-}:/tmp/site
 status=0
 step() { echo "=== $* ($(date -u +%T))"; }
 
