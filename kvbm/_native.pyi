@@ -1,10 +1,13 @@
 """Type stub for kvbm._native, the native core (C++/CUDA/UCX), generated from the full build with
 pybind11-stubgen. Use the kvbm package API rather than this module directly."""
 from __future__ import annotations
+
 import collections.abc
+import typing
+
 import numpy
 import numpy.typing
-import typing
+
 __all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'crc32c', 'crc32c_impl', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
 class BlockIndex:
     """
