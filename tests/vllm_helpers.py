@@ -23,7 +23,7 @@ REPO = HERE.parent
 
 def build_tiny_llama(path: str | os.PathLike, *, layers: int = 2, hidden: int = 128, heads: int = 4,
                      kv_heads: int = 2, head_dim: int = 32, intermediate: int = 256, vocab: int = 1024,
-                     max_pos: int = 8192, seed: int = 0) -> str:
+                     max_pos: int = 8192, seed: int = 0, std: float = 0.05) -> str:
     """Save a random-weight Llama (bf16) with ``save_pretrained``; no download, no tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -39,7 +39,7 @@ def build_tiny_llama(path: str | os.PathLike, *, layers: int = 2, hidden: int = 
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     with torch.no_grad():  # larger random weights make greedy outputs depend on the whole context
         for p in model.parameters():
-            p.normal_(0.0, 0.05)
+            p.normal_(0.0, std)
     model.save_pretrained(path)
     return path
 

@@ -133,6 +133,10 @@ class DiskWriter:
     def write(self, h: bytes, slot: int) -> None:
         self._q.put(("w", h, slot))
 
+    def write_buffer(self, h: bytes, payload: np.ndarray) -> None:
+        """Write ``payload`` (owned by the writer from now on) as block ``h``."""
+        self._q.put(("b", h, payload))
+
     def delete(self, h: bytes) -> None:
         self._q.put(("d", h, 0))
 
@@ -150,9 +154,10 @@ class DiskWriter:
             op, h, slot = self._q.get()
             try:
                 path = block_path(self.rdir, h)
-                if op == "w":
+                if op in ("w", "b"):
                     try:
-                        write_block(path, h, self.namespace, self._read_slot(slot))
+                        data = self._read_slot(slot) if op == "w" else slot
+                        write_block(path, h, self.namespace, data)
                         ok = True
                     except StorageIOError:
                         ok = False

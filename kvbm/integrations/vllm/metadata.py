@@ -21,7 +21,11 @@ class LoadOp:
 
 @dataclass
 class StoreOp:
-    """Copy vLLM block ``block_id`` into host slot ``slot``; then write it to disk if ``to_disk``."""
+    """Copy vLLM block ``block_id`` into host slot ``slot``; then write it to disk if ``to_disk``.
+
+    ``slot == -1`` (only with ``to_disk``): no host slot was free; the block is copied to a
+    private buffer and written to disk from there.
+    """
 
     block_id: int
     slot: int

@@ -185,10 +185,14 @@ class KvbmScheduler:
                     self.index.touch([h])
                     continue
                 slot = self.index.prepare_host(h)
-                if slot is None:
-                    continue  # every slot pinned by in-flight disk writes: not stored
                 to_disk = disk_on and not in_disk and self.index.prepare_disk(h, deletes)
-                if to_disk:
+                if slot is None:
+                    # Every host slot is pinned by in-flight disk writes: write this block to
+                    # disk straight from vLLM's buffer (the worker copies it out first).
+                    if not to_disk:
+                        continue
+                    slot = -1
+                elif to_disk:
                     self.index.host[h].disk_pin = True
                 stores.append(StoreOp(st.block_ids[idx], slot, h, to_disk, req.request_id))
                 if len(self._event_info) < _MAX_PENDING_EVENTS:

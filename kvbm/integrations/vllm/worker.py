@@ -92,19 +92,23 @@ class KvbmWorker:
                     "pinned" if on_cuda else "pageable", self.rdir)
 
     # -- byte moving -----------------------------------------------------------------------
-    def _gather(self, block_ids: list[int], slots: list[int]) -> None:
-        """vLLM blocks -> host slots, every layer, whole blocks."""
+    def _gather(self, block_ids: list[int], slots: list[int] | None, out: torch.Tensor | None = None) -> None:
+        """vLLM blocks -> host slots (or the rows of ``out``), every layer, whole blocks."""
         assert self.arena is not None
         dev = self.layers[0].tensor.device
         ids = torch.tensor(block_ids, dtype=torch.long, device=dev)
-        sl = torch.tensor(slots, dtype=torch.long)
+        sl = torch.tensor(slots, dtype=torch.long) if slots is not None else None
         n = len(block_ids)
         for lay in self.layers:
             src = lay.tensor.index_select(lay.block_dim, ids)
             if lay.block_dim:
                 src = src.movedim(lay.block_dim, 0)
-            src = src.contiguous().view(torch.uint8).reshape(n, lay.nbytes)
-            self.arena[sl, lay.offset:lay.offset + lay.nbytes] = src.cpu()
+            src = src.contiguous().view(torch.uint8).reshape(n, lay.nbytes).cpu()
+            if sl is not None:
+                self.arena[sl, lay.offset:lay.offset + lay.nbytes] = src
+            else:
+                assert out is not None
+                out[:, lay.offset:lay.offset + lay.nbytes] = src
 
     def _scatter(self, rows: torch.Tensor, block_ids: list[int]) -> None:
         """rows ``[n, slot_bytes]`` (host) -> vLLM blocks, every layer."""
@@ -159,13 +163,21 @@ class KvbmWorker:
                     self._meta.store_failed[op.block_hash] += 1
                     if op.to_disk:
                         self._meta.disk_failed[op.block_hash] += 1
-            if ok:
-                self._gather([op.block_id for op in ok], [op.slot for op in ok])
-                self._meta.store_bytes += len(ok) * self.geo.slot_bytes
-                for op in ok:
+            to_host = [op for op in ok if op.slot >= 0]
+            direct = [op for op in ok if op.slot < 0 and op.to_disk]
+            if to_host:
+                self._gather([op.block_id for op in to_host], [op.slot for op in to_host])
+                self._meta.store_bytes += len(to_host) * self.geo.slot_bytes
+                for op in to_host:
                     self._meta.stored[op.block_hash] += 1
                     if op.to_disk and self.writer is not None:
                         self.writer.write(op.block_hash, op.slot)
+            if direct and self.writer is not None:
+                rows = torch.empty((len(direct), self.geo.slot_bytes), dtype=torch.uint8)
+                self._gather([op.block_id for op in direct], None, rows)
+                rows_np = rows.numpy()
+                for i, op in enumerate(direct):
+                    self.writer.write_buffer(op.block_hash, rows_np[i])
         if self.writer is not None:
             for h in meta.disk_deletes:
                 self.writer.delete(h)
