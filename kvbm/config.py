@@ -1,0 +1,229 @@
+"""kvbm configuration: one dataclass, validated once.
+
+Build it from Python (``KvbmConfig(host_capacity_bytes=...)``), a YAML file
+(:meth:`KvbmConfig.from_yaml`), ``KVBM_*`` environment variables (:meth:`KvbmConfig.from_env`)
+or a mapping (:meth:`KvbmConfig.from_dict`, what the vLLM connector's extra config uses).
+Unknown keys and bad values raise :class:`kvbm.errors.ConfigError` naming the key. Sizes accept
+integers or strings such as ``"4GiB"``, ``"512MB"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from kvbm.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10, "ki": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20, "mi": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "gi": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40, "ti": 1 << 40,
+}
+
+
+def parse_size(value: int | str, key: str = "size") -> int:
+    """Parse a byte size (``1048576``, ``"1MiB"``, ``"1.5GB"``); raise ConfigError naming ``key``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a byte size, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and (m.group(2) or "").lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
+    raise ConfigError(f"{key}: expected a byte size such as 1073741824 or '1GiB', got {value!r}")
+
+
+_SIZE_FIELDS = {"host_capacity_bytes", "block_bytes", "disk_capacity_bytes"}
+
+
+@dataclass
+class KvbmConfig:
+    """Everything kvbm can be configured with. Validated when constructed.
+
+    Attributes:
+        block_size: tokens per KV block (what the engine pages by); > 0.
+        block_bytes: bytes one block takes in host/disk slots (all layers, K and V); 0 means
+            "set later" by the engine integration when it registers its KV layout.
+        host_capacity_bytes: bytes of host DRAM for the host tier; > 0.
+        host_pinned: pin host memory (None: pin when a GPU is present; True: require it).
+        eviction_policy: name from ``kvbm.eviction_policies()``.
+        hash_algorithm: ``"sha256"`` (default, collision resistant) or ``"fast128"``
+            (non-cryptographic; for trusted single-tenant deployments only).
+        checksums: compute and verify CRC32C for blocks stored below the GPU.
+        index_initial_capacity: entries the block index reserves up front.
+        metrics_port: serve Prometheus metrics on this port (needs prometheus_client).
+        disk_path: directory of the local disk tier (None: no disk tier).
+        disk_capacity_bytes: bytes of slab files the disk tier may use.
+        disk_write_policy: ``"write_behind"`` (host evictions are written to disk) or
+            ``"write_through"`` (every host store is also written to disk).
+        disk_durability: ``"none"`` (page cache / device order only), ``"batch"`` (fdatasync
+            before each catalog commit) or ``"always"`` (fdatasync after every block).
+        disk_io_threads: IO threads of the disk tier.
+        disk_o_direct: use O_DIRECT (falls back, with a warning, where the file system refuses).
+    """
+
+    block_size: int = 16
+    block_bytes: int = 0
+    host_capacity_bytes: int = 1 << 30
+    host_pinned: bool | None = None
+    eviction_policy: str = "lru"
+    hash_algorithm: str = "sha256"
+    checksums: bool = True
+    index_initial_capacity: int = 1024
+    metrics_port: int | None = None
+    disk_path: str | None = None
+    disk_capacity_bytes: int = 0
+    disk_write_policy: str = "write_behind"
+    disk_durability: str = "batch"
+    disk_io_threads: int = 4
+    disk_o_direct: bool = True
+    _source: str = field(default="python", repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._coerce()
+        self.validate()
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if not f.name.startswith("_")]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "dict") -> KvbmConfig:
+        """Build from a mapping; unknown keys raise ConfigError naming them."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: expected a mapping of config keys, got {type(data).__name__}")
+        known = set(cls.field_names())
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown kvbm config key(s) {', '.join(map(repr, unknown))}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(data), _source=source)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> KvbmConfig:
+        """Build from a YAML file holding a mapping of config keys."""
+        import yaml
+
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        return cls.from_dict(data, source=str(p))
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> KvbmConfig:
+        """Build from ``KVBM_<FIELD>`` environment variables (e.g. ``KVBM_HOST_CAPACITY_BYTES=4GiB``).
+
+        ``KVBM_CONFIG`` may name a YAML file applied first. Other ``KVBM_*`` variables that are
+        not config fields (build switches such as ``KVBM_CUDA``) are ignored.
+        """
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        if env.get("KVBM_CONFIG"):
+            data.update(dataclasses.asdict(cls.from_yaml(env["KVBM_CONFIG"])))
+            data.pop("_source", None)
+        for name in cls.field_names():
+            raw = env.get(f"KVBM_{name.upper()}")
+            if raw is not None:
+                data[name] = raw
+        data.update(overrides)
+        return cls.from_dict(data, source="environment")
+
+    # ---- validation ---------------------------------------------------------------------------
+    def _coerce(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            if f.name.startswith("_"):
+                continue
+            v = getattr(self, f.name)
+            t = hints[f.name]
+            optional = get_origin(t) in (Union, types.UnionType) and type(None) in get_args(t)
+            base = next((a for a in get_args(t) if a is not type(None)), t) if optional else t
+            if v is None:
+                if optional:
+                    continue
+                raise ConfigError(f"{f.name}: must not be None")
+            if f.name in _SIZE_FIELDS:
+                setattr(self, f.name, parse_size(v, f.name))
+            elif base is bool:
+                if isinstance(v, str):
+                    lv = v.strip().lower()
+                    if lv in ("1", "true", "yes", "on"):
+                        v = True
+                    elif lv in ("0", "false", "no", "off"):
+                        v = False
+                    elif optional and lv in ("", "none", "auto"):
+                        v = None
+                if v is not None and not isinstance(v, bool):
+                    raise ConfigError(f"{f.name}: expected true/false, got {v!r}")
+                setattr(self, f.name, v)
+            elif base is int:
+                if isinstance(v, str):
+                    try:
+                        v = int(v.strip())
+                    except ValueError:
+                        raise ConfigError(f"{f.name}: expected an integer, got {v!r}") from None
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ConfigError(f"{f.name}: expected an integer, got {v!r}")
+                setattr(self, f.name, v)
+            elif base is str and not isinstance(v, str):
+                raise ConfigError(f"{f.name}: expected a string, got {v!r}")
+
+    def validate(self) -> None:
+        """Check every value; raise ConfigError naming the first bad key."""
+        from kvbm import eviction_policies
+
+        if self.block_size <= 0:
+            raise ConfigError(f"block_size: must be positive, got {self.block_size}")
+        if self.block_bytes < 0:
+            raise ConfigError(f"block_bytes: must be >= 0 (0 = set by the engine), got {self.block_bytes}")
+        if self.host_capacity_bytes <= 0:
+            raise ConfigError(f"host_capacity_bytes: must be positive, got {self.host_capacity_bytes}")
+        if self.block_bytes and self.host_capacity_bytes < self.block_bytes:
+            raise ConfigError(
+                f"host_capacity_bytes: {self.host_capacity_bytes} bytes hold no block of {self.block_bytes} bytes"
+            )
+        if self.eviction_policy not in eviction_policies():
+            raise ConfigError(
+                f"eviction_policy: unknown policy {self.eviction_policy!r}; known: {', '.join(eviction_policies())}"
+            )
+        if self.hash_algorithm not in ("sha256", "fast128"):
+            raise ConfigError(f"hash_algorithm: must be 'sha256' or 'fast128', got {self.hash_algorithm!r}")
+        if self.index_initial_capacity <= 0:
+            raise ConfigError(f"index_initial_capacity: must be positive, got {self.index_initial_capacity}")
+        if self.metrics_port is not None and not (0 <= self.metrics_port <= 65535):
+            raise ConfigError(f"metrics_port: must be 0..65535, got {self.metrics_port}")
+        if self.disk_capacity_bytes < 0:
+            raise ConfigError(f"disk_capacity_bytes: must be >= 0, got {self.disk_capacity_bytes}")
+        if self.disk_write_policy not in ("write_behind", "write_through"):
+            raise ConfigError(
+                f"disk_write_policy: must be 'write_behind' or 'write_through', got {self.disk_write_policy!r}"
+            )
+        if self.disk_durability not in ("none", "batch", "always"):
+            raise ConfigError(f"disk_durability: must be 'none', 'batch' or 'always', got {self.disk_durability!r}")
+        if self.disk_io_threads <= 0 or self.disk_io_threads > 256:
+            raise ConfigError(f"disk_io_threads: must be 1..256, got {self.disk_io_threads}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The effective configuration as plain data."""
+        return {name: getattr(self, name) for name in self.field_names()}
