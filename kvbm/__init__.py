@@ -9,6 +9,7 @@ from kvbm import _native
 from kvbm._version import __version__
 from kvbm.errors import *
 from kvbm.errors import KvbmError
+from kvbm.hashing import Namespace, block_hashes
 
 
 def eviction_policies() -> list[str]:
@@ -36,9 +37,11 @@ __all__ = [
     "KvbmConfig",
     "KvbmError",
     "LookupResult",
+    "Namespace",
     "StorePlan",
     "Tier",
     "__version__",
+    "block_hashes",
     "build_info",
     "eviction_policies",
 ]

@@ -1,0 +1,220 @@
+"""Content hashes of KV-cache blocks: the identity kvbm uses for every block in every tier.
+
+A block's hash chains over the whole prefix::
+
+    h_i = H16(LE32(tokens_i) || [H16(extra_i)] || ns_digest || h_{i-1} || flag)
+
+so equal hashes mean equal prefixes (same model, dtype, layout, block size, tensor-parallel
+rank, tokens and extra keys). ``H16`` is SHA-256 truncated to 16 bytes (default, collision
+resistant) or ``fast128``, a faster non-cryptographic hash for trusted single-tenant use.
+Hashes are deterministic across processes, restarts and machines: no random seed, no
+``hash()``. docs/hashing.md is the byte-exact specification, with test vectors.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvbm.errors import ConfigError, InvalidArgumentError
+
+BLOCK_HASH_SIZE = 16
+"""Bytes in one block hash."""
+
+HASH_ALGORITHMS = ("sha256", "fast128")
+"""Accepted values of ``Namespace.hash_algorithm``."""
+
+MAX_BLOCK_SIZE = 1 << 24
+"""Largest accepted block_size (tokens per block)."""
+
+NAMESPACE_TAG = "kvbm-namespace-v1"
+"""Version tag that starts every namespace encoding; a new encoding gets a new tag."""
+
+_U32_MAX = 0xFFFFFFFF
+
+TokenIds = Sequence[int] | np.ndarray  # list/tuple of int, 1-D integer array, array.array
+Extra = bytes | Sequence[bytes | None] | None
+
+
+def _check_str(name: str, value: object, *, allow_empty: bool) -> bytes:
+    if not isinstance(value, str):
+        raise ConfigError(f"Namespace.{name} must be a str, got {type(value).__name__}")
+    if not allow_empty and not value:
+        raise ConfigError(f"Namespace.{name} must not be empty")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(f"Namespace.{name} is not valid Unicode text: {e}") from None
+    if len(raw) > _U32_MAX:
+        raise ConfigError(f"Namespace.{name} is too long ({len(raw)} bytes)")
+    return raw
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"Namespace.{name} must be an int, got {type(value).__name__}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise ConfigError(f"Namespace.{name} = {v} is out of range: expected {lo}..{hi}")
+    return v
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that makes the KV bytes of equal tokens differ; part of every block hash.
+
+    Blocks hashed under different namespaces never share a hash, so a cache can hold blocks of
+    several models, dtypes, layouts or tensor-parallel ranks side by side.
+
+    Raises:
+        ConfigError: a field has the wrong type or value (empty ``model_id``/``dtype``/
+            ``kv_layout``, ``block_size`` outside 1..2**24, ``tp_size < 1``, ``tp_rank`` outside
+            ``0..tp_size-1``, unknown ``hash_algorithm``). ``ConfigError`` is an
+            ``InvalidArgumentError``.
+    """
+
+    model_id: str
+    dtype: str
+    kv_layout: str
+    block_size: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    revision: str = ""
+    hash_algorithm: str = "sha256"
+
+    def __post_init__(self) -> None:
+        self._encode()  # validates every field
+
+    def _encode(self) -> bytes:
+        def field(raw: bytes) -> bytes:
+            return struct.pack("<I", len(raw)) + raw
+
+        model = _check_str("model_id", self.model_id, allow_empty=False)
+        revision = _check_str("revision", self.revision, allow_empty=True)
+        dtype = _check_str("dtype", self.dtype, allow_empty=False)
+        layout = _check_str("kv_layout", self.kv_layout, allow_empty=False)
+        block_size = _check_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        tp_size = _check_int("tp_size", self.tp_size, 1, _U32_MAX)
+        tp_rank = _check_int("tp_rank", self.tp_rank, 0, tp_size - 1)
+        algo = _check_str("hash_algorithm", self.hash_algorithm, allow_empty=False)
+        if self.hash_algorithm not in HASH_ALGORITHMS:
+            raise ConfigError(
+                f"Namespace.hash_algorithm = {self.hash_algorithm!r} is unknown; expected one of {HASH_ALGORITHMS}"
+            )
+        return b"".join(
+            [
+                field(NAMESPACE_TAG.encode("ascii")),
+                field(model),
+                field(revision),
+                field(dtype),
+                field(layout),
+                struct.pack("<III", block_size, tp_rank, tp_size),
+                field(algo),
+            ]
+        )
+
+    @property
+    def encoding(self) -> bytes:
+        """The canonical byte encoding hashed into :attr:`digest` (see docs/hashing.md)."""
+        return self._encode()
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """16 bytes: the first half of SHA-256 over :attr:`encoding`, whatever the hash algorithm."""
+        return hashlib.sha256(self._encode()).digest()[:BLOCK_HASH_SIZE]
+
+
+def _resolve(block_size: object, namespace: object) -> tuple[int, bytes, str]:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise InvalidArgumentError(f"block_size must be an int, got {type(block_size).__name__}")
+    bs = int(block_size)
+    if bs <= 0:
+        raise InvalidArgumentError(f"block_size = {bs} must be > 0")
+    if isinstance(namespace, Namespace):
+        if namespace.block_size != bs:
+            raise InvalidArgumentError(
+                f"block_size = {bs} differs from namespace.block_size = {namespace.block_size}"
+            )
+        return bs, namespace.digest, namespace.hash_algorithm
+    if isinstance(namespace, (bytes, bytearray, memoryview)):
+        raw = bytes(namespace)
+        if len(raw) != BLOCK_HASH_SIZE:
+            raise InvalidArgumentError(
+                f"namespace digest must be exactly {BLOCK_HASH_SIZE} bytes, got {len(raw)}"
+            )
+        return bs, raw, "sha256"
+    raise InvalidArgumentError(
+        f"namespace must be a kvbm.Namespace or its 16-byte digest, got {type(namespace).__name__}"
+    )
+
+
+def block_hashes_array(
+    token_ids: TokenIds,
+    block_size: int,
+    namespace: Namespace | bytes,
+    extra: Extra = None,
+    *,
+    parent: bytes | None = None,
+) -> np.ndarray:
+    """Chained hashes of the full blocks of ``token_ids`` as a ``uint8`` array of shape ``(n, 16)``.
+
+    The fast path: no Python object per block, and the hashing runs with the GIL released.
+    ``n = len(token_ids) // block_size``; tokens after the last full block are checked but not
+    hashed. Row ``i`` equals ``block_hashes(...)[i]``.
+
+    Args:
+        token_ids: a list/tuple of ints, a 1-D numpy array of any integer dtype (strided and
+            big-endian arrays too), or an ``array.array`` of an integer type. Every id must
+            satisfy ``0 <= t < 2**32``.
+        block_size: tokens per block; must equal ``namespace.block_size`` for a Namespace.
+        namespace: a :class:`Namespace`, or a 16-byte namespace digest (then the algorithm is
+            ``"sha256"``).
+        extra: ``None``; one bytes-like for every block (LoRA name, cache salt ...); or a
+            sequence with one bytes-like or ``None`` per full block. ``b""`` differs from None.
+        parent: the 16-byte hash of the block before ``token_ids[0]``, to continue a chain;
+            ``None`` starts one.
+
+    Raises:
+        InvalidArgumentError: block_size <= 0 or not matching the namespace; token_ids not
+            1-D, not integer (bool included), or an id outside ``0 <= t < 2**32`` (the message
+            names the index); extra of the wrong length or type; parent or a digest not 16 bytes.
+    """
+    from kvbm import _native
+
+    bs, ns_digest, algo = _resolve(block_size, namespace)
+    return _native.block_hashes(token_ids, bs, ns_digest, algo, extra, parent)
+
+
+def block_hashes(
+    token_ids: TokenIds,
+    block_size: int,
+    namespace: Namespace | bytes,
+    extra: Extra = None,
+    *,
+    parent: bytes | None = None,
+) -> list[bytes]:
+    """Chained 16-byte hashes of the full blocks of ``token_ids``, one ``bytes`` per block.
+
+    Same arguments, promises and errors as :func:`block_hashes_array`, which is faster when
+    the caller can keep the hashes in an array.
+    """
+    from kvbm import _native
+
+    bs, ns_digest, algo = _resolve(block_size, namespace)
+    return _native.block_hashes(token_ids, bs, ns_digest, algo, extra, parent, as_list=True)
+
+
+__all__ = [
+    "BLOCK_HASH_SIZE",
+    "HASH_ALGORITHMS",
+    "MAX_BLOCK_SIZE",
+    "NAMESPACE_TAG",
+    "Namespace",
+    "block_hashes",
+    "block_hashes_array",
+]
