@@ -1,0 +1,1174 @@
+"""The local SSD tier: a persistent LMDB catalog over fixed-size slots in slab files.
+
+Note [Disk tier design]
+-----------------------
+Two halves, so that vLLM's scheduler (decides) and worker (moves bytes) can run them apart:
+
+* ``kvbm._native.DiskStore`` moves bytes: slot ``s`` lives in ``slab-NNNNN.kvbm`` number
+  ``s // slots_per_slab`` at offset ``(s % slots_per_slab) * slot_bytes``; O_DIRECT IO on a pool
+  of threads; CRC32C computed on every write and verified on every read. It knows no hashes.
+* :class:`DiskCatalog` (here) keeps the books: block hash -> record in LMDB, the free-slot map,
+  pins of slots being read, and the eviction policy over slot numbers.
+* :class:`DiskTier` joins both for single-process use (``put`` / ``get`` / ``lookup`` and
+  async handles).
+
+Directory layout::
+
+    DIR/LOCK              flock'ed by the one process that may write (holds its pid)
+    DIR/catalog/          LMDB environment: named DBs "meta", "blocks", "stats"
+    DIR/slab-00000.kvbm   slab files (sparse; they grow as slots are written)
+
+Record format (LMDB db "blocks"): key = the block hash as bytes (an int hash is stored as 16
+big-endian bytes, or 32 when it needs more than 128 bits); value = 56 bytes little-endian::
+
+    u8  version (=1)      u8 flags (0)        u16 reserved
+    u32 crc32c of the block's bytes
+    u64 slot              u64 length (bytes, <= slot_bytes)
+    u64 namespace fingerprint
+    u64 created (us since the epoch)   u64 last access (us)   u64 hit count
+
+"meta" holds ``format`` (``kvbm-disk/1``) and ``geometry`` (JSON: slot_bytes, slots_per_slab);
+"stats" holds cumulative counters (checksum failures, drops, ...) that ``kvbm inspect`` shows.
+
+Write ordering (the durability contract):
+
+1. *Evict first.* Slots taken from victims are deleted from the catalog in a committed txn
+   before any new byte is written into them, so a crash can never leave a record pointing at
+   another block's bytes.
+2. *Data next.* The block is written into its (free) slot. With ``durability="batch"``
+   (default) the write handle completes only after ``fdatasync`` of every slab touched
+   (``"always"``: after each block), and the LMDB environment syncs on commit; with ``"none"``
+   neither is synced: safe against a killed
+   process (the OS holds the data), not against power loss — after which the CRC still turns
+   any torn block into a counted miss.
+3. *Catalog last.* One LMDB txn per batch inserts the records of the writes that succeeded. A
+   block is visible to lookups only after this commit; a write that failed is never visible.
+
+At start-up the catalog is reopened and the free-slot map rebuilt from it. Records whose data
+cannot be complete are dropped in one txn: a slot out of range, a length of 0 or above the slot
+size, a slot claimed twice (the newest record wins), a slab file missing or too short to hold the
+block. Every remaining record's bytes are still CRC-checked when read.
+
+Last-access times and hit counts are kept in memory and written with the next catalog txn (and
+at close): after a crash they may be slightly stale; they never affect correctness.
+
+One process writes a directory at a time: ``DIR/LOCK`` is ``flock``'ed (released by the kernel
+if the process dies); a second writer gets :class:`~kvbm.errors.StorageIOError`. Readers that
+only inspect (``kvbm inspect``) open the LMDB environment read-only without the lock; LMDB's
+MVCC gives them a consistent snapshot while the writer runs.
+
+Errors: a full disk (ENOSPC, EFBIG, EDQUOT) or another IO error on store degrades to "not
+stored" with a counted error and a log line. A checksum mismatch, short read, wrong length or
+other namespace on load is a miss, counted, and the record is dropped. Neither raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as _errno
+import fcntl
+import hashlib
+import heapq
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from kvbm.errors import ConfigError, InvalidArgumentError, StorageIOError
+
+log = logging.getLogger("kvbm.disk")
+
+FORMAT = b"kvbm-disk/1"
+RECORD = struct.Struct("<BBHIQQQQQQ")
+RECORD_DTYPE = np.dtype(
+    [
+        ("version", "<u1"),
+        ("flags", "<u1"),
+        ("reserved", "<u2"),
+        ("crc", "<u4"),
+        ("slot", "<u8"),
+        ("length", "<u8"),
+        ("ns", "<u8"),
+        ("created_us", "<u8"),
+        ("access_us", "<u8"),
+        ("hits", "<u8"),
+    ]
+)
+assert RECORD_DTYPE.itemsize == RECORD.size == 56
+ALIGNMENT = 4096
+DURABILITY = ("none", "batch", "always")
+_SYNC_MODE = {"none": 0, "batch": 1, "always": 2}
+CATALOG_SUBDIR = "catalog"
+LOCK_NAME = "LOCK"
+
+# Counters persisted in the "stats" db (cumulative over the directory's life).
+PERSISTED_COUNTERS = (
+    "checksum_failures",
+    "short_reads",
+    "read_errors",
+    "length_mismatches",
+    "namespace_mismatches",
+    "dropped_at_open",
+    "store_failures",
+    "enospc",
+    "evictions",
+)
+
+HashLike = "bytes | int"
+
+
+def hash_key(h: bytes | bytearray | memoryview | int | np.integer) -> bytes:
+    """The catalog key of a block hash: bytes as given, an int as 16 (or 32) big-endian bytes.
+
+    Raises InvalidArgumentError for negative ints, empty or over-long (> 256 byte) hashes.
+    """
+    if isinstance(h, (bytes, bytearray, memoryview)):
+        b = bytes(h)
+        if not 0 < len(b) <= 256:
+            raise InvalidArgumentError(f"block hash must be 1..256 bytes, got {len(b)}")
+        return b
+    if isinstance(h, (int, np.integer)):
+        v = int(h)
+        if v < 0:
+            raise InvalidArgumentError(f"block hash must be non-negative, got {v}")
+        if v >= 1 << 256:
+            raise InvalidArgumentError("block hash int needs more than 256 bits")
+        return v.to_bytes(16 if v < 1 << 128 else 32, "big")
+    raise InvalidArgumentError(f"block hash must be bytes or int, got {type(h).__name__}")
+
+
+def namespace_fingerprint(namespace: int | bytes | str) -> int:
+    """A 64-bit fingerprint of a namespace: an int is used as is (mod 2**64), bytes/str hashed."""
+    if isinstance(namespace, (int, np.integer)):
+        return int(namespace) & 0xFFFF_FFFF_FFFF_FFFF
+    if isinstance(namespace, str):
+        namespace = namespace.encode()
+    return int.from_bytes(hashlib.blake2b(bytes(namespace), digest_size=8).digest(), "little")
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True)
+class DiskGeometry:
+    """Slot layout of a disk tier directory."""
+
+    slot_bytes: int
+    slots_per_slab: int
+    num_slots: int
+
+    def slot_offset(self, slot: int) -> tuple[int, int]:
+        """(slab number, byte offset in that slab) of ``slot``."""
+        return slot // self.slots_per_slab, (slot % self.slots_per_slab) * self.slot_bytes
+
+
+def slab_path(path: str, slab: int) -> str:
+    """Path of slab file number ``slab`` in directory ``path`` (same naming as the native store)."""
+    return os.path.join(path, f"slab-{slab:05d}.kvbm")
+
+
+def _map_size_for(num_slots: int) -> int:
+    # ~100-250 bytes per record in the B-tree; the map is virtual (the file grows as needed).
+    return max(256 << 20, num_slots * 1024)
+
+
+class DiskCatalog:
+    """Persistent block catalog of one disk tier directory (the bookkeeping half).
+
+    Holds hash -> slot records in LMDB and, in memory, the free-slot map, pins and the eviction
+    policy over slot numbers. It never touches slab data except to stat slab sizes at open.
+    Not thread-safe: one thread (or a caller-held lock) drives it.
+
+    Raises ConfigError for a bad geometry (slot size not a multiple of 4096, zero slots, or one
+    that disagrees with the directory), StorageIOError when another process holds the directory
+    or the catalog cannot be opened.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        slot_bytes: int,
+        num_slots: int,
+        slab_bytes: int = 1 << 30,
+        durability: str = "batch",
+        eviction: str = "lru",
+    ) -> None:
+        self.path = os.fspath(path)
+        if durability not in DURABILITY:
+            raise ConfigError(f"disk_durability must be one of {DURABILITY}, got {durability!r}")
+        if not isinstance(slot_bytes, int) or slot_bytes <= 0 or slot_bytes % ALIGNMENT:
+            raise ConfigError(
+                f"disk slot size {slot_bytes} must be a positive multiple of {ALIGNMENT} (the O_DIRECT alignment)"
+            )
+        if not isinstance(num_slots, int) or num_slots <= 0:
+            raise ConfigError(f"disk capacity holds {num_slots} slots of {slot_bytes} bytes: need at least one")
+        _check_dir(self.path, writable=True)
+        self.durability = durability
+        self._lock_fd = _take_lock(self.path)
+        try:
+            self._open(slot_bytes, num_slots, slab_bytes, eviction)
+        except BaseException:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise
+
+    # ---- opening ----
+
+    def _open(self, slot_bytes: int, num_slots: int, slab_bytes: int, eviction: str) -> None:
+        sync = self.durability != "none"
+        try:
+            self.env = lmdb.open(
+                os.path.join(self.path, CATALOG_SUBDIR),
+                map_size=_map_size_for(num_slots),
+                subdir=True,
+                max_dbs=4,
+                sync=sync,
+                metasync=sync,
+                readahead=False,
+                lock=True,
+            )
+        except lmdb.Error as e:
+            raise StorageIOError(f"cannot open the disk catalog in {self.path}: {e}") from e
+        self.env.reader_check()
+        with self.env.begin(write=True) as txn:
+            self._db_meta = self.env.open_db(b"meta", txn=txn)
+            self._db_blocks = self.env.open_db(b"blocks", txn=txn)
+            self._db_stats = self.env.open_db(b"stats", txn=txn)
+            fmt = txn.get(b"format", db=self._db_meta)
+            geo_raw = txn.get(b"geometry", db=self._db_meta)
+            if fmt is not None and fmt != FORMAT:
+                raise ConfigError(f"disk dir {self.path} holds catalog format {fmt!r}, this kvbm reads {FORMAT!r}")
+            if geo_raw is not None:
+                geo = json.loads(geo_raw)
+                if geo["slot_bytes"] != slot_bytes:
+                    raise ConfigError(
+                        f"disk dir {self.path} was created with slot size {geo['slot_bytes']} bytes, "
+                        f"the configuration asks for {slot_bytes}: use another directory or the old slot size"
+                    )
+                slots_per_slab = int(geo["slots_per_slab"])
+            else:
+                slots_per_slab = max(1, int(slab_bytes) // slot_bytes)
+                txn.put(b"format", FORMAT, db=self._db_meta)
+                txn.put(
+                    b"geometry",
+                    json.dumps({"slot_bytes": slot_bytes, "slots_per_slab": slots_per_slab}).encode(),
+                    db=self._db_meta,
+                )
+            raw_stats = txn.get(b"counters", db=self._db_stats)
+        self.geometry = DiskGeometry(slot_bytes, slots_per_slab, num_slots)
+        self.totals: dict[str, int] = dict.fromkeys(PERSISTED_COUNTERS, 0)
+        if raw_stats is not None:
+            self.totals.update({k: int(v) for k, v in json.loads(raw_stats).items() if k in self.totals})
+        self.counters: dict[str, int] = dict.fromkeys(PERSISTED_COUNTERS, 0)  # this session
+
+        n = num_slots
+        self._index: dict[bytes, int] = {}
+        self._slot_key = np.full(n, None, dtype=object)  # slot -> key (None when free)
+        self._len = np.zeros(n, np.uint64)
+        self._crc = np.zeros(n, np.uint32)
+        self._ns = np.zeros(n, np.uint64)
+        self._created = np.zeros(n, np.uint64)
+        self._access = np.zeros(n, np.uint64)
+        self._hits = np.zeros(n, np.uint64)
+        self._pins = np.zeros(n, np.int32)
+        self._pending: dict[bytes, int] = {}  # reserved for a write, not committed yet
+        self._doomed: set[int] = set()  # dropped while pinned: freed at the last unpin
+        self._dirty: set[int] = set()  # access/hits changed since the last txn
+        from kvbm import _native
+
+        self._policy = _native.EvictionPolicy(eviction, n)
+        t0 = time.perf_counter()
+        self._rebuild()
+        self.rebuild_seconds = time.perf_counter() - t0
+
+    def _rebuild(self) -> None:
+        geo = self.geometry
+        with self.env.begin(db=self._db_blocks) as txn:
+            cur = txn.cursor()
+            keys = list(cur.iternext(keys=True, values=False))
+            vals = b"".join(cur.iternext(keys=False, values=True))
+        recs = np.frombuffer(vals, dtype=RECORD_DTYPE) if keys else np.zeros(0, RECORD_DTYPE)
+        if len(recs) != len(keys):
+            raise StorageIOError(f"disk catalog in {self.path} has malformed records (size mismatch)")
+        bad = (recs["version"] != 1) | (recs["slot"] >= geo.num_slots)
+        bad |= (recs["length"] == 0) | (recs["length"] > geo.slot_bytes)
+        # Slab file sizes: a block whose end lies past its slab's end was never fully written.
+        slot = np.minimum(recs["slot"], max(geo.num_slots - 1, 0)).astype(np.int64)
+        slab = slot // geo.slots_per_slab
+        end = (slot % geo.slots_per_slab) * geo.slot_bytes + recs["length"].astype(np.int64)
+        nslabs = (geo.num_slots + geo.slots_per_slab - 1) // geo.slots_per_slab
+        sizes = np.zeros(nslabs, np.int64)
+        for i in np.unique(slab).tolist():
+            try:
+                sizes[i] = os.stat(slab_path(self.path, i)).st_size
+            except FileNotFoundError:
+                sizes[i] = -1
+        bad |= end > sizes[slab]
+        # Duplicate slots: keep the newest record of each slot.
+        order = np.lexsort((-recs["created_us"].astype(np.int64), slot))
+        dup = np.zeros(len(recs), bool)
+        vs = np.flatnonzero(~bad[order])  # valid records, by slot then newest first
+        if len(vs) > 1:
+            s_sorted = slot[order]
+            same = s_sorted[vs[1:]] == s_sorted[vs[:-1]]  # same slot as the newer one before it
+            dup[order[vs[1:][same]]] = True
+        bad |= dup
+        good = np.flatnonzero(~bad)
+        drop = np.flatnonzero(bad)
+        if len(drop):
+            with self.env.begin(write=True, db=self._db_blocks) as txn:
+                for i in drop.tolist():
+                    txn.delete(keys[i])
+            self._count("dropped_at_open", len(drop))
+            log.warning("disk tier %s: dropped %d incomplete or invalid catalog records at open", self.path, len(drop))
+        g = recs[good]
+        gs = g["slot"].astype(np.int64)
+        self._len[gs] = g["length"]
+        self._crc[gs] = g["crc"]
+        self._ns[gs] = g["ns"]
+        self._created[gs] = g["created_us"]
+        self._access[gs] = g["access_us"]
+        self._hits[gs] = g["hits"]
+        good_keys = [keys[i] for i in good.tolist()]
+        slots_list = gs.tolist()
+        self._index = dict(zip(good_keys, slots_list, strict=True))
+        if good_keys:
+            self._slot_key[gs] = good_keys
+        used = np.zeros(geo.num_slots, bool)
+        used[gs] = True
+        self._free: list[int] = np.flatnonzero(~used).tolist()  # sorted: a valid min-heap
+        for s in gs[np.argsort(g["access_us"], kind="stable")].tolist():  # oldest access first
+            self._policy.insert(s, -1)
+        if len(drop):
+            self._save_totals()
+
+    # ---- counters ----
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+        self.totals[name] += n
+
+    def _save_totals(self, txn: Any = None) -> None:
+        raw = json.dumps(self.totals).encode()
+        if txn is not None:
+            txn.put(b"counters", raw, db=self._db_stats)
+            return
+        try:
+            with self.env.begin(write=True) as t:
+                t.put(b"counters", raw, db=self._db_stats)
+        except (lmdb.Error, OSError) as e:  # a full disk must not take the engine down
+            log.warning("disk tier %s: cannot save counters: %s", self.path, e)
+
+    def _flush_dirty(self, txn: Any) -> None:
+        for s in self._dirty:
+            k = self._slot_key[s]
+            if k is not None:
+                txn.put(k, self._pack(s), db=self._db_blocks)
+        self._dirty.clear()
+        txn.put(b"counters", json.dumps(self.totals).encode(), db=self._db_stats)
+
+    def _pack(self, s: int) -> bytes:
+        return RECORD.pack(
+            1, 0, 0, int(self._crc[s]), s, int(self._len[s]), int(self._ns[s]),
+            int(self._created[s]), int(self._access[s]), int(self._hits[s]),
+        )  # fmt: skip
+
+    # ---- queries ----
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def slot_of(self, key: bytes) -> int:
+        """Slot of a committed block, or -1."""
+        return self._index.get(key, -1)
+
+    def record(self, slot: int) -> dict[str, int]:
+        """The in-memory record of an occupied slot (length, crc, ns, times, hits)."""
+        return {
+            "slot": slot,
+            "length": int(self._len[slot]),
+            "crc": int(self._crc[slot]),
+            "ns": int(self._ns[slot]),
+            "created_us": int(self._created[slot]),
+            "access_us": int(self._access[slot]),
+            "hits": int(self._hits[slot]),
+        }
+
+    def keys(self) -> list[bytes]:
+        """Hashes of all committed blocks."""
+        return list(self._index)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def bytes_used(self) -> int:
+        return int(self._len.sum())
+
+    # ---- storing ----
+
+    def reserve(self, keys: Sequence[bytes]) -> list[int]:
+        """Pick a free slot for each key, evicting (and durably un-listing) victims as needed.
+
+        Returns one slot per key, or -1 where the key is already stored or being stored, repeats
+        an earlier key of the batch, or no slot can be freed (everything pinned or in flight).
+        Victims' records are deleted in one committed txn before this returns (write ordering);
+        if that txn fails the victims stay listed and their slots are not handed out.
+        Every slot returned must later go to :meth:`commit` or :meth:`abort`.
+        """
+        out: list[int] = []
+        victims: list[tuple[int, bytes]] = []
+        seen: set[bytes] = set()
+        for k in keys:
+            if k in self._index or k in self._pending or k in seen:
+                out.append(-1)
+                continue
+            seen.add(k)
+            if self._free:
+                s = heapq.heappop(self._free)
+            else:
+                s = self._policy.victim()
+                if s < 0:
+                    out.append(-1)
+                    continue
+                vk = self._slot_key[s]
+                self._policy.remove(s)
+                self._index.pop(vk, None)
+                self._slot_key[s] = None
+                self._dirty.discard(s)
+                victims.append((s, vk))
+            self._pending[k] = s
+            out.append(s)
+        if victims:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for _, vk in victims:
+                        txn.delete(vk, db=self._db_blocks)
+                    self._flush_dirty(txn)
+            except (lmdb.Error, OSError) as e:
+                log.error("disk tier %s: cannot commit %d evictions (%s): not storing over them",
+                          self.path, len(victims), e)
+                for s, vk in victims:  # data untouched: the blocks stay valid and listed
+                    self._index[vk] = s
+                    self._slot_key[s] = vk
+                    self._policy.insert(s, -1)
+                vs = {s for s, _ in victims}
+                for i, s in enumerate(out):
+                    if s in vs:
+                        del self._pending[keys[i]]
+                        out[i] = -1
+                self._count("store_failures", len(vs))
+            else:
+                self._count("evictions", len(victims))
+                for s, _ in victims:
+                    self._len[s] = 0
+        return out
+
+    def commit(
+        self,
+        keys: Sequence[bytes],
+        slots: Sequence[int],
+        lengths: Sequence[int],
+        crcs: Sequence[int],
+        ok: Sequence[bool],
+        ns: int,
+        parents: Sequence[bytes | None] | None = None,
+    ) -> list[bool]:
+        """Publish the writes that succeeded (one txn) and free the slots of those that did not.
+
+        Returns, per key, whether it is now stored. A catalog commit failure (disk full, map
+        full) makes every write of the batch "not stored", counted and logged; it never raises.
+        """
+        n = len(keys)
+        okm = np.asarray(ok, dtype=bool).reshape(n)
+        good = np.flatnonzero(okm)
+        sl = np.asarray(slots, dtype=np.int64).reshape(n)
+        gs = sl[good]
+        recs = np.zeros(len(good), RECORD_DTYPE)
+        recs["version"] = 1
+        recs["crc"] = np.asarray(crcs, dtype=np.uint32).reshape(n)[good]
+        recs["slot"] = gs
+        recs["length"] = np.asarray(lengths, dtype=np.uint64).reshape(n)[good]
+        recs["ns"] = ns
+        recs["created_us"] = recs["access_us"] = _now_us()
+        raw = recs.tobytes()
+        sz = RECORD.size
+        gl = good.tolist()
+        committed = False
+        try:
+            with self.env.begin(write=True) as txn:
+                if gl:
+                    txn.cursor(db=self._db_blocks).putmulti(
+                        [(keys[i], raw[j * sz : (j + 1) * sz]) for j, i in enumerate(gl)]
+                    )
+                self._flush_dirty(txn)
+            committed = True
+        except (lmdb.Error, OSError) as e:
+            log.error("disk tier %s: catalog commit of %d blocks failed (not stored): %s", self.path, len(gl), e)
+            self._count("store_failures", len(gl))
+            if _is_space_error(e):
+                self._count("enospc", len(gl))
+        stored = [False] * n
+        if committed and gl:
+            self._len[gs] = recs["length"]
+            self._crc[gs] = recs["crc"]
+            self._ns[gs] = recs["ns"]
+            self._created[gs] = recs["created_us"]
+            self._access[gs] = recs["access_us"]
+            self._hits[gs] = 0
+            for i in gl:
+                stored[i] = True
+        for i, k in enumerate(keys):
+            s = int(sl[i])
+            self._pending.pop(k, None)
+            if stored[i]:
+                self._index[k] = s
+                self._slot_key[s] = k
+                p = parents[i] if parents is not None else None
+                ps = self._index.get(p, -1) if p is not None else -1
+                self._policy.insert(s, ps)
+            else:
+                self._len[s] = 0
+                heapq.heappush(self._free, s)
+        return stored
+
+    def abort(self, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+        """Release reservations made by :meth:`reserve` without storing anything."""
+        for k, s in zip(keys, slots, strict=False):
+            if s >= 0 and self._pending.get(k) == s:
+                del self._pending[k]
+                heapq.heappush(self._free, s)
+
+    # ---- loading ----
+
+    def pin(self, slot: int) -> None:
+        """Keep ``slot`` from eviction and reuse while a read of it is in flight."""
+        if self._pins[slot] == 0:
+            self._policy.set_pinned(slot, True)
+        self._pins[slot] += 1
+
+    def unpin(self, slot: int) -> None:
+        """Undo one :meth:`pin`; a slot dropped meanwhile is freed at its last unpin."""
+        self._pins[slot] -= 1
+        if self._pins[slot] > 0:
+            return
+        if slot in self._doomed:
+            self._doomed.discard(slot)
+            heapq.heappush(self._free, slot)
+        elif self._slot_key[slot] is not None:
+            self._policy.set_pinned(slot, False)
+
+    def record_hit(self, slot: int) -> None:
+        """Note a successful load of ``slot`` (last access, hit count, policy touch)."""
+        self._access[slot] = _now_us()
+        self._hits[slot] += 1
+        self._dirty.add(slot)
+        self._policy.touch(slot)
+
+    def drop(self, keys: Sequence[bytes], reason: str | None = None) -> int:
+        """Delete blocks from the catalog (one txn) and free their slots; returns how many.
+
+        ``reason`` names a persisted counter to add to (e.g. ``"checksum_failures"``).
+        """
+        slots = []
+        for k in keys:
+            s = self._index.get(k, -1)
+            if s < 0:
+                continue
+            slots.append((k, s))
+        if not slots:
+            return 0
+        if reason:
+            self._count(reason, len(slots))
+        for k, s in slots:
+            self._index.pop(k, None)
+            self._slot_key[s] = None
+            self._len[s] = 0
+            self._dirty.discard(s)
+            self._policy.remove(s)
+            if self._pins[s] > 0:
+                self._doomed.add(s)
+            else:
+                heapq.heappush(self._free, s)
+        try:
+            with self.env.begin(write=True) as txn:
+                for k, _ in slots:
+                    txn.delete(k, db=self._db_blocks)
+                self._flush_dirty(txn)
+        except (lmdb.Error, OSError) as e:
+            # The records stay on disk; their slots may be rewritten: the CRC check on a later
+            # load (after a restart) turns any such stale record into a counted miss.
+            log.error("disk tier %s: cannot delete %d records: %s", self.path, len(slots), e)
+        return len(slots)
+
+    # ---- closing ----
+
+    def flush(self) -> None:
+        """Write pending access times, hit counts and counters to the catalog."""
+        try:
+            with self.env.begin(write=True) as txn:
+                self._flush_dirty(txn)
+        except (lmdb.Error, OSError) as e:
+            log.warning("disk tier %s: cannot flush catalog metadata: %s", self.path, e)
+
+    def close(self) -> None:
+        """Flush, sync and close the catalog and release the directory lock. Idempotent."""
+        if getattr(self, "_lock_fd", -1) < 0:
+            return
+        try:
+            self.flush()
+            try:
+                self.env.sync(True)
+            except (lmdb.Error, OSError) as e:
+                log.warning("disk tier %s: catalog sync at close failed: %s", self.path, e)
+            self.env.close()
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _is_space_error(e: BaseException) -> bool:
+    if isinstance(e, OSError) and e.errno in (_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left" in text or "File too large" in text or "MDB_MAP_FULL" in text
+
+
+def _check_dir(path: str, writable: bool) -> None:
+    if not path:
+        raise ConfigError("disk_path is empty")
+    if not os.path.exists(path):
+        raise ConfigError(f"disk_path {path!r} does not exist (create it first)")
+    if not os.path.isdir(path):
+        raise ConfigError(f"disk_path {path!r} is not a directory")
+    if writable:
+        probe = os.path.join(path, f".kvbm-probe-{os.getpid()}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ConfigError(f"disk_path {path!r} is not writable: {e.strerror}") from e
+
+
+def _take_lock(path: str) -> int:
+    lock_path = os.path.join(path, LOCK_NAME)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise StorageIOError(f"cannot create the disk tier lock file {lock_path}: {e.strerror}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        os.close(fd)
+        raise StorageIOError(
+            f"disk tier directory {path} is in use by another kvbm process (pid {holder}); "
+            f"use another disk_path, or `kvbm inspect {path}` to look at it read-only"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, (int, np.integer)):
+        return -1
+    try:
+        return memoryview(obj).nbytes
+    except TypeError as e:
+        raise InvalidArgumentError(
+            f"expected a buffer (numpy array, bytes, bytearray, memoryview) or an int address, "
+            f"got {type(obj).__name__}"
+        ) from e
+
+
+class DiskHandle:
+    """An asynchronous disk put or get.
+
+    ``poll()`` returns True once done (and then applies the outcome to the catalog), ``wait()``
+    blocks and returns the per-block outcome (True = stored / loaded), ``error`` is the first
+    per-block error message or None. A handle keeps the buffers it reads or writes alive.
+    """
+
+    def __init__(self, tier: DiskTier, kind: str, n: int) -> None:
+        self._tier = tier
+        self.kind = kind
+        self._result = [False] * n
+        self._native: Any = None
+        self._finalize: Any = None
+        self._done = False
+        self.error: str | None = None
+
+    def poll(self) -> bool:
+        """True when the operation has finished and its outcome is applied."""
+        if self._done:
+            return True
+        if self._native is not None and not self._native.done():
+            return False
+        self._tier._finish(self)
+        return True
+
+    def wait(self, timeout: float | None = None) -> list[bool]:
+        """Block until done; returns one bool per block. TransferTimeoutError after ``timeout`` s."""
+        if not self._done and self._native is not None:
+            self._native.wait(timeout)
+        self.poll()
+        return list(self._result)
+
+    def result(self) -> list[bool]:
+        """The per-block outcome of a finished operation (StateError before it is done)."""
+        if not self.poll():
+            from kvbm.errors import StateError
+
+            raise StateError(f"disk {self.kind} is still in flight")
+        return list(self._result)
+
+    def __len__(self) -> int:
+        return len(self._result)
+
+
+class DiskTier:
+    """The local SSD tier for single-process use: DiskCatalog + native DiskStore.
+
+    Blocks are byte strings of at most ``slot_bytes`` keyed by their hash (bytes or int).
+    ``capacity_bytes // slot_bytes`` slots; when full, the eviction policy picks victims.
+    Not thread-safe beyond an internal lock around catalog updates: drive it from one thread.
+
+    Raises ConfigError for a bad configuration (missing or unwritable directory, capacity below
+    one slot, slot size not a multiple of 4096, unknown durability) and StorageIOError when
+    another process holds the directory.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        slot_bytes: int,
+        capacity_bytes: int,
+        namespace: int | bytes | str = 0,
+        io_threads: int = 4,
+        o_direct: bool = True,
+        durability: str = "batch",
+        verify_checksums: bool = True,
+        eviction: str = "lru",
+        slab_bytes: int = 1 << 30,
+    ) -> None:
+        from kvbm import _native
+
+        self.path = os.fspath(path)
+        if not isinstance(slot_bytes, int) or slot_bytes <= 0 or slot_bytes % ALIGNMENT:
+            raise ConfigError(
+                f"disk slot size {slot_bytes} must be a positive multiple of {ALIGNMENT} (the O_DIRECT alignment)"
+            )
+        if not isinstance(capacity_bytes, int) or capacity_bytes < slot_bytes:
+            raise ConfigError(
+                f"disk_capacity_bytes {capacity_bytes} is less than one slot of {slot_bytes} bytes"
+            )
+        if not isinstance(io_threads, int) or not 1 <= io_threads <= 256:
+            raise ConfigError(f"disk_io_threads {io_threads} must be in [1, 256]")
+        self.namespace = namespace_fingerprint(namespace)
+        self.verify_checksums = bool(verify_checksums)
+        self.durability = durability
+        self._lock = threading.RLock()
+        self._inflight: list[DiskHandle] = []
+        self.catalog = DiskCatalog(
+            self.path,
+            slot_bytes=slot_bytes,
+            num_slots=capacity_bytes // slot_bytes,
+            slab_bytes=slab_bytes,
+            durability=durability,
+            eviction=eviction,
+        )
+        try:
+            geo = self.catalog.geometry
+            self.store = _native.DiskStore(
+                self.path, geo.slot_bytes, geo.num_slots, geo.slots_per_slab, io_threads, bool(o_direct)
+            )
+        except BaseException:
+            self.catalog.close()
+            raise
+        if o_direct and not self.store.o_direct_active:
+            msg = (
+                f"kvbm disk tier {self.path}: the file system refused O_DIRECT "
+                f"({self.store.fallback_reason}); using buffered IO (page cache) instead"
+            )
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "io_errors"),
+            0,
+        )
+        self._closed = False
+
+    # ---- geometry / queries ----
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.catalog.geometry.slot_bytes
+
+    @property
+    def num_slots(self) -> int:
+        return self.catalog.geometry.num_slots
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def o_direct_active(self) -> bool:
+        return bool(self.store.o_direct_active)
+
+    def __len__(self) -> int:
+        return len(self.catalog)
+
+    def contains(self, h: bytes | int) -> bool:
+        """True if the block is stored (committed) under this tier's namespace."""
+        with self._lock:
+            self._reap()
+            s = self.catalog.slot_of(hash_key(h))
+            return s >= 0 and int(self.catalog._ns[s]) == self.namespace
+
+    def __contains__(self, h: bytes | int) -> bool:
+        return self.contains(h)
+
+    def lookup(self, hashes: Sequence[bytes | int]) -> int:
+        """Length of the longest prefix of ``hashes`` stored here (O(prefix length))."""
+        with self._lock:
+            self._reap()
+            n = 0
+            for h in hashes:
+                s = self.catalog.slot_of(hash_key(h))
+                if s < 0 or int(self.catalog._ns[s]) != self.namespace:
+                    break
+                n += 1
+            return n
+
+    def length_of(self, h: bytes | int) -> int:
+        """Stored length in bytes of a block, or -1 if absent."""
+        with self._lock:
+            s = self.catalog.slot_of(hash_key(h))
+            return -1 if s < 0 else int(self.catalog._len[s])
+
+    def keys(self) -> list[bytes]:
+        """Catalog keys of all stored blocks."""
+        with self._lock:
+            self._reap()
+            return self.catalog.keys()
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Iterate over a snapshot of the catalog keys."""
+        return iter(self.keys())
+
+    # ---- store ----
+
+    def put_async(
+        self,
+        hashes: Sequence[bytes | int],
+        blocks: Sequence[Any],
+        *,
+        lengths: Sequence[int] | None = None,
+        parents: Sequence[bytes | int | None] | None = None,
+    ) -> DiskHandle:
+        """Start writing ``blocks[i]`` (a buffer, or an int address with ``lengths[i]``) under ``hashes[i]``.
+
+        Blocks already stored (or being stored) are skipped. When no slot can be found (all
+        pinned) a block is not stored. Returns a DiskHandle whose per-block result says whether
+        the block is stored once done; IO errors and a full disk give False, a counted error and
+        a log line. Raises InvalidArgumentError for mismatched argument lengths, a block larger
+        than the slot size, or an int address without a length.
+        """
+        n = len(hashes)
+        if len(blocks) != n:
+            raise InvalidArgumentError(f"put: {len(blocks)} blocks for {n} hashes")
+        if lengths is not None and len(lengths) != n:
+            raise InvalidArgumentError(f"put: {len(lengths)} lengths for {n} hashes")
+        if parents is not None and len(parents) != n:
+            raise InvalidArgumentError(f"put: {len(parents)} parents for {n} hashes")
+        keys = [hash_key(h) for h in hashes]
+        lens: list[int] = []
+        for i, b in enumerate(blocks):
+            nb = _nbytes(b)
+            ln = int(lengths[i]) if lengths is not None else nb
+            if ln < 0:
+                raise InvalidArgumentError(f"put: blocks[{i}] is an address: give lengths")
+            if nb >= 0 and ln > nb:
+                raise InvalidArgumentError(f"put: lengths[{i}]={ln} exceeds the buffer's {nb} bytes")
+            if not 0 < ln <= self.slot_bytes:
+                raise InvalidArgumentError(f"put: block {i} has {ln} bytes; must be 1..slot_bytes={self.slot_bytes}")
+            lens.append(ln)
+        pkeys = [None if p is None else hash_key(p) for p in parents] if parents is not None else None
+        h = DiskHandle(self, "put", n)
+        with self._lock:
+            self._check_open()
+            self._reap()
+            slots = self.catalog.reserve(keys)
+            idx = [i for i, s in enumerate(slots) if s >= 0]
+            wkeys = [keys[i] for i in idx]
+            wslots = [slots[i] for i in idx]
+            try:
+                h._native = self.store.write(
+                    wslots, [blocks[i] for i in idx], [lens[i] for i in idx], _SYNC_MODE[self.durability]
+                )
+            except BaseException:
+                self.catalog.abort(wkeys, wslots)
+                raise
+            h._finalize = ("put", keys, idx, wkeys, wslots, [lens[i] for i in idx],
+                           [pkeys[i] for i in idx] if pkeys is not None else None)  # fmt: skip
+            self._inflight.append(h)
+        return h
+
+    def put(
+        self,
+        hashes: Sequence[bytes | int],
+        blocks: Sequence[Any],
+        *,
+        lengths: Sequence[int] | None = None,
+        parents: Sequence[bytes | int | None] | None = None,
+    ) -> list[bool]:
+        """Synchronous :meth:`put_async`: returns, per block, whether it is stored."""
+        return self.put_async(hashes, blocks, lengths=lengths, parents=parents).wait()
+
+    # ---- load ----
+
+    def get_async(self, hashes: Sequence[bytes | int], outs: Sequence[Any]) -> DiskHandle:
+        """Start reading blocks into ``outs[i]`` (a writable buffer of exactly the stored length, or
+        an int address with room for it).
+
+        The handle's per-block result is True for a verified hit; a block that is absent, of
+        another namespace, of another length than ``outs[i]``, short on disk or failing its CRC32C
+        is a miss (False): counted, and a bad one is dropped from the catalog. Never serves wrong
+        bytes as a hit (the buffer of a miss may hold garbage). Raises InvalidArgumentError for
+        mismatched argument lengths or a read-only buffer.
+        """
+        n = len(hashes)
+        if len(outs) != n:
+            raise InvalidArgumentError(f"get: {len(outs)} output buffers for {n} hashes")
+        keys = [hash_key(h) for h in hashes]
+        sizes = [_nbytes(o) for o in outs]
+        h = DiskHandle(self, "get", n)
+        cat = self.catalog
+        with self._lock:
+            self._check_open()
+            self._reap()
+            idx: list[int] = []
+            bad_ns: list[bytes] = []
+            bad_len: list[bytes] = []
+            for i, k in enumerate(keys):
+                s = cat.slot_of(k)
+                if s < 0:
+                    continue
+                if int(cat._ns[s]) != self.namespace:
+                    bad_ns.append(k)
+                    continue
+                if sizes[i] >= 0 and sizes[i] != int(cat._len[s]):
+                    bad_len.append(k)
+                    continue
+                idx.append(i)
+            if bad_ns:
+                log.warning("disk tier %s: %d blocks of another namespace dropped", self.path, len(bad_ns))
+                cat.drop(bad_ns, "namespace_mismatches")
+            if bad_len:
+                log.warning("disk tier %s: %d blocks of unexpected length dropped", self.path, len(bad_len))
+                cat.drop(bad_len, "length_mismatches")
+            rslots = [cat.slot_of(keys[i]) for i in idx]
+            for s in rslots:
+                cat.pin(s)
+            try:
+                h._native = self.store.read(
+                    rslots,
+                    [outs[i] for i in idx],
+                    [int(cat._len[s]) for s in rslots],
+                    [int(cat._crc[s]) for s in rslots],
+                    self.verify_checksums,
+                )
+            except BaseException:
+                for s in rslots:
+                    cat.unpin(s)
+                raise
+            h._finalize = ("get", keys, idx, rslots)
+            self._inflight.append(h)
+        return h
+
+    def get(self, hashes: Sequence[bytes | int], outs: Sequence[Any]) -> list[bool]:
+        """Synchronous :meth:`get_async`: per block, True if ``outs[i]`` now holds its verified bytes."""
+        return self.get_async(hashes, outs).wait()
+
+    def remove(self, hashes: Sequence[bytes | int]) -> int:
+        """Drop blocks from the tier; returns how many were present."""
+        with self._lock:
+            self._reap()
+            return self.catalog.drop([hash_key(h) for h in hashes])
+
+    # ---- completion ----
+
+    def _reap(self) -> None:
+        if self._inflight:
+            for h in [h for h in self._inflight if h._native is None or h._native.done()]:
+                self._finish(h)
+
+    def _finish(self, h: DiskHandle) -> None:
+        with self._lock:
+            if h._done:
+                return
+            if h._native is not None and not h._native.done():
+                h._native.wait(None)
+            kind = h._finalize[0]
+            codes, crcs, errnos, msgs = h._native.results()
+            cat = self.catalog
+            if kind == "put":
+                _, keys, idx, wkeys, wslots, wlens, wparents = h._finalize
+                ok = (codes == 0).tolist()
+                stored = cat.commit(wkeys, wslots, wlens, crcs.tolist(), ok, self.namespace, wparents)
+                for j, i in enumerate(idx):
+                    h._result[i] = stored[j]
+                    if stored[j]:
+                        self.counters["stores"] += 1
+                        self.counters["stored_bytes"] += wlens[j]
+                enospc = sum(1 for j, e in enumerate(errnos.tolist()) if not ok[j] and
+                             e in (_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT))  # fmt: skip
+                io_fail = sum(1 for x in ok if not x)
+                if io_fail:
+                    first = next(m for m in msgs if m)
+                    h.error = first
+                    self.counters["io_errors"] += io_fail
+                    cat._count("store_failures", io_fail)
+                    if enospc:
+                        cat._count("enospc", enospc)
+                    log.error("disk tier %s: %d of %d block writes failed (not stored): %s",
+                              self.path, io_fail, len(ok), first)  # fmt: skip
+                # Blocks already present (skipped, or stored by an earlier put) count as stored.
+                for i, k in enumerate(keys):
+                    if not h._result[i] and k in cat:
+                        h._result[i] = True
+            else:
+                _, keys, idx, rslots = h._finalize
+                bad: dict[str, list[bytes]] = {}
+                for j, i in enumerate(idx):
+                    s = rslots[j]
+                    c = int(codes[j])
+                    if c == 0:
+                        h._result[i] = True
+                        cat.record_hit(s)
+                        self.counters["loaded_bytes"] += int(cat._len[s])
+                        continue
+                    if h.error is None:
+                        h.error = msgs[j]
+                    if c == _CODE_CHECKSUM:
+                        reason = "checksum_failures"
+                    elif int(errnos[j]) == 0:
+                        reason = "short_reads"
+                    else:
+                        reason = "read_errors"
+                    bad.setdefault(reason, []).append(keys[i])
+                for s in rslots:
+                    cat.unpin(s)
+                for reason, ks in bad.items():
+                    log.warning("disk tier %s: %d blocks failed on load (%s), dropped: %s",
+                                self.path, len(ks), reason, h.error)  # fmt: skip
+                    cat.drop(ks, reason)
+                nhit = sum(h._result)
+                self.counters["hits"] += nhit
+                self.counters["loads"] += nhit
+                self.counters["misses"] += len(keys) - nhit
+            h._done = True
+            h._native_results = None
+            with contextlib.suppress(ValueError):
+                self._inflight.remove(h)
+
+    def poll_all(self) -> None:
+        """Apply the outcome of every finished operation (commits finished puts)."""
+        with self._lock:
+            self._reap()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            from kvbm.errors import StateError
+
+            raise StateError(f"disk tier {self.path} is closed")
+
+    # ---- stats / lifetime ----
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this session plus the tier's state (blocks, bytes, free slots, totals).
+
+        ``totals`` are cumulative over the directory's life (persisted in the catalog).
+        """
+        with self._lock:
+            self._reap()
+            cat = self.catalog
+            d: dict[str, Any] = dict(self.counters)
+            d.update({k: v for k, v in cat.counters.items()})
+            d.update(
+                blocks=len(cat),
+                bytes_used=cat.bytes_used,
+                capacity_bytes=self.capacity_bytes,
+                slot_bytes=self.slot_bytes,
+                slots_total=self.num_slots,
+                slots_free=cat.free_slots,
+                o_direct=self.o_direct_active,
+                io=self.store.stats(),
+                totals=dict(cat.totals),
+                rebuild_seconds=cat.rebuild_seconds,
+            )
+            return d
+
+    def flush(self) -> None:
+        """Wait for in-flight operations and write catalog metadata (access times, counters)."""
+        with self._lock:
+            for h in list(self._inflight):
+                self._finish(h)
+            self.catalog.flush()
+
+    def close(self) -> None:
+        """Finish in-flight IO, close slab files and the catalog, release the lock. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                for h in list(self._inflight):
+                    self._finish(h)
+            finally:
+                self._closed = True
+                self.store.close()
+                self.catalog.close()
+
+    def __enter__(self) -> DiskTier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except (lmdb.Error, OSError) as e:
+                log.warning("disk tier %s: close at garbage collection failed: %s", self.path, e)
+
+
+def _codes() -> tuple[int, int]:
+    from kvbm import _native
+
+    return int(_native.DISK_CODE_IO), int(_native.DISK_CODE_CHECKSUM)
+
+
+_CODE_IO, _CODE_CHECKSUM = _codes()

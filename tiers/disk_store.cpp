@@ -1,0 +1,426 @@
+// DiskStore: slab files, O_DIRECT slot IO on a thread pool, CRC32C on write and read.
+// See Note [Disk tier split] in disk_store.h.
+#include "tiers/disk_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <set>
+
+#include "csrc/checksum.h"
+
+namespace kvbm {
+
+namespace {
+
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+bool is_aligned(const void* p, uint64_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+bool is_space_errno(int e) { return e == ENOSPC || e == EFBIG || e == EDQUOT; }
+
+struct AlignedBuf {
+  uint8_t* p = nullptr;
+  explicit AlignedBuf(uint64_t n) {
+    void* q = nullptr;
+    if (n && posix_memalign(&q, kDiskAlignment, n) == 0) p = static_cast<uint8_t*>(q);
+  }
+  ~AlignedBuf() { std::free(p); }
+  AlignedBuf(const AlignedBuf&) = delete;
+  AlignedBuf& operator=(const AlignedBuf&) = delete;
+};
+
+// Full pwrite; returns 0 or the errno of the failure.
+int pwrite_all(int fd, const uint8_t* p, uint64_t n, uint64_t off) {
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd, p, n, static_cast<off_t>(off));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (w == 0) return EIO;
+    p += w;
+    n -= static_cast<uint64_t>(w);
+    off += static_cast<uint64_t>(w);
+  }
+  return 0;
+}
+
+// pread until n bytes or end of file; *got receives the count. Returns 0 or errno.
+int pread_all(int fd, uint8_t* p, uint64_t n, uint64_t off, uint64_t* got) {
+  *got = 0;
+  while (n > 0) {
+    ssize_t r = ::pread(fd, p, n, static_cast<off_t>(off));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (r == 0) break;
+    p += r;
+    n -= static_cast<uint64_t>(r);
+    off += static_cast<uint64_t>(r);
+    *got += static_cast<uint64_t>(r);
+  }
+  return 0;
+}
+
+std::string errno_text(int e) { return std::string(std::strerror(e)) + " (errno " + std::to_string(e) + ")"; }
+
+}  // namespace
+
+// ---- DiskIoBatch ----
+
+DiskIoBatch::DiskIoBatch(DiskIoKind kind, std::vector<DiskOp> ops, int flag)
+    : kind_(kind), ops_(std::move(ops)), results_(ops_.size()), flag_(flag), remaining_(1),
+      ops_left_(ops_.size()) {}
+
+Status DiskIoBatch::wait(double timeout_s) {
+  if (done()) return Status::Ok();
+  std::unique_lock<std::mutex> lk(mu_);
+  if (timeout_s < 0) {
+    cv_.wait(lk, [&] { return done(); });
+    return Status::Ok();
+  }
+  auto dl = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  if (!cv_.wait_until(lk, dl, [&] { return done(); }))
+    return Timeout("disk IO batch of " + std::to_string(ops_.size()) + " ops not done after " +
+                   std::to_string(timeout_s) + " s");
+  return Status::Ok();
+}
+
+// ---- DiskStore ----
+
+DiskStore::DiskStore(const DiskStoreConfig& cfg) : cfg_(cfg) {}
+
+DiskStore::~DiskStore() { close(); }
+
+std::string DiskStore::slab_path(uint64_t slab) const {
+  char name[32];
+  std::snprintf(name, sizeof(name), "slab-%05llu.kvbm", static_cast<unsigned long long>(slab));
+  return cfg_.dir + "/" + name;
+}
+
+StatusOr<std::unique_ptr<DiskStore>> DiskStore::open(const DiskStoreConfig& cfg_in) {
+  DiskStoreConfig cfg = cfg_in;
+  if (cfg.dir.empty()) return ConfigError("disk dir: empty path");
+  struct stat st;
+  if (::stat(cfg.dir.c_str(), &st) != 0)
+    return ConfigError("disk dir '" + cfg.dir + "': " + errno_text(errno));
+  if (!S_ISDIR(st.st_mode)) return ConfigError("disk dir '" + cfg.dir + "' is not a directory");
+  if (cfg.slot_size == 0 || cfg.slot_size % kDiskAlignment != 0)
+    return ConfigError("disk slot_size " + std::to_string(cfg.slot_size) + " must be a positive multiple of " +
+                       std::to_string(kDiskAlignment) + " (the O_DIRECT alignment)");
+  if (cfg.num_slots == 0)
+    return ConfigError("disk num_slots is 0: capacity must hold at least one slot of " +
+                       std::to_string(cfg.slot_size) + " bytes");
+  if (cfg.slots_per_slab == 0) cfg.slots_per_slab = cfg.num_slots;
+  if (cfg.io_threads < 1 || cfg.io_threads > 256)
+    return ConfigError("disk io_threads " + std::to_string(cfg.io_threads) + " must be in [1, 256]");
+  if (cfg.slot_size > (uint64_t{1} << 40)) return ConfigError("disk slot_size " + std::to_string(cfg.slot_size) + " is absurdly large (> 1 TiB)");
+
+  std::unique_ptr<DiskStore> s(new DiskStore(cfg));
+  KVBM_RETURN_IF_ERROR(s->open_files());
+  for (int i = 0; i < cfg.io_threads; ++i) s->threads_.emplace_back([p = s.get()] { p->worker_loop(); });
+  return s;
+}
+
+Status DiskStore::open_files() {
+  uint64_t nslabs = (cfg_.num_slots + cfg_.slots_per_slab - 1) / cfg_.slots_per_slab;
+  bool direct = cfg_.o_direct;
+  int base = cfg_.read_only ? O_RDONLY : (O_RDWR | O_CREAT);
+  base |= O_CLOEXEC;
+  auto close_all = [&] {
+    for (int fd : fds_)
+      if (fd >= 0) ::close(fd);
+    fds_.clear();
+  };
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    bool refused = false;
+    for (uint64_t i = 0; i < nslabs; ++i) {
+      std::string path = slab_path(i);
+      int fd = ::open(path.c_str(), base | (direct ? O_DIRECT : 0), 0644);
+      if (fd < 0) {
+        int e = errno;
+        if (direct && e == EINVAL) {
+          refused = true;
+          fallback_reason_ = "open(O_DIRECT) of " + path + " failed: " + errno_text(e);
+          break;
+        }
+        if (cfg_.read_only && e == ENOENT) {  // a slab never created: every read of it is a miss
+          fds_.push_back(-1);
+          continue;
+        }
+        close_all();
+        return IoError("cannot open slab file " + path + ": " + errno_text(e));
+      }
+      fds_.push_back(fd);
+    }
+    if (!refused && direct && !fds_.empty() && fds_[0] >= 0) {
+      // Some file systems accept O_DIRECT at open and refuse the IO itself.
+      AlignedBuf probe(kDiskAlignment);
+      ssize_t r = ::pread(fds_[0], probe.p, kDiskAlignment, 0);
+      if (r < 0 && errno == EINVAL) {
+        refused = true;
+        fallback_reason_ = "O_DIRECT read of " + slab_path(0) + " failed: " + errno_text(EINVAL);
+      }
+    }
+    if (!refused) break;
+    close_all();
+    direct = false;
+  }
+  o_direct_active_ = direct;
+  return Status::Ok();
+}
+
+Status DiskStore::validate_ops(const std::vector<DiskOp>& ops) const {
+  for (size_t i = 0; i < ops.size(); ++i) {
+    const DiskOp& op = ops[i];
+    if (op.slot >= cfg_.num_slots)
+      return OutOfRange("op " + std::to_string(i) + ": slot " + std::to_string(op.slot) + " >= num_slots " +
+                        std::to_string(cfg_.num_slots));
+    if (op.length == 0 || op.length > cfg_.slot_size)
+      return InvalidArgument("op " + std::to_string(i) + ": length " + std::to_string(op.length) +
+                             " must be in [1, slot_size=" + std::to_string(cfg_.slot_size) + "]");
+    if (op.buf == nullptr) return InvalidArgument("op " + std::to_string(i) + ": null buffer");
+  }
+  return Status::Ok();
+}
+
+StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit(DiskIoKind kind, std::vector<DiskOp> ops, int flag) {
+  KVBM_RETURN_IF_ERROR(validate_ops(ops));
+  auto b = std::make_shared<DiskIoBatch>(kind, std::move(ops), flag);
+  {
+    std::lock_guard<std::mutex> lk(qmu_);
+    if (stopping_ || threads_.empty()) return IllegalTransition("disk store is closed");
+    if (b->ops_.empty()) {
+      b->remaining_.store(0, std::memory_order_release);
+      return b;
+    }
+    for (size_t i = 0; i < b->ops_.size(); ++i) queue_.push_back(Task{b, i});
+  }
+  qcv_.notify_all();
+  return b;
+}
+
+StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit_write(std::vector<DiskOp> ops, DiskSync sync) {
+  if (cfg_.read_only) return IllegalTransition("disk store at " + cfg_.dir + " was opened read-only");
+  return submit(DiskIoKind::kWrite, std::move(ops), static_cast<int>(sync));
+}
+
+StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit_read(std::vector<DiskOp> ops, bool verify) {
+  return submit(DiskIoKind::kRead, std::move(ops), verify ? 1 : 0);
+}
+
+void DiskStore::worker_loop() {
+  AlignedBuf bounce(cfg_.slot_size);
+  for (;;) {
+    Task t;
+    {
+      std::unique_lock<std::mutex> lk(qmu_);
+      qcv_.wait(lk, [&] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stopping and drained
+      t = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    if (bounce.p == nullptr) {
+      t.batch->results_[t.index].status = Internal("cannot allocate a " + std::to_string(cfg_.slot_size) +
+                                                   " byte aligned bounce buffer");
+    } else {
+      run_op(t.batch.get(), t.index, bounce.p);
+    }
+    finish_op(t.batch);
+  }
+}
+
+void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce) {
+  const DiskOp& op = b->ops_[i];
+  DiskOpResult& res = b->results_[i];
+  const uint64_t slab = op.slot / cfg_.slots_per_slab;
+  const uint64_t off = (op.slot % cfg_.slots_per_slab) * cfg_.slot_size;
+  const int fd = fds_[slab];
+  const bool direct = o_direct_active_;
+  const bool in_place = !direct || (is_aligned(op.buf, kDiskAlignment) && op.length % kDiskAlignment == 0);
+  const uint64_t io_len = direct ? round_up(op.length, kDiskAlignment) : op.length;
+  auto where = [&] {
+    return "slot " + std::to_string(op.slot) + " (" + slab_path(slab) + " @ " + std::to_string(off) + ")";
+  };
+
+  if (b->kind_ == DiskIoKind::kWrite) {
+    res.crc = crc32c(op.buf, op.length);
+    const uint8_t* src = op.buf;
+    if (!in_place) {
+      std::memcpy(bounce, op.buf, op.length);
+      std::memset(bounce + op.length, 0, io_len - op.length);
+      src = bounce;
+    }
+    int e = pwrite_all(fd, src, io_len, off);
+    if (e == 0 && b->flag_ == static_cast<int>(DiskSync::kEach)) {
+      ctr_.syncs.fetch_add(1, std::memory_order_relaxed);
+      if (::fdatasync(fd) != 0) e = errno;
+    }
+    if (e != 0) {
+      res.sys_errno = e;
+      res.status = IoError("write of " + where() + " failed: " + errno_text(e));
+      ctr_.write_errors.fetch_add(1, std::memory_order_relaxed);
+      if (is_space_errno(e)) ctr_.enospc.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    ctr_.writes.fetch_add(1, std::memory_order_relaxed);
+    ctr_.bytes_written.fetch_add(op.length, std::memory_order_relaxed);
+    return;
+  }
+
+  // Read.
+  if (fd < 0) {
+    res.sys_errno = ENOENT;
+    res.status = IoError("read of " + where() + ": slab file does not exist");
+    ctr_.read_errors.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  uint8_t* dst = in_place ? op.buf : bounce;
+  uint64_t got = 0;
+  int e = pread_all(fd, dst, io_len, off, &got);
+  if (e != 0 || got < op.length) {
+    res.sys_errno = e;
+    res.status = IoError(e != 0 ? "read of " + where() + " failed: " + errno_text(e)
+                                : "short read of " + where() + ": expected " + std::to_string(op.length) +
+                                      " bytes, got " + std::to_string(got) + " (slab truncated?)");
+    ctr_.read_errors.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  if (!in_place) std::memcpy(op.buf, bounce, op.length);
+  res.crc = crc32c(op.buf, op.length);
+  if (b->flag_ && res.crc != op.expected_crc) {
+    char msg[160];
+    std::snprintf(msg, sizeof(msg), "CRC32C mismatch: expected %08x, read %08x", op.expected_crc, res.crc);
+    res.status = ChecksumError(std::string(msg) + " at " + where());
+    ctr_.checksum_failures.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  ctr_.reads.fetch_add(1, std::memory_order_relaxed);
+  ctr_.bytes_read.fetch_add(op.length, std::memory_order_relaxed);
+}
+
+void DiskStore::finish_op(const std::shared_ptr<DiskIoBatch>& b) {
+  if (b->ops_left_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  // Last op of the batch: sync if asked, then publish completion.
+  if (b->kind_ == DiskIoKind::kWrite && b->flag_ == static_cast<int>(DiskSync::kBatch)) {
+    std::set<uint64_t> slabs;
+    for (size_t i = 0; i < b->ops_.size(); ++i)
+      if (b->results_[i].status.ok()) slabs.insert(b->ops_[i].slot / cfg_.slots_per_slab);
+    for (uint64_t slab : slabs) {
+      ctr_.syncs.fetch_add(1, std::memory_order_relaxed);
+      if (::fdatasync(fds_[slab]) != 0) {
+        int e = errno;
+        for (size_t i = 0; i < b->ops_.size(); ++i) {
+          DiskOpResult& r = b->results_[i];
+          if (r.status.ok() && b->ops_[i].slot / cfg_.slots_per_slab == slab) {
+            r.sys_errno = e;
+            r.status = IoError("fdatasync of " + slab_path(slab) + " failed: " + errno_text(e));
+            ctr_.write_errors.fetch_add(1, std::memory_order_relaxed);
+            if (is_space_errno(e)) ctr_.enospc.fetch_add(1, std::memory_order_relaxed);
+          }
+        }
+      }
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lk(b->mu_);
+    b->remaining_.store(0, std::memory_order_release);
+  }
+  b->cv_.notify_all();
+}
+
+Status DiskStore::sync_all() {
+  for (size_t i = 0; i < fds_.size(); ++i) {
+    if (fds_[i] < 0) continue;
+    ctr_.syncs.fetch_add(1, std::memory_order_relaxed);
+    if (::fdatasync(fds_[i]) != 0) return IoError("fdatasync of " + slab_path(i) + " failed: " + errno_text(errno));
+  }
+  return Status::Ok();
+}
+
+void DiskStore::close() {
+  {
+    std::lock_guard<std::mutex> lk(qmu_);
+    stopping_ = true;
+  }
+  qcv_.notify_all();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+  for (int fd : fds_)
+    if (fd >= 0) ::close(fd);
+  fds_.clear();
+}
+
+DiskStoreStats DiskStore::stats() const {
+  DiskStoreStats s;
+  s.writes = ctr_.writes.load();
+  s.reads = ctr_.reads.load();
+  s.bytes_written = ctr_.bytes_written.load();
+  s.bytes_read = ctr_.bytes_read.load();
+  s.write_errors = ctr_.write_errors.load();
+  s.read_errors = ctr_.read_errors.load();
+  s.enospc = ctr_.enospc.load();
+  s.checksum_failures = ctr_.checksum_failures.load();
+  s.syncs = ctr_.syncs.load();
+  return s;
+}
+
+// ---- raw baseline ----
+
+StatusOr<RawIoTiming> raw_direct_io(const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes,
+                                    bool fsync_after) {
+  if (chunk_bytes == 0 || chunk_bytes % kDiskAlignment != 0)
+    return InvalidArgument("chunk_bytes " + std::to_string(chunk_bytes) + " must be a positive multiple of 4096");
+  if (total_bytes < chunk_bytes) return InvalidArgument("total_bytes must be >= chunk_bytes");
+  AlignedBuf buf(chunk_bytes);
+  if (!buf.p) return Internal("cannot allocate " + std::to_string(chunk_bytes) + " aligned bytes");
+  uint64_t x = 0x9E3779B97F4A7C15ull;  // xorshift fill: not zeros, not compressible
+  for (uint64_t i = 0; i + 8 <= chunk_bytes; i += 8) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    std::memcpy(buf.p + i, &x, 8);
+  }
+  RawIoTiming t;
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0644);
+  t.o_direct = fd >= 0;
+  if (fd < 0 && errno == EINVAL) fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return IoError("cannot open " + path + ": " + errno_text(errno));
+  const uint64_t n = total_bytes / chunk_bytes;
+  using clk = std::chrono::steady_clock;
+  auto t0 = clk::now();
+  for (uint64_t i = 0; i < n; ++i) {
+    int e = pwrite_all(fd, buf.p, chunk_bytes, i * chunk_bytes);
+    if (e) {
+      ::close(fd);
+      ::unlink(path.c_str());
+      return IoError("raw write to " + path + " failed: " + errno_text(e));
+    }
+  }
+  if (fsync_after) ::fdatasync(fd);
+  auto t1 = clk::now();
+  for (uint64_t i = 0; i < n; ++i) {
+    uint64_t got = 0;
+    int e = pread_all(fd, buf.p, chunk_bytes, i * chunk_bytes, &got);
+    if (e || got != chunk_bytes) {
+      ::close(fd);
+      ::unlink(path.c_str());
+      return IoError("raw read from " + path + " failed: " + (e ? errno_text(e) : std::string("short read")));
+    }
+  }
+  auto t2 = clk::now();
+  ::close(fd);
+  ::unlink(path.c_str());
+  t.write_s = std::chrono::duration<double>(t1 - t0).count();
+  t.read_s = std::chrono::duration<double>(t2 - t1).count();
+  return t;
+}
+
+}  // namespace kvbm
