@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from kvbm.integrations.vllm.disk import HEADER_BYTES
 from tests.vllm_helpers import build_tiny_llama, kvbm_transfer_config, run_engine
 
 pytestmark = [
@@ -52,7 +53,8 @@ def baseline(model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def host_run(model: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One engine with the connector (host tier only): LONG cold, LONG again, SHARED, OTHER."""
     out = tmp_path_factory.mktemp("host") / "r.json"
-    return run_engine({"model": model, "out": str(out), "kv_transfer_config": kvbm_transfer_config(host_bytes="32MiB"),
+    cfg = kvbm_transfer_config(host_capacity_bytes="32MiB")
+    return run_engine({"model": model, "out": str(out), "kv_transfer_config": cfg,
                        "phases": [{"prompts": [LONG]}, {"prompts": [LONG]}, {"prompts": [SHARED]},
                                   {"prompts": [OTHER]}]})
 
@@ -84,7 +86,7 @@ def disk_runs(model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dic
     """A small host tier (4 blocks) over a disk directory, then a new multi-process engine over it."""
     d = tmp_path_factory.mktemp("disk")
     # One block of the tiny model: 2 layers x 32 tokens x 2 KV heads x 2 (K, V) x 32 x 2 bytes = 16 KiB.
-    cfg = kvbm_transfer_config(host_bytes=4 * 16384, disk_path=str(d / "kv"), disk_bytes="64MiB")
+    cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(d / "kv"), disk_capacity_bytes="64MiB")
     first = run_engine({"model": model, "out": str(d / "a.json"), "kv_transfer_config": cfg,
                         "phases": [{"prompts": [LONG]}, {"prompts": [LONG]}]})
     second = run_engine({"model": model, "out": str(d / "b.json"), "kv_transfer_config": cfg,
@@ -119,7 +121,7 @@ def _corrupt_one_block(disk_dir: str) -> str:
 @pytest.fixture(scope="module")
 def corrupt_runs(model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, dict]:
     d = tmp_path_factory.mktemp("corrupt")
-    cfg = kvbm_transfer_config(host_bytes=4 * 16384, disk_path=str(d / "kv"), disk_bytes="64MiB")
+    cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(d / "kv"), disk_capacity_bytes="64MiB")
     first = run_engine({"model": model, "out": str(d / "a.json"), "kv_transfer_config": cfg,
                         "phases": [{"prompts": [LONG]}]})
     _corrupt_one_block(str(d / "kv"))
@@ -144,15 +146,15 @@ def test_loaded_bytes_are_really_used(model: str, tmp_path_factory: pytest.TempP
     """Control for the tests above: with verification off, a corrupted block changes the output,
     so identical outputs elsewhere do mean the KV came from kvbm."""
     d = tmp_path_factory.mktemp("noverify")
-    cfg = kvbm_transfer_config(host_bytes=4 * 16384, disk_path=str(d / "kv"), disk_bytes="64MiB",
-                               verify_checksums=False)
+    cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(d / "kv"), disk_capacity_bytes="64MiB",
+                               checksums=False)
     run_engine({"model": model, "out": str(d / "a.json"), "kv_transfer_config": cfg, "phases": [{"prompts": [LONG]}]})
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(d / "kv") for f in fs if f.endswith(".kvb"))
     for path in files:  # garbage in every block's payload, headers intact
         size = os.path.getsize(path)
         with open(path, "r+b") as f:
-            f.seek(88)
-            f.write(os.urandom(size - 88))
+            f.seek(HEADER_BYTES)
+            f.write(os.urandom(size - HEADER_BYTES))
     second = run_engine({"model": model, "out": str(d / "b.json"), "kv_transfer_config": cfg,
                          "phases": [{"prompts": [LONG]}]})
     assert second["phases"][0]["external_hits"] == 20 * BS
@@ -160,7 +162,7 @@ def test_loaded_bytes_are_really_used(model: str, tmp_path_factory: pytest.TempP
 
 
 def test_bad_extra_config_fails_at_startup_naming_the_key(model: str, tmp_path) -> None:
-    cfg = kvbm_transfer_config(host_bytes="32MiB", hots_bytes=1)
+    cfg = kvbm_transfer_config(host_capacity_bytes="32MiB", hots_bytes=1)
     with pytest.raises(RuntimeError) as ei:
         run_engine({"model": model, "out": str(tmp_path / "r.json"), "kv_transfer_config": cfg,
                     "phases": [{"prompts": [OTHER]}]})

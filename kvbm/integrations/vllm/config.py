@@ -1,122 +1,103 @@
 """Configuration of the vLLM connector, parsed from ``kv_connector_extra_config``.
 
-Every key is checked once, at engine start-up, in both the scheduler and the worker processes;
-an unknown key or a value of the wrong type raises :class:`kvbm.errors.ConfigError` naming the
-key, so a typo never silently falls back to a default.
+The mapping holds :class:`kvbm.KvbmConfig` keys (``host_capacity_bytes``, ``disk_path``, ...)
+plus a few connector-only keys (``model_id``, ``store_decode_blocks``, ``min_hit_blocks``).
+Everything is checked once, at engine start-up, in the scheduler and in every worker process:
+an unknown key, a key this connector does not honour, or a bad value raises
+:class:`kvbm.errors.ConfigError` naming the key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
 
-_SIZE_SUFFIXES = {
-    "": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30, "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+SOURCE = "kv_connector_extra_config"
+
+#: KvbmConfig keys the connector honours.
+KVBM_KEYS = ("host_capacity_bytes", "host_pinned", "eviction_policy", "hash_algorithm", "checksums",
+             "index_initial_capacity", "disk_path", "disk_capacity_bytes", "disk_write_policy")
+#: KvbmConfig keys that are valid elsewhere but not here, with the reason.
+NOT_HERE = {
+    "block_size": "vLLM's block size is used",
+    "block_bytes": "the block size in bytes comes from vLLM's KV cache layout",
+    "metrics_port": "use vLLM's own metrics (external prefix cache hits by tier) and KV events",
+    "disk_durability": "the connector's disk tier writes files and renames them (no fsync)",
+    "disk_io_threads": "the connector's disk tier uses one writer thread per worker",
+    "disk_o_direct": "the connector's disk tier uses buffered IO",
 }
-
-
-def parse_size(key: str, value: Any) -> int:
-    """Parse a byte count: an int, or a string like ``"512MiB"`` / ``"4GB"``.
-
-    Raises:
-        ConfigError: naming ``key`` when the value is not a non-negative size.
-    """
-    if isinstance(value, bool):
-        raise ConfigError(f"kv_connector_extra_config[{key!r}]: expected a byte size, got {value!r}")
-    if isinstance(value, int):
-        n = value
-    elif isinstance(value, str):
-        s = value.strip().lower().replace(" ", "")
-        num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-        suffix = s[len(num):]
-        if suffix not in _SIZE_SUFFIXES or not num:
-            raise ConfigError(f"kv_connector_extra_config[{key!r}]: cannot parse size {value!r} "
-                              f"(use an int or e.g. '512MiB', '4GB')")
-        try:
-            n = int(float(num) * _SIZE_SUFFIXES[suffix])
-        except ValueError:
-            raise ConfigError(f"kv_connector_extra_config[{key!r}]: cannot parse size {value!r}") from None
-    else:
-        raise ConfigError(f"kv_connector_extra_config[{key!r}]: expected a byte size, got {value!r}")
-    if n < 0:
-        raise ConfigError(f"kv_connector_extra_config[{key!r}]: must be >= 0, got {value!r}")
-    return n
 
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    """What the kvbm vLLM connector does, from ``kv_connector_extra_config``.
+    """What the kvbm vLLM connector does.
 
     Attributes:
-        host_bytes: capacity of the host (CPU memory) tier per worker (tensor-parallel rank).
-        disk_path: directory of the disk tier; ``None`` disables it. Blocks are written through
-            to disk in the background, so a block evicted from host stays loadable from disk and
-            a new engine over the same directory finds them.
-        disk_bytes: capacity of the disk tier per worker.
-        hash_algorithm: ``"sha256"`` (default, collision resistant) or ``"blake2b"``.
-        model_id: identity of the model in the block namespace; defaults to vLLM's model name
-            or path plus revision. Set it when the same weights are served from different paths.
-        verify_checksums: verify a block's checksum when it is read back from disk.
+        kvbm: the validated :class:`kvbm.KvbmConfig` (capacities are per worker, i.e. per
+            tensor-parallel rank). The disk tier is write-through: every block stored to host
+            is also written to disk in the background, so an evicted block stays loadable.
+        model_id: identity of the model in the block namespace; defaults to vLLM's model name or
+            path. Set it when the same weights are served from different paths.
         store_decode_blocks: also offload full blocks produced during decode (not only prompt).
         min_hit_blocks: ignore external hits shorter than this many blocks.
     """
 
-    host_bytes: int = 1 << 30
-    disk_path: str | None = None
-    disk_bytes: int = 16 << 30
-    hash_algorithm: str = "sha256"
+    kvbm: KvbmConfig = field(default_factory=lambda: KvbmConfig(_source=SOURCE))
     model_id: str | None = None
-    verify_checksums: bool = True
     store_decode_blocks: bool = True
     min_hit_blocks: int = 1
+
+    @property
+    def disk_path(self) -> str | None:
+        return self.kvbm.disk_path
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
         """Build and validate from the ``kv_connector_extra_config`` mapping.
 
         Raises:
-            ConfigError: an unknown key (named, with the list of known keys) or a bad value.
+            ConfigError: an unknown key (named, with the list of known keys), a key this connector
+                does not honour (named, with the reason), or a bad value (named).
         """
-        extra = dict(extra or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in extra if k not in known)
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ConfigError(f"{SOURCE}: expected a mapping, got {type(extra).__name__}")
+        data = dict(extra or {})
+        own = ("model_id", "store_decode_blocks", "min_hit_blocks")
+        for key, why in NOT_HERE.items():
+            if key in data:
+                raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({why})")
+        unknown = sorted(str(k) for k in data if k not in KVBM_KEYS and k not in own)
         if unknown:
             raise ConfigError(
-                f"kv_connector_extra_config: unknown key(s) {', '.join(repr(k) for k in unknown)} "
-                f"for the kvbm connector (known keys: {', '.join(sorted(known))})")
+                f"{SOURCE}: unknown key(s) {', '.join(map(repr, unknown))} for the kvbm vLLM connector "
+                f"(known keys: {', '.join(sorted((*KVBM_KEYS, *own)))})")
         kw: dict[str, Any] = {}
-        for key, value in extra.items():
-            if key in ("host_bytes", "disk_bytes"):
-                kw[key] = parse_size(key, value)
-            elif key in ("disk_path", "model_id"):
-                if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value)):
-                    raise ConfigError(f"kv_connector_extra_config[{key!r}]: expected a non-empty string "
-                                      f"or null, got {value!r}")
-                kw[key] = None if value is None else os.fspath(value)
-            elif key == "hash_algorithm":
-                if value not in ("sha256", "blake2b"):
-                    raise ConfigError(f"kv_connector_extra_config['hash_algorithm']: expected 'sha256' or "
-                                      f"'blake2b', got {value!r}")
-                kw[key] = value
-            elif key in ("verify_checksums", "store_decode_blocks"):
-                if not isinstance(value, bool):
-                    raise ConfigError(f"kv_connector_extra_config[{key!r}]: expected true/false, got {value!r}")
-                kw[key] = value
-            elif key == "min_hit_blocks":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ConfigError(f"kv_connector_extra_config['min_hit_blocks']: expected an int >= 1, "
-                                      f"got {value!r}")
-                kw[key] = value
-        cfg = cls(**kw)
-        if cfg.host_bytes == 0:
-            raise ConfigError("kv_connector_extra_config['host_bytes']: must be > 0 (the host tier also "
-                              "stages blocks written through to disk)")
-        if cfg.disk_path is not None and cfg.disk_bytes == 0:
-            raise ConfigError("kv_connector_extra_config['disk_bytes']: must be > 0 when disk_path is set")
-        return cfg
+        model_id = data.pop("model_id", None)
+        if model_id is not None and not (isinstance(model_id, str) and model_id):
+            raise ConfigError(f"{SOURCE}['model_id']: expected a non-empty string, got {model_id!r}")
+        kw["model_id"] = model_id
+        if "store_decode_blocks" in data:
+            v = data.pop("store_decode_blocks")
+            if not isinstance(v, bool):
+                raise ConfigError(f"{SOURCE}['store_decode_blocks']: expected true/false, got {v!r}")
+            kw["store_decode_blocks"] = v
+        if "min_hit_blocks" in data:
+            v = data.pop("min_hit_blocks")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{SOURCE}['min_hit_blocks']: expected an int >= 1, got {v!r}")
+            kw["min_hit_blocks"] = v
+        data.setdefault("disk_write_policy", "write_through")
+        try:
+            kcfg = KvbmConfig.from_dict(data, source=SOURCE)
+        except ConfigError as e:
+            raise ConfigError(f"{SOURCE}: {e}") from None
+        if kcfg.disk_write_policy != "write_through":
+            raise ConfigError(f"{SOURCE}['disk_write_policy']: the vLLM connector writes through to disk; "
+                              f"got {kcfg.disk_write_policy!r}")
+        if kcfg.disk_path is not None and kcfg.disk_capacity_bytes <= 0:
+            raise ConfigError(f"{SOURCE}['disk_capacity_bytes']: must be > 0 when disk_path is set")
+        return cls(kvbm=kcfg, **kw)

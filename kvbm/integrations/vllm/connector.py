@@ -6,7 +6,8 @@ Load it with::
                         "kv_connector_module_path": "kvbm.integrations.vllm",
                         "kv_role": "kv_both",
                         "kv_load_failure_policy": "recompute",
-                        "kv_connector_extra_config": {"host_bytes": "4GiB", "disk_path": "/nvme/kvbm"}}
+                        "kv_connector_extra_config": {"host_capacity_bytes": "4GiB", "disk_path": "/nvme/kvbm",
+                                                      "disk_capacity_bytes": "100GiB"}}
 
 The class is instantiated twice: with role SCHEDULER in the engine-core process (bookkeeping,
 :mod:`kvbm.integrations.vllm.scheduler`) and with role WORKER in every worker process (bytes,

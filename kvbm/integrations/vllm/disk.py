@@ -1,7 +1,7 @@
 """The disk tier of the vLLM connector: one verified file per block and rank.
 
-Layout: ``<disk_path>/<namespace>/tp<world>_r<rank>/<hh>/<hash>.kvb``; each file is a header
-(magic, block hash, namespace, payload length, CRC-32 of the payload) followed by the rank's
+Layout: ``<disk_path>/<rank namespace digest>/<hh>/<hash>.kvb``; each file is a header
+(magic, block hash, namespace, payload length, CRC32C of the payload) followed by the rank's
 bytes of the block. Files are written to a temporary name, flushed and renamed, so a file with
 the final name is complete (data first, then the name acts as the catalog commit); a reader
 re-verifies hash, namespace, length and checksum, and a mismatch is a load error (the block is
@@ -13,24 +13,26 @@ no reads): a block counts as present when every rank has its file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import struct
 import threading
-import zlib
 from collections.abc import Callable
 
 import numpy as np
 
+from kvbm._native import crc32c
 from kvbm.errors import ChecksumError, StorageIOError
 
 MAGIC = b"KVBMBLK1"
-_HEADER = struct.Struct("<8s32s32sQI4x")
+_HEADER = struct.Struct("<8s16s16sQI4x")
 HEADER_BYTES = _HEADER.size
 
 
-def rank_dir(disk_path: str, namespace: bytes, world: int, rank: int) -> str:
-    return os.path.join(disk_path, namespace.hex()[:32], f"tp{world}_r{rank}")
+def rank_dir(disk_path: str, rank_namespace: bytes) -> str:
+    """A rank's directory: named by the digest of the namespace the rank stores under."""
+    return os.path.join(disk_path, rank_namespace.hex())
 
 
 def block_path(rdir: str, h: bytes) -> str:
@@ -38,13 +40,13 @@ def block_path(rdir: str, h: bytes) -> str:
     return os.path.join(rdir, hx[:2], hx + ".kvb")
 
 
-def scan(disk_path: str, namespace: bytes, world: int, payload_bytes: int) -> list[bytes]:
+def scan(disk_path: str, rank_namespaces: list[bytes], payload_bytes: int) -> list[bytes]:
     """Hashes whose files exist, with the right size, for every rank; oldest first."""
     per_rank: list[dict[bytes, float]] = []
     want = HEADER_BYTES + payload_bytes
-    for rank in range(world):
+    for ns in rank_namespaces:
         found: dict[bytes, float] = {}
-        rdir = rank_dir(disk_path, namespace, world, rank)
+        rdir = rank_dir(disk_path, ns)
         if os.path.isdir(rdir):
             for sub in os.scandir(rdir):
                 if not sub.is_dir():
@@ -57,7 +59,7 @@ def scan(disk_path: str, namespace: bytes, world: int, payload_bytes: int) -> li
                         h = bytes.fromhex(f.name[:-4])
                     except (OSError, ValueError):
                         continue
-                    if st.st_size == want and len(h) == 32:
+                    if st.st_size == want and len(h) == 16:
                         found[h] = st.st_mtime
         per_rank.append(found)
     common = set(per_rank[0]).intersection(*per_rank[1:]) if per_rank else set()
@@ -67,7 +69,7 @@ def scan(disk_path: str, namespace: bytes, world: int, payload_bytes: int) -> li
 def write_block(path: str, h: bytes, namespace: bytes, payload: np.ndarray) -> None:
     """Write one block file atomically (temp file + rename). Raises StorageIOError."""
     mv = memoryview(payload).cast("B")
-    header = _HEADER.pack(MAGIC, h, namespace, len(mv), zlib.crc32(mv))
+    header = _HEADER.pack(MAGIC, h, namespace, len(mv), crc32c(mv))
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -76,10 +78,8 @@ def write_block(path: str, h: bytes, namespace: bytes, payload: np.ndarray) -> N
             f.write(mv)
         os.replace(tmp, path)
     except OSError as e:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise StorageIOError(f"writing block file {path}: {e}") from e
 
 
@@ -108,7 +108,7 @@ def read_block(path: str, h: bytes, namespace: bytes, out: np.ndarray, verify: b
         raise StorageIOError(f"block file {path} is missing") from e
     except OSError as e:
         raise StorageIOError(f"reading block file {path}: {e}") from e
-    if verify and zlib.crc32(mv) != crc:
+    if verify and crc32c(mv) != crc:
         raise ChecksumError(f"{path}: checksum mismatch for block {h.hex()[:16]}")
 
 
@@ -164,9 +164,7 @@ class DiskWriter:
                     with self._lock:
                         (self._written if ok else self._failed).append(h)
                 else:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.unlink(path)
-                    except OSError:
-                        pass
             finally:
                 self._q.task_done()

@@ -1,4 +1,4 @@
-"""Scheduler-side bookkeeping of the vLLM connector: which blocks each tier holds, where.
+"""Scheduler-side bookkeeping of the vLLM connector, over kvbm's native block index.
 
 Note [Scheduler/worker split]
 -----------------------------
@@ -24,28 +24,16 @@ being written through to disk are pinned (not evictable) until the disk write is
 
 from __future__ import annotations
 
-import enum
-from collections import OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 
-class State(enum.Enum):
-    PENDING = 0  # store planned, not yet confirmed by every worker
-    READY = 1  # stored and confirmed: visible to lookups
+from kvbm import BlockManager, KvbmConfig, Tier
+from kvbm.errors import CapacityError, KvbmError
 
-
-@dataclass
-class HostEntry:
-    slot: int
-    state: State = State.PENDING
-    pending_reports: int = 0
-    disk_pin: bool = False  # a write-through to disk still reads this slot
-
-
-@dataclass
-class DiskEntry:
-    state: State = State.PENDING
-    pending_reports: int = 0
+HOST = int(Tier.HOST)
+DISK = int(Tier.DISK)
 
 
 @dataclass
@@ -69,149 +57,154 @@ class Evictions:
 
 
 class TierIndex:
-    """Host and disk residency of blocks, LRU eviction and host slot allocation.
+    """Host and disk residency of blocks, eviction and slot allocation, for the scheduler half.
 
-    All methods are O(blocks touched); nothing scans the whole index except :meth:`__init__`
-    when it adopts the blocks found on disk.
+    Every method is O(blocks touched). Reports from workers are counted per hash until every
+    tensor-parallel rank (``num_reporters``) has reported, then committed to the native index.
     """
 
-    def __init__(self, num_host_slots: int, disk_capacity_blocks: int, num_reporters: int) -> None:
-        self.num_host_slots = num_host_slots
+    def __init__(self, config: KvbmConfig, slot_bytes: int, disk_capacity_blocks: int,
+                 num_reporters: int) -> None:
+        self.mgr = BlockManager(config, block_bytes=slot_bytes, allocate_memory=False)
+        self.idx = self.mgr.index
+        self.num_host_slots = self.mgr.host_slots
         self.disk_capacity_blocks = disk_capacity_blocks
+        if disk_capacity_blocks > 0:
+            self.idx.configure_tier(DISK, disk_capacity_blocks, slot_bytes, config.eviction_policy)
         self.num_reporters = num_reporters
-        self.host: OrderedDict[bytes, HostEntry] = OrderedDict()
-        self.disk: OrderedDict[bytes, DiskEntry] = OrderedDict()
-        self._free_slots = list(range(num_host_slots - 1, -1, -1))
+        self._pending_host: Counter = Counter()  # hash -> reports still expected
+        self._pending_disk: Counter = Counter()
+        self._disk_pinned: set[bytes] = set()  # host blocks pinned while written to disk
+        self._tiers = np.empty(4096, dtype=np.uint8)
         self.stats = IndexStats()
-        self.removed = Evictions()  # blocks that left a tier since the last drain (for KV events)
+        self.removed = Evictions()  # blocks that left a tier since the last drain (KV events)
         self.added_host: list[bytes] = []
         self.added_disk: list[bytes] = []
 
     # -- lookups ---------------------------------------------------------------------------
     def lookup(self, hashes: list[bytes]) -> list[str]:
-        """Tiers (``"host"``/``"disk"``) of the longest prefix of ``hashes`` that is READY."""
-        tiers: list[str] = []
+        """Tiers (``"host"``/``"disk"``) of the longest prefix of ``hashes`` that is Ready."""
         self.stats.lookups += 1
         self.stats.lookup_blocks += len(hashes)
-        for h in hashes:
-            e = self.host.get(h)
-            if e is not None and e.state is State.READY:
-                tiers.append("host")
-                continue
-            d = self.disk.get(h)
-            if d is not None and d.state is State.READY:
-                tiers.append("disk")
-                continue
-            break
-        return tiers
+        if not hashes:
+            return []
+        if len(self._tiers) < len(hashes):
+            self._tiers = np.empty(2 * len(hashes), dtype=np.uint8)
+        n = self.mgr.lookup_into(hashes, self._tiers)
+        return ["host" if t == HOST else "disk" for t in self._tiers[:n].tolist()]
 
     def host_slot(self, h: bytes) -> int:
-        return self.host[h].slot
-
-    def touch(self, hashes: list[bytes]) -> None:
-        """Mark as most recently used in every tier holding them."""
-        for h in hashes:
-            if h in self.host:
-                self.host.move_to_end(h)
-            if h in self.disk:
-                self.disk.move_to_end(h)
+        return int(self.idx.get(h)["slot"][HOST])
 
     def has(self, h: bytes) -> tuple[bool, bool]:
-        """(present or pending in host, present or pending on disk)."""
-        return h in self.host, h in self.disk
+        """(present or being stored in host, present or being stored on disk)."""
+        e = self.idx.get(h)
+        if e is None:
+            return False, False
+        st = e["state"]
+        return st[HOST] != "absent", self.disk_capacity_blocks > 0 and st[DISK] != "absent"
 
     # -- stores ----------------------------------------------------------------------------
-    def prepare_host(self, h: bytes) -> int | None:
-        """Allocate a host slot for ``h`` (evicting the LRU evictable block); None when all pinned."""
-        if self._free_slots:
-            slot = self._free_slots.pop()
-        else:
-            victim = None
-            for vh, ve in self.host.items():
-                if ve.state is State.READY and not ve.disk_pin:
-                    victim = vh
-                    break
-            if victim is None:
-                return None
-            slot = self.host.pop(victim).slot
-            self.removed.host.append(victim)
+    def prepare_host(self, h: bytes, parent: bytes | None) -> int | None:
+        """Reserve a host slot for ``h`` (evicting per policy); None when nothing is evictable."""
+        try:
+            slots, evicted = self.idx.prepare_store(HOST, [h], parent)
+        except CapacityError:
+            return None
+        for e in evicted:
+            self.removed.host.append(bytes(e[0]))
             self.stats.evictions_host += 1
-        self.host[h] = HostEntry(slot=slot, pending_reports=self.num_reporters)
-        return slot
+        self._pending_host[h] = self.num_reporters
+        return int(slots[0])
 
-    def prepare_disk(self, h: bytes, deletes: list[bytes]) -> bool:
+    def prepare_disk(self, h: bytes, parent: bytes | None, deletes: list[bytes]) -> bool:
         """Reserve a disk place for ``h``; evicted hashes are appended to ``deletes``."""
         if self.disk_capacity_blocks <= 0:
             return False
-        while len(self.disk) >= self.disk_capacity_blocks:
-            victim = None
-            for vh, ve in self.disk.items():
-                if ve.state is State.READY:
-                    victim = vh
-                    break
-            if victim is None:
-                return False
-            del self.disk[victim]
-            deletes.append(victim)
-            self.removed.disk.append(victim)
+        try:
+            _, evicted = self.idx.prepare_store(DISK, [h], parent)
+        except CapacityError:
+            return False
+        for e in evicted:
+            deletes.append(bytes(e[0]))
+            self.removed.disk.append(bytes(e[0]))
             self.stats.evictions_disk += 1
-        self.disk[h] = DiskEntry(pending_reports=self.num_reporters)
+        self._pending_disk[h] = self.num_reporters
         return True
 
+    def pin_for_disk_write(self, h: bytes) -> None:
+        """Keep ``h``'s host slot from being reused until its disk write is reported."""
+        self._disk_pinned.add(h)
+
     def complete_host(self, h: bytes, reports: int, ok: bool) -> None:
-        e = self.host.get(h)
-        if e is None or e.state is State.READY:
+        if h not in self._pending_host:
             return
         if not ok:
-            self._drop_host(h)
+            del self._pending_host[h]
+            self.idx.complete_store(HOST, [h], np.zeros(1, np.uint8))
             self.stats.failed_stores += 1
+            self._disk_pinned.discard(h)
             return
-        e.pending_reports -= reports
-        if e.pending_reports <= 0:
-            e.state = State.READY
-            self.added_host.append(h)
-            self.stats.stores_host += 1
+        self._pending_host[h] -= reports
+        if self._pending_host[h] > 0:
+            return
+        del self._pending_host[h]
+        self.idx.complete_store(HOST, [h])
+        self.added_host.append(h)
+        self.stats.stores_host += 1
+        if h in self._disk_pinned:
+            if h in self._pending_disk:
+                self.idx.prepare_load(HOST, [h])  # pin; released in complete_disk
+            else:
+                self._disk_pinned.discard(h)
 
     def complete_disk(self, h: bytes, reports: int, ok: bool) -> None:
         """A write-through to disk finished on ``reports`` workers (or failed on one)."""
-        d = self.disk.get(h)
-        done = True
-        if d is not None and d.state is State.PENDING:
-            if not ok:
-                del self.disk[h]
-                self.stats.failed_stores += 1
-            else:
-                d.pending_reports -= reports
-                if d.pending_reports <= 0:
-                    d.state = State.READY
-                    self.added_disk.append(h)
-                    self.stats.stores_disk += 1
-                else:
-                    done = False
-        e = self.host.get(h)
-        if done and e is not None:
-            e.disk_pin = False
+        if h not in self._pending_disk:
+            return
+        if ok:
+            self._pending_disk[h] -= reports
+            if self._pending_disk[h] > 0:
+                return
+        del self._pending_disk[h]
+        self.idx.complete_store(DISK, [h], None if ok else np.zeros(1, np.uint8))
+        if ok:
+            self.added_disk.append(h)
+            self.stats.stores_disk += 1
+        else:
+            self.stats.failed_stores += 1
+        if h in self._disk_pinned:
+            self._disk_pinned.discard(h)
+            e = self.idx.get(h)
+            if e is not None and e["pins"][HOST] > 0:
+                self.idx.complete_load(HOST, [h])
 
     def adopt_disk(self, hashes: list[bytes]) -> list[bytes]:
         """Register blocks found on disk at start-up (oldest first); returns hashes over capacity."""
-        over: list[bytes] = []
-        for h in hashes:
-            self.disk[h] = DiskEntry(state=State.READY)
-        while len(self.disk) > self.disk_capacity_blocks:
-            victim, _ = self.disk.popitem(last=False)
-            over.append(victim)
+        keep = hashes[-self.disk_capacity_blocks:] if self.disk_capacity_blocks > 0 else []
+        over = hashes[:len(hashes) - len(keep)]
+        for slot, h in enumerate(keep):
+            self.idx.restore(DISK, h, None, slot)
         return over
 
     # -- failures --------------------------------------------------------------------------
     def drop(self, h: bytes) -> None:
         """Forget ``h`` in every tier (e.g. it failed verification on load)."""
-        if h in self.host:
-            self._drop_host(h)
-        if self.disk.pop(h, None) is not None:
-            self.removed.disk.append(h)
+        for tier, removed in ((HOST, self.removed.host), (DISK, self.removed.disk)):
+            if tier == DISK and self.disk_capacity_blocks <= 0:
+                continue
+            try:
+                if self.idx.remove(tier, [h], True):
+                    removed.append(h)
+            except KvbmError:
+                pass  # pinned or in flight in that tier: it goes through its own completion
 
-    def _drop_host(self, h: bytes) -> None:
-        e = self.host.pop(h)
-        self._free_slots.append(e.slot)
-        if e.state is State.READY:
-            self.removed.host.append(h)
+    def pending(self, h: bytes) -> bool:
+        """Whether a store of ``h`` still awaits worker reports in some tier."""
+        return h in self._pending_host or h in self._pending_disk
+
+    def counts(self) -> tuple[int, int]:
+        """(host blocks, disk blocks) currently used (Storing + Ready)."""
+        host = self.idx.tier_info(HOST)["used_slots"]
+        disk = self.idx.tier_info(DISK)["used_slots"] if self.disk_capacity_blocks > 0 else 0
+        return int(host), int(disk)

@@ -8,11 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbm.errors import ConfigError
+from kvbm.hashing import block_hashes
 from kvbm.integrations.vllm import disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
-from kvbm.integrations.vllm.hashing import chain_hashes, request_root
 from kvbm.integrations.vllm.index import TierIndex
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, LoadOp, StoreOp
 
@@ -24,7 +23,7 @@ _MAX_PENDING_EVENTS = 1 << 16
 @dataclass
 class _Req:
     request: Any
-    root: bytes
+    extra: bytes | None  # per-request keys folded into every block hash (LoRA, salt, mm)
     hashes: list[bytes] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     stored_upto: int = 0  # blocks below this index were stored or skipped
@@ -55,20 +54,18 @@ class KvbmScheduler:
     """Decides hits, loads, stores and evictions; holds no KV bytes."""
 
     def __init__(self, cfg: ConnectorConfig, geo: Geometry) -> None:
-        if geo.num_host_slots < 1:
-            raise ConfigError(f"kv_connector_extra_config['host_bytes']={cfg.host_bytes} is smaller than one "
-                              f"block ({geo.slot_bytes} bytes for all layers of this rank)")
         self.cfg = cfg
         self.geo = geo
         self.bs = geo.block_size
-        self.index = TierIndex(geo.num_host_slots, geo.disk_capacity_blocks, geo.tp_world)
+        self.index = TierIndex(cfg.kvbm, geo.slot_bytes, geo.disk_capacity_blocks, geo.tp_world)
         self._reqs: dict[str, _Req] = {}
         self._loads: list[LoadOp] = []
         self._deletes: list[bytes] = []
         self._event_info: dict[bytes, tuple[bytes | None, list[int], str | None]] = {}
         self.lookup_stats = LookupStats()
         if cfg.disk_path:
-            found = disk.scan(cfg.disk_path, geo.namespace, geo.tp_world, geo.slot_bytes)
+            rank_digests = [geo.rank_namespace(r).digest for r in range(geo.tp_world)]
+            found = disk.scan(cfg.disk_path, rank_digests, geo.slot_bytes)
             over = self.index.adopt_disk(found)
             self._deletes.extend(over)
             logger.info("kvbm: disk tier %s holds %d blocks of this namespace (%d over capacity)",
@@ -90,7 +87,8 @@ class KvbmScheduler:
             extras.append(("salt", salt))
         for f in getattr(request, "mm_features", None) or ():
             extras.append(("mm", (f.identifier, f.mm_position.offset)))
-        st = _Req(request=request, root=request_root(self.geo.namespace, extras, self.cfg.hash_algorithm))
+        extra = repr(extras).encode() if extras else None
+        st = _Req(request=request, extra=extra)
         self._reqs[request.request_id] = st
         return st
 
@@ -98,8 +96,9 @@ class KvbmScheduler:
         if len(st.hashes) < num_blocks:
             toks = st.request.all_token_ids
             have = len(st.hashes)
-            st.hashes.extend(chain_hashes(st.root, toks[:num_blocks * self.bs], self.bs, have,
-                                          st.hashes[-1] if have else None, self.cfg.hash_algorithm))
+            st.hashes.extend(block_hashes(list(toks[have * self.bs:num_blocks * self.bs]), self.bs,
+                                          self.geo.namespace, st.extra,
+                                          parent=st.hashes[-1] if have else None))
         return st.hashes[:num_blocks]
 
     # -- vLLM scheduler API ----------------------------------------------------------------
@@ -136,7 +135,6 @@ class KvbmScheduler:
         for i, (h, tier) in enumerate(zip(hashes, tiers)):
             slot = self.index.host_slot(h) if tier == "host" else -1
             self._loads.append(LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id))
-        self.index.touch(hashes)
         st.hit_host_tokens = tiers.count("host") * self.bs
         st.hit_disk_tokens = tiers.count("disk") * self.bs
         self.index.stats.hit_blocks_host += tiers.count("host")
@@ -182,10 +180,10 @@ class KvbmScheduler:
                 h = hashes[idx]
                 in_host, in_disk = self.index.has(h)
                 if in_host:
-                    self.index.touch([h])
                     continue
-                slot = self.index.prepare_host(h)
-                to_disk = disk_on and not in_disk and self.index.prepare_disk(h, deletes)
+                parent = hashes[idx - 1] if idx else None
+                slot = self.index.prepare_host(h, parent)
+                to_disk = disk_on and not in_disk and self.index.prepare_disk(h, parent, deletes)
                 if slot is None:
                     # Every host slot is pinned by in-flight disk writes: write this block to
                     # disk straight from vLLM's buffer (the worker copies it out first).
@@ -193,7 +191,7 @@ class KvbmScheduler:
                         continue
                     slot = -1
                 elif to_disk:
-                    self.index.host[h].disk_pin = True
+                    self.index.pin_for_disk_write(h)
                 stores.append(StoreOp(st.block_ids[idx], slot, h, to_disk, req.request_id))
                 if len(self._event_info) < _MAX_PENDING_EVENTS:
                     lora = getattr(req, "lora_request", None)
@@ -244,10 +242,9 @@ class KvbmScheduler:
             if removed:
                 out.append(BlockRemoved(block_hashes=list(removed), medium=medium))
                 removed.clear()
-        # Event info is needed until the block is READY in every tier it is written to.
+        # Event info is needed until the block's stores completed in every tier it goes to.
         for h in list(self._event_info):
-            e, d = idx.host.get(h), idx.disk.get(h)
-            if (e is None or e.state.value == 1) and (d is None or d.state.value == 1):
+            if not idx.pending(h):
                 del self._event_info[h]
         return out
 
@@ -256,8 +253,8 @@ class KvbmScheduler:
         ls = self.lookup_stats
         return {
             **s.__dict__,
-            "host_blocks": len(self.index.host),
-            "disk_blocks": len(self.index.disk),
+            "host_blocks": self.index.counts()[0],
+            "disk_blocks": self.index.counts()[1],
             "lookup_calls": ls.calls,
             "lookup_mean_us": (ls.total_ns / ls.calls / 1e3) if ls.calls else 0.0,
             "lookup_max_us": ls.max_ns / 1e3,

@@ -39,7 +39,7 @@ def _tp_rank() -> int:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         return int(get_tensor_model_parallel_rank())
-    except Exception:  # noqa: BLE001 - not initialised (single process without TP groups)
+    except Exception:
         return 0
 
 
@@ -51,6 +51,7 @@ class KvbmWorker:
         self.geo = geo
         self.num_blocks = num_blocks
         self.rank = _tp_rank()
+        self.ns_digest = geo.rank_namespace(self.rank).digest  # this rank's shard namespace
         self.layers: list[_Layer] = []
         self.arena: torch.Tensor | None = None
         self.writer: disk.DiskWriter | None = None
@@ -79,17 +80,17 @@ class KvbmWorker:
             raise InternalError(f"kvbm: registered KV tensors hold {offset} bytes per block, the KV cache "
                                 f"config says {self.geo.slot_bytes}")
         on_cuda = any(lay.tensor.is_cuda for lay in self.layers)
-        self.arena = torch.empty((self.geo.num_host_slots, self.geo.slot_bytes), dtype=torch.uint8,
-                                 pin_memory=on_cuda)
+        pin = on_cuda if self.cfg.kvbm.host_pinned is None else bool(self.cfg.kvbm.host_pinned)
+        self.arena = torch.empty((self.geo.num_host_slots, self.geo.slot_bytes), dtype=torch.uint8, pin_memory=pin)
         self._staging = np.empty(self.geo.slot_bytes, dtype=np.uint8)
         if self.cfg.disk_path:
-            self.rdir = disk.rank_dir(self.cfg.disk_path, self.geo.namespace, self.geo.tp_world, self.rank)
+            self.rdir = disk.rank_dir(self.cfg.disk_path, self.ns_digest)
             arena_np = self.arena.numpy()
-            self.writer = disk.DiskWriter(self.rdir, self.geo.namespace, lambda s: arena_np[s])
+            self.writer = disk.DiskWriter(self.rdir, self.ns_digest, lambda s: arena_np[s])
             atexit.register(self.writer.flush)
         logger.info("kvbm: rank %d registered %d layers, %d bytes/block, %d host slots (%s), disk %s",
                     self.rank, len(self.layers), offset, self.geo.num_host_slots,
-                    "pinned" if on_cuda else "pageable", self.rdir)
+                    "pinned" if pin else "pageable", self.rdir)
 
     # -- byte moving -----------------------------------------------------------------------
     def _gather(self, block_ids: list[int], slots: list[int] | None, out: torch.Tensor | None = None) -> None:
@@ -117,7 +118,7 @@ class KvbmWorker:
         n = len(block_ids)
         for lay in self.layers:
             part = rows[:, lay.offset:lay.offset + lay.nbytes].contiguous().to(dev, non_blocking=True)
-            part = part.view(lay.tensor.dtype).reshape((n,) + lay.block_shape)
+            part = part.view(lay.tensor.dtype).reshape((n, *lay.block_shape))
             if lay.block_dim:
                 part = part.movedim(0, lay.block_dim)
             lay.tensor.index_copy_(lay.block_dim, ids, part)
@@ -140,7 +141,7 @@ class KvbmWorker:
         assert self._staging is not None and self.rdir is not None
         path = disk.block_path(self.rdir, op.block_hash)
         try:
-            disk.read_block(path, op.block_hash, self.geo.namespace, self._staging, self.cfg.verify_checksums)
+            disk.read_block(path, op.block_hash, self.ns_digest, self._staging, self.cfg.kvbm.checksums)
         except (ChecksumError, StorageIOError) as e:
             logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s",
                            self.rank, op.block_hash.hex()[:16], e)
