@@ -17,6 +17,7 @@ The class is instantiated twice: with role SCHEDULER in the engine-core process 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,8 @@ class KvbmConnector(KVConnectorBase_V1):
         self.geo = geometry(vllm_config, kv_cache_config, self.cfg)
         self._sched: KvbmScheduler | None = None
         self._worker: KvbmWorker | None = None
+        self._busy_ns = 0  # time spent inside this connector's methods (its overhead on vLLM)
+        self._busy_calls = 0
         if role == KVConnectorRole.SCHEDULER:
             self._sched = KvbmScheduler(self.cfg, self.geo)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
@@ -85,12 +88,22 @@ class KvbmConnector(KVConnectorBase_V1):
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._sched is not None
-        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        t0 = time.perf_counter_ns()
+        try:
+            return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
                                  num_external_tokens: int) -> None:
         assert self._sched is not None
-        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+        t0 = time.perf_counter_ns()
+        try:
+            self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -109,11 +122,21 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._sched is not None
-        return self._sched.build_connector_meta(scheduler_output)
+        t0 = time.perf_counter_ns()
+        try:
+            return self._sched.build_connector_meta(scheduler_output)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         assert self._sched is not None
-        self._sched.update_connector_output(connector_output.kv_connector_worker_meta)
+        t0 = time.perf_counter_ns()
+        try:
+            self._sched.update_connector_output(connector_output.kv_connector_worker_meta)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._sched is not None
@@ -123,23 +146,37 @@ class KvbmConnector(KVConnectorBase_V1):
     def take_events(self) -> Iterable[Any]:
         if self._sched is None:
             return ()
-        return self._sched.take_events()
+        t0 = time.perf_counter_ns()
+        try:
+            return self._sched.take_events()
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
 
     def kvbm_stats(self) -> dict[str, Any]:
         """Scheduler-side counters (hits per tier, stores, evictions, lookup latency)."""
         assert self._sched is not None
-        return self._sched.stats()
+        return {**self._sched.stats(), "busy_ns": self._busy_ns}
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
-        self._worker.register_kv_caches(kv_caches)
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.register_kv_caches(kv_caches)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmConnectorMetadata)
-        self._worker.start_load_kv(meta)
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.start_load_kv(meta)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv
@@ -151,7 +188,12 @@ class KvbmConnector(KVConnectorBase_V1):
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmConnectorMetadata)
-        self._worker.wait_for_save(meta)
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.wait_for_save(meta)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
@@ -160,7 +202,17 @@ class KvbmConnector(KVConnectorBase_V1):
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        return self._worker.build_worker_meta() if self._worker else None
+        if self._worker is None:
+            return None
+        t0 = time.perf_counter_ns()
+        try:
+            return self._worker.build_worker_meta()
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+
+    def kvbm_busy_ns(self) -> int:
+        """Nanoseconds spent inside this connector instance's hooks so far (either role)."""
+        return self._busy_ns
 
     def shutdown(self) -> None:
         if self._worker is not None:
