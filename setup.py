@@ -2,7 +2,9 @@
 
 Environment switches (read here and passed to CMake, nowhere else):
   KVBM_CUDA=AUTO|ON|OFF   AUTO compiles the CUDA kernels when nvcc is found; ON fails without it.
-  KVBM_UCX=AUTO|ON|OFF    the UCX transfer engine (needs the libucx wheel's headers).
+  KVBM_UCX=AUTO|ON|OFF    the UCX transfer engine (needs UCX headers: the libucx wheel's, found via
+                          `import libucx`, or those under KVBM_UCX_ROOT; libucp is loaded at run time).
+  KVBM_UCX_ROOT           a UCX prefix (or the libucx package dir) holding include/ucp/api/ucp.h.
   KVBM_SANITIZE=1         AddressSanitizer + UBSan build (tests run it with LD_PRELOAD=libasan).
   KVBM_BUILD_TYPE=Release|Debug|RelWithDebInfo
   KVBM_CUDA_ARCHS         CMAKE_CUDA_ARCHITECTURES (default 90: H100/H200).
@@ -42,6 +44,8 @@ class CMakeBuild(build_ext):
             f"-DKVBM_UCX={os.environ.get('KVBM_UCX', 'AUTO').upper()}",
             f"-DKVBM_SANITIZE={'ON' if sanitize not in ('', '0') else 'OFF'}",
         ]
+        if os.environ.get("KVBM_UCX_ROOT"):
+            args.append(f"-DKVBM_UCX_ROOT={os.environ['KVBM_UCX_ROOT']}")
         if os.environ.get("KVBM_CUDA_ARCHS"):
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['KVBM_CUDA_ARCHS']}")
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))

@@ -6,12 +6,14 @@ same file system, in one run; plus the catalog's reopen time with 1M entries.
 Needs only numpy, lmdb and the kvbm extension. For each block size (1 MiB and 4 MiB by default):
 
 * raw: ``kvbm._native.raw_direct_io`` writes ``--total`` bytes sequentially with O_DIRECT in
-  block-sized requests at queue depth 1 from one thread, fdatasyncs once, then reads them back
-  the same way (the ``dd oflag=direct`` / ``iflag=direct`` baseline);
-* tier: ``DiskTier.put`` of the same number of blocks of fresh random data in batches of
-  ``--batch`` (checksums on, durability "batch": fdatasync before each catalog commit), then
-  ``DiskTier.get`` of all of them (CRC32C verified on every read), every block checked
-  byte-exact afterwards (outside the timed region).
+  block-sized requests at queue depth 1 from one thread, fdatasyncs at the end (and, for the
+  ``batch`` rows, after every batch of blocks, like the tier), then reads them back the same way
+  (the ``dd oflag=direct`` / ``iflag=direct`` baseline);
+* tier: ``DiskTier.put_async`` of the same number of blocks of fresh random data in batches of
+  ``--batch`` with ``--depth`` batches in flight (checksums on, durability "batch" by default:
+  fdatasync and an LMDB sync before each catalog commit), then ``DiskTier.get_async`` of all of
+  them the same way (CRC32C verified on every read); blocks are checked byte-exact afterwards
+  (the last batches and a spot check across the run, outside the timed region).
 
 Repetitions alternate raw and tier runs; medians are reported, with ratios tier/raw.
 """
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -78,35 +81,47 @@ def git_commit() -> str:
 
 
 def tier_run(d: Path, block: int, nblocks: int, batch: int, threads: int, pool: list[np.ndarray],
-             outs: list[np.ndarray], rep: int) -> tuple[float, float, int]:  # fmt: skip
+             outs: list[np.ndarray], rep: int, depth: int, durability: str) -> tuple[float, float, int]:  # fmt: skip
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    with DiskTier(d, slot_bytes=block, capacity_bytes=block * nblocks, durability="batch",
+    with DiskTier(d, slot_bytes=block, capacity_bytes=block * nblocks, durability=durability,
                   io_threads=threads, slab_bytes=1 << 30) as t:  # fmt: skip
         if not t.o_direct_active:
             print("warning: tier runs without O_DIRECT here", file=sys.stderr)
         keys = [hash_key((rep << 40) | (block << 20) | i) for i in range(nblocks)]
+        starts = list(range(0, nblocks, batch))
         t0 = time.perf_counter()
-        for i in range(0, nblocks, batch):
+        inflight: deque = deque()
+        for i in starts:  # `depth` batches in flight: the next is queued while one finishes
             ks = keys[i : i + batch]
-            ok = t.put(ks, [pool[(i + j) % len(pool)] for j in range(len(ks))])
-            if not all(ok):
+            inflight.append(t.put_async(ks, [pool[(i + j) % len(pool)] for j in range(len(ks))]))
+            if len(inflight) >= depth and not all(inflight.popleft().wait()):
+                raise RuntimeError(f"tier store failed: {t.stats()}")
+        while inflight:
+            if not all(inflight.popleft().wait()):
                 raise RuntimeError(f"tier store failed: {t.stats()}")
         tw = time.perf_counter() - t0
-        t0 = time.perf_counter()
         bad = 0
-        for i in range(0, nblocks, batch):
+        t0 = time.perf_counter()
+        for n, i in enumerate(starts):
             ks = keys[i : i + batch]
-            ok = t.get(ks, outs[: len(ks)])
-            if not all(ok):
+            obuf = outs[(n % depth) * batch : (n % depth) * batch + len(ks)]
+            inflight.append(t.get_async(ks, obuf))
+            if len(inflight) >= depth and not all(inflight.popleft().wait()):
                 raise RuntimeError(f"tier load missed: {t.stats()}")
-            # correctness (cheap sample inside the loop would skew timing; compare after)
-            if i == 0:
-                first = [o.copy() for o in outs[: len(ks)]]
+        while inflight:
+            if not all(inflight.popleft().wait()):
+                raise RuntimeError(f"tier load missed: {t.stats()}")
         tr = time.perf_counter() - t0
-        for j, o in enumerate(first):
-            bad += int(not np.array_equal(o, pool[j % len(pool)]))
+        # correctness, outside the timed region: the last batches still sit in `outs`
+        last = starts[-min(depth, len(starts)) :]
+        for n0, i in enumerate(starts):
+            if i not in last:
+                continue
+            base = (n0 % depth) * batch
+            for j in range(min(batch, nblocks - i)):
+                bad += int(not np.array_equal(outs[base + j], pool[(i + j) % len(pool)]))
         o = np.empty(block, np.uint8)
         for i in range(0, nblocks, max(1, nblocks // 16)):  # spot check across the run
             assert t.get([keys[i]], [o]) == [True]
@@ -158,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks-mib", default="1,4", help="block sizes in MiB, comma separated")
     ap.add_argument("--batch", type=int, default=16, help="blocks per put/get call")
     ap.add_argument("--io-threads", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=2, help="put/get batches in flight")
+    ap.add_argument("--durability", default="none,batch",
+                    help="comma separated tier durabilities to measure (none, batch, always)")  # fmt: skip
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--catalog-entries", type=int, default=1_000_000)
     args = ap.parse_args(argv)
 
@@ -176,46 +194,59 @@ def main(argv: list[str] | None = None) -> int:
                 a = aligned(block)
                 a[:] = rng.integers(0, 256, block, dtype=np.uint8)
                 pool.append(a)
-            outs = [aligned(block) for _ in range(args.batch)]
-            raw_w, raw_r, tier_w, tier_r = [], [], [], []
-            bad = 0
-            raw_direct = True
-            for rep in range(args.reps):
-                r = _native.raw_direct_io(str(root / "raw.bin"), nblocks * block, block, True)
-                raw_direct = raw_direct and r["o_direct"]
-                raw_w.append(r["write_s"])
-                raw_r.append(r["read_s"])
-                tw, tr, b = tier_run(root / "tier", block, nblocks, args.batch, args.io_threads, pool, outs, rep)
-                tier_w.append(tw)
-                tier_r.append(tr)
-                bad += b
-            nbytes = nblocks * block
+            outs = [aligned(block) for _ in range(args.batch * args.depth)]
+            for durability in args.durability.split(","):
+                raw_w, raw_r, tier_w, tier_r = [], [], [], []
+                bad = 0
+                raw_direct = True
+                for rep in range(args.reps):
+                    # the raw writes flush as often as the tier does: once at the end, or every batch
+                    sync_every = 0 if durability == "none" else 1 if durability == "always" else args.batch
+                    r = _native.raw_direct_io(str(root / "raw.bin"), nblocks * block, block, True, sync_every)
+                    raw_direct = raw_direct and r["o_direct"]
+                    raw_w.append(r["write_s"])
+                    raw_r.append(r["read_s"])
+                    tw, tr, b = tier_run(
+                        root / "tier", block, nblocks, args.batch, args.io_threads, pool, outs, rep, args.depth,
+                        durability,
+                    )
+                    tier_w.append(tw)
+                    tier_r.append(tr)
+                    bad += b
+                nbytes = nblocks * block
 
-            def gbps(seconds: float, nbytes: int = nbytes) -> float:
-                return nbytes / seconds / 1e9
+                def gbps(seconds: float, nbytes: int = nbytes) -> float:
+                    return nbytes / seconds / 1e9
 
-            row = {
-                "block_bytes": block,
-                "blocks": nblocks,
-                "bytes": nbytes,
-                "raw_o_direct": raw_direct,
-                "raw_write_GBps": gbps(statistics.median(raw_w)),
-                "raw_read_GBps": gbps(statistics.median(raw_r)),
-                "tier_store_GBps": gbps(statistics.median(tier_w)),
-                "tier_load_GBps": gbps(statistics.median(tier_r)),
-                "raw_write_s": raw_w, "raw_read_s": raw_r, "tier_store_s": tier_w, "tier_load_s": tier_r,
-                "mismatched_blocks": bad,
-            }  # fmt: skip
-            row["store_vs_raw"] = row["tier_store_GBps"] / row["raw_write_GBps"]
-            row["load_vs_raw"] = row["tier_load_GBps"] / row["raw_read_GBps"]
-            results.append(row)
-            print(
-                f"{bmib} MiB blocks: raw write {row['raw_write_GBps']:.2f} GB/s, tier store "
-                f"{row['tier_store_GBps']:.2f} GB/s ({row['store_vs_raw']:.0%}); raw read "
-                f"{row['raw_read_GBps']:.2f} GB/s, tier load {row['tier_load_GBps']:.2f} GB/s "
-                f"({row['load_vs_raw']:.0%}); mismatches {bad}",
-                flush=True,
-            )
+                row = {
+                    "block_bytes": block,
+                    "durability": durability,
+                    "raw_sync_every_blocks": sync_every,
+                    "blocks": nblocks,
+                    "bytes": nbytes,
+                    "raw_o_direct": raw_direct,
+                    "raw_write_GBps": gbps(statistics.median(raw_w)),
+                    "raw_read_GBps": gbps(statistics.median(raw_r)),
+                    "tier_store_GBps": gbps(statistics.median(tier_w)),
+                    "tier_load_GBps": gbps(statistics.median(tier_r)),
+                    "raw_write_s": raw_w, "raw_read_s": raw_r, "tier_store_s": tier_w, "tier_load_s": tier_r,
+                    "mismatched_blocks": bad,
+                }  # fmt: skip
+                # Ratio of each rep's pair (raw and tier run back to back), then the median: robust to
+                # the drift of a shared machine.
+                row["store_vs_raw"] = statistics.median(r / t for r, t in zip(raw_w, tier_w, strict=True))
+                row["load_vs_raw"] = statistics.median(r / t for r, t in zip(raw_r, tier_r, strict=True))
+                row["store_vs_raw_per_rep"] = [r / t for r, t in zip(raw_w, tier_w, strict=True)]
+                row["load_vs_raw_per_rep"] = [r / t for r, t in zip(raw_r, tier_r, strict=True)]
+                results.append(row)
+                print(
+                    f"{bmib} MiB blocks, durability {durability}: raw write {row['raw_write_GBps']:.2f} GB/s, "
+                    "tier store "
+                    f"{row['tier_store_GBps']:.2f} GB/s ({row['store_vs_raw']:.0%}); raw read "
+                    f"{row['raw_read_GBps']:.2f} GB/s, tier load {row['tier_load_GBps']:.2f} GB/s "
+                    f"({row['load_vs_raw']:.0%}); mismatches {bad}",
+                    flush=True,
+                )
         cat = catalog_reopen(root / "catalog-bench", args.catalog_entries) if args.catalog_entries else None
         if cat:
             print(f"catalog: {cat['entries']} entries, reopen {cat['reopen_s']:.2f} s "
@@ -234,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "batch": args.batch,
             "io_threads": args.io_threads,
+            "depth": args.depth,
             "reps": args.reps,
-            "durability": "batch",
             "checksums": True,
         },
         "results": results,
@@ -258,17 +289,22 @@ def to_markdown(out: dict) -> str:
         f"- file system: {out['file_system']}",
         f"- CRC32C: {out['crc32c']}; settings: {out['settings']}",
         "",
-        "Raw = one thread, queue depth 1, sequential O_DIRECT requests of one block, one fdatasync at the end "
-        "of the writes. Tier = `DiskTier.put`/`get` in batches, checksums computed on store and verified on "
-        "load, durability `batch` (fdatasync per batch before the catalog commit). Medians of the reps.",
+        "Raw = one thread, queue depth 1, sequential O_DIRECT requests of one block, with the same flushes as "
+        "the tier row: one fdatasync at the end of the writes (`none`), or also one every batch (`batch`). "
+        "Tier = `DiskTier.put`/`get` in batches, checksums computed on store and verified on "
+        "load, `depth` batches in flight; durability `none`: no flush (data on the device when a write returns; "
+        "the one final fdatasync of the raw writes is in their time), `batch`: fdatasync of the slabs and an LMDB "
+        "sync per batch before its catalog commit. GB/s: medians of the reps; ratios: median over reps of the "
+        "ratio within each rep (raw and tier run back to back).",
         "",
-        "| block | bytes moved | raw write GB/s | tier store GB/s | store/raw | raw read GB/s | tier load GB/s "
-        "| load/raw | mismatches |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| block | durability | bytes moved | raw write GB/s | tier store GB/s | store/raw | raw read GB/s "
+        "| tier load GB/s | load/raw | mismatches |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["results"]:
         lines.append(
-            f"| {r['block_bytes'] // MiB} MiB | {r['bytes'] / MiB:.0f} MiB | {r['raw_write_GBps']:.2f} | "
+            f"| {r['block_bytes'] // MiB} MiB | {r['durability']} | {r['bytes'] / MiB:.0f} MiB | "
+            f"{r['raw_write_GBps']:.2f} | "
             f"{r['tier_store_GBps']:.2f} | {r['store_vs_raw']:.0%} | {r['raw_read_GBps']:.2f} | "
             f"{r['tier_load_GBps']:.2f} | {r['load_vs_raw']:.0%} | {r['mismatched_blocks']} |"
         )

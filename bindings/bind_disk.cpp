@@ -127,7 +127,7 @@ KVBM_BINDINGS(disk, 20) {
                         "Fixed-size slots in slab files with O_DIRECT IO on a thread pool (no catalog: "
                         "see kvbm.tiers.disk).")
       .def(py::init([](const std::string& dir, uint64_t slot_size, uint64_t num_slots, uint64_t slots_per_slab,
-                       int io_threads, bool o_direct, bool read_only) {
+                       int io_threads, bool o_direct, bool read_only, bool preallocate) {
              DiskStoreConfig c;
              c.dir = dir;
              c.slot_size = slot_size;
@@ -136,11 +136,13 @@ KVBM_BINDINGS(disk, 20) {
              c.io_threads = io_threads;
              c.o_direct = o_direct;
              c.read_only = read_only;
+             c.preallocate = preallocate;
              py::gil_scoped_release nogil;
              return check(DiskStore::open(c));
            }),
            py::arg("dir"), py::arg("slot_size"), py::arg("num_slots"), py::arg("slots_per_slab") = 0,
-           py::arg("io_threads") = 4, py::arg("o_direct") = true, py::arg("read_only") = false)
+           py::arg("io_threads") = 4, py::arg("o_direct") = true, py::arg("read_only") = false,
+           py::arg("preallocate") = true)
       .def(
           "write",
           [](DiskStore& s, const std::vector<uint64_t>& slots, const py::sequence& buffers,
@@ -175,6 +177,8 @@ KVBM_BINDINGS(disk, 20) {
            "Finish queued IO, stop the threads, close the files. Idempotent.")
       .def_property_readonly("o_direct_active", &DiskStore::o_direct_active)
       .def_property_readonly("fallback_reason", &DiskStore::fallback_reason)
+      .def_property_readonly("prealloc_error", &DiskStore::prealloc_error,
+                             "Why slabs were not (all) preallocated; empty when they were or it was off.")
       .def_property_readonly("slot_size", [](const DiskStore& s) { return s.config().slot_size; })
       .def_property_readonly("num_slots", [](const DiskStore& s) { return s.config().num_slots; })
       .def_property_readonly("slots_per_slab", [](const DiskStore& s) { return s.config().slots_per_slab; })
@@ -184,10 +188,11 @@ KVBM_BINDINGS(disk, 20) {
 
   m.def(
       "raw_direct_io",
-      [](const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes, bool fsync_after) {
+      [](const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes, bool fsync_after,
+         uint64_t sync_every) {
         StatusOr<RawIoTiming> r = [&] {
           py::gil_scoped_release nogil;
-          return raw_direct_io(path, total_bytes, chunk_bytes, fsync_after);
+          return raw_direct_io(path, total_bytes, chunk_bytes, fsync_after, sync_every);
         }();
         RawIoTiming t = check(std::move(r));
         py::dict d;
@@ -197,6 +202,8 @@ KVBM_BINDINGS(disk, 20) {
         return d;
       },
       py::arg("path"), py::arg("total_bytes"), py::arg("chunk_bytes"), py::arg("fsync_after") = true,
+      py::arg("sync_every") = 0,
       "Benchmark baseline: sequential O_DIRECT write then read of total_bytes in chunk_bytes requests "
-      "(queue depth 1, one thread) through a temporary file at path. Returns write_s, read_s, o_direct.");
+      "(queue depth 1, one thread) through a temporary file at path; fdatasync at the end (fsync_after) "
+      "and every sync_every chunks (> 0). Returns write_s, read_s, o_direct.");
 }

@@ -28,7 +28,7 @@ class HeldBuffer {
   void acquire_bytes(py::handle obj, const std::string& what) {
     if (!PyObject_CheckBuffer(obj.ptr()))
       fail(Code::kInvalidArgument, what + " must be bytes-like (bytes, bytearray, memoryview, numpy array), got " +
-                                       std::string(py::str(obj.get_type().attr("__name__"))));
+                                       std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     if (PyObject_GetBuffer(obj.ptr(), &buf_, PyBUF_C_CONTIGUOUS) != 0) {
       PyErr_Clear();
       fail(Code::kInvalidArgument, what + ": buffer must be C-contiguous");
@@ -53,13 +53,14 @@ class HeldBuffer {
   bool held_ = false;
 };
 
-std::string type_name(py::handle obj) { return py::str(obj.get_type().attr("__name__")); }
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
 
 // token_ids as the core sees them, plus whatever keeps their memory alive.
 struct Tokens {
   TokenSpan span;
   HeldBuffer buffer;
-  std::vector<int64_t> converted;  // for list/tuple input
+  std::vector<uint32_t> narrow;    // list/tuple input whose items are all small non-negative ints
+  std::vector<int64_t> converted;  // any other list/tuple input
 };
 
 // Value of an exact int that fits one internal digit, read without a call (token ids almost
@@ -82,6 +83,21 @@ void tokens_from_sequence(py::handle obj, Tokens& t) {
   PyObject* seq = obj.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
   PyObject** items = PySequence_Fast_ITEMS(seq);
+  // Common case first: every item an exact int of one internal digit (< 2^30) and >= 0, which
+  // converts straight to uint32. Anything else restarts on the general path below.
+  t.narrow.resize(static_cast<size_t>(n));
+  Py_ssize_t i0 = 0;
+  for (; i0 < n; ++i0) {
+    long long v = 0;
+    if (!PyLong_CheckExact(items[i0]) || !compact_long(items[i0], &v) || v < 0) break;
+    t.narrow[static_cast<size_t>(i0)] = static_cast<uint32_t>(v);
+  }
+  if (i0 == n) {
+    t.span = TokenSpan{t.narrow.data(), t.narrow.size(), 4, TokenType::kUInt32, false};
+    return;
+  }
+  t.narrow.clear();
+  t.narrow.shrink_to_fit();
   t.converted.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* it = items[i];

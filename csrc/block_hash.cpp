@@ -8,6 +8,10 @@
 #include "csrc/fast_hash.h"
 #include "csrc/sha256.h"
 
+#if defined(__x86_64__)
+#include <emmintrin.h>  // SSE2: part of baseline x86-64
+#endif
+
 namespace kvbm {
 namespace {
 
@@ -83,18 +87,39 @@ Status validate_typed(const TokenSpan& s) {
   return Status::Ok();
 }
 
-// Writes `count` tokens starting at element `first` as little-endian uint32 (validated before).
+// Writes `count` tokens starting at element `first` as little-endian uint32. Returns false
+// (with `out` unspecified) if one of them lies outside [0, 2^32): checking here, while the
+// block is in L1, replaces a separate validation pass over the whole input.
 template <typename T>
-void gather_typed(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
+bool gather_typed(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
+  constexpr bool kNeedsCheck = std::is_signed_v<T> || sizeof(T) > 4;
   const uint8_t* p = static_cast<const uint8_t*>(s.data) + static_cast<ptrdiff_t>(first) * s.stride;
-  if constexpr (sizeof(T) == 4) {
-    if (kHostLittleEndian && !s.byteswap && s.stride == 4) {
-      std::memcpy(out, p, 4 * count);  // non-negative int32 and uint32 share one bit pattern
-      return;
+#if defined(__x86_64__)
+  if constexpr (sizeof(T) == 8) {
+    // 64-bit ids (numpy's default int64), four at a time: every high half must be zero, which
+    // rejects negatives and values >= 2^32 at once; the low halves are packed to uint32.
+    if (!s.byteswap && s.stride == 8 && count % 4 == 0) {
+      __m128i high = _mm_setzero_si128();
+      for (size_t i = 0; i < count; i += 4) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * i + 16));
+        high = _mm_or_si128(high, _mm_or_si128(a, b));
+        const __m128i lo = _mm_unpacklo_epi64(_mm_shuffle_epi32(a, 0x08), _mm_shuffle_epi32(b, 0x08));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4 * i), lo);
+      }
+      return _mm_movemask_epi8(_mm_cmpeq_epi32(_mm_srli_epi64(high, 32), _mm_setzero_si128())) == 0xFFFF;
     }
   }
+#endif
   if (kHostLittleEndian && !s.byteswap && s.stride == static_cast<ptrdiff_t>(sizeof(T))) {
     const T* v = reinterpret_cast<const T*>(p);  // the buffer protocol gives item-aligned data
+    if constexpr (kNeedsCheck) {
+      if (any_out_of_range(v, count)) return false;
+    }
+    if constexpr (sizeof(T) == 4) {
+      std::memcpy(out, p, 4 * count);  // non-negative int32 and uint32 share one bit pattern
+      return true;
+    }
     uint32_t tmp[64];
     for (size_t done = 0; done < count;) {
       const size_t k = count - done < 64 ? count - done : 64;
@@ -102,13 +127,22 @@ void gather_typed(const TokenSpan& s, size_t first, size_t count, uint8_t* out) 
       std::memcpy(out + 4 * done, tmp, 4 * k);
       done += k;
     }
-    return;
+    return true;
   }
-  for (size_t i = 0; i < count; ++i, p += s.stride)
-    store_le32(out + 4 * i, static_cast<uint32_t>(load_elem<T>(p, s.byteswap)));
+  for (size_t i = 0; i < count; ++i, p += s.stride) {
+    const T v = load_elem<T>(p, s.byteswap);
+    if constexpr (std::is_signed_v<T>) {
+      if (v < 0) return false;
+    }
+    if constexpr (sizeof(T) > 4) {
+      if (static_cast<uint64_t>(v) > 0xffffffffULL) return false;
+    }
+    store_le32(out + 4 * i, static_cast<uint32_t>(v));
+  }
+  return true;
 }
 
-void gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
+bool gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
   switch (s.type) {
     case TokenType::kInt8: return gather_typed<int8_t>(s, first, count, out);
     case TokenType::kUInt8: return gather_typed<uint8_t>(s, first, count, out);
@@ -119,6 +153,7 @@ void gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out)
     case TokenType::kInt64: return gather_typed<int64_t>(s, first, count, out);
     case TokenType::kUInt64: return gather_typed<uint64_t>(s, first, count, out);
   }
+  return false;
 }
 
 size_t type_size(TokenType t) {
@@ -172,12 +207,12 @@ Status validate_tokens(const TokenSpan& s) {
 namespace {
 
 // Builds block b's message "tokens || [H16(extra)] || ns || parent || flag" in `msg`, with the
-// parent slot left as it is (the caller fills it). Returns the message length; *parent_off
-// receives the parent slot's offset.
+// parent slot left as it is (the caller fills it). Returns the message length (0 if a token
+// of block b is out of range); *parent_off receives the parent slot's offset.
 size_t build_message(const BlockHashParams& p, const TokenSpan& tokens, size_t b, const uint8_t* broadcast_digest,
                      uint8_t* msg, size_t* parent_off) {
   size_t pos = 4 * p.block_size;
-  gather_tokens(tokens, b * p.block_size, p.block_size, msg);
+  if (!gather_tokens(tokens, b * p.block_size, p.block_size, msg)) return 0;
   bool present = false;
   if (broadcast_digest) {
     std::memcpy(msg + pos, broadcast_digest, kBlockHashSize);
@@ -193,7 +228,8 @@ size_t build_message(const BlockHashParams& p, const TokenSpan& tokens, size_t b
   return pos + 2 * kBlockHashSize + 1;
 }
 
-void hash_chain_fast128(const BlockHashParams& p, const TokenSpan& tokens, size_t nblocks,
+// Both chains return false as soon as a block holds an out-of-range token.
+bool hash_chain_fast128(const BlockHashParams& p, const TokenSpan& tokens, size_t nblocks,
                         const uint8_t* broadcast_digest, uint8_t* out) {
   // Room for a zero-padded partial last lane; the padding is re-zeroed when the length changes.
   std::vector<uint8_t> msg(4 * p.block_size + 3 * kBlockHashSize + 1 + 16);
@@ -203,6 +239,7 @@ void hash_chain_fast128(const BlockHashParams& p, const TokenSpan& tokens, size_
   for (size_t b = 0; b < nblocks; ++b) {
     size_t parent_off = 0;
     const size_t len = build_message(p, tokens, b, broadcast_digest, msg.data(), &parent_off);
+    if (len == 0) return false;
     if (len < prev_len) std::memset(msg.data() + len, 0, msg.size() - len);
     prev_len = len;
     std::memcpy(msg.data() + parent_off, parent, kBlockHashSize);
@@ -210,6 +247,7 @@ void hash_chain_fast128(const BlockHashParams& p, const TokenSpan& tokens, size_
     fast128_zero_padded(msg.data(), len, h);
     parent = h;
   }
+  return true;
 }
 
 // SHA-256 chain. The message puts the tokens first so that its leading 64-byte chunks (F of
@@ -219,7 +257,7 @@ void hash_chain_fast128(const BlockHashParams& p, const TokenSpan& tokens, size_
 // compressed, block b+1's independent chunks are compressed alongside them with
 // sha256::compress_x2, which overlaps two dependency chains on SHA-NI. For block_size 16
 // (F = 1, one dependent chunk) every step is exactly one paired compression.
-void hash_chain_sha256(const BlockHashParams& p, const TokenSpan& tokens, size_t nblocks,
+bool hash_chain_sha256(const BlockHashParams& p, const TokenSpan& tokens, size_t nblocks,
                        const uint8_t* broadcast_digest, uint8_t* out) {
   constexpr size_t kChunk = sha256::kBlockSize;
   const size_t token_bytes = 4 * p.block_size;
@@ -237,10 +275,11 @@ void hash_chain_sha256(const BlockHashParams& p, const TokenSpan& tokens, size_t
   size_t slot_len[2] = {0, 0}, tail_chunks[2] = {0, 0}, parent_off[2] = {0, 0};
   uint32_t mid[2][8];
 
-  auto prepare = [&](size_t b) {
+  auto prepare = [&](size_t b) -> bool {
     const int s = static_cast<int>(b & 1);
     uint8_t* m = buf[s].data();
     const size_t len = build_message(p, tokens, b, broadcast_digest, m, &parent_off[s]);
+    if (len == 0) return false;
     if (len != slot_len[s]) {
       const size_t tail_len = len - indep;  // < 64 + 49
       tail_chunks[s] = tail_len + 9 <= kChunk ? 1 : 2;
@@ -252,10 +291,11 @@ void hash_chain_sha256(const BlockHashParams& p, const TokenSpan& tokens, size_t
       slot_len[s] = len;
     }
     std::memcpy(mid[s], sha256::kInitialState, sizeof(mid[s]));
+    return true;
   };
 
-  if (nblocks == 0) return;
-  prepare(0);
+  if (nblocks == 0) return true;
+  if (!prepare(0)) return false;
   if (p.parent) std::memcpy(buf[0].data() + parent_off[0], p.parent, kBlockHashSize);
   sha256::compress(mid[0], buf[0].data(), F, impl);
 
@@ -263,7 +303,7 @@ void hash_chain_sha256(const BlockHashParams& p, const TokenSpan& tokens, size_t
     const int cur = static_cast<int>(b & 1), nxt = cur ^ 1;
     const bool has_next = b + 1 < nblocks;
     size_t next_done = 0;  // independent chunks of block b+1 already compressed
-    if (has_next) prepare(b + 1);
+    if (has_next && !prepare(b + 1)) return false;
     const uint8_t* tail = buf[cur].data() + indep;
     for (size_t j = 0; j < tail_chunks[cur]; ++j) {
       if (has_next && next_done < F) {
@@ -284,6 +324,7 @@ void hash_chain_sha256(const BlockHashParams& p, const TokenSpan& tokens, size_t
     }
     if (has_next) std::memcpy(buf[nxt].data() + parent_off[nxt], h, kBlockHashSize);
   }
+  return true;
 }
 
 }  // namespace
@@ -314,17 +355,26 @@ Status compute_block_hashes(const BlockHashParams& p, const TokenSpan& tokens, u
     return InvalidArgument("output has " + std::to_string(out_size) + " bytes, needs " +
                            std::to_string(nblocks * kBlockHashSize));
   if (nblocks && !out) return InvalidArgument("output: null pointer");
-  KVBM_RETURN_IF_ERROR(validate_tokens(tokens));
+  if (tokens.count && !tokens.data) return InvalidArgument("token_ids: null data pointer");
+  // Tokens of full blocks are checked while they are gathered; check the tail here. Either
+  // failure is reported by validate_tokens over the whole input, which names the first bad index.
+  TokenSpan tail = tokens;
+  tail.data = static_cast<const uint8_t*>(tokens.data) +
+              static_cast<ptrdiff_t>(nblocks * p.block_size) * tokens.stride;
+  tail.count = tokens.count - nblocks * p.block_size;
+  if (!validate_tokens(tail).ok()) return validate_tokens(tokens);
 
   uint8_t broadcast_digest[kBlockHashSize];
   const bool broadcast_present = p.broadcast_extra && p.extras[0].present;
   if (broadcast_present)
     digest16(p.algorithm, p.extras[0].data, p.extras[0].size, broadcast_digest, p.sha_impl);
   const uint8_t* bd = broadcast_present ? broadcast_digest : nullptr;
-  if (p.algorithm == HashAlgorithm::kFast128)
-    hash_chain_fast128(p, tokens, nblocks, bd, out);
-  else
-    hash_chain_sha256(p, tokens, nblocks, bd, out);
+  const bool ok = p.algorithm == HashAlgorithm::kFast128 ? hash_chain_fast128(p, tokens, nblocks, bd, out)
+                                                        : hash_chain_sha256(p, tokens, nblocks, bd, out);
+  if (!ok) {
+    Status st = validate_tokens(tokens);
+    return st.ok() ? Internal("block hashing rejected a token that validation accepts") : st;
+  }
   return Status::Ok();
 }
 

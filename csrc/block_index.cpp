@@ -201,13 +201,16 @@ void BlockIndex::evict_slot(TierBook& tb, int t, uint32_t slot, std::vector<Evic
 size_t BlockIndex::lookup(const Hash128* keys, size_t n, uint8_t* tiers_out) {
   std::lock_guard<std::mutex> g(mu_);
   std::fill(tiers_out, tiers_out + n, kNoTier);
-  constexpr size_t kAhead = 8;
-  for (size_t i = 0; i < std::min(kAhead, n); ++i) prefetch(&table_[keys[i].lo & mask_]);
+  // Software pipeline: bucket of key i+16 and entry of key i+8 are prefetched while key i is
+  // resolved, so at 10M blocks several cache misses are in flight at once.
+  constexpr size_t kBucketAhead = 16, kEntryAhead = 8;
+  for (size_t i = 0; i < std::min(kBucketAhead, n); ++i) prefetch(&table_[keys[i].lo & mask_]);
+  for (auto& v : touch_scratch_) v.clear();
   size_t hits = 0;
   for (size_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) prefetch(&table_[keys[i + kAhead].lo & mask_]);
-    if (i + kAhead / 2 < n) {
-      const Bucket& b = table_[keys[i + kAhead / 2].lo & mask_];
+    if (i + kBucketAhead < n) prefetch(&table_[keys[i + kBucketAhead].lo & mask_]);
+    if (i + kEntryAhead < n) {
+      const Bucket& b = table_[keys[i + kEntryAhead].lo & mask_];
       if (b.entry != kNoEntry) prefetch(&entries_[b.entry]);
     }
     uint32_t id = find(keys[i]);
@@ -228,9 +231,11 @@ size_t BlockIndex::lookup(const Hash128* keys, size_t n, uint8_t* tiers_out) {
     tiers_out[i] = static_cast<uint8_t>(found);
     if (e.hits != 0xFFFF) e.hits++;
     e.last_access = ++clock_;
-    tiers_[found].policy->touch(e.slot[found]);
+    touch_scratch_[found].push_back(e.slot[found]);  // capacity is kept: no allocation after warm-up
     ++hits;
   }
+  for (int t = 0; t < kNumTiers; ++t)
+    if (!touch_scratch_[t].empty()) tiers_[t].policy->touch_many(touch_scratch_[t].data(), touch_scratch_[t].size());
   return hits;
 }
 
@@ -263,7 +268,8 @@ Status BlockIndex::prepare_store(TierId tier, const Hash128* keys, size_t n, Has
       if (tb.slot_entry[s] == kNoEntry) tb.free_slots.push_back(s);
     tb.free_dirty = false;
   }
-  // Pass 1: what needs a slot; pin the batch's own present blocks so they are not victims.
+  // Pass 1: what needs a slot; the batch's own present blocks are pinned (once the store is
+  // known to fit, so a refused store leaves the policy untouched) so they are not victims.
   size_t need = 0;
   std::vector<uint32_t> temp_pinned;
   std::unordered_set<Hash128, Hash128Hasher> seen;  // a key listed twice is stored once
@@ -276,19 +282,18 @@ Status BlockIndex::prepare_store(TierId tier, const Hash128* keys, size_t n, Has
       ++need;
       slots_out[i] = 0;  // marks "needs a slot"
     } else if (entries_[id].state[t] == kReady && entries_[id].pins[t] == 0) {
-      tb.policy->set_pinned(entries_[id].slot[t], true);
       temp_pinned.push_back(entries_[id].slot[t]);
     }
   }
   const size_t evictable = tb.ready - tb.pinned - temp_pinned.size();
   if (need > tb.free_slots.size() + evictable) {
-    for (uint32_t s : temp_pinned) tb.policy->set_pinned(s, false);
     for (size_t i = 0; i < n; ++i) slots_out[i] = kNoSlot;
     return CapacityExceeded(std::string("tier '") + tier_name(tier) + "': " + std::to_string(need) +
                             " blocks need slots but only " + std::to_string(tb.free_slots.size()) + " are free and " +
                             std::to_string(evictable) + " evictable (" + std::to_string(tb.pinned) +
                             " pinned, " + std::to_string(tb.storing) + " in flight)");
   }
+  for (uint32_t s : temp_pinned) tb.policy->set_pinned(s, true);
   // Pass 2: allocate, evicting as needed.
   Hash128 parent = first_parent;
   for (size_t i = 0; i < n; ++i) {

@@ -195,6 +195,7 @@ class BlockIndex {
   size_t size_ = 0;
   uint32_t clock_ = 0;
   std::array<TierBook, kNumTiers> tiers_;
+  std::array<std::vector<uint32_t>, kNumTiers> touch_scratch_;  // reused by lookup(): no allocation
 };
 
 }  // namespace kvbm

@@ -163,7 +163,8 @@ const char* crc32c_impl_name() { return crc32c_hw_supported() ? "sse4.2" : "tabl
 uint32_t crc32c(const void* p, size_t n, uint32_t crc, Crc32cImpl impl) {
   const uint8_t* b = static_cast<const uint8_t*>(p);
 #ifdef KVBM_CRC_X86
-  if (impl == Crc32cImpl::kSse42 || (impl == Crc32cImpl::kAuto && crc32c_hw_supported()))
+  // kSse42 on a CPU without SSE4.2 falls back to the table rather than faulting.
+  if ((impl == Crc32cImpl::kSse42 || impl == Crc32cImpl::kAuto) && crc32c_hw_supported())
     return ~raw_hw(~crc, b, n);
 #endif
   return ~raw_table(~crc, b, n);

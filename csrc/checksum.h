@@ -14,7 +14,7 @@ namespace kvbm {
 enum class Crc32cImpl : int {
   kAuto = 0,   // SSE4.2 when the CPU has it, else table
   kTable = 1,  // portable slicing-by-8
-  kSse42 = 2,  // x86 crc32 instruction, three streams (only valid when crc32c_hw_supported())
+  kSse42 = 2,  // x86 crc32 instruction, three streams; falls back to kTable without SSE4.2
 };
 
 uint32_t crc32c(const void* p, size_t n, uint32_t crc = 0);

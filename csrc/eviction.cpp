@@ -26,9 +26,8 @@ int register_policy(const char* name, int rank, PolicyFactory factory) {
   return static_cast<int>(r.size());
 }
 
-const std::vector<std::string>& eviction_policy_names() {
-  static std::vector<std::string> names;
-  names.clear();
+std::vector<std::string> eviction_policy_names() {
+  std::vector<std::string> names;
   for (const auto& p : policy_registry()) names.push_back(p.name);
   return names;
 }
@@ -48,9 +47,8 @@ namespace {
 
 class LruPolicy final : public EvictionPolicy {
  public:
-  explicit LruPolicy(uint32_t capacity)
-      : cap_(capacity), prev_(capacity + 1), next_(capacity + 1), state_(capacity, kAbsent) {
-    prev_[cap_] = next_[cap_] = cap_;
+  explicit LruPolicy(uint32_t capacity) : cap_(capacity), link_(capacity + 1), state_(capacity, kAbsent) {
+    link_[cap_] = Link{cap_, cap_};
   }
   const char* name() const override { return "lru"; }
 
@@ -63,6 +61,18 @@ class LruPolicy final : public EvictionPolicy {
     if (state_[id] != kLinked) return;
     unlink(id);
     push_front(id);
+  }
+  void touch_many(const uint32_t* ids, size_t n) override {
+    constexpr size_t kAhead = 8;
+    for (size_t i = 0; i < n; ++i) {
+      if (i + kAhead < n) __builtin_prefetch(&link_[ids[i + kAhead]], 1, 1);
+      if (i + kAhead / 2 < n) {  // neighbours of an id a few steps ahead (its links are in cache by now)
+        const Link& l = link_[ids[i + kAhead / 2]];
+        __builtin_prefetch(&link_[l.prev], 1, 1);
+        __builtin_prefetch(&link_[l.next], 1, 1);
+      }
+      touch(ids[i]);
+    }
   }
   void remove(uint32_t id) override {
     if (state_[id] == kLinked) unlink(id);
@@ -78,25 +88,28 @@ class LruPolicy final : public EvictionPolicy {
       push_front(id);
     }
   }
-  int64_t victim() override { return prev_[cap_] == cap_ ? -1 : static_cast<int64_t>(prev_[cap_]); }
+  int64_t victim() override { return link_[cap_].prev == cap_ ? -1 : static_cast<int64_t>(link_[cap_].prev); }
   size_t size() const override { return size_; }
-  size_t memory_bytes() const override { return (prev_.capacity() + next_.capacity()) * 4 + state_.capacity(); }
+  size_t memory_bytes() const override { return link_.capacity() * sizeof(Link) + state_.capacity(); }
 
  private:
   enum : uint8_t { kAbsent = 0, kLinked = 1, kPinned = 2 };
+  struct Link {
+    uint32_t prev, next;
+  };
   void push_front(uint32_t id) {
-    uint32_t first = next_[cap_];
-    next_[id] = first;
-    prev_[id] = cap_;
-    prev_[first] = id;
-    next_[cap_] = id;
+    uint32_t first = link_[cap_].next;
+    link_[id] = Link{cap_, first};
+    link_[first].prev = id;
+    link_[cap_].next = id;
   }
   void unlink(uint32_t id) {
-    next_[prev_[id]] = next_[id];
-    prev_[next_[id]] = prev_[id];
+    const Link l = link_[id];
+    link_[l.prev].next = l.next;
+    link_[l.next].prev = l.prev;
   }
   uint32_t cap_;
-  std::vector<uint32_t> prev_, next_;
+  std::vector<Link> link_;  // prev/next side by side: one cache line per touch, not two
   std::vector<uint8_t> state_;
   size_t size_ = 0;
 };

@@ -32,6 +32,11 @@ class EvictionPolicy {
   virtual void insert(uint32_t id, int64_t parent) = 0;
   // The block in `id` was used (a lookup hit, a load).
   virtual void touch(uint32_t id) = 0;
+  // touch() each id in order. Policies override it to prefetch their metadata ahead, which
+  // is what keeps chain lookups fast once the index is far larger than the caches.
+  virtual void touch_many(const uint32_t* ids, size_t n) {
+    for (size_t i = 0; i < n; ++i) touch(ids[i]);
+  }
   // The block in `id` left the tier.
   virtual void remove(uint32_t id) = 0;
   // Pinned ids are never chosen as victims.
@@ -45,7 +50,7 @@ class EvictionPolicy {
 };
 
 // Names accepted by make_policy, in a stable order (the first is the default).
-const std::vector<std::string>& eviction_policy_names();
+std::vector<std::string> eviction_policy_names();
 StatusOr<std::unique_ptr<EvictionPolicy>> make_policy(const std::string& name, uint32_t capacity);
 
 // Registration hook used by policy implementations (see eviction.cpp).

@@ -1,9 +1,8 @@
 #include "csrc/host_memory.h"
 
-#include <sys/mman.h>
-
-#include <cstring>
+#include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "csrc/build_info.h"
 
@@ -13,38 +12,64 @@
 
 namespace kvbm {
 
-HostBuffer::~HostBuffer() {
-  if (!data_) return;
-#ifdef KVBM_WITH_CUDA
-  if (pinned_) {
-    cudaFreeHost(data_);
-    return;
+HostBuffer::~HostBuffer() { reset(); }
+
+HostBuffer::HostBuffer(HostBuffer&& o) noexcept
+    : data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
+      pinned_(std::exchange(o.pinned_, false)) {}
+
+HostBuffer& HostBuffer::operator=(HostBuffer&& o) noexcept {
+  if (this != &o) {
+    reset();
+    data_ = std::exchange(o.data_, nullptr);
+    size_ = std::exchange(o.size_, 0);
+    pinned_ = std::exchange(o.pinned_, false);
   }
-#endif
-  munmap(data_, size_);
+  return *this;
 }
 
-StatusOr<std::unique_ptr<HostBuffer>> alloc_host(size_t bytes, bool want_pinned, bool require_pinned) {
-  if (bytes == 0) return InvalidArgument("host allocation of 0 bytes");
+void HostBuffer::reset() {
+  if (data_ == nullptr) return;
+#ifdef KVBM_WITH_CUDA
+  if (pinned_)
+    cudaFreeHost(data_);  // nothing useful to do with an error in a destructor
+  else
+    std::free(data_);
+#else
+  std::free(data_);
+#endif
+  data_ = nullptr;
+  size_ = 0;
+  pinned_ = false;
+}
+
+StatusOr<HostBuffer> alloc_host(size_t bytes, bool want_pinned) {
+  if (bytes == 0) return InvalidArgument("alloc_host: bytes must be > 0");
+  HostBuffer b;
 #ifdef KVBM_WITH_CUDA
   if (want_pinned && cuda_available()) {
     void* p = nullptr;
-    cudaError_t err = cudaHostAlloc(&p, bytes, cudaHostAllocPortable | cudaHostAllocMapped);
-    if (err == cudaSuccess) {
-      std::memset(p, 0, bytes);
-      return std::make_unique<HostBuffer>(static_cast<uint8_t*>(p), bytes, true);
+    cudaError_t e = cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return CudaError("alloc_host: cudaHostAlloc(" + std::to_string(bytes) +
+                       " bytes, mapped|portable) failed: " + cudaGetErrorString(e));
     }
-    cudaGetLastError();
-    if (require_pinned)
-      return CudaError("cudaHostAlloc(" + std::to_string(bytes) + " bytes) failed: " + cudaGetErrorString(err));
+    b.data_ = static_cast<uint8_t*>(p);
+    b.size_ = bytes;
+    b.pinned_ = true;
+    return b;
   }
 #endif
-  if (require_pinned)
-    return CudaUnavailable("pinned host memory needs a CUDA build and a GPU (cuda_available() is False)");
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (p == MAP_FAILED)
-    return CapacityExceeded("could not map " + std::to_string(bytes) + " bytes of host memory: " + std::strerror(errno));
-  return std::make_unique<HostBuffer>(static_cast<uint8_t*>(p), bytes, false);
+  (void)want_pinned;
+  size_t rounded = (bytes + kHostAlignment - 1) / kHostAlignment * kHostAlignment;
+  void* p = std::aligned_alloc(kHostAlignment, rounded);
+  if (p == nullptr)
+    return CapacityExceeded("alloc_host: could not allocate " + std::to_string(bytes) + " bytes of host memory");
+  b.data_ = static_cast<uint8_t*>(p);
+  b.size_ = bytes;
+  b.pinned_ = false;
+  return b;
 }
 
 }  // namespace kvbm

@@ -207,7 +207,8 @@ const char* active_impl_name() { return shani_supported() ? "sha-ni" : "portable
 void compress(uint32_t state[8], const uint8_t* blocks, size_t nblocks, Impl impl) {
   if (nblocks == 0) return;
 #ifdef KVBM_SHA_X86
-  if (impl == Impl::kShaNi || (impl == Impl::kAuto && shani_supported())) {
+  // kShaNi on a CPU without SHA falls back to portable rather than faulting.
+  if ((impl == Impl::kShaNi || impl == Impl::kAuto) && shani_supported()) {
     compress_shani(state, blocks, nblocks);
     return;
   }
@@ -218,7 +219,7 @@ void compress(uint32_t state[8], const uint8_t* blocks, size_t nblocks, Impl imp
 void compress_x2(uint32_t state_a[8], const uint8_t* block_a, uint32_t state_b[8], const uint8_t* block_b,
                  Impl impl) {
 #ifdef KVBM_SHA_X86
-  if (impl == Impl::kShaNi || (impl == Impl::kAuto && shani_supported())) {
+  if ((impl == Impl::kShaNi || impl == Impl::kAuto) && shani_supported()) {
     compress_shani_x2(state_a, block_a, state_b, block_b);
     return;
   }

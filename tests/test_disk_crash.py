@@ -21,7 +21,6 @@ from kvbm.tiers.disk import DiskTier
 
 SLOT = 16384
 SLOTS = 48
-REPO = Path(__file__).resolve().parents[1]
 
 # The writer stores, loads, removes and (the tier being small) evicts as fast as it can until
 # killed. Block contents are a pure function of the key, so the checker can tell any served
@@ -75,7 +74,7 @@ def crash_trials(d: Path, trials: int, seed: int) -> dict[str, int]:
         p = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(d), str((seed * 10_000 + trial + 1) * 1_000_000), durability,
              str(rnd.randrange(1 << 30))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",  # the installed kvbm
         )  # fmt: skip
         line = p.stdout.readline()
         assert line.strip() == "ready", p.stderr.read()

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -285,9 +286,10 @@ def test_block_hashes_match_reference_random(algorithm, block_size):
         for parent in (None, rng.randbytes(16)):
             want = ref_block_hashes(tokens, block_size, ns.digest, algorithm, extra, parent)
             assert kvbm.block_hashes(tokens, block_size, ns, extra, parent=parent) == want
-            arr = block_hashes_array(np.array(tokens, dtype=np.uint32), block_size, ns, extra, parent=parent)
-            assert arr.dtype == np.uint8 and arr.shape == (nblocks, 16)
-            assert [bytes(r) for r in arr] == want
+            for dt in (np.uint32, np.int64, np.uint64):
+                arr = block_hashes_array(np.array(tokens, dtype=dt), block_size, ns, extra, parent=parent)
+                assert arr.dtype == np.uint8 and arr.shape == (nblocks, 16)
+                assert [bytes(r) for r in arr] == want
 
 
 @pytest.mark.parametrize("impl", _sha_impls())
@@ -393,6 +395,22 @@ def test_bad_tokens_raise(tokens, match):
         kvbm.block_hashes(tokens, 1, N1.digest)
 
 
+@pytest.mark.parametrize("make", [list, lambda t: np.array(t, np.int64), lambda t: np.array(t, np.int32),
+                                  lambda t: np.array(t, np.int64)[::1].repeat(2)[::2]])
+def test_bad_token_anywhere_names_the_first_index(make):
+    # Block tokens are checked while hashing, the tail up front: either way the error names the
+    # first bad index of the whole input.
+    good = list(range(16 * 4 + 5))
+    for bad_at in ([3], [66], [20, 66], [66, 67], [63]):
+        toks = list(good)
+        for i in bad_at:
+            toks[i] = -5
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"token_ids[{bad_at[0]}] = -5")):
+            kvbm.block_hashes(make(toks), 16, N1)
+        with pytest.raises(InvalidArgumentError, match=re.escape(f"token_ids[{bad_at[0]}] = -5")):
+            block_hashes_array(make(toks), 16, N2)
+
+
 def test_bad_arguments_raise():
     toks = list(range(48))
     with pytest.raises(InvalidArgumentError, match=re.escape("block_size = 0 must be > 0")):
@@ -441,6 +459,33 @@ def test_threads_hash_concurrently_and_correctly():
         t.join()
     for i in range(4):
         assert all(np.array_equal(g, want[i]) for g in got[i])
+
+
+def test_gil_is_released_while_hashing():
+    # One long native call (portable SHA-256, ~8M tokens: on the order of 100+ ms) in a thread;
+    # if it held the GIL the main thread would stall for the whole call. The longest stall of
+    # the main loop must stay well below the call's duration.
+    toks = np.random.default_rng(8).integers(0, 1 << 32, size=8 << 20, dtype=np.uint32)
+    done = threading.Event()
+    elapsed = []
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        _native.block_hashes(toks, 16, N1.digest, "sha256", None, None, "portable")
+        elapsed.append(time.perf_counter() - t0)
+        done.set()
+
+    t = threading.Thread(target=work)
+    last = time.perf_counter()
+    max_gap = 0.0
+    t.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        max_gap = max(max_gap, now - last)
+        last = now
+    t.join()
+    assert elapsed[0] > 0.05, "the call was too short to tell"
+    assert max_gap < 0.5 * elapsed[0], (max_gap, elapsed[0])
 
 
 _CHILD = r"""

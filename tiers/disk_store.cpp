@@ -3,6 +3,7 @@
 #include "tiers/disk_store.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <set>
 
 #include "csrc/checksum.h"
@@ -174,7 +176,30 @@ Status DiskStore::open_files() {
     direct = false;
   }
   o_direct_active_ = direct;
+  if (cfg_.preallocate && !cfg_.read_only) preallocate();
   return Status::Ok();
+}
+
+void DiskStore::preallocate() {
+  struct rlimit rl;
+  uint64_t limit = UINT64_MAX;
+  if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) limit = rl.rlim_cur;
+  for (uint64_t i = 0; i < fds_.size(); ++i) {
+    uint64_t slots = std::min(cfg_.slots_per_slab, cfg_.num_slots - i * cfg_.slots_per_slab);
+    uint64_t want = slots * cfg_.slot_size;
+    struct stat st;
+    if (::fstat(fds_[i], &st) == 0 && static_cast<uint64_t>(st.st_size) >= want) continue;
+    if (want > limit) {  // past RLIMIT_FSIZE fallocate would raise SIGXFSZ
+      prealloc_error_ = slab_path(i) + ": " + std::to_string(want) + " bytes exceed RLIMIT_FSIZE " +
+                        std::to_string(limit);
+      return;
+    }
+    if (::fallocate(fds_[i], 0, 0, static_cast<off_t>(want)) != 0) {
+      prealloc_error_ = "fallocate of " + slab_path(i) + " to " + std::to_string(want) +
+                        " bytes failed: " + errno_text(errno);
+      return;  // the rest stays sparse too
+    }
+  }
 }
 
 Status DiskStore::validate_ops(const std::vector<DiskOp>& ops) const {
@@ -375,7 +400,7 @@ DiskStoreStats DiskStore::stats() const {
 // ---- raw baseline ----
 
 StatusOr<RawIoTiming> raw_direct_io(const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes,
-                                    bool fsync_after) {
+                                    bool fsync_after, uint64_t sync_every) {
   if (chunk_bytes == 0 || chunk_bytes % kDiskAlignment != 0)
     return InvalidArgument("chunk_bytes " + std::to_string(chunk_bytes) + " must be a positive multiple of 4096");
   if (total_bytes < chunk_bytes) return InvalidArgument("total_bytes must be >= chunk_bytes");
@@ -398,6 +423,7 @@ StatusOr<RawIoTiming> raw_direct_io(const std::string& path, uint64_t total_byte
   auto t0 = clk::now();
   for (uint64_t i = 0; i < n; ++i) {
     int e = pwrite_all(fd, buf.p, chunk_bytes, i * chunk_bytes);
+    if (e == 0 && sync_every > 0 && (i + 1) % sync_every == 0 && ::fdatasync(fd) != 0) e = errno;
     if (e) {
       ::close(fd);
       ::unlink(path.c_str());

@@ -12,10 +12,17 @@
 // DiskStore knows nothing about hashes; it never decides which slot to use.
 //
 // Geometry: slot s lives in slab file `slab-NNNNN.kvbm` number s / slots_per_slab at byte
-// offset (s % slots_per_slab) * slot_size. Slabs are not pre-sized: they grow as slots are
-// written (sparse), so a slab shorter than a slot's end simply means that slot was never
-// completely written. slot_size is a multiple of kDiskAlignment (4096), so every slot starts
-// on an aligned offset and a whole-slot transfer is a legal O_DIRECT request.
+// offset (s % slots_per_slab) * slot_size. slot_size is a multiple of kDiskAlignment (4096), so
+// every slot starts on an aligned offset and a whole-slot transfer is a legal O_DIRECT request.
+//
+// Preallocation: by default each slab is fallocate()d to its full size when opened. On ext4 and
+// XFS an O_DIRECT write that extends a file (or fills a hole) takes the inode lock exclusively
+// and commits metadata per write, which serialises the IO threads; writes into preallocated
+// space run concurrently (measured on ext4: 4 threads writing fresh 1 MiB slots went from ~70%
+// of a raw sequential O_DIRECT write to ~100%). Preallocation is best effort: where it fails
+// (ENOSPC, EFBIG, a file system without fallocate) or would pass RLIMIT_FSIZE, the slab stays
+// sparse and grows as slots are written; prealloc_error() says why. A slab shorter than a
+// slot's end therefore means that slot was never completely written (or the slab was cut).
 //
 // O_DIRECT: requested by default. When the file system refuses it (open() or the first aligned
 // read fails with EINVAL), the store falls back to buffered IO and reports it through
@@ -55,6 +62,7 @@ struct DiskStoreConfig {
   int io_threads = 4;           // IO worker threads (1..256)
   bool o_direct = true;         // try O_DIRECT; fall back to buffered IO if refused
   bool read_only = false;       // open slabs O_RDONLY, refuse writes
+  bool preallocate = true;      // fallocate each slab to its full size at open (best effort)
 };
 
 // One slot transfer. For writes `buf` is the source; for reads the destination (`length`
@@ -137,6 +145,7 @@ class DiskStore {
   const DiskStoreConfig& config() const { return cfg_; }
   bool o_direct_active() const { return o_direct_active_; }
   const std::string& fallback_reason() const { return fallback_reason_; }
+  const std::string& prealloc_error() const { return prealloc_error_; }
   uint64_t num_slabs() const { return fds_.size(); }
   std::string slab_path(uint64_t slab) const;
   DiskStoreStats stats() const;
@@ -144,6 +153,7 @@ class DiskStore {
  private:
   explicit DiskStore(const DiskStoreConfig& cfg);
   Status open_files();
+  void preallocate();
   void worker_loop();
   void run_op(DiskIoBatch* b, size_t i, uint8_t* bounce);
   void finish_op(const std::shared_ptr<DiskIoBatch>& b);
@@ -154,6 +164,7 @@ class DiskStore {
   std::vector<int> fds_;
   bool o_direct_active_ = false;
   std::string fallback_reason_;
+  std::string prealloc_error_;
 
   struct Task {
     std::shared_ptr<DiskIoBatch> batch;
@@ -175,12 +186,13 @@ class DiskStore {
 // Plain sequential O_DIRECT write then read of `total_bytes` in `chunk_bytes` requests at
 // queue depth 1, one thread, through a file `path` (created, then removed): the raw baseline the
 // disk benchmark compares the tier with. Returns {write_seconds, read_seconds}; with
-// fsync_after the write time includes one fdatasync at the end.
+// fsync_after the write time includes one fdatasync at the end, with sync_every > 0 also one
+// after every sync_every chunks (the same flushes as the tier's "batch" durability).
 struct RawIoTiming {
   double write_s = 0, read_s = 0;
   bool o_direct = false;
 };
 StatusOr<RawIoTiming> raw_direct_io(const std::string& path, uint64_t total_bytes, uint64_t chunk_bytes,
-                                    bool fsync_after);
+                                    bool fsync_after, uint64_t sync_every = 0);
 
 }  // namespace kvbm

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "csrc/block_index.h"
+#include "csrc/build_info.h"
 
 namespace kvbm {
 
@@ -14,8 +15,14 @@ StatusOr<std::unique_ptr<HostArena>> HostArena::create(uint32_t num_slots, uint6
   if (slot_bytes > (uint64_t{1} << 40) / num_slots)
     return InvalidArgument("host arena: " + std::to_string(num_slots) + " x " + std::to_string(slot_bytes) +
                            " bytes is larger than 1 TiB");
-  auto buf = alloc_host(static_cast<size_t>(num_slots) * slot_bytes, want_pinned, require_pinned);
+  const size_t bytes = static_cast<size_t>(num_slots) * slot_bytes;
+  if (require_pinned && !cuda_available())
+    return CudaUnavailable("host_pinned=True needs a CUDA build and a usable GPU (cuda_available() is False)");
+  auto buf = alloc_host(bytes, want_pinned);
+  if (!buf.ok() && want_pinned && !require_pinned) buf = alloc_host(bytes, false);  // pinning failed: pageable
   if (!buf.ok()) return buf.status();
+  if (require_pinned && !buf.value().pinned()) return CudaError("host arena: pinned allocation was not possible");
+  std::memset(buf.value().data(), 0, bytes);
   return std::unique_ptr<HostArena>(new HostArena(num_slots, slot_bytes, std::move(buf.value())));
 }
 

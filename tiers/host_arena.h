@@ -21,8 +21,8 @@ class HostArena {
                                                      bool require_pinned);
   uint32_t num_slots() const { return num_slots_; }
   uint64_t slot_bytes() const { return slot_bytes_; }
-  bool pinned() const { return buf_->pinned(); }
-  uint8_t* slot_ptr(uint32_t slot) const { return buf_->data() + static_cast<uint64_t>(slot) * slot_bytes_; }
+  bool pinned() const { return buf_.pinned(); }
+  uint8_t* slot_ptr(uint32_t slot) const { return buf_.data() + static_cast<uint64_t>(slot) * slot_bytes_; }
   Status check_slot(uint32_t slot) const;
 
   // Copy `n` blocks: src_rows[i] (slot_bytes each) -> slot slots[i]; slots equal to kNoSlot
@@ -32,11 +32,11 @@ class HostArena {
   Status read(const uint32_t* slots, size_t n, uint8_t* const* dst_rows);
 
  private:
-  HostArena(uint32_t num_slots, uint64_t slot_bytes, std::unique_ptr<HostBuffer> buf)
+  HostArena(uint32_t num_slots, uint64_t slot_bytes, HostBuffer buf)
       : num_slots_(num_slots), slot_bytes_(slot_bytes), buf_(std::move(buf)) {}
   uint32_t num_slots_;
   uint64_t slot_bytes_;
-  std::unique_ptr<HostBuffer> buf_;
+  HostBuffer buf_;
 };
 
 }  // namespace kvbm

@@ -37,8 +37,8 @@ Write ordering (the durability contract):
    another block's bytes.
 2. *Data next.* The block is written into its (free) slot. With ``durability="batch"``
    (default) the write handle completes only after ``fdatasync`` of every slab touched
-   (``"always"``: after each block), and the LMDB environment syncs on commit; with ``"none"``
-   neither is synced: safe against a killed
+   (``"always"``: after each block), and LMDB syncs its data on commit (``"always"``: its meta
+   page too); with ``"none"`` neither is synced: safe against a killed
    process (the OS holds the data), not against power loss — after which the CRC still turns
    any torn block into a counted miss.
 3. *Catalog last.* One LMDB txn per batch inserts the records of the writes that succeeded. A
@@ -202,7 +202,7 @@ class DiskCatalog:
         num_slots: int,
         slab_bytes: int = 1 << 30,
         durability: str = "batch",
-        eviction: str = "lru",
+        eviction: str | None = None,
     ) -> None:
         self.path = os.fspath(path)
         if durability not in DURABILITY:
@@ -219,6 +219,9 @@ class DiskCatalog:
         try:
             self._open(slot_bytes, num_slots, slab_bytes, eviction)
         except BaseException:
+            env = getattr(self, "env", None)
+            if env is not None:
+                env.close()
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise
@@ -226,15 +229,17 @@ class DiskCatalog:
     # ---- opening ----
 
     def _open(self, slot_bytes: int, num_slots: int, slab_bytes: int, eviction: str) -> None:
-        sync = self.durability != "none"
+        # "batch": one fsync per commit (MDB_NOMETASYNC: a system crash may undo the last
+        # commit, never corrupt the catalog; undone records only make their slots free again).
+        # "always": LMDB's full sync. "none": no sync (a killed process loses nothing).
         try:
             self.env = lmdb.open(
                 os.path.join(self.path, CATALOG_SUBDIR),
                 map_size=_map_size_for(num_slots),
                 subdir=True,
                 max_dbs=4,
-                sync=sync,
-                metasync=sync,
+                sync=self.durability != "none",
+                metasync=self.durability == "always",
                 readahead=False,
                 lock=True,
             )
@@ -287,7 +292,7 @@ class DiskCatalog:
         self._dirty: set[int] = set()  # access/hits changed since the last txn
         from kvbm import _native
 
-        self._policy = _native.EvictionPolicy(eviction, n)
+        self._policy = _native.EvictionPolicy(eviction or _native.eviction_policy_names()[0], n)
         t0 = time.perf_counter()
         self._rebuild()
         self.rebuild_seconds = time.perf_counter() - t0
@@ -575,6 +580,8 @@ class DiskCatalog:
 
     def record_hit(self, slot: int) -> None:
         """Note a successful load of ``slot`` (last access, hit count, policy touch)."""
+        if self._slot_key[slot] is None:  # removed while the read was in flight
+            return
         self._access[slot] = _now_us()
         self._hits[slot] += 1
         self._dirty.add(slot)
@@ -753,6 +760,13 @@ class DiskTier:
     ``capacity_bytes // slot_bytes`` slots; when full, the eviction policy picks victims.
     Not thread-safe beyond an internal lock around catalog updates: drive it from one thread.
 
+    Args: ``namespace`` is stored with every block and checked on load (another namespace is a
+    miss); ``io_threads`` IO worker threads; ``o_direct`` try O_DIRECT (falls back with a
+    RuntimeWarning where refused); ``durability`` "none" | "batch" | "always" (see the module
+    note); ``verify_checksums`` check CRC32C on every load; ``eviction`` a name from
+    ``kvbm.eviction_policies()`` (None: the default, its first); ``slab_bytes`` slab file size for a new directory;
+    ``preallocate`` fallocate slabs at open (best effort).
+
     Raises ConfigError for a bad configuration (missing or unwritable directory, capacity below
     one slot, slot size not a multiple of 4096, unknown durability) and StorageIOError when
     another process holds the directory.
@@ -769,8 +783,9 @@ class DiskTier:
         o_direct: bool = True,
         durability: str = "batch",
         verify_checksums: bool = True,
-        eviction: str = "lru",
+        eviction: str | None = None,
         slab_bytes: int = 1 << 30,
+        preallocate: bool = True,
     ) -> None:
         from kvbm import _native
 
@@ -801,8 +816,9 @@ class DiskTier:
         try:
             geo = self.catalog.geometry
             self.store = _native.DiskStore(
-                self.path, geo.slot_bytes, geo.num_slots, geo.slots_per_slab, io_threads, bool(o_direct)
-            )
+                self.path, geo.slot_bytes, geo.num_slots, geo.slots_per_slab, io_threads, bool(o_direct),
+                False, bool(preallocate),
+            )  # fmt: skip
         except BaseException:
             self.catalog.close()
             raise
@@ -813,8 +829,11 @@ class DiskTier:
             )
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if self.store.prealloc_error:
+            log.warning("disk tier %s: slabs not preallocated (%s); they grow as written", self.path,
+                        self.store.prealloc_error)  # fmt: skip
         self.counters: dict[str, int] = dict.fromkeys(
-            ("hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "io_errors"),
+            ("lookups", "hits", "misses", "stores", "stored_bytes", "loads", "loaded_bytes", "io_errors", "removals"),
             0,
         )
         self._closed = False
@@ -855,6 +874,7 @@ class DiskTier:
         with self._lock:
             self._reap()
             n = 0
+            self.counters["lookups"] += 1
             for h in hashes:
                 s = self.catalog.slot_of(hash_key(h))
                 if s < 0 or int(self.catalog._ns[s]) != self.namespace:
@@ -1016,7 +1036,9 @@ class DiskTier:
         """Drop blocks from the tier; returns how many were present."""
         with self._lock:
             self._reap()
-            return self.catalog.drop([hash_key(h) for h in hashes])
+            n = self.catalog.drop([hash_key(h) for h in hashes])
+            self.counters["removals"] += n
+            return n
 
     # ---- completion ----
 
@@ -1124,6 +1146,7 @@ class DiskTier:
                 slot_bytes=self.slot_bytes,
                 slots_total=self.num_slots,
                 slots_free=cat.free_slots,
+                pinned_blocks=int((cat._pins > 0).sum()),
                 o_direct=self.o_direct_active,
                 io=self.store.stats(),
                 totals=dict(cat.totals),

@@ -13,6 +13,7 @@ def test_loaded_extension_is_the_sanitized_build() -> None:
     from kvbm import _native
 
     assert "asan-pkg" in kvbm.__file__, kvbm.__file__
-    maps = open("/proc/self/maps").read()
+    with open("/proc/self/maps") as f:
+        maps = f.read()
     assert "libasan" in maps, "libasan is not loaded"
     assert _native.__file__.startswith(os.path.dirname(kvbm.__file__))

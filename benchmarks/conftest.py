@@ -1,0 +1,1 @@
+"""Benchmarks are pytest-benchmark suites: `pytest benchmarks/ --benchmark-only`."""
