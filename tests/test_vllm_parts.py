@@ -26,7 +26,7 @@ def test_config_maps_onto_kvbm_config() -> None:
     ({"hots_bytes": 1}, "'hots_bytes'"),
     ({"block_size": 32}, "'block_size'"),
     ({"host_capacity_bytes": "lots"}, "host_capacity_bytes"),
-    ({"disk_path": "/tmp/x"}, "'disk_capacity_bytes'"),
+    ({"disk_path": "/tmp/x"}, "disk_capacity_bytes"),
     ({"min_hit_blocks": 0}, "'min_hit_blocks'"),
     ({"store_decode_blocks": "yes"}, "'store_decode_blocks'"),
     ({"disk_write_policy": "write_behind"}, "'disk_write_policy'"),
