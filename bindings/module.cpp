@@ -62,7 +62,7 @@ ByteView get_bytes(py::handle obj, bool writable, const char* what, size_t expec
     if (!PyObject_CheckBuffer(obj.ptr()))
       fail(Code::kInvalidArgument, std::string(what) + ": expected a buffer (numpy array, bytes, "
                                    "bytearray, memoryview) or an int address, got " +
-                                   std::string(py::str(obj.get_type().attr("__name__"))));
+                                   std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     Py_buffer pb;
     int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj.ptr(), &pb, flags) != 0) {

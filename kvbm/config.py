@@ -78,6 +78,17 @@ class KvbmConfig:
             before each catalog commit) or ``"always"`` (fdatasync after every block).
         disk_io_threads: IO threads of the disk tier.
         disk_o_direct: use O_DIRECT (falls back, with a warning, where the file system refuses).
+        remote_url: the remote tier after disk (None: none): ``redis://host:port/db`` (also
+            ``rediss://``, ``unix://``, ``valkey://``), ``redis+cluster://host:port`` or
+            ``kvbm://host:port`` (a ``kvbm serve`` server). See kvbm/tiers/remote.py.
+        remote_token: shared secret of a ``kvbm serve`` server (Redis: put the password in the URL).
+        remote_namespace: tenant name; blocks of other namespaces are invisible (keys and record
+            headers carry its digest, bound to ``block_bytes``).
+        remote_write_policy: ``"write_through"`` (every new host block is also put to the remote
+            tier, asynchronously), ``"write_behind"`` (host evictions are), or ``"read_only"``.
+        remote_timeout_s: per-request timeout of the remote tier; a store that does not answer
+            is treated as down (misses) and retried after a second.
+        remote_threads: threads that run remote prefetches and writes.
     """
 
     block_size: int = 16
@@ -95,6 +106,12 @@ class KvbmConfig:
     disk_durability: str = "batch"
     disk_io_threads: int = 4
     disk_o_direct: bool = True
+    remote_url: str | None = None
+    remote_token: str | None = None
+    remote_namespace: str = "default"
+    remote_write_policy: str = "write_through"
+    remote_timeout_s: float = 2.0
+    remote_threads: int = 2
     _source: str = field(default="python", repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +209,15 @@ class KvbmConfig:
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise ConfigError(f"{f.name}: expected an integer, got {v!r}")
                 setattr(self, f.name, v)
+            elif base is float:
+                if isinstance(v, str):
+                    try:
+                        v = float(v.strip())
+                    except ValueError:
+                        raise ConfigError(f"{f.name}: expected a number, got {v!r}") from None
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ConfigError(f"{f.name}: expected a number, got {v!r}")
+                setattr(self, f.name, float(v))
             elif base is str and not isinstance(v, str):
                 raise ConfigError(f"{f.name}: expected a string, got {v!r}")
 
@@ -229,6 +255,24 @@ class KvbmConfig:
             raise ConfigError(f"disk_durability: must be 'none', 'batch' or 'always', got {self.disk_durability!r}")
         if self.disk_io_threads <= 0 or self.disk_io_threads > 256:
             raise ConfigError(f"disk_io_threads: must be 1..256, got {self.disk_io_threads}")
+        if self.remote_url is not None:
+            from kvbm.tiers.remote import REMOTE_SCHEMES
+
+            scheme = self.remote_url.split("://", 1)[0].lower() if "://" in self.remote_url else ""
+            if scheme not in REMOTE_SCHEMES:
+                known = ", ".join(s + "://" for s in REMOTE_SCHEMES)
+                raise ConfigError(f"remote_url: expected one of {known}, got {self.remote_url!r}")
+        if self.remote_write_policy not in ("write_through", "write_behind", "read_only"):
+            raise ConfigError(
+                "remote_write_policy: must be 'write_through', 'write_behind' or 'read_only', "
+                f"got {self.remote_write_policy!r}"
+            )
+        if not 0 < self.remote_timeout_s <= 3600:
+            raise ConfigError(f"remote_timeout_s: must be in (0, 3600], got {self.remote_timeout_s}")
+        if not 1 <= self.remote_threads <= 64:
+            raise ConfigError(f"remote_threads: must be 1..64, got {self.remote_threads}")
+        if not self.remote_namespace:
+            raise ConfigError("remote_namespace: must not be empty")
         # disk tier (kvbm.tiers.disk): the directory itself is checked when the tier opens.
         if self.disk_path is not None and self.disk_capacity_bytes <= 0:
             raise ConfigError(

@@ -30,6 +30,7 @@ from kvbm.errors import ConfigError, InvalidArgumentError
 
 if TYPE_CHECKING:
     from kvbm.tiers.disk import DiskTier
+    from kvbm.tiers.remote import RemoteTier
 
 HashesLike = Sequence[bytes] | np.ndarray
 _NO_PARENT = bytes(16)
@@ -112,6 +113,7 @@ class EngineTransfer:
             ix.complete_store(int(Tier.HOST), self._keys, flags)
             if ok:
                 self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
+                self._manager._remote_write_through(self._keys)  # remote tier, write_through only
         else:
             ix.complete_load(int(Tier.HOST), self._keys)
 
@@ -186,6 +188,12 @@ class BlockManager:
         self._lock = threading.Lock()
         self._closed = False
         self._disk = self._open_disk() if allocate_memory else None
+        self._remote: RemoteTier | None = None
+        self._remote_pool: Any = None
+        self._remote_pending: list[Any] = []
+        self._prefetch_pending: list[Any] = []
+        if allocate_memory and self.config.remote_url:
+            self._open_remote()
         self._metrics_server: Any = None
         if self.config.metrics_port is not None:
             from kvbm.metrics import start_metrics_server
@@ -225,6 +233,8 @@ class BlockManager:
         n, tiers = self._index.lookup(hashes)
         if self._disk is not None and n < len(tiers):
             n = self._disk_extend_lookup(hashes, int(n), tiers)
+        if self._remote is not None and n < len(tiers):
+            n = self._remote_extend_lookup(hashes, int(n), tiers)
         return LookupResult(int(n), tiers)
 
     def lookup_into(self, hashes: HashesLike, tiers_out: np.ndarray) -> int:
@@ -232,6 +242,8 @@ class BlockManager:
         n = int(self._index.lookup_into(hashes, tiers_out))
         if self._disk is not None and n < len(hashes):
             n = self._disk_extend_lookup(hashes, n, tiers_out)
+        if self._remote is not None and n < len(hashes):
+            n = self._remote_extend_lookup(hashes, n, tiers_out)
         return n
 
     def contains(self, block_hash: bytes) -> Tier | None:
@@ -269,6 +281,8 @@ class BlockManager:
         if self._disk is not None and self.config.disk_write_policy == "write_through":
             keys = _hash_list(hashes)
             self._disk.put(keys, _rows(data, len(keys), self.block_bytes), parents=_chain_parents(keys, parent))
+        if self._remote is not None and new and self.config.remote_write_policy == "write_through":
+            self._remote_write(new, plan.slots[plan.slots >= 0])
         return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
@@ -285,6 +299,8 @@ class BlockManager:
             StateError: a block is still being stored.
         """
         arena = self._need_arena()
+        if self._remote is not None:
+            self._remote_fill(hashes)
         if self._disk is not None:
             self._load_via_disk(hashes, out)
             return
@@ -346,6 +362,8 @@ class BlockManager:
         ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
         self._check_layout(layout, len(ids), hashes)
         keys = [bytes(h) for h in hashes]
+        if self._remote is not None:  # remote-only blocks come into host first: remote -> host -> GPU
+            self._remote_fill(keys)
         # with a disk tier, disk-only blocks are promoted first: disk -> host -> GPU in one call
         slots = self._pin_in_host(keys) if self._disk is not None else self._index.prepare_load(int(Tier.HOST), keys)
         try:
@@ -429,6 +447,8 @@ class BlockManager:
             out[tier.name.lower()] = d
         if self._disk is not None:
             out["disk"] = self._disk_stats()
+        if self._remote is not None:
+            out["remote"] = self._remote.stats()
         out["index"] = {"blocks": len(self._index), "memory_bytes": self._index.memory_bytes}
         return out
 
@@ -441,6 +461,10 @@ class BlockManager:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
+        if self._remote is not None:
+            self._remote_pool.shutdown(wait=True)
+            self._remote.close()
+            self._remote = None
         if self._disk is not None:
             self._disk.close()
             self._disk = None
@@ -513,6 +537,8 @@ class BlockManager:
 
     def _demote(self, evicted: list[tuple[bytes, bytes, int, int | None]]) -> None:
         """Write host blocks that were just evicted to disk (asynchronously), unless there already."""
+        if self._remote is not None and evicted and self.config.remote_write_policy == "write_behind":
+            self._remote_write([e[0] for e in evicted], np.array([e[2] for e in evicted], np.int64))
         disk = self._disk
         if disk is None or not evicted or self._arena is None:
             return
@@ -643,6 +669,215 @@ class BlockManager:
             lifetime=totals,
         )
         return d
+
+    # ---- remote tier (kvbm.tiers.remote) ------------------------------------------------------
+    # After GPU, host and disk, lookups continue into the remote tier (Redis or kvbm serve).
+    # Remote blocks come into host slots asynchronously (prefetch) or on demand (load); new host
+    # blocks (write_through) or host evictions (write_behind) are put to it in the background.
+    # Bytes are staged out of the arena synchronously, so a slot reused later cannot leak in.
+    # A remote store that is down only turns into misses (see kvbm/tiers/remote.py).
+
+    def _open_remote(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from kvbm.tiers.remote import open_remote_tier
+
+        c = self.config
+        self._remote = open_remote_tier(
+            c.remote_url,
+            block_bytes=self.block_bytes,
+            namespace=f"{c.remote_namespace}\0block_bytes={self.block_bytes}",
+            token=c.remote_token,
+            timeout_s=c.remote_timeout_s,
+        )
+        self._remote_pool = ThreadPoolExecutor(c.remote_threads, thread_name_prefix="kvbm-remote")
+
+    @property
+    def remote(self) -> RemoteTier | None:
+        """The remote tier (``config.remote_url``), or None."""
+        return self._remote
+
+    def _remote_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
+        """Continue a lookup past host and disk: blocks the remote tier holds, then local ones again.
+
+        One remote round trip per stretch of blocks missing locally (usually one in all).
+        """
+        assert self._remote is not None
+        keys = _hash_list(hashes)
+        disk = self._disk
+        i = n
+        while i < len(keys):
+            m, t = self._index.peek([keys[i]])
+            if m:
+                tiers[i] = t[0]
+            elif disk is not None and disk.contains(keys[i]):
+                tiers[i] = int(Tier.DISK)
+            else:
+                r = self._remote.lookup_prefix(keys[i:])
+                if r == 0:
+                    break
+                for j in range(i, i + r):
+                    m, t = self._index.peek([keys[j]])
+                    tiers[j] = t[0] if m else int(Tier.REMOTE)
+                i += r
+                continue
+            i += 1
+        return i
+
+    def _remote_write(self, keys: list[bytes], slots: np.ndarray) -> None:
+        """Stage host slots now, put them to the remote tier in the background."""
+        if self._arena is None or not len(keys):
+            return
+        staging = np.empty((len(keys), self.block_bytes), np.uint8)
+        self._arena.read(slots, staging)
+        self._track(self._remote_pool.submit(self._remote.put, keys, staging))
+
+    def _remote_write_through(self, keys: list[bytes]) -> None:
+        """With remote_write_policy write_through: put host blocks ``keys`` (engine offloads)."""
+        if self._remote is None or self.config.remote_write_policy != "write_through" or not keys:
+            return
+        slots = self._index.prepare_load(int(Tier.HOST), keys)
+        try:
+            self._remote_write(keys, slots)
+        finally:
+            self._index.complete_load(int(Tier.HOST), keys)
+
+    def _track(self, fut: Any, prefetch: bool = False) -> Any:
+        with self._lock:
+            self._remote_pending = [f for f in self._remote_pending if not f.done()]
+            self._remote_pending.append(fut)
+            if prefetch:
+                self._prefetch_pending = [f for f in self._prefetch_pending if not f.done()]
+                self._prefetch_pending.append(fut)
+        return fut
+
+    def flush_remote(self, timeout: float | None = None) -> None:
+        """Wait until the remote writes and prefetches issued so far have finished.
+
+        Raises TransferTimeoutError when ``timeout`` (seconds) passes first.
+        """
+        from concurrent.futures import wait
+
+        from kvbm.errors import TransferTimeoutError
+
+        with self._lock:
+            pending = list(self._remote_pending)
+        _done, not_done = wait(pending, timeout)
+        if not_done:
+            raise TransferTimeoutError(f"{len(not_done)} remote operations still running after {timeout} s")
+
+    def prefetch(self, hashes: HashesLike) -> PrefetchHandle:
+        """Start bringing blocks that only the remote tier holds into the host tier.
+
+        Returns at once; a thread fetches the blocks and :meth:`PrefetchHandle.wait` gives how
+        many entered the host tier. Blocks already in host (or on disk), missing remotely, or
+        failing verification are skipped (the latter counted in ``stats()["remote"]``). With a
+        disk tier (driven from one thread only), the fetched blocks enter the host tier in
+        ``wait()``, on the caller's thread; without one, in the background. Without a remote tier
+        the handle is done with 0.
+        """
+        from concurrent.futures import Future
+
+        keys = _hash_list(hashes)
+        if self._remote is None or self._arena is None:
+            f: Future = Future()
+            f.set_result(0)
+            return PrefetchHandle(f)
+        if self._disk is None:
+            fut = self._track(self._remote_pool.submit(self._onboard_remote, keys), prefetch=True)
+            return PrefetchHandle(fut)
+        fut = self._track(self._remote_pool.submit(self._fetch_remote, keys, False))
+        return PrefetchHandle(fut, self._install_remote)
+
+    def _fetch_remote(self, keys: list[bytes], check_disk: bool) -> tuple[list[bytes], np.ndarray]:
+        """Get the blocks missing from host (and, with ``check_disk``, from disk) from the remote
+        tier into a staging array. Touches neither the arena nor the disk tier: safe on any thread."""
+        remote = self._remote
+        want: list[bytes] = []
+        seen: set[bytes] = set()
+        for k in keys:
+            if k in seen or self._index.peek([k])[0]:
+                continue
+            if check_disk and self._disk is not None and self._disk.contains(k):
+                continue
+            seen.add(k)
+            want.append(k)
+        if remote is None or not want:
+            return [], np.empty((0, self.block_bytes), np.uint8)
+        staging = np.empty((len(want), self.block_bytes), np.uint8)
+        got = remote.get(want, staging)
+        return [want[i] for i in np.flatnonzero(got)], staging[got]
+
+    def _install_remote(self, fetched: tuple[list[bytes], np.ndarray]) -> int:
+        """Put fetched blocks into host slots (evicting, and demoting, as the policy says)."""
+        from kvbm.errors import CapacityError
+
+        keys, rows = fetched
+        if not keys or self._arena is None:
+            return 0
+        try:
+            plan = self.prepare_store(keys)
+        except CapacityError:
+            return 0  # everything pinned: the prefetch brings nothing, the load will say so
+        self._demote(plan.evicted)
+        new = plan.new_hashes(keys)
+        try:
+            self._arena.write(plan.slots, rows)
+        except BaseException:
+            self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
+            raise
+        self._index.complete_store(int(Tier.HOST), new)
+        return len(new)
+
+    def _onboard_remote(self, keys: list[bytes]) -> int:
+        return self._install_remote(self._fetch_remote(keys, True))
+
+    def _remote_fill(self, hashes: HashesLike) -> None:
+        """For load: fetch the blocks that only the remote tier holds (nothing when all are in host).
+
+        Waits first for prefetches in flight (not for background writes), so a block being
+        prefetched is not fetched twice.
+        """
+        keys = _hash_list(hashes)
+        missing = [k for k in keys if not self._index.peek([k])[0]]
+        if not missing:
+            return
+        with self._lock:
+            pending = [f for f in self._prefetch_pending if not f.done()]
+        for f in pending:
+            f.result()
+        self._onboard_remote(missing)
+
+
+class PrefetchHandle:
+    """Completion of :meth:`BlockManager.prefetch`."""
+
+    __slots__ = ("_count", "_finish", "_fut")
+
+    def __init__(self, fut: Any, finish: Any = None) -> None:
+        self._fut = fut
+        self._finish = finish
+        self._count: int | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the fetch finished (with a disk tier, ``wait()`` still installs the blocks)."""
+        return bool(self._fut.done())
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Blocks brought into the host tier. Raises TransferTimeoutError after ``timeout`` seconds."""
+        from concurrent.futures import TimeoutError as FutTimeout
+
+        from kvbm.errors import TransferTimeoutError
+
+        if self._count is not None:
+            return self._count
+        try:
+            r = self._fut.result(timeout)
+        except FutTimeout:
+            raise TransferTimeoutError(f"prefetch still running after {timeout} s") from None
+        self._count = int(self._finish(r) if self._finish is not None else r)
+        return self._count
 
 
 class PromoteHandle:

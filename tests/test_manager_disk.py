@@ -34,8 +34,8 @@ def manager(tmp_path: Path, host_blocks: int = 4, disk_blocks: int = 64, **kw) -
 
 def test_write_behind_lookup_and_onboard(tmp_path: Path) -> None:
     hs, data = hashes(10), blocks(10)
-    with manager(tmp_path) as m:
-        for i in range(10):  # one at a time: the host tier (4 blocks) evicts the oldest
+    with manager(tmp_path, eviction_policy="lru") as m:
+        for i in range(10):  # one at a time: the host tier (4 blocks, LRU) evicts the oldest
             m.store(hs[i : i + 1], data[i : i + 1], parent=hs[i - 1] if i else None)
         m.disk.flush()
         r = m.lookup(hs)

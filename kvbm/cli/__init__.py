@@ -13,7 +13,7 @@ import sys
 
 from kvbm.errors import KvbmError
 
-_SUBCOMMANDS = ["info", "replay", "bench", "inspect"]
+_SUBCOMMANDS = ["info", "replay", "bench", "inspect", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Everything kvbm runs on the GPU machine, in two device calls (each must stay under 10 min):
+#   bash scripts/gpu_all.sh build-test   # build (CUDA+UCX), full test suite incl. GPU tests,
+#                                         # compute-sanitizer memcheck, CUDA data path benchmark
+#   bash scripts/gpu_all.sh bench         # transfer engine on GPU, 1-GPU KV handoff, index at 10M,
+#                                         # disk tier vs raw O_DIRECT on this machine's disk,
+#                                         # vLLM-layout worker path
+# The UCX stack comes as ../.ucx/ucx_stack.tgz (../shared/tools/pack_ucx_for_device.sh), carried
+# with the tree. Logs and results go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/kvbm_gpu_out}
+UCXDIR=${UCXDIR:-.ucx}
+mkdir -p "$OUT" /opt/ucx
+export PYTHONUNBUFFERED=1 UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n NCCL_NVLS_ENABLE=0
+[ -f /opt/ucx/.unpacked ] || { tar xzf "$UCXDIR/ucx_stack.tgz" -C /opt/ucx && touch /opt/ucx/.unpacked; }
+# Pure/abi wheels the GPU machine lacks (lmdb, redis, prometheus_client, hypothesis, ...), carried as .whl/
+if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done
+fi
+export PYTHONPATH=/opt/ucx:$PWD:${PYTHONPATH:-}:/tmp/site
+status=0
+step() { echo "=== $* ($(date -u +%T))"; }
+
+case "${1:-build-test}" in
+build-test)
+  step device
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+  step build
+  KVBM_UCX=ON KVBM_UCX_ROOT=/opt/ucx/libucx KVBM_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 \
+    python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+  python3 -c "import kvbm; print(kvbm.build_info())" | tee -a "$OUT/device.txt" || exit 1
+  step "tests (all, GPU included)"
+  timeout 330 python3 -m pytest -q -rfEs -p no:cacheprovider tests/ -x --ignore=tests/test_vllm_connector.py \
+    >"$OUT/tests.log" 2>&1 || status=1
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -15
+  step "compute-sanitizer memcheck (kernel tests)"
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_kv_copy_gpu.py \
+    -k "(separate_k_v and (bfloat16 or e4m3)) or unaligned or mla or arena or large_batch or hnd or single_block" \
+    >"$OUT/sanitizer.log" 2>&1; rc=$?
+  tail -4 "$OUT/sanitizer.log"; echo "compute-sanitizer exit code: $rc"; [ $rc -eq 0 ] || status=1
+  step "CUDA data path benchmark"
+  timeout 200 python3 benchmarks/bench_cuda_datapath.py --out "$OUT" >"$OUT/bench_cuda.log" 2>&1 || status=1
+  grep -E "^\| (offload|onboard|both|matmul|naive|contig)" "$OUT/cuda_datapath.md" 2>/dev/null | head -30
+  ;;
+bench)
+  python3 -c "import kvbm; print(kvbm.build_info())" || exit 1
+  step "transfer engine on GPU"
+  timeout 120 python3 benchmarks/bench_transfer_gpu.py --reps 10 --out "$OUT/transfer_gpu" 2>&1 | grep -v "^\[" | tail -10 || status=1
+  step "KV handoff through the transfer engine, one GPU (issue 7's code path)"
+  timeout 100 python3 benchmarks/two_gpu_handoff.py --src-device 0 --dst-device 0 --reps 10 \
+    --out "$OUT/two_gpu_handoff_1gpu" 2>&1 | tail -8 || status=1
+  step "index scale incl. 10M blocks"
+  timeout 150 python3 -m kvbm bench --suite index --suite hashing --suite host --full --json --no-progress \
+    >"$OUT/kvbm_bench_full.json" 2>"$OUT/kvbm_bench_full.err" || status=1
+  python3 - "$OUT/kvbm_bench_full.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d["rows"]:
+    print(f"{r['suite']:8} {r['case']:36} {r['value']:10.4g} {r['unit']:12} {r['ratio'] or ''}")
+PY
+  step "disk tier vs raw O_DIRECT on this machine's disk"
+  mkdir -p /var/tmp/kvbm-disk-bench
+  timeout 150 python3 benchmarks/bench_disk.py --dir /var/tmp/kvbm-disk-bench --json "$OUT/disk_gpu_machine.json" \
+    --md "$OUT/disk_gpu_machine.md" 2>&1 | tail -15 || status=1
+  if [ -f benchmarks/bench_vllm_worker_gpu.py ]; then
+    step "vLLM-layout worker save/load path on CUDA"
+    timeout 120 python3 benchmarks/bench_vllm_worker_gpu.py --out "$OUT/vllm_worker_gpu" 2>&1 | tail -12 || status=1
+  fi
+  ;;
+esac
+step "done status=$status"
+exit $status
