@@ -31,6 +31,7 @@ def test_config_maps_onto_kvbm_config() -> None:
     ({"store_decode_blocks": "yes"}, "'store_decode_blocks'"),
     ({"disk_write_policy": "write_behind"}, "'disk_write_policy'"),
     ({"hash_algorithm": "md5"}, "hash_algorithm"),
+    ({"eviction_policy": "nope"}, "eviction_policy"),
 ])
 def test_bad_config_names_the_key(extra: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

@@ -67,9 +67,11 @@ class ConnectorConfig:
             raise ConfigError(f"{SOURCE}: expected a mapping, got {type(extra).__name__}")
         data = dict(extra or {})
         own = ("model_id", "store_decode_blocks", "min_hit_blocks")
-        for key, why in NOT_HERE.items():
-            if key in data:
-                raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({why})")
+        for key in data:
+            if key in NOT_HERE:
+                raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({NOT_HERE[key]})")
+            if key in KvbmConfig.field_names() and key not in KVBM_KEYS:
+                raise ConfigError(f"{SOURCE}[{key!r}]: a kvbm setting the vLLM connector does not support yet")
         unknown = sorted(str(k) for k in data if k not in KVBM_KEYS and k not in own)
         if unknown:
             raise ConfigError(
