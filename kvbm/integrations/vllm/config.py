@@ -1,0 +1,105 @@
+"""Configuration of the vLLM connector, parsed from ``kv_connector_extra_config``.
+
+The mapping holds :class:`kvbm.KvbmConfig` keys (``host_capacity_bytes``, ``disk_path``, ...)
+plus a few connector-only keys (``model_id``, ``store_decode_blocks``, ``min_hit_blocks``).
+Everything is checked once, at engine start-up, in the scheduler and in every worker process:
+an unknown key, a key this connector does not honour, or a bad value raises
+:class:`kvbm.errors.ConfigError` naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbm.config import KvbmConfig
+from kvbm.errors import ConfigError
+
+SOURCE = "kv_connector_extra_config"
+
+#: KvbmConfig keys the connector honours.
+KVBM_KEYS = ("host_capacity_bytes", "host_pinned", "eviction_policy", "hash_algorithm", "checksums",
+             "index_initial_capacity", "disk_path", "disk_capacity_bytes", "disk_write_policy")
+#: KvbmConfig keys that are valid elsewhere but not here, with the reason.
+NOT_HERE = {
+    "block_size": "vLLM's block size is used",
+    "block_bytes": "the block size in bytes comes from vLLM's KV cache layout",
+    "metrics_port": "use vLLM's own metrics (external prefix cache hits by tier) and KV events",
+    "disk_durability": "the connector's disk tier writes files and renames them (no fsync)",
+    "disk_io_threads": "the connector's disk tier uses one writer thread per worker",
+    "disk_o_direct": "the connector's disk tier uses buffered IO",
+}
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """What the kvbm vLLM connector does.
+
+    Attributes:
+        kvbm: the validated :class:`kvbm.KvbmConfig` (capacities are per worker, i.e. per
+            tensor-parallel rank). The disk tier is write-through: every block stored to host
+            is also written to disk in the background, so an evicted block stays loadable.
+        model_id: identity of the model in the block namespace; defaults to vLLM's model name or
+            path. Set it when the same weights are served from different paths.
+        store_decode_blocks: also offload full blocks produced during decode (not only prompt).
+        min_hit_blocks: ignore external hits shorter than this many blocks.
+    """
+
+    kvbm: KvbmConfig = field(default_factory=lambda: KvbmConfig(_source=SOURCE))
+    model_id: str | None = None
+    store_decode_blocks: bool = True
+    min_hit_blocks: int = 1
+
+    @property
+    def disk_path(self) -> str | None:
+        return self.kvbm.disk_path
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
+        """Build and validate from the ``kv_connector_extra_config`` mapping.
+
+        Raises:
+            ConfigError: an unknown key (named, with the list of known keys), a key this connector
+                does not honour (named, with the reason), or a bad value (named).
+        """
+        if extra is not None and not isinstance(extra, Mapping):
+            raise ConfigError(f"{SOURCE}: expected a mapping, got {type(extra).__name__}")
+        data = dict(extra or {})
+        own = ("model_id", "store_decode_blocks", "min_hit_blocks")
+        for key in data:
+            if key in NOT_HERE:
+                raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({NOT_HERE[key]})")
+            if key in KvbmConfig.field_names() and key not in KVBM_KEYS:
+                raise ConfigError(f"{SOURCE}[{key!r}]: a kvbm setting the vLLM connector does not support yet")
+        unknown = sorted(str(k) for k in data if k not in KVBM_KEYS and k not in own)
+        if unknown:
+            raise ConfigError(
+                f"{SOURCE}: unknown key(s) {', '.join(map(repr, unknown))} for the kvbm vLLM connector "
+                f"(known keys: {', '.join(sorted((*KVBM_KEYS, *own)))})")
+        kw: dict[str, Any] = {}
+        model_id = data.pop("model_id", None)
+        if model_id is not None and not (isinstance(model_id, str) and model_id):
+            raise ConfigError(f"{SOURCE}['model_id']: expected a non-empty string, got {model_id!r}")
+        kw["model_id"] = model_id
+        if "store_decode_blocks" in data:
+            v = data.pop("store_decode_blocks")
+            if not isinstance(v, bool):
+                raise ConfigError(f"{SOURCE}['store_decode_blocks']: expected true/false, got {v!r}")
+            kw["store_decode_blocks"] = v
+        if "min_hit_blocks" in data:
+            v = data.pop("min_hit_blocks")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{SOURCE}['min_hit_blocks']: expected an int >= 1, got {v!r}")
+            kw["min_hit_blocks"] = v
+        data.setdefault("disk_write_policy", "write_through")
+        try:
+            kcfg = KvbmConfig.from_dict(data, source=SOURCE)
+        except ConfigError as e:
+            raise ConfigError(f"{SOURCE}: {e}") from None
+        if kcfg.disk_write_policy != "write_through":
+            raise ConfigError(f"{SOURCE}['disk_write_policy']: the vLLM connector writes through to disk; "
+                              f"got {kcfg.disk_write_policy!r}")
+        if kcfg.disk_path is not None and kcfg.disk_capacity_bytes <= 0:
+            raise ConfigError(f"{SOURCE}['disk_capacity_bytes']: must be > 0 when disk_path is set")
+        return cls(kvbm=kcfg, **kw)

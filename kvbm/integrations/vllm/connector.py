@@ -1,0 +1,219 @@
+"""``KvbmConnector``: kvbm as a vLLM v1 KV connector (``KVConnectorBase_V1``, vLLM 0.32+).
+
+Load it with::
+
+    kv_transfer_config={"kv_connector": "KvbmConnector",
+                        "kv_connector_module_path": "kvbm.integrations.vllm",
+                        "kv_role": "kv_both",
+                        "kv_load_failure_policy": "recompute",
+                        "kv_connector_extra_config": {"host_capacity_bytes": "4GiB", "disk_path": "/nvme/kvbm",
+                                                      "disk_capacity_bytes": "100GiB"}}
+
+The class is instantiated twice: with role SCHEDULER in the engine-core process (bookkeeping,
+:mod:`kvbm.integrations.vllm.scheduler`) and with role WORKER in every worker process (bytes,
+:mod:`kvbm.integrations.vllm.worker`). See the note in :mod:`kvbm.integrations.vllm.index`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+
+from kvbm.integrations.vllm.common import geometry
+from kvbm.integrations.vllm.config import ConnectorConfig
+from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata
+from kvbm.integrations.vllm.scheduler import KvbmScheduler
+from kvbm.integrations.vllm.worker import KvbmWorker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("kvbm.vllm")
+
+
+class KvbmConnector(KVConnectorBase_V1):
+    """kvbm's host + disk KV cache tiers behind vLLM's connector API.
+
+    Raises (at engine start-up):
+        kvbm.errors.ConfigError: ``kv_connector_extra_config`` has an unknown key or a bad value
+            (the message names the key).
+        kvbm.errors.UnsupportedError: hybrid KV cache groups or pipeline parallelism.
+    """
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        self.cfg = ConnectorConfig.from_extra_config(extra)
+        if kv_cache_config is None:
+            from kvbm.errors import UnsupportedError
+
+            raise UnsupportedError("the kvbm connector needs vLLM >= 0.32 (kv_cache_config is passed to "
+                                   "connectors)")
+        self.geo = geometry(vllm_config, kv_cache_config, self.cfg)
+        self._sched: KvbmScheduler | None = None
+        self._worker: KvbmWorker | None = None
+        self._busy_ns = 0  # time spent inside this connector's methods (its overhead on vLLM)
+        self._busy_calls = 0
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = KvbmScheduler(self.cfg, self.geo)
+            if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+                logger.warning("kvbm: kv_load_failure_policy is %r: a block that fails its checksum will "
+                               "fail its request; set \"kv_load_failure_policy\": \"recompute\" to have "
+                               "vLLM recompute it instead",
+                               self._kv_transfer_config.kv_load_failure_policy)
+        else:
+            self._worker = KvbmWorker(self.cfg, self.geo, kv_cache_config.num_blocks)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped store is a future miss
+
+    # ---------------------------------------------------------------- scheduler side
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._sched is not None
+        t0 = time.perf_counter_ns()
+        try:
+            return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        assert self._sched is not None
+        t0 = time.perf_counter_ns()
+        try:
+            self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        if num_external_tokens == 0 or self._sched is None:
+            return {}
+        host, disk = self._sched.hit_sources(request)
+        if host + disk != num_external_tokens:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        out = {}
+        if host:
+            out[CacheHitSource.HOST] = host
+        if disk:
+            out[CacheHitSource.DISK] = disk
+        return out
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._sched is not None
+        t0 = time.perf_counter_ns()
+        try:
+            return self._sched.build_connector_meta(scheduler_output)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        assert self._sched is not None
+        t0 = time.perf_counter_ns()
+        try:
+            self._sched.update_connector_output(connector_output.kv_connector_worker_meta)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._sched is not None
+        self._sched.request_finished(request)
+        return False, None
+
+    def take_events(self) -> Iterable[Any]:
+        if self._sched is None:
+            return ()
+        t0 = time.perf_counter_ns()
+        try:
+            return self._sched.take_events()
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+
+    def kvbm_stats(self) -> dict[str, Any]:
+        """Scheduler-side counters (hits per tier, stores, evictions, lookup latency)."""
+        assert self._sched is not None
+        return {**self._sched.stats(), "busy_ns": self._busy_ns}
+
+    # ---------------------------------------------------------------- worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.register_kv_caches(kv_caches)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvbmConnectorMetadata)
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.start_load_kv(meta)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # whole blocks are saved after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvbmConnectorMetadata)
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.wait_for_save(meta)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+            self._busy_calls += 1
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors() if self._worker else set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self._worker is None:
+            return None
+        t0 = time.perf_counter_ns()
+        try:
+            return self._worker.build_worker_meta()
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
+
+    def kvbm_busy_ns(self) -> int:
+        """Nanoseconds spent inside this connector instance's hooks so far (either role)."""
+        return self._busy_ns
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()

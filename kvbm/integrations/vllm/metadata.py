@@ -1,0 +1,72 @@
+"""Plain picklable plans between the scheduler half and the worker halves (see index.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+
+@dataclass
+class LoadOp:
+    """Copy block ``block_hash`` from ``tier`` ("host" slot ``slot`` or "disk") into vLLM block ``block_id``."""
+
+    block_id: int
+    tier: str
+    slot: int
+    block_hash: bytes
+    req_id: str = ""
+
+
+@dataclass
+class StoreOp:
+    """Copy vLLM block ``block_id`` into host slot ``slot``; then write it to disk if ``to_disk``.
+
+    ``slot == -1`` (only with ``to_disk``): no host slot was free; the block is copied to a
+    private buffer and written to disk from there.
+    """
+
+    block_id: int
+    slot: int
+    block_hash: bytes
+    to_disk: bool
+    req_id: str = ""
+
+
+@dataclass
+class KvbmConnectorMetadata(KVConnectorMetadata):
+    """One step's plan: loads run before the forward, stores and deletions after it."""
+
+    loads: list[LoadOp] = field(default_factory=list)
+    stores: list[StoreOp] = field(default_factory=list)
+    disk_deletes: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
+    """What workers report back per step; counts are summed over tensor-parallel ranks."""
+
+    stored: Counter = field(default_factory=Counter)
+    store_failed: Counter = field(default_factory=Counter)
+    disk_written: Counter = field(default_factory=Counter)
+    disk_failed: Counter = field(default_factory=Counter)
+    load_failed: Counter = field(default_factory=Counter)
+    load_bytes: int = 0
+    store_bytes: int = 0
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmWorkerMetadata:
+        if not isinstance(other, KvbmWorkerMetadata):
+            return self
+        out = KvbmWorkerMetadata()
+        for name in ("stored", "store_failed", "disk_written", "disk_failed", "load_failed"):
+            c = Counter(getattr(self, name))
+            c.update(getattr(other, name))
+            setattr(out, name, c)
+        out.load_bytes = self.load_bytes + other.load_bytes
+        out.store_bytes = self.store_bytes + other.store_bytes
+        return out
+
+    def empty(self) -> bool:
+        return not (self.stored or self.store_failed or self.disk_written or self.disk_failed
+                    or self.load_failed)

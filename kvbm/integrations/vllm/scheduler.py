@@ -1,0 +1,261 @@
+"""The scheduler half of the kvbm vLLM connector (engine-core process). See index.py's note."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvbm.hashing import block_hashes
+from kvbm.integrations.vllm import disk
+from kvbm.integrations.vllm.common import Geometry
+from kvbm.integrations.vllm.config import ConnectorConfig
+from kvbm.integrations.vllm.index import TierIndex
+from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, LoadOp, StoreOp
+
+logger = logging.getLogger("kvbm.vllm")
+
+_MAX_PENDING_EVENTS = 1 << 16
+
+
+@dataclass
+class _Req:
+    request: Any
+    extra: bytes | None  # per-request keys folded into every block hash (LoRA, salt, mm)
+    hashes: list[bytes] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    stored_upto: int = 0  # blocks below this index were stored or skipped
+    local_blocks: int = 0  # vLLM's own prefix-cache hit, in blocks, at the last lookup
+    hit_tiers: list[str] = field(default_factory=list)  # tiers of the planned external hit
+    hit_host_tokens: int = 0
+    hit_disk_tokens: int = 0
+
+
+@dataclass
+class LookupStats:
+    """Latency the connector adds to scheduling: hashing + index lookup per call."""
+
+    calls: int = 0
+    total_ns: int = 0
+    max_ns: int = 0
+    samples_ns: list[int] = field(default_factory=list)
+
+    def add(self, ns: int) -> None:
+        self.calls += 1
+        self.total_ns += ns
+        self.max_ns = max(self.max_ns, ns)
+        if len(self.samples_ns) < 100_000:
+            self.samples_ns.append(ns)
+
+
+class KvbmScheduler:
+    """Decides hits, loads, stores and evictions; holds no KV bytes."""
+
+    def __init__(self, cfg: ConnectorConfig, geo: Geometry) -> None:
+        self.cfg = cfg
+        self.geo = geo
+        self.bs = geo.block_size
+        self.index = TierIndex(cfg.kvbm, geo.slot_bytes, geo.disk_capacity_blocks, geo.tp_world)
+        self._reqs: dict[str, _Req] = {}
+        self._loads: list[LoadOp] = []
+        self._deletes: list[bytes] = []
+        self._event_info: dict[bytes, tuple[bytes | None, list[int], str | None]] = {}
+        self.lookup_stats = LookupStats()
+        if cfg.disk_path:
+            rank_digests = [geo.rank_namespace(r).digest for r in range(geo.tp_world)]
+            found = disk.scan(cfg.disk_path, rank_digests, geo.slot_bytes)
+            over = self.index.adopt_disk(found)
+            self._deletes.extend(over)
+            logger.info("kvbm: disk tier %s holds %d blocks of this namespace (%d over capacity)",
+                        cfg.disk_path, len(found), len(over))
+
+    # -- per-request hashing ---------------------------------------------------------------
+    def _req(self, request: Any) -> _Req | None:
+        st = self._reqs.get(request.request_id)
+        if st is not None:
+            return st
+        if getattr(request, "prompt_embeds", None) is not None:
+            return None  # KV depends on embeddings, not token ids
+        extras: list[tuple[str, Any]] = []
+        lora = getattr(request, "lora_request", None)
+        if lora is not None:
+            extras.append(("lora", getattr(lora, "lora_name", str(lora))))
+        salt = getattr(request, "cache_salt", None)
+        if salt is not None:
+            extras.append(("salt", salt))
+        for f in getattr(request, "mm_features", None) or ():
+            extras.append(("mm", (f.identifier, f.mm_position.offset)))
+        extra = repr(extras).encode() if extras else None
+        st = _Req(request=request, extra=extra)
+        self._reqs[request.request_id] = st
+        return st
+
+    def _hashes(self, st: _Req, num_blocks: int) -> list[bytes]:
+        if len(st.hashes) < num_blocks:
+            toks = st.request.all_token_ids
+            have = len(st.hashes)
+            st.hashes.extend(block_hashes(list(toks[have * self.bs:num_blocks * self.bs]), self.bs,
+                                          self.geo.namespace, st.extra,
+                                          parent=st.hashes[-1] if have else None))
+        return st.hashes[:num_blocks]
+
+    # -- vLLM scheduler API ----------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        t0 = time.perf_counter_ns()
+        st = self._req(request)
+        if st is None:
+            return 0, False
+        # Never claim the last token: vLLM must compute at least one token to sample from.
+        max_blocks = (request.num_tokens - 1) // self.bs
+        start = num_computed_tokens // self.bs
+        st.local_blocks = start
+        st.hit_tiers = []
+        if start >= max_blocks:
+            self.lookup_stats.add(time.perf_counter_ns() - t0)
+            return 0, False
+        hashes = self._hashes(st, max_blocks)
+        tiers = self.index.lookup(hashes[start:])
+        self.lookup_stats.add(time.perf_counter_ns() - t0)
+        if len(tiers) < self.cfg.min_hit_blocks:
+            return 0, False
+        st.hit_tiers = tiers
+        return len(tiers) * self.bs, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if num_external_tokens == 0:
+            return
+        st = self._reqs[request.request_id]
+        block_ids = blocks.get_block_ids()[0]
+        n = num_external_tokens // self.bs
+        tiers = st.hit_tiers[:n]
+        hashes = st.hashes[st.local_blocks:st.local_blocks + n]
+        assert len(tiers) == n == len(hashes), "external hit changed between lookup and allocation"
+        for i, (h, tier) in enumerate(zip(hashes, tiers)):
+            slot = self.index.host_slot(h) if tier == "host" else -1
+            self._loads.append(LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id))
+        st.hit_host_tokens = tiers.count("host") * self.bs
+        st.hit_disk_tokens = tiers.count("disk") * self.bs
+        self.index.stats.hit_blocks_host += tiers.count("host")
+        self.index.stats.hit_blocks_disk += tiers.count("disk")
+
+    def hit_sources(self, request: Any) -> tuple[int, int]:
+        st = self._reqs.get(request.request_id)
+        return (st.hit_host_tokens, st.hit_disk_tokens) if st else (0, 0)
+
+    def build_connector_meta(self, so: Any) -> KvbmConnectorMetadata:
+        stores: list[StoreOp] = []
+        deletes = self._deletes
+        self._deletes = []
+        todo: list[tuple[_Req, int]] = []
+        for nr in so.scheduled_new_reqs:
+            st = self._reqs.get(nr.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(nr.block_ids[0])
+            todo.append((st, nr.num_computed_tokens + so.num_scheduled_tokens.get(nr.req_id, 0)))
+        cr = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cr.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new = cr.new_block_ids[i]
+            if req_id in cr.resumed_req_ids:
+                st.block_ids = list(new[0]) if new is not None else []
+            elif new is not None:
+                st.block_ids.extend(new[0])
+            todo.append((st, cr.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)))
+        disk_on = bool(self.cfg.disk_path)
+        for st, computed_after in todo:
+            req = st.request
+            full = min(computed_after, len(req.all_token_ids)) // self.bs
+            if not self.cfg.store_decode_blocks:
+                full = min(full, req.num_prompt_tokens // self.bs)
+            full = min(full, len(st.block_ids))
+            if full <= st.stored_upto:
+                continue
+            hashes = self._hashes(st, full)
+            for idx in range(st.stored_upto, full):
+                h = hashes[idx]
+                in_host, in_disk = self.index.has(h)
+                if in_host:
+                    continue
+                parent = hashes[idx - 1] if idx else None
+                slot = self.index.prepare_host(h, parent)
+                to_disk = disk_on and not in_disk and self.index.prepare_disk(h, parent, deletes)
+                if slot is None:
+                    # Every host slot is pinned by in-flight disk writes: write this block to
+                    # disk straight from vLLM's buffer (the worker copies it out first).
+                    if not to_disk:
+                        continue
+                    slot = -1
+                elif to_disk:
+                    self.index.pin_for_disk_write(h)
+                stores.append(StoreOp(st.block_ids[idx], slot, h, to_disk, req.request_id))
+                if len(self._event_info) < _MAX_PENDING_EVENTS:
+                    lora = getattr(req, "lora_request", None)
+                    self._event_info[h] = (hashes[idx - 1] if idx else None,
+                                           list(req.all_token_ids[idx * self.bs:(idx + 1) * self.bs]),
+                                           getattr(lora, "lora_name", None))
+            st.stored_upto = full
+        meta = KvbmConnectorMetadata(loads=self._loads, stores=stores, disk_deletes=deletes)
+        self._loads = []
+        return meta
+
+    def update_connector_output(self, meta: Any) -> None:
+        if not isinstance(meta, KvbmWorkerMetadata):
+            return
+        idx = self.index
+        for h, n in meta.store_failed.items():
+            idx.complete_host(h, n, ok=False)
+        for h, n in meta.stored.items():
+            idx.complete_host(h, n, ok=True)
+        for h, n in meta.disk_failed.items():
+            idx.complete_disk(h, n, ok=False)
+        for h, n in meta.disk_written.items():
+            idx.complete_disk(h, n, ok=True)
+        for h in meta.load_failed:
+            # The block failed verification (or could not be read) on some rank: forget it
+            # everywhere and delete the files, so it is recomputed and stored afresh.
+            idx.drop(h)
+            idx.stats.failed_loads += 1
+            self._deletes.append(h)
+
+    def request_finished(self, request: Any) -> None:
+        # Stores are synchronous within the step that computed the block, so nothing is in
+        # flight that still reads this request's vLLM blocks.
+        self._reqs.pop(request.request_id, None)
+
+    def take_events(self) -> Iterable[Any]:
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+        idx = self.index
+        out: list[Any] = []
+        for medium, added in (("CPU", idx.added_host), ("DISK", idx.added_disk)):
+            for h in added:
+                parent, toks, lora = self._event_info.get(h, (None, [], None))
+                out.append(BlockStored(block_hashes=[h], parent_block_hash=parent, token_ids=toks,
+                                       block_size=self.bs, lora_id=None, medium=medium, lora_name=lora))
+            added.clear()
+        for medium, removed in (("CPU", idx.removed.host), ("DISK", idx.removed.disk)):
+            if removed:
+                out.append(BlockRemoved(block_hashes=list(removed), medium=medium))
+                removed.clear()
+        # Event info is needed until the block's stores completed in every tier it goes to.
+        for h in list(self._event_info):
+            if not idx.pending(h):
+                del self._event_info[h]
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        s = self.index.stats
+        ls = self.lookup_stats
+        return {
+            **s.__dict__,
+            "host_blocks": self.index.counts()[0],
+            "disk_blocks": self.index.counts()[1],
+            "lookup_calls": ls.calls,
+            "lookup_mean_us": (ls.total_ns / ls.calls / 1e3) if ls.calls else 0.0,
+            "lookup_max_us": ls.max_ns / 1e3,
+        }

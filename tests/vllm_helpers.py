@@ -1,0 +1,139 @@
+"""Helpers for the vLLM end-to-end tests and benchmark: an offline tiny Llama and a subprocess harness.
+
+The harness runs ``python -m tests.vllm_helpers <spec.json>`` (or this file directly) in a fresh
+process: it builds ``vllm.LLM`` with the given ``kv_transfer_config``, runs the listed phases of
+token-id prompts with greedy sampling, and writes a JSON result with the output token ids, vLLM's
+own external prefix-cache hit counter per phase (``vllm:external_prefix_cache_hits``), and, when
+the engine runs in-process, the kvbm scheduler's counters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def build_tiny_llama(path: str | os.PathLike, *, layers: int = 2, hidden: int = 128, heads: int = 4,
+                     kv_heads: int = 2, head_dim: int = 32, intermediate: int = 256, vocab: int = 1024,
+                     max_pos: int = 8192, seed: int = 0, std: float = 0.05) -> str:
+    """Save a random-weight Llama (bf16) with ``save_pretrained``; no download, no tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = str(path)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      head_dim=head_dim, max_position_embeddings=max_pos, torch_dtype="bfloat16",
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # larger random weights make greedy outputs depend on the whole context
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    model.save_pretrained(path)
+    return path
+
+
+def add_word_tokenizer(model_dir: str | os.PathLike, vocab: int = 1024) -> str:
+    """Save a word-level tokenizer (token ``t<i>`` = id i) next to the model, for the OpenAI server."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(
+        str(model_dir))
+    return str(model_dir)
+
+
+def kvbm_transfer_config(**extra: Any) -> dict[str, Any]:
+    return {"kv_connector": "KvbmConnector", "kv_connector_module_path": "kvbm.integrations.vllm",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+
+
+def run_engine(spec: dict[str, Any], *, multiprocess: bool = False, timeout: float = 600,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the harness in a fresh process; returns its JSON result (raises with its log on failure)."""
+    spec_path = Path(spec["out"]).with_suffix(".spec.json")
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, **(env or {}))
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(HERE / "vllm_helpers.py"), str(spec_path)], check=False, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine process failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                           f"{proc.stderr[-8000:]}")
+    result = json.loads(Path(spec["out"]).read_text())
+    result["log"] = proc.stderr[-20000:]
+    return result
+
+
+def _external_hits(llm: Any) -> int:
+    total = 0
+    for m in llm.get_metrics():
+        if m.name == "vllm:external_prefix_cache_hits":
+            total += int(getattr(m, "value", 0))
+    return total
+
+
+def _scheduler_connector(llm: Any) -> Any:
+    try:
+        return llm.llm_engine.engine_core.engine_core.scheduler.connector
+    except AttributeError:
+        return None
+
+
+def _main(spec_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.loads(Path(spec_path).read_text())
+    kwargs: dict[str, Any] = {
+        "model": spec["model"], "skip_tokenizer_init": True, "enforce_eager": True,
+        "kv_cache_memory_bytes": spec.get("kv_cache_memory_bytes", 64 << 20),
+        "max_model_len": spec.get("max_model_len", 4096), "block_size": spec.get("block_size", 32),
+        "seed": 0, "disable_log_stats": False,
+        "max_num_batched_tokens": spec.get("max_num_batched_tokens", 8192),
+    }
+    if spec.get("kv_transfer_config") is not None:
+        kwargs["kv_transfer_config"] = spec["kv_transfer_config"]
+    kwargs.update(spec.get("llm_kwargs", {}))
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    result: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "phases": []}
+    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True)
+    for phase in spec["phases"]:
+        if phase.get("reset_prefix_cache", True):
+            llm.reset_prefix_cache()
+        before = _external_hits(llm)
+        t = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in phase["prompts"]], sp, use_tqdm=False)
+        dt = time.perf_counter() - t
+        conn = _scheduler_connector(llm)
+        result["phases"].append({
+            "outputs": [list(o.outputs[0].token_ids) for o in outs],
+            "num_cached_tokens": [o.num_cached_tokens for o in outs],
+            "external_hits": _external_hits(llm) - before,
+            "seconds": dt,
+            "kvbm": conn.kvbm_stats() if conn is not None and hasattr(conn, "kvbm_stats") else None,
+        })
+    Path(spec["out"]).write_text(json.dumps(result))
+    del llm
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
