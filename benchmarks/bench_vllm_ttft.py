@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-from tests.vllm_helpers import build_tiny_llama, kvbm_transfer_config  # noqa: E402
+from vllm_helpers import build_tiny_llama, kvbm_transfer_config  # noqa: E402
 
 
 def _engine_main(spec_path: str) -> None:

@@ -15,7 +15,7 @@ import random
 import pytest
 
 from kvbm.integrations.vllm.disk import HEADER_BYTES
-from tests.vllm_helpers import build_tiny_llama, kvbm_transfer_config, run_engine
+from vllm_helpers import build_tiny_llama, kvbm_transfer_config, run_engine
 
 pytestmark = [
     pytest.mark.vllm,
@@ -182,7 +182,7 @@ def test_openai_server_with_kv_transfer_config_flag(model: str, tmp_path) -> Non
     import time
     import urllib.request
 
-    from tests.vllm_helpers import add_word_tokenizer
+    from vllm_helpers import add_word_tokenizer
 
     mdir = tmp_path / "model"
     shutil.copytree(model, mdir)

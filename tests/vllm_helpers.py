@@ -1,6 +1,6 @@
 """Helpers for the vLLM end-to-end tests and benchmark: an offline tiny Llama and a subprocess harness.
 
-The harness runs ``python -m tests.vllm_helpers <spec.json>`` (or this file directly) in a fresh
+The harness runs ``python tests/vllm_helpers.py <spec.json>`` in a fresh
 process: it builds ``vllm.LLM`` with the given ``kv_transfer_config``, runs the listed phases of
 token-id prompts with greedy sampling, and writes a JSON result with the output token ids, vLLM's
 own external prefix-cache hit counter per phase (``vllm:external_prefix_cache_hits``), and, when
