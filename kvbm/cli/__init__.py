@@ -20,13 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbm", description="kvbm: KV-cache block manager for LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(f"kvbm.cli.{name}")
-        except ModuleNotFoundError as e:  # a subcommand not built yet in this tree
-            if e.name == f"kvbm.cli.{name}":
-                continue
-            raise
-        mod.add_parser(sub)
+        importlib.import_module(f"kvbm.cli.{name}").add_parser(sub)
     return parser
 
 
