@@ -71,7 +71,7 @@ class PrefixFreqPolicy final : public EvictionPolicy {
 
   const char* name() const override { return "prefix_freq"; }
 
-  void insert(uint32_t id, int64_t parent) override {
+  void insert(uint32_t id, int64_t parent, uint64_t /*fingerprint*/) override {
     n_[id].ts = ++clock_;
     n_[id].freq = 0;
     n_[id].orphan = 0;
