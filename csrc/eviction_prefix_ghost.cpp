@@ -23,31 +23,36 @@
 // Sizing. The table holds 8 entries per slot (16 bytes per slot next to the 48-byte node), so
 // it remembers roughly the last 8 x capacity departures: the gaps between conversation turns
 // are long (median about 7,700 newly stored blocks, 95th percentile 48,000, against 9,140
-// slots at 5% capacity). In a Python model, 2 entries per slot direct-mapped gave 0.200 at 5%,
-// 8 per slot 4-way 0.221, an unbounded exact history 0.223 (prefix_freq: 0.205). A false match
+// slots at 5% capacity). In a Python model of the trace (one that also demoted chain tails, see
+// below), the size mattered at 5%: 2 entries per slot direct-mapped gave 0.200, 8 per slot
+// 4-way 0.221, an unbounded exact history 0.223; 16 per slot gained 0.0006 more. A false match
 // (another block with the same set and tag, about 1 lookup in 1000) only gives that block a
 // longer lease: the table holds hints, never state; fingerprint 0 means "unknown" and is
 // neither remembered nor looked up.
 //
 // Tried and left out: demoting the last block of each stored chain (on that trace the partial
-// block at a prompt's end is re-used 0.8% of the time). A model without the prefix tree gained
-// 0.003-0.005 from it, but inside this policy it lost 0.01-0.03: an early-evicted tail turns its
-// parent back into a leaf with an old stamp in a long list, which link_ordered() places near
-// the oldest end, so whole chains went early; detaching the tail from its parent at once was
-// worse still. Admission by chain position, inheriting a conversation's class to its new
-// blocks and weights other than prefix_freq's gained nothing measurable in the model.
+// block at a prompt's end is re-used 0.8% of the time) to a leaf class with weight 0.25, the
+// block being recognised as the one inserted before an insert that does not continue it. A
+// Python model without the prefix tree gained 0.003-0.005 from it; inside this policy it gained
+// 0.001 at 5% but lost 0.023 at 10% and 0.010 at 25% (detaching the tail from its parent, so
+// the parent becomes a leaf while its stamp is recent, lost as much; even weight 1 lost, so it
+// is the change in tree shape, not the weight; the cause was not pinned down). Also no gain in
+// the model: a longer lease (1.5x) for the new blocks of a continued conversation, and weights
+// other than prefix_freq's (all within -0.003..+0.001 at 10%).
 //
 // Limits: why not 0.33 at 10%. Three quarters of the trace's blocks are never re-used, and the
 // clairvoyant policy wins by never caching them. An online policy has to tell them apart when
 // they arrive, and nothing it can see does: whether a conversation gets another turn is 0.31
 // for a first turn and 0.42-0.68 for later ones, and flat in prompt length (except 1-2 block
-// prompts), reply length and position in the trace. An offline bound that picks the best
-// time-to-live for every class of block by re-use count, position in the prompt, whether the
-// request hit a prefix, prompt length, previous re-use gap and distance from the chain start
-// (587 classes, fitted to the trace itself, occupancy counted on average) reaches only
-// 0.234 / 0.305 / 0.359 at 5 / 10 / 25%; told only "this block will be re-used", the same
-// bound reaches 0.366. The target needs information about the future that the requests do not
-// carry (a session-end signal, an application hint), not a better use of the history.
+// prompts), reply length and position in the trace. An offline upper bound for policies that
+// give each class of block its best time-to-live (benchmarks/eviction_feature_bound.py; TTLs
+// fitted to the trace itself, occupancy counted on average, prefix coupling ignored) is
+// 0.221 / 0.294 / 0.355 at 5 / 10 / 25% when the class is the re-use count (this policy:
+// 0.217 / 0.293 / 0.354), and still only 0.243 / 0.308 / 0.359 with 587 classes of re-use
+// count, position in the prompt, prefix hit, prompt length, previous re-use gap and distance
+// from the chain start; told which blocks will be re-used, the same bound gives 0.366. The
+// target needs information about the future that the requests do not carry (a session-end
+// signal, an application hint), not a better use of the history.
 // Measured figures: benchmarks/results/eviction.md.
 #include <algorithm>
 #include <memory>
