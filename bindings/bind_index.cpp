@@ -236,15 +236,16 @@ KVBM_BINDINGS(index, 10) {
            py::arg("name"), py::arg("capacity"))
       .def_property_readonly("name", [](const PyPolicy& s) { return std::string(s.p->name()); })
       .def("insert",
-           [](PyPolicy& s, uint32_t id, int64_t parent) {
+           [](PyPolicy& s, uint32_t id, int64_t parent, uint64_t fingerprint) {
              s.need(id, false);
              if (parent >= static_cast<int64_t>(s.cap) || parent < -1 || parent == static_cast<int64_t>(id))
                fail(Code::kInvalidArgument, "parent id " + std::to_string(parent) + " is invalid");
              if (parent >= 0 && s.present[parent] == 0) parent = -1;
              s.present[id] = 1;
-             s.p->insert(id, parent);
+             s.p->insert(id, parent, fingerprint);
            },
-           py::arg("id"), py::arg("parent") = -1)
+           py::arg("id"), py::arg("parent") = -1, py::arg("fingerprint") = 0,
+           "A block now occupies `id` (parent: its parent's id or -1; fingerprint: of its hash, 0 = unknown).")
       .def("touch", [](PyPolicy& s, uint32_t id) { s.need(id, true); s.p->touch(id); }, py::arg("id"))
       .def("remove", [](PyPolicy& s, uint32_t id) { s.need(id, true); s.present[id] = 0; s.p->remove(id); }, py::arg("id"))
       .def("set_pinned",

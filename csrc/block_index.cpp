@@ -41,6 +41,10 @@ struct Hash128Hasher {
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 1); }
 
+// The 64-bit fingerprint a policy gets for a block (Note [Block fingerprints] in eviction.h).
+// Keys are well mixed, but fold both halves in (multiplied, so equal halves do not cancel).
+inline uint64_t policy_fingerprint(const Hash128& key) { return key.lo ^ (key.hi * 0x9E3779B97F4A7C15ull); }
+
 constexpr uint8_t kAbsent = static_cast<uint8_t>(BlockState::kAbsent);
 constexpr uint8_t kStoring = static_cast<uint8_t>(BlockState::kStoring);
 constexpr uint8_t kReady = static_cast<uint8_t>(BlockState::kReady);
@@ -357,7 +361,7 @@ Status BlockIndex::complete_store(TierId tier, const Hash128* keys, size_t n, co
       tb.ready++;
       tb.counters.stores++;
       tb.counters.bytes_stored += tb.slot_bytes;
-      tb.policy->insert(slot, parent_slot(e, t));
+      tb.policy->insert(slot, parent_slot(e, t), policy_fingerprint(e.key));
     } else {
       e.state[t] = kAbsent;
       e.slot[t] = kNoSlot;
@@ -395,7 +399,7 @@ Status BlockIndex::restore(TierId tier, Hash128 key, Hash128 parent, uint32_t sl
   tb.slot_entry[slot] = id;
   tb.ready++;
   tb.free_dirty = true;
-  tb.policy->insert(slot, parent_slot(e, t));
+  tb.policy->insert(slot, parent_slot(e, t), policy_fingerprint(e.key));
   return Status::Ok();
 }
 

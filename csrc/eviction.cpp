@@ -52,7 +52,7 @@ class LruPolicy final : public EvictionPolicy {
   }
   const char* name() const override { return "lru"; }
 
-  void insert(uint32_t id, int64_t /*parent*/) override {
+  void insert(uint32_t id, int64_t /*parent*/, uint64_t /*fingerprint*/) override {
     state_[id] = kLinked;
     ++size_;
     push_front(id);

@@ -13,6 +13,13 @@
 // victim() does not remove: the tier calls remove() after it has evicted the block.
 // After remove(p), ids that named p as their parent are orphans: p may be reused at once by
 // an unrelated block, so a policy must forget the link (and may treat orphans as cold).
+//
+// Note [Block fingerprints]
+// insert() also gets a 64-bit fingerprint of the block's hash (0 = unknown). It is the only
+// thing that names a block across its stays in the tier: a policy may keep a compact history
+// of evicted blocks keyed by it (a ghost list) and recognise a block when it is stored again.
+// Fingerprints are hints: two blocks may share one, and a policy must stay correct (if less
+// effective) whatever it is given.
 #pragma once
 
 #include <cstdint>
@@ -28,8 +35,9 @@ class EvictionPolicy {
  public:
   virtual ~EvictionPolicy() = default;
   virtual const char* name() const = 0;
-  // A block now occupies `id`. `parent` is the slot of its parent block in this tier, or -1.
-  virtual void insert(uint32_t id, int64_t parent) = 0;
+  // A block now occupies `id`. `parent` is the slot of its parent block in this tier, or -1;
+  // `fingerprint` is a 64-bit fingerprint of its hash, or 0 when unknown (Note [Block fingerprints]).
+  virtual void insert(uint32_t id, int64_t parent, uint64_t fingerprint) = 0;
   // The block in `id` was used (a lookup hit, a load).
   virtual void touch(uint32_t id) = 0;
   // touch() each id in order. Policies override it to prefetch their metadata ahead, which

@@ -40,8 +40,8 @@
 // may go a little early or late). Chain lookups touch through touch_many, which prefetches the
 // nodes (and their list neighbours) a few ids ahead, as LRU does.
 //
-// Limits. The policy sees slot ids, not block hashes, so it keeps no ghost history of evicted
-// blocks (a slot is reused by unrelated blocks at once). Links are only known at insert: when
+// Limits. The policy keys nothing by block hash, so it keeps no ghost history of evicted blocks
+// (a slot is reused by unrelated blocks at once); prefix_ghost (eviction_prefix_ghost.cpp) adds one. Links are only known at insert: when
 // an evicted parent is stored again, its surviving children are not re-linked to it; they stay
 // orphans (still hittable, merely first in line for eviction) and the parent counts as a leaf.
 // Pin/unpin counts as an access (unpin stamps the block as recent, like LRU's relink) but not
@@ -71,7 +71,7 @@ class PrefixFreqPolicy final : public EvictionPolicy {
 
   const char* name() const override { return "prefix_freq"; }
 
-  void insert(uint32_t id, int64_t parent) override {
+  void insert(uint32_t id, int64_t parent, uint64_t /*fingerprint*/) override {
     n_[id].ts = ++clock_;
     n_[id].freq = 0;
     n_[id].orphan = 0;

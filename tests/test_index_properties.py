@@ -207,7 +207,10 @@ def policy_machine(policy: str) -> type[RuleBasedStateMachine]:
                 return
             i = data.draw(st.sampled_from(absent))
             parent = data.draw(st.sampled_from([-1, *sorted(self.present)]))
-            self.p.insert(i, parent)
+            # Few fingerprints, so policies with a history of evicted blocks see returns and
+            # collisions (0 = unknown, 2**64 - 1 has every tag bit set).
+            fp = data.draw(st.sampled_from([0, 1, 2, 3, 0xABC0_0000_0000_0001, 2**64 - 1]))
+            self.p.insert(i, parent, fp)
             self.present[i] = False
 
         def pick(self, data: st.DataObject) -> int | None:
