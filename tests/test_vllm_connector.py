@@ -13,9 +13,9 @@ import os
 import random
 
 import pytest
+from vllm_helpers import build_tiny_llama, kvbm_transfer_config, run_engine
 
 from kvbm.integrations.vllm.disk import HEADER_BYTES
-from vllm_helpers import build_tiny_llama, kvbm_transfer_config, run_engine
 
 pytestmark = [
     pytest.mark.vllm,
