@@ -68,6 +68,50 @@ def test_repeated_prompt_is_served_by_kvbm(host_run: dict, baseline: dict) -> No
     assert warm["outputs"] == cold["outputs"] == baseline["phases"][0]["outputs"]
 
 
+def test_hits_are_loaded_asynchronously_by_default(host_run: dict, disk_runs: tuple, baseline: dict) -> None:
+    """``async_load`` (default): the hit is returned to vLLM as ``load_kv_async``; the request waits in
+    WAITING_FOR_REMOTE_KVS until the worker reports the load finished (it would never be scheduled
+    otherwise), and greedy outputs equal vLLM without the connector."""
+    cold, warm = host_run["phases"][0], host_run["phases"][1]
+    assert cold["kvbm"]["async_load_reqs"] == 0
+    assert (warm["kvbm"]["async_load_reqs"], warm["kvbm"]["async_load_blocks"]) == (1, 20)
+    assert warm["outputs"] == baseline["phases"][0]["outputs"]
+    # Host + disk blocks of one request in one asynchronous load (4 from host, 16 from disk).
+    first = disk_runs[0]["phases"][1]
+    assert (first["kvbm"]["async_load_reqs"], first["kvbm"]["async_load_blocks"]) == (1, 20)
+    assert (first["kvbm"]["hit_blocks_host"], first["kvbm"]["hit_blocks_disk"]) == (4, 16)
+    assert first["outputs"] == baseline["phases"][0]["outputs"]
+
+
+@pytest.fixture(scope="module")
+def sync_runs(model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """``async_load: false``: a small host tier over disk; a second engine after one block file was
+    corrupted (LONG twice)."""
+    d = tmp_path_factory.mktemp("sync")
+    cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(d / "kv"), disk_capacity_bytes="64MiB",
+                               async_load=False)
+    first = run_engine({"model": model, "out": str(d / "a.json"), "kv_transfer_config": cfg,
+                        "phases": [{"prompts": [LONG]}, {"prompts": [LONG]}]})
+    _corrupt_one_block(str(d / "kv"))
+    second = run_engine({"model": model, "out": str(d / "b.json"), "kv_transfer_config": cfg,
+                         "phases": [{"prompts": [LONG]}, {"prompts": [LONG]}]})
+    return first, second
+
+
+def test_sync_load_path_still_works(sync_runs: tuple, baseline: dict) -> None:
+    first, second = sync_runs
+    warm = first["phases"][1]
+    assert warm["external_hits"] == 20 * BS
+    assert (warm["kvbm"]["hit_blocks_host"], warm["kvbm"]["hit_blocks_disk"]) == (4, 16)
+    assert warm["kvbm"]["async_load_reqs"] == 0
+    assert warm["outputs"] == baseline["phases"][0]["outputs"]
+    # A corrupted block on the synchronous path: reported, recomputed, identical outputs.
+    p0, p1 = second["phases"]
+    assert p0["kvbm"]["failed_loads"] == 1 and p0["kvbm"]["async_load_reqs"] == 0
+    assert "checksum mismatch" in second["log"]
+    assert p0["outputs"] == p1["outputs"] == baseline["phases"][0]["outputs"]
+
+
 def test_shared_prefix_gets_exactly_the_shared_full_blocks(host_run: dict, baseline: dict) -> None:
     shared = host_run["phases"][2]
     assert shared["external_hits"] == 7 * BS
@@ -134,6 +178,7 @@ def test_corrupted_disk_block_is_recomputed_not_served(corrupt_runs: tuple, base
     first, second, _ = corrupt_runs
     p0 = second["phases"][0]
     assert p0["kvbm"]["failed_loads"] == 1
+    assert p0["kvbm"]["async_load_reqs"] == 1  # the failed block came back through the asynchronous path
     assert "checksum mismatch" in second["log"]
     assert p0["outputs"] == first["phases"][0]["outputs"] == baseline["phases"][0]["outputs"]
     # The bad block was dropped and stored afresh: the next repeat is served in full again.

@@ -20,6 +20,8 @@ def test_config_maps_onto_kvbm_config() -> None:
     assert c.kvbm.host_capacity_bytes == 64 << 20 and c.kvbm.disk_capacity_bytes == 1 << 30
     assert c.disk_path == "/tmp/x" and c.min_hit_blocks == 2 and c.kvbm.disk_write_policy == "write_through"
     assert ConnectorConfig.from_extra_config(None).kvbm.host_capacity_bytes == 1 << 30
+    assert ConnectorConfig.from_extra_config(None).async_load is True
+    assert ConnectorConfig.from_extra_config({"async_load": False}).async_load is False
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -29,6 +31,7 @@ def test_config_maps_onto_kvbm_config() -> None:
     ({"disk_path": "/tmp/x"}, "disk_capacity_bytes"),
     ({"min_hit_blocks": 0}, "'min_hit_blocks'"),
     ({"store_decode_blocks": "yes"}, "'store_decode_blocks'"),
+    ({"async_load": 1}, "'async_load'"),
     ({"disk_write_policy": "write_behind"}, "'disk_write_policy'"),
     ({"hash_algorithm": "md5"}, "hash_algorithm"),
     ({"eviction_policy": "nope"}, "eviction_policy"),

@@ -62,3 +62,54 @@ def test_store_then_load_is_bit_exact(tmp_path, order: str) -> None:
         assert torch.equal(kv[k][12], ref[k][3])
         assert torch.equal(kv[k][13], ref[k][9])
         assert torch.count_nonzero(kv[k][0]) == 0  # nothing else written
+
+
+def test_async_loads_are_reported_through_get_finished(tmp_path) -> None:
+    """Asynchronous loads (host + disk) run on the worker's load thread; the request is reported by
+    ``get_finished`` once, the bytes are exact, and a block failing its checksum is reported as a
+    load error in the same step; a store into a host slot still being read waits for the load."""
+    import os
+    import time
+
+    import torch
+
+    from kvbm.integrations.vllm.disk import block_path
+    from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp, StoreOp
+
+    nb, heads, bs, hd2, layers = 16, 2, 32, 64, 2
+    buf = torch.randn(layers, nb, heads, bs, hd2).to(torch.bfloat16)
+    kv = {f"l{i}": buf[i] for i in range(layers)}
+    slot_bytes = layers * heads * bs * hd2 * 2
+    w = _worker(tmp_path, kv, nb, slot_bytes, disk=True)
+    ref = {k: v.clone() for k, v in kv.items()}
+    h = [bytes([i + 1]) * 16 for i in range(3)]
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, h[0], True), StoreOp(2, 1, h[1], True),
+                                                  StoreOp(3, 2, h[2], True)]))
+    w.shutdown()  # flush disk writes
+    w.build_worker_meta()
+    victim = block_path(w.rdir, h[2])
+    with open(victim, "r+b") as f:
+        f.seek(-64, os.SEEK_END)
+        f.write(os.urandom(64))
+    for t in kv.values():
+        t.zero_()
+    w.start_load_kv(KvbmConnectorMetadata(loads=[
+        LoadOp(10, "host", 0, h[0], "a", True), LoadOp(11, "disk", -1, h[1], "a", True),
+        LoadOp(12, "disk", -1, h[2], "b", True)]))
+    # A store into slot 0 (being read by the load) must not overwrite it before the load copied it.
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(5, 0, b"\x09" * 16, False)]))
+    done: set[str] = set()
+    deadline = time.time() + 30
+    while done != {"a", "b"}:
+        assert time.time() < deadline, "asynchronous loads never reported finished"
+        done |= w.get_finished()
+        time.sleep(0.01)
+    assert w.get_block_ids_with_load_errors() == {12}
+    assert w.get_finished() == set()  # reported once
+    for k in kv:
+        assert torch.equal(kv[k][10], ref[k][1])
+        assert torch.equal(kv[k][11], ref[k][2])
+    meta = w.build_worker_meta()
+    assert meta is not None and list(meta.load_failed) == [h[2]]
+    assert w.async_loads_done == 1
+    w.shutdown()

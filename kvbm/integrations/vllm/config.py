@@ -1,7 +1,8 @@
 """Configuration of the vLLM connector, parsed from ``kv_connector_extra_config``.
 
 The mapping holds :class:`kvbm.KvbmConfig` keys (``host_capacity_bytes``, ``disk_path``, ...)
-plus a few connector-only keys (``model_id``, ``store_decode_blocks``, ``min_hit_blocks``).
+plus a few connector-only keys (``model_id``, ``store_decode_blocks``, ``min_hit_blocks``,
+``async_load``).
 Everything is checked once, at engine start-up, in the scheduler and in every worker process:
 an unknown key, a key this connector does not honour, or a bad value raises
 :class:`kvbm.errors.ConfigError` naming the key, so a typo never silently falls back to a default.
@@ -44,12 +45,16 @@ class ConnectorConfig:
             path. Set it when the same weights are served from different paths.
         store_decode_blocks: also offload full blocks produced during decode (not only prompt).
         min_hit_blocks: ignore external hits shorter than this many blocks.
+        async_load: load hits asynchronously (vLLM's ``load_kv_async``): the request waits in
+            ``WAITING_FOR_REMOTE_KVS`` while a worker thread copies its blocks, and other requests
+            keep running; with ``False`` hits are loaded synchronously before the forward pass.
     """
 
     kvbm: KvbmConfig = field(default_factory=lambda: KvbmConfig(_source=SOURCE))
     model_id: str | None = None
     store_decode_blocks: bool = True
     min_hit_blocks: int = 1
+    async_load: bool = True
 
     @property
     def disk_path(self) -> str | None:
@@ -66,7 +71,7 @@ class ConnectorConfig:
         if extra is not None and not isinstance(extra, Mapping):
             raise ConfigError(f"{SOURCE}: expected a mapping, got {type(extra).__name__}")
         data = dict(extra or {})
-        own = ("model_id", "store_decode_blocks", "min_hit_blocks")
+        own = ("model_id", "store_decode_blocks", "min_hit_blocks", "async_load")
         for key in data:
             if key in NOT_HERE:
                 raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({NOT_HERE[key]})")
@@ -82,11 +87,12 @@ class ConnectorConfig:
         if model_id is not None and not (isinstance(model_id, str) and model_id):
             raise ConfigError(f"{SOURCE}['model_id']: expected a non-empty string, got {model_id!r}")
         kw["model_id"] = model_id
-        if "store_decode_blocks" in data:
-            v = data.pop("store_decode_blocks")
-            if not isinstance(v, bool):
-                raise ConfigError(f"{SOURCE}['store_decode_blocks']: expected true/false, got {v!r}")
-            kw["store_decode_blocks"] = v
+        for name in ("store_decode_blocks", "async_load"):
+            if name in data:
+                v = data.pop(name)
+                if not isinstance(v, bool):
+                    raise ConfigError(f"{SOURCE}[{name!r}]: expected true/false, got {v!r}")
+                kw[name] = v
         if "min_hit_blocks" in data:
             v = data.pop("min_hit_blocks")
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -179,7 +179,7 @@ class KvbmConnector(KVConnectorBase_V1):
             self._busy_calls += 1
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv
+        return  # sync loads complete in start_load_kv; async ones are polled in get_finished
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole blocks are saved after the forward, in wait_for_save
@@ -196,7 +196,14 @@ class KvbmConnector(KVConnectorBase_V1):
             self._busy_calls += 1
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
+        """(no sends, requests whose asynchronous loads completed) — polled every step."""
+        if self._worker is None:
+            return None, None
+        t0 = time.perf_counter_ns()
+        try:
+            return None, (self._worker.get_finished() or None)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors() if self._worker else set()

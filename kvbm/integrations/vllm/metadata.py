@@ -10,13 +10,18 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadat
 
 @dataclass
 class LoadOp:
-    """Copy block ``block_hash`` from ``tier`` ("host" slot ``slot`` or "disk") into vLLM block ``block_id``."""
+    """Copy block ``block_hash`` from ``tier`` ("host" slot ``slot`` or "disk") into vLLM block ``block_id``.
+
+    ``is_async``: the request waits in vLLM's ``WAITING_FOR_REMOTE_KVS``; the worker loads the block
+    in the background and reports the request through ``get_finished``.
+    """
 
     block_id: int
     tier: str
     slot: int
     block_hash: bytes
     req_id: str = ""
+    is_async: bool = False
 
 
 @dataclass

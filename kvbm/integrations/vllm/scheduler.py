@@ -63,6 +63,8 @@ class KvbmScheduler:
         self._deletes: list[bytes] = []
         self._event_info: dict[bytes, tuple[bytes | None, list[int], str | None]] = {}
         self.lookup_stats = LookupStats()
+        self.async_load_reqs = 0  # requests whose hit was loaded asynchronously
+        self.async_load_blocks = 0
         if cfg.disk_path:
             rank_digests = [geo.rank_namespace(r).digest for r in range(geo.tp_world)]
             found = disk.scan(cfg.disk_path, rank_digests, geo.slot_bytes)
@@ -121,7 +123,7 @@ class KvbmScheduler:
         if len(tiers) < self.cfg.min_hit_blocks:
             return 0, False
         st.hit_tiers = tiers
-        return len(tiers) * self.bs, False
+        return len(tiers) * self.bs, self.cfg.async_load
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
@@ -134,7 +136,12 @@ class KvbmScheduler:
         assert len(tiers) == n == len(hashes), "external hit changed between lookup and allocation"
         for i, (h, tier) in enumerate(zip(hashes, tiers)):
             slot = self.index.host_slot(h) if tier == "host" else -1
-            self._loads.append(LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id))
+            self._loads.append(LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id,
+                                      self.cfg.async_load))
+        if self.cfg.async_load:
+            # vLLM keeps the request in WAITING_FOR_REMOTE_KVS until the workers report it finished.
+            self.async_load_reqs += 1
+            self.async_load_blocks += n
         st.hit_host_tokens = tiers.count("host") * self.bs
         st.hit_disk_tokens = tiers.count("disk") * self.bs
         self.index.stats.hit_blocks_host += tiers.count("host")
@@ -224,7 +231,8 @@ class KvbmScheduler:
 
     def request_finished(self, request: Any) -> None:
         # Stores are synchronous within the step that computed the block, so nothing is in
-        # flight that still reads this request's vLLM blocks.
+        # flight that still reads this request's vLLM blocks; vLLM itself keeps the blocks of a
+        # request finished during an asynchronous load until the workers report that load done.
         self._reqs.pop(request.request_id, None)
 
     def take_events(self) -> Iterable[Any]:
@@ -255,6 +263,8 @@ class KvbmScheduler:
             **s.__dict__,
             "host_blocks": self.index.counts()[0],
             "disk_blocks": self.index.counts()[1],
+            "async_load_reqs": self.async_load_reqs,
+            "async_load_blocks": self.async_load_blocks,
             "lookup_calls": ls.calls,
             "lookup_mean_us": (ls.total_ns / ls.calls / 1e3) if ls.calls else 0.0,
             "lookup_max_us": ls.max_ns / 1e3,

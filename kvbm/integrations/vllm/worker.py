@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,6 +28,16 @@ from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMet
 from kvbm.kv_layout import KvLayout
 
 logger = logging.getLogger("kvbm.vllm")
+
+
+@dataclass
+class _LoadJob:
+    """One step's asynchronous loads: done when ``future`` is; it returns the failed ops."""
+
+    future: Future
+    ops: list[LoadOp]
+    req_ids: set[str]
+    slots: set[int]
 
 
 def _tp_rank() -> int:
@@ -55,6 +68,10 @@ class KvbmWorker:
         self._failed_reqs: set[str] = set()  # requests with a load error in this step
         self._meta = KvbmWorkerMetadata()
         self._staging: np.ndarray | None = None
+        self._async_staging: np.ndarray | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: list[_LoadJob] = []
+        self.async_loads_done = 0  # asynchronous load jobs completed (and reported) so far
 
     # -- set-up ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -73,6 +90,7 @@ class KvbmWorker:
         arena_np = self.arena.numpy()
         self._slot_addrs = slot_addresses(arena_np)
         self._staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
+        self._async_staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
         if self.cfg.disk_path:
             self.rdir = disk.rank_dir(self.cfg.disk_path, self.ns_digest)
             self.writer = disk.DiskWriter(self.rdir, self.ns_digest, lambda s: arena_np[s])
@@ -98,30 +116,90 @@ class KvbmWorker:
     def start_load_kv(self, meta: KvbmConnectorMetadata) -> None:
         if not meta.loads:
             return
-        assert self.arena is not None
-        host = [op for op in meta.loads if op.tier == "host"]
+        assert self.arena is not None and self._staging is not None and self._async_staging is not None
+        sync_ops = [op for op in meta.loads if not op.is_async]
+        async_ops = [op for op in meta.loads if op.is_async]
+        if sync_ops:
+            self._apply_load_result(sync_ops, self._run_loads(sync_ops, self._staging), sync=True)
+        if async_ops:
+            req_ids = {op.req_id for op in async_ops}
+            slots = {op.slot for op in async_ops if op.tier == "host"}
+            if self._cuda:
+                # The CUDA path runs the copies here, on the current stream (not overlapped with
+                # the forward); the requests are still reported through get_finished.
+                fut: Future = Future()
+                try:
+                    fut.set_result(self._run_loads(async_ops, self._async_staging))
+                except Exception as e:  # noqa: BLE001 - reported (and recomputed) through get_finished
+                    fut.set_exception(e)
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-load-{self.rank}")
+                fut = self._pool.submit(self._run_loads, async_ops, self._async_staging)
+            self._jobs.append(_LoadJob(fut, async_ops, req_ids, slots))
+
+    def _run_loads(self, ops: list[LoadOp], staging: np.ndarray) -> list[LoadOp]:
+        """Copy ``ops`` into vLLM's blocks (host slots in one scatter, disk blocks one by one).
+
+        Returns the ops whose disk block failed its checksum or could not be read (not copied).
+        """
+        host = [op for op in ops if op.tier == "host"]
         if host:
             self._scatter(self._slot_addrs[np.asarray([op.slot for op in host], dtype=np.int64)],
                           [op.block_id for op in host])
-            self._meta.load_bytes += len(host) * self.geo.slot_bytes
-        for op in meta.loads:
-            if op.tier == "disk":
-                self._load_disk(op)
+        failed: list[LoadOp] = []
+        for op in ops:
+            if op.tier == "disk" and not self._load_disk(op, staging):
+                failed.append(op)
+        return failed
 
-    def _load_disk(self, op: LoadOp) -> None:
-        assert self._staging is not None and self.rdir is not None
+    def _apply_load_result(self, ops: list[LoadOp], failed: list[LoadOp], sync: bool) -> None:
+        """Account for finished loads; failed blocks go to ``get_block_ids_with_load_errors``."""
+        self._meta.load_bytes += (len(ops) - len(failed)) * self.geo.slot_bytes
+        for op in failed:
+            self._load_errors.add(op.block_id)
+            if sync:
+                self._failed_reqs.add(op.req_id)  # its blocks computed this step are not stored
+            self._meta.load_failed[op.block_hash] += 1
+
+    def _load_disk(self, op: LoadOp, staging: np.ndarray) -> bool:
+        assert self.rdir is not None
         path = disk.block_path(self.rdir, op.block_hash)
         try:
-            disk.read_block(path, op.block_hash, self.ns_digest, self._staging[0], self.cfg.kvbm.checksums)
+            disk.read_block(path, op.block_hash, self.ns_digest, staging[0], self.cfg.kvbm.checksums)
         except (ChecksumError, StorageIOError) as e:
             logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s",
                            self.rank, op.block_hash.hex()[:16], e)
-            self._load_errors.add(op.block_id)
-            self._failed_reqs.add(op.req_id)
-            self._meta.load_failed[op.block_hash] += 1
-            return
-        self._scatter(self._staging, [op.block_id])
-        self._meta.load_bytes += self.geo.slot_bytes
+            return False
+        self._scatter(staging, [op.block_id])
+        return True
+
+    def get_finished(self) -> set[str]:
+        """Requests whose asynchronous loads completed since the last call (failed blocks included:
+        they are reported by the next ``get_block_ids_with_load_errors`` of the same step)."""
+        done: set[str] = set()
+        pending: list[_LoadJob] = []
+        for job in self._jobs:
+            if not job.future.done():
+                pending.append(job)
+                continue
+            try:
+                failed = job.future.result()
+            except Exception as e:  # noqa: BLE001 - any copy failure: vLLM recomputes the blocks
+                logger.warning("kvbm: rank %d: asynchronous load of %d blocks failed, vLLM recomputes "
+                               "them: %s", self.rank, len(job.ops), e)
+                failed = job.ops
+            self._apply_load_result(job.ops, failed, sync=False)
+            self.async_loads_done += 1
+            done |= job.req_ids
+        self._jobs = pending
+        return done
+
+    def _wait_for_loads_from(self, slots: set[int]) -> None:
+        """Block until no in-flight asynchronous load still reads one of host ``slots``."""
+        busy = [job.future for job in self._jobs if job.slots & slots]
+        if busy:
+            wait_futures(busy)
 
     def wait_for_save(self, meta: KvbmConnectorMetadata) -> None:
         stores: list[StoreOp] = meta.stores
@@ -138,6 +216,8 @@ class KvbmWorker:
             to_host = [op for op in ok if op.slot >= 0]
             direct = [op for op in ok if op.slot < 0 and op.to_disk]
             if to_host:
+                if self._jobs:
+                    self._wait_for_loads_from({op.slot for op in to_host})
                 self._gather([op.block_id for op in to_host], [op.slot for op in to_host])
                 self._meta.store_bytes += len(to_host) * self.geo.slot_bytes
                 for op in to_host:
@@ -171,6 +251,9 @@ class KvbmWorker:
         return out
 
     def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         if self.writer is not None:
             self.writer.flush()
 
