@@ -255,7 +255,7 @@ NOTES = """## Notes
   from the chain start, up to 587 classes fitted to the trace itself) stays near 0.31 at 10%;
   told which blocks will be re-used (`oracle`), the same bound reaches the infinite cache. See
   the design note in
-  `csrc/eviction_prefix_ghost.cpp` (also for what was tried and left out).
+  `csrc/eviction_prefix.cpp` (also for what was tried and left out).
 - Replay time covers the whole replay loop (Python, key gathering, one lookup and one store call
   per request), so the policies' own cost shows only as the difference in the "time vs LRU"
   column. All policies are O(1) per operation (amortized for the prefix policies' child lists).
