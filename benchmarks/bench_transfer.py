@@ -294,7 +294,8 @@ def orchestrate(a: argparse.Namespace) -> None:
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()} (shared, noisy)",
+        "machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()}"
+                   + (f" ({a.machine_note})" if a.machine_note else ""),
         "ucx": "libucx-cu13 1.21 (PyPI)", "nixl": "nixl-cu13 1.5.1", "trials": a.trials, "min_time_s": a.min_time,
         "notes": "MB/s = 1e6 bytes/s, medians over trials. kvbm: progress thread (spin_us 200) on both "
                  "sides; kvbm_caller: initiator progress='caller'; kvbm_window: progress thread, 8 "
@@ -354,6 +355,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument("--machine-note", default="", help="e.g. 'shared, noisy' or 'idle'")
     a = ap.parse_args()
     {
         "orchestrate": orchestrate,

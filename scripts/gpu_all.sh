@@ -5,6 +5,8 @@
 #   bash scripts/gpu_all.sh bench         # transfer engine on GPU, 1-GPU KV handoff, index at 10M,
 #                                         # disk tier vs raw O_DIRECT on this machine's disk,
 #                                         # vLLM-layout worker path
+#   bash scripts/gpu_all.sh host-transfer # host->host transfer engine vs ucx_perftest and NIXL on this
+#                                         # machine's idle cores (needs nixl.tgz + ucx_perftest in $UCXDIR)
 # The UCX stack comes as ../.ucx/ucx_stack.tgz (../shared/tools/pack_ucx_for_device.sh), carried
 # with the tree. Logs and results go to $OUT.
 set -uo pipefail
@@ -67,6 +69,18 @@ PY
     step "vLLM-layout worker save/load path on CUDA"
     timeout 120 python3 benchmarks/bench_vllm_worker_gpu.py --out "$OUT/vllm_worker_gpu" 2>&1 | tail -12 || status=1
   fi
+  ;;
+host-transfer)
+  # NIXL (trimmed wheel: core, UCX plugin and the libraries they need) and ucx_perftest are carried
+  # beside the UCX stack; NIXL keeps its own bundled UCX in its own processes.
+  if [ -f "$UCXDIR/nixl.tgz" ] && [ ! -f /opt/nixl/.unpacked ]; then
+    mkdir -p /opt/nixl && tar xzf "$UCXDIR/nixl.tgz" -C /opt/nixl && touch /opt/nixl/.unpacked
+  fi
+  mkdir -p /opt/ucx/libucx/bin && cp "$UCXDIR/ucx_perftest" /opt/ucx/libucx/bin/ && chmod +x /opt/ucx/libucx/bin/ucx_perftest
+  export PYTHONPATH=$PYTHONPATH:/opt/nixl
+  step "host->host transfer engine vs ucx_perftest and NIXL"
+  timeout 420 python3 benchmarks/bench_transfer.py --trials "${TRIALS:-3}" --machine-note "GPU machine host, idle" --out "$OUT/transfer_host" 2>&1 | tail -14 \
+    || status=1
   ;;
 esac
 step "done status=$status"
