@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Everything kvbm runs on the GPU machine, in two device calls (each must stay under 10 min):
+#   bash scripts/gpu_all.sh build        # build (CUDA+UCX) only
 #   bash scripts/gpu_all.sh build-test   # build (CUDA+UCX), full test suite incl. GPU tests,
 #                                         # compute-sanitizer memcheck, CUDA data path benchmark
 #   bash scripts/gpu_all.sh bench         # transfer engine on GPU, 1-GPU KV handoff, index at 10M,
@@ -23,14 +24,21 @@ export PYTHONPATH=/opt/ucx:$PWD:${PYTHONPATH:-}:/tmp/site
 status=0
 step() { echo "=== $* ($(date -u +%T))"; }
 
-case "${1:-build-test}" in
-build-test)
+build() {
   step device
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
   step build
   KVBM_UCX=ON KVBM_UCX_ROOT=/opt/ucx/libucx KVBM_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 \
     python3 setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
   python3 -c "import kvbm; print(kvbm.build_info())" | tee -a "$OUT/device.txt" || exit 1
+}
+
+case "${1:-build-test}" in
+build)
+  build
+  ;;
+build-test)
+  build
   step "tests (all, GPU included)"
   timeout 330 python3 -m pytest -q -rfEs -p no:cacheprovider tests/ -x --ignore=tests/test_vllm_connector.py \
     >"$OUT/tests.log" 2>&1 || status=1
