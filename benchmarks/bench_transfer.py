@@ -172,7 +172,12 @@ def role_nixl_initiator(a: argparse.Namespace) -> None:
 
 # ---- orchestration ---------------------------------------------------------------------------
 def _child(args: list[str], mode: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, *args], env=_env(mode), stdout=subprocess.PIPE,
+    env = _env(mode)
+    if args[1].startswith("nixl") and os.path.exists("/dev/nvidia0"):
+        # NIXL's UCX backend refuses a UCX_TLS without a CUDA transport when a GPU is present;
+        # cuda_copy plays no part in host-to-host transfers.
+        env["UCX_TLS"] += ",cuda_copy"
+    return subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE,
                             stdin=subprocess.PIPE, text=True, **kw)
 
 
