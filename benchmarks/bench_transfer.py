@@ -33,6 +33,7 @@ MODES = {
     "tcp-noeh": {"tls": "tcp", "error_handling": False},
 }
 BUF = 64 << 20
+ALL_METHODS = ["kvbm", "kvbm_caller", "kvbm_window", "ucx_perftest", "nixl"]
 
 
 def _env(mode: str) -> dict:
@@ -259,7 +260,7 @@ def run_perftest(mode: str, a: argparse.Namespace, port: int) -> dict:
 
 
 def orchestrate(a: argparse.Namespace) -> None:
-    methods = ["kvbm", "kvbm_caller", "kvbm_window", "ucx_perftest", "nixl"]
+    methods = a.methods
     raw: dict = {m: {meth: {s: [] for s in SIZES} for meth in methods} for m in a.modes}
     port = 14100
     for trial in range(a.trials):
@@ -279,6 +280,8 @@ def orchestrate(a: argparse.Namespace) -> None:
                 for s, v in r.items():
                     raw[mode][meth][s].append(v)
                 print(f"trial {trial} {mode:3s} {meth:12s} " + " ".join(f"{v:9.0f}" for v in r.values()), flush=True)
+    if set(methods) != set(ALL_METHODS):
+        return  # a subset (for experiments): the per-trial lines above are the output
     rows = []
     for mode in a.modes:
         for s in SIZES:
@@ -360,6 +363,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS,
+                    help="subset to run (the table needs all five)")
     ap.add_argument("--machine-note", default="", help="e.g. 'shared, noisy' or 'idle'")
     a = ap.parse_args()
     {
