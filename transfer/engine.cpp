@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "transfer/ucx_api.h"
 
@@ -90,6 +91,13 @@ Status Request::wait(double timeout_s) {
         last_event = Clock::now();
       }
     }
+  }
+  if (eng && !done()) {
+    // The progress thread completes the request: poll for a short while before sleeping on the
+    // condition variable, whose wake-up costs more than a small batch takes. Yielding keeps a
+    // loaded machine's cores for the progress thread and the peer.
+    const auto spin_end = Clock::now() + std::chrono::microseconds(std::min<int64_t>(eng->options().spin_us, 50));
+    while (!done() && Clock::now() < spin_end) std::this_thread::yield();
   }
   eng.reset();
   std::unique_lock<std::mutex> lock(mu_);
@@ -211,7 +219,8 @@ void Engine::thread_main() {
   auto last_event = Clock::now();
   const auto spin = std::chrono::microseconds(opts_.spin_us);
   while (!stop_.load()) {
-    if (lock_waiters_.load(std::memory_order_relaxed) > 0) std::this_thread::yield();
+    // A submitter is waiting for the lock: let it in before progressing again.
+    while (lock_waiters_.load(std::memory_order_relaxed) > 0 && !stop_.load()) std::this_thread::yield();
     unsigned n;
     {
       std::lock_guard<std::recursive_mutex> lock(mu_);
