@@ -4,7 +4,7 @@
 #                                         # compute-sanitizer memcheck, CUDA data path benchmark
 #   bash scripts/gpu_all.sh bench         # transfer engine on GPU, 1-GPU KV handoff, index at 10M,
 #                                         # disk tier vs raw O_DIRECT on this machine's disk,
-#                                         # vLLM-layout worker path
+#                                         # vLLM-layout worker path, layer-wise vs whole-block
 # The UCX stack comes as ../.ucx/ucx_stack.tgz (../shared/tools/pack_ucx_for_device.sh), carried
 # with the tree. Logs and results go to $OUT.
 set -uo pipefail
@@ -66,6 +66,10 @@ PY
   if [ -f benchmarks/bench_vllm_worker_gpu.py ]; then
     step "vLLM-layout worker save/load path on CUDA"
     timeout 120 python3 benchmarks/bench_vllm_worker_gpu.py --out "$OUT/vllm_worker_gpu" 2>&1 | tail -12 || status=1
+  fi
+  if [ -f benchmarks/bench_vllm_layerwise_gpu.py ]; then
+    step "vLLM connector worker: layer-wise vs whole-block copies around a forward"
+    timeout 150 python3 benchmarks/bench_vllm_layerwise_gpu.py --out "$OUT/vllm_layerwise_gpu" 2>&1 | tail -14 || status=1
   fi
   ;;
 esac
