@@ -198,7 +198,7 @@ def main() -> int:
         for s in load_slots:  # fresh random (valid bf16) KV to load
             w.arena[s].view(torch.bfloat16).copy_(torch.randn(w.arena.shape[1] // 2).to(torch.bfloat16))
         res[mode] = time_mode(fwd, w, meta, args.reps)
-        buf.view(torch.int16)[:, ids].fill_(0x7BAD)  # poison, one more checked step
+        buf.view(torch.int16)[:, torch.as_tensor(ids, device="cuda")] = 0x7BAD  # poison; one more checked step
         fwd.run(w, meta)
         check(w, buf, load_ids, load_slots, save_ids, save_slots)
         res[mode]["checked"] = True

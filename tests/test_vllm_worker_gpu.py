@@ -101,7 +101,7 @@ def test_sync_loads_and_saves_in_a_forward_are_byte_exact(tmp_path, layerwise: b
     load_slots = list(range(K))
     save_slots = list(range(K, 2 * K))
     fill_slots(w, load_slots)
-    buf.view(torch.int16)[:, ids].fill_(0x7BAD)  # poison every block the step touches
+    buf.view(torch.int16)[:, torch.as_tensor(ids, device="cuda")] = 0x7BAD  # poison every block the step touches
     meta = KvbmConnectorMetadata(
         loads=[LoadOp(b, "host", s, bytes([i]) * 16, "r0") for i, (b, s) in enumerate(zip(load_ids, load_slots))],
         stores=[StoreOp(b, s, bytes([100 + i]) * 16, False, "r1")
@@ -125,9 +125,9 @@ def test_sync_loads_and_saves_in_a_forward_are_byte_exact(tmp_path, layerwise: b
 
 
 def test_layer_i_load_event_gates_layer_i_only(tmp_path) -> None:
-    """With a large load (hundreds of MiB), layer 0's attention runs long before the last layer
-    has arrived: the forward waits per layer, not for the whole load. Whole-block mode, same
-    load: layer 0 cannot finish before everything arrived."""
+    """With a large load (hundreds of MiB, held back until all of it is queued), layer 0's
+    attention runs long before the last layer has arrived: the forward waits per layer, not for
+    the whole load. Whole-block mode, same load: layer 0 cannot finish before everything arrived."""
     from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp
 
     L, H, BS, HD, K = 32, 8, 16, 128, 160  # 2 MiB blocks, 320 MiB loaded
@@ -137,9 +137,17 @@ def test_layer_i_load_event_gates_layer_i_only(tmp_path) -> None:
         fill_slots(w, list(range(K)))
         meta = KvbmConnectorMetadata(loads=[LoadOp(b, "host", b, bytes([b % 256]) * 16, "r") for b in range(K)])
         lt = torch.arange(K, device="cuda")
-        torch.cuda.synchronize()
-        w.start_load_kv(meta)
         names = list(kv)
+        # warm-up step: one-time set-up (chunk tables per layer range, staging pool) happens here
+        w.start_load_kv(meta)
+        for name in names:
+            w.wait_for_layer_load(name)
+        w.wait_for_save(KvbmConnectorMetadata())
+        torch.cuda.synchronize()
+        buf.view(torch.int16)[:, :K] = 0x7BAD
+        with torch.cuda.stream(w._load_stream):  # hold the load stream until everything is queued
+            torch.cuda._sleep(200_000_000)
+        w.start_load_kv(meta)
         w.wait_for_layer_load(names[0])
         first = torch.cuda.Event()
         x = kv[names[0]][lt[:4]].float().sum()  # layer 0's "attention"
@@ -186,6 +194,13 @@ def test_async_loads_are_polled_not_waited_and_slots_are_not_overwritten_early(t
     with open(block_path(w.rdir, h[2]), "r+b") as f:
         f.seek(-64, os.SEEK_END)
         f.write(os.urandom(64))
+    # warm-up: one asynchronous load (one-time set-up of the copy path happens here, not below)
+    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(20, "host", 1, h[1], "w", True)]))
+    deadline = time.time() + 30
+    while w.get_finished() != {"w"}:
+        assert time.time() < deadline
+        time.sleep(0.005)
+    w.build_worker_meta()
     buf.view(torch.int16)[:, 10:13].fill_(0x7BAD)
     # Hold kvbm's load stream (as a long copy would) so the loads are still in flight below.
     with torch.cuda.stream(w._load_stream):
