@@ -171,9 +171,13 @@ class KvbmConnector(KVConnectorBase_V1):
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmConnectorMetadata)
+        # vLLM calls wait_for_layer_load only where attention runs eagerly with metadata: not in a
+        # replayed full CUDA graph (uniform decode batches, e.g. a new request with a one-token tail).
+        mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", "NONE")
+        hooks_run = getattr(forward_context, "attn_metadata", None) is not None and mode != "FULL"
         t0 = time.perf_counter_ns()
         try:
-            self._worker.start_load_kv(meta)
+            self._worker.start_load_kv(meta, hooks_run=hooks_run)
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
             self._busy_calls += 1

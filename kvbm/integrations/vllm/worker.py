@@ -248,7 +248,10 @@ class KvbmWorker:
         self._keep = [(ev, buf) for ev, buf in self._keep if not ev.query()]
 
     # -- vLLM worker API: loads ------------------------------------------------------------
-    def start_load_kv(self, meta: KvbmConnectorMetadata) -> None:
+    def start_load_kv(self, meta: KvbmConnectorMetadata, hooks_run: bool = True) -> None:
+        """Start this step's loads. ``hooks_run=False``: vLLM will not call ``wait_for_layer_load``
+        in this forward (a full CUDA graph replay, no attention metadata), so on CUDA the forward
+        stream waits for the whole synchronous load here (still on the GPU, no host wait)."""
         if not meta.loads:
             return
         assert self.arena is not None
@@ -258,11 +261,11 @@ class KvbmWorker:
             self._release_kept()
             self._after_forward_so_far(self._load_stream)  # after vLLM zeroed the new blocks
         if sync_ops:
-            self._start_sync_loads(sync_ops)
+            self._start_sync_loads(sync_ops, gate=not hooks_run)
         if async_ops:
             self._jobs.append(self._start_async_loads(async_ops))
 
-    def _start_sync_loads(self, ops: list[LoadOp]) -> None:
+    def _start_sync_loads(self, ops: list[LoadOp], gate: bool) -> None:
         """Loads this step's forward reads: done now (host), or queued range by range on the load
         stream with an event after each, which ``wait_for_layer_load`` hands to the forward."""
         ok, addrs, failed, rows = self._sources(ops)
@@ -283,8 +286,9 @@ class KvbmWorker:
             self._waited = set()
             if rows is not None:
                 self._keep.append((events[-1], rows))
-            if self._gate_forward:
+            if gate or self._gate_forward:
                 torch.cuda.current_stream(stream.device).wait_event(events[-1])
+                self._waited.add(len(events) - 1)
         self._apply_load_result(ops, failed, sync=True)
 
     def _start_async_loads(self, ops: list[LoadOp]) -> _LoadJob:
