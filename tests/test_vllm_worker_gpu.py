@@ -253,7 +253,7 @@ def test_layer_range_copies_on_cuda_match_whole_block(tmp_path) -> None:
     assert gather(layout, ids, whole.numpy()).wait(30)
     offs, lens = layout.layer_offsets, layout.layer_bytes
     for method in ("auto", "kernel", "staged", "copy_engine", "naive"):
-        part = torch.full_like(whole, 0xA5)
+        part = torch.full(tuple(whole.shape), 0xA5, dtype=torch.uint8, pin_memory=True)  # 'kernel' needs pinned
         for r in (range(0, 2), range(2, 3), range(3, 6)):
             assert gather(layout, ids, part.numpy(), method=method, layers=r).wait(30)
         assert torch.equal(part, whole), method
