@@ -4,7 +4,7 @@
 #                                         # compute-sanitizer memcheck, CUDA data path benchmark
 #   bash scripts/gpu_all.sh bench         # transfer engine on GPU, 1-GPU KV handoff, index at 10M,
 #                                         # disk tier vs raw O_DIRECT on this machine's disk,
-#                                         # vLLM-layout worker path, layer-wise vs whole-block
+#                                         # vLLM-layout worker path
 # The UCX stack comes as ../.ucx/ucx_stack.tgz (../shared/tools/pack_ucx_for_device.sh), carried
 # with the tree. Logs and results go to $OUT.
 set -uo pipefail
