@@ -9,16 +9,19 @@ layer at a time (all of a block's bytes of that layer).
 
 Note [copies on CUDA]
 Nothing is copied on vLLM's forward stream and nothing waits on the host before the forward:
-- kvbm's *load stream* runs loads. It first waits for an event recorded on the forward stream
-  when ``start_load_kv`` runs (vLLM zeroes newly allocated blocks there before the forward).
-  Synchronous loads are queued one layer at a time (``layerwise``), each followed by an event;
+- kvbm's *load stream* runs synchronous loads. It first waits for an event recorded on the
+  forward stream when ``start_load_kv`` runs (vLLM zeroes newly allocated blocks there before
+  the forward). They are queued one layer at a time (``layerwise``), each followed by an event:
+  the first two layers in ``start_load_kv``, the next ones as ``wait_for_layer_load`` reaches
+  earlier layers (so the host cost of queueing is not paid before the forward starts);
   ``wait_for_layer_load(layer)`` makes the forward stream wait for that layer's event (events
   on one stream complete in order, so waiting for layer l covers layers < l). Without
-  ``layerwise`` one whole-block copy and one event gate every layer.
+  ``layerwise`` one whole-block copy and one event gate every layer. When vLLM will not call
+  the hooks (a full CUDA graph replay), the forward waits for the whole load up front.
 - Asynchronous loads (requests in vLLM's ``WAITING_FOR_REMOTE_KVS``, which vLLM does not
-  schedule, so nothing else touches their blocks) are queued on the load stream behind the
-  synchronous ones; disk blocks are read on the worker thread, which then queues their copy on
-  the load stream. ``get_finished`` only polls (no host wait).
+  schedule, so nothing else touches their blocks) run on a second stream, after the same kind
+  of event, so they never delay a synchronous load; disk blocks are read on the worker thread,
+  which then queues their copy on that stream. ``get_finished`` only polls (no host wait).
 - kvbm's *save stream* runs stores. ``save_kv_layer(layer)`` (vLLM calls it after each layer's
   attention, whose KV update wrote the layer) records an event on the forward stream; the save
   stream waits for it and gathers that layer of the step's planned blocks into their host slots.
@@ -52,6 +55,8 @@ from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMet
 from kvbm.kv_layout import KvLayout
 
 logger = logging.getLogger("kvbm.vllm")
+
+_LOOKAHEAD = 2  # synchronous load ranges queued ahead of the layer the forward waits for
 
 
 @dataclass
@@ -139,10 +144,12 @@ class KvbmWorker:
         self.layerwise = False  # set by register_kv_caches
         self.copy_method = "auto"  # kvbm.copy method of every copy (benchmarks compare others)
         self._layer_of: dict[str, int] = {}  # vLLM layer name -> layer index in the layout
-        self._load_stream: Any = None
+        self._load_stream: Any = None  # this step's synchronous loads
+        self._async_stream: Any = None  # asynchronous loads (never in front of a synchronous one)
         self._save_stream: Any = None
         self._load_ranges: list[range] = []  # how a synchronous load is cut: per layer, or all layers
-        self._load_events: list[Any] | None = None  # this step's event after each range of a sync load
+        self._load_events: list[Any] | None = None  # this step's event after each range queued so far
+        self._sync_load: tuple[list[int], np.ndarray, Any] | None = None  # (ids, sources, buffer) still to queue
         self._waited: set[int] = set()  # ranges the forward waited for this step
         self._gate_forward = False  # the forward never called wait_for_layer_load: gate it whole
         self._keep: list[tuple[Any, Any]] = []  # (event, buffer a queued copy reads) until the event is done
@@ -168,6 +175,7 @@ class KvbmWorker:
         n_layers = self.layout.num_layers
         if on_cuda:
             self._load_stream = torch.cuda.Stream(device=first.device)
+            self._async_stream = torch.cuda.Stream(device=first.device)
             self._save_stream = torch.cuda.Stream(device=first.device)
             # Per-layer saves into pageable slots would block the host on every layer.
             self.layerwise = self.cfg.layerwise and pin
@@ -259,7 +267,8 @@ class KvbmWorker:
         async_ops = [op for op in meta.loads if op.is_async]
         if self._load_stream is not None:
             self._release_kept()
-            self._after_forward_so_far(self._load_stream)  # after vLLM zeroed the new blocks
+            for stream in (self._load_stream if sync_ops else None, self._async_stream if async_ops else None):
+                self._after_forward_so_far(stream)  # after vLLM zeroed the new blocks
         if sync_ops:
             self._start_sync_loads(sync_ops, gate=not hooks_run)
         if async_ops:
@@ -267,35 +276,48 @@ class KvbmWorker:
 
     def _start_sync_loads(self, ops: list[LoadOp], gate: bool) -> None:
         """Loads this step's forward reads: done now (host), or queued range by range on the load
-        stream with an event after each, which ``wait_for_layer_load`` hands to the forward."""
+        stream with an event after each, which ``wait_for_layer_load`` hands to the forward. The
+        first ranges are queued here, the next ones as the forward reaches earlier layers (the
+        host cost of queueing every layer is not paid before the forward starts)."""
         ok, addrs, failed, rows = self._sources(ops)
-        stream = self._load_stream
         ids = [op.block_id for op in ok]
-        events = []
-        for r in self._load_ranges:
+        if self._load_stream is None:
             if ok:
-                h = self._copy(False, ids, addrs, stream, layers=r)
-                if stream is None:
-                    h.wait()  # host layout: already done
-            if stream is not None:
-                ev = torch.cuda.Event()
-                ev.record(stream)
-                events.append(ev)
-        if stream is not None:
-            self._load_events = events
+                self._copy(False, ids, addrs, None).wait()  # host layout: already done
+        else:
+            self._sync_load = (ids, addrs, rows)
+            self._load_events = []
             self._waited = set()
+            if gate or self._gate_forward:
+                self._queue_sync_loads(len(self._load_ranges))
+                torch.cuda.current_stream(self._load_stream.device).wait_event(self._load_events[-1])
+                self._waited.add(len(self._load_ranges) - 1)
+            else:
+                self._queue_sync_loads(_LOOKAHEAD - 1)  # layers 0 and 1
+        self._apply_load_result(ops, failed, sync=True)
+
+    def _queue_sync_loads(self, upto: int) -> None:
+        """Queue this step's synchronous load ranges up to index ``upto`` (CUDA)."""
+        if self._sync_load is None:
+            return
+        ids, addrs, rows = self._sync_load
+        events, stream = self._load_events, self._load_stream
+        while len(events) <= min(upto, len(self._load_ranges) - 1):
+            if ids:
+                self._copy(False, ids, addrs, stream, layers=self._load_ranges[len(events)])
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            events.append(ev)
+        if len(events) == len(self._load_ranges):
             if rows is not None:
                 self._keep.append((events[-1], rows))
-            if gate or self._gate_forward:
-                torch.cuda.current_stream(stream.device).wait_event(events[-1])
-                self._waited.add(len(events) - 1)
-        self._apply_load_result(ops, failed, sync=True)
+            self._sync_load = None
 
     def _start_async_loads(self, ops: list[LoadOp]) -> _LoadJob:
         """Loads reported through ``get_finished``: on the worker thread (host), or queued on the
         load stream (host slots here, disk blocks by the worker thread once read)."""
         job = _LoadJob(ops, {op.req_id for op in ops}, {op.slot for op in ops if op.tier == "host"})
-        stream = self._load_stream
+        stream = self._async_stream
         if stream is None:
             job.future = self._thread_pool().submit(self._load_now, ops, None)
             return job
@@ -316,10 +338,12 @@ class KvbmWorker:
         """Make the forward stream wait (on the GPU) until ``layer_name``'s part of this step's
         synchronous loads is in place (an unknown layer waits for all of it)."""
         events = self._load_events
-        if not events:
+        if events is None:
             return
         i = self._layer_of.get(layer_name)
-        k = len(events) - 1 if i is None or len(events) == 1 else i
+        n = len(self._load_ranges)
+        k = n - 1 if i is None or n == 1 else i
+        self._queue_sync_loads(k + _LOOKAHEAD)
         torch.cuda.current_stream(self._load_stream.device).wait_event(events[k])
         self._waited.add(k)
 
@@ -404,11 +428,11 @@ class KvbmWorker:
         plan.layers_done.add(i)
 
     def wait_for_save(self, meta: KvbmConnectorMetadata) -> None:
-        events, self._load_events = self._load_events, None
-        if events and len(events) - 1 not in self._waited:
+        if self._load_events is not None and len(self._load_ranges) - 1 not in self._waited:
             # The forward never waited for the last layer: order what follows after the loads,
             # and from now on gate the whole forward on them.
-            torch.cuda.current_stream(self._load_stream.device).wait_event(events[-1])
+            self._queue_sync_loads(len(self._load_ranges))
+            torch.cuda.current_stream(self._load_stream.device).wait_event(self._load_events[-1])
             if not self._gate_forward:
                 logger.warning("kvbm: rank %d: vLLM did not call wait_for_layer_load for every layer; "
                                "synchronous loads now gate the whole forward", self.rank)
@@ -439,6 +463,7 @@ class KvbmWorker:
             for i, op in enumerate(plan.direct):
                 self.writer.write_buffer(op.block_hash, rows[i])
         self._save = None
+        self._load_events = None
         if self.writer is not None:
             for h in meta.disk_deletes:
                 self.writer.delete(h)
