@@ -77,6 +77,10 @@ PY
     step "vLLM-layout worker save/load path on CUDA"
     timeout 120 python3 benchmarks/bench_vllm_worker_gpu.py --out "$OUT/vllm_worker_gpu" 2>&1 | tail -12 || status=1
   fi
+  if [ -f benchmarks/bench_vllm_layerwise_gpu.py ]; then
+    step "vLLM connector worker: layer-wise vs whole-block copies around a forward"
+    timeout 150 python3 benchmarks/bench_vllm_layerwise_gpu.py --out "$OUT/vllm_layerwise_gpu" 2>&1 | tail -14 || status=1
+  fi
   ;;
 host-transfer)
   # NIXL (trimmed wheel: core, UCX plugin and the libraries they need) and ucx_perftest are carried
