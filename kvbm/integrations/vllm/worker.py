@@ -184,6 +184,10 @@ class KvbmWorker:
             self._save_stream = torch.cuda.Stream(device=first.device)
             # Per-layer saves into pageable slots would block the host on every layer.
             self.layerwise = self.cfg.layerwise and pin
+        if self.layerwise and self.copy_method == "auto":
+            # Every copy then overlaps some forward (asynchronous loads run beside other
+            # requests' steps): keep the SMs for the model there too.
+            self.copy_method = self.layer_copy_method
         self._load_ranges = ([range(i, i + 1) for i in range(n_layers)] if self.layerwise
                              else [range(0, n_layers)])
         if self.cfg.disk_path:
