@@ -21,15 +21,13 @@ SOURCE = "kv_connector_extra_config"
 
 #: KvbmConfig keys the connector honours.
 KVBM_KEYS = ("host_capacity_bytes", "host_pinned", "eviction_policy", "hash_algorithm", "checksums",
-             "index_initial_capacity", "disk_path", "disk_capacity_bytes", "disk_write_policy")
+             "index_initial_capacity", "disk_path", "disk_capacity_bytes", "disk_write_policy",
+             "disk_durability", "disk_io_threads", "disk_o_direct")
 #: KvbmConfig keys that are valid elsewhere but not here, with the reason.
 NOT_HERE = {
     "block_size": "vLLM's block size is used",
     "block_bytes": "the block size in bytes comes from vLLM's KV cache layout",
     "metrics_port": "use vLLM's own metrics (external prefix cache hits by tier) and KV events",
-    "disk_durability": "the connector's disk tier writes files and renames them (no fsync)",
-    "disk_io_threads": "the connector's disk tier uses one writer thread per worker",
-    "disk_o_direct": "the connector's disk tier uses buffered IO",
 }
 
 

@@ -13,14 +13,14 @@ import atexit
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from kvbm.copy import gather, scatter, slot_addresses
-from kvbm.errors import ChecksumError, InternalError, StorageIOError, UnsupportedError
+from kvbm.errors import InternalError, UnsupportedError
 from kvbm.integrations.vllm import disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
@@ -38,6 +38,10 @@ class _LoadJob:
     ops: list[LoadOp]
     req_ids: set[str]
     slots: set[int]
+    disk_slots: set[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.disk_slots = {op.slot for op in self.ops if op.tier == "disk"}
 
 
 def _tp_rank() -> int:
@@ -50,7 +54,7 @@ def _tp_rank() -> int:
 
 
 class KvbmWorker:
-    """Host arena + disk files of one tensor-parallel rank."""
+    """Host arena + disk slab files of one tensor-parallel rank."""
 
     def __init__(self, cfg: ConnectorConfig, geo: Geometry, num_blocks: int) -> None:
         self.cfg = cfg
@@ -62,8 +66,9 @@ class KvbmWorker:
         self._cuda = False
         self._slot_addrs = np.empty(0, dtype=np.uint64)
         self.arena: torch.Tensor | None = None
-        self.writer: disk.DiskWriter | None = None
+        self.disk: disk.RankDisk | None = None
         self.rdir: str | None = None
+        self._corrupt: set[bytes] = set()  # disk loads that failed their checksum, not yet reported
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests with a load error in this step
         self._meta = KvbmWorkerMetadata()
@@ -89,12 +94,20 @@ class KvbmWorker:
         self.arena = torch.empty((self.geo.num_host_slots, self.geo.slot_bytes), dtype=torch.uint8, pin_memory=pin)
         arena_np = self.arena.numpy()
         self._slot_addrs = slot_addresses(arena_np)
-        self._staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
-        self._async_staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
         if self.cfg.disk_path:
-            self.rdir = disk.rank_dir(self.cfg.disk_path, self.ns_digest)
-            self.writer = disk.DiskWriter(self.rdir, self.ns_digest, lambda s: arena_np[s])
-            atexit.register(self.writer.flush)
+            # Disk reads land in 4096-aligned staging rows (O_DIRECT in place), a chunk at a time.
+            rows = max(1, min(64, (32 << 20) // disk.disk_slot_bytes(self.geo.slot_bytes)))
+            self._staging = disk.aligned_rows(rows, disk.disk_slot_bytes(self.geo.slot_bytes))
+            self._async_staging = disk.aligned_rows(rows, disk.disk_slot_bytes(self.geo.slot_bytes))
+            k = self.cfg.kvbm
+            self.disk = disk.RankDisk(self.cfg.disk_path, self.ns_digest, self.geo.slot_bytes,
+                                      self.geo.disk_capacity_blocks, io_threads=k.disk_io_threads,
+                                      o_direct=k.disk_o_direct, durability=k.disk_durability, verify=k.checksums)
+            self.rdir = self.disk.dir
+            atexit.register(self.disk.close)
+        else:
+            self._staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
+            self._async_staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
         logger.info("kvbm: rank %d registered %d layers, %d bytes/block, %d host slots (%s), disk %s",
                     self.rank, len(kv_caches), self.layout.block_bytes, self.geo.num_host_slots,
                     "pinned" if pin else "pageable", self.rdir)
@@ -147,11 +160,8 @@ class KvbmWorker:
         if host:
             self._scatter(self._slot_addrs[np.asarray([op.slot for op in host], dtype=np.int64)],
                           [op.block_id for op in host])
-        failed: list[LoadOp] = []
-        for op in ops:
-            if op.tier == "disk" and not self._load_disk(op, staging):
-                failed.append(op)
-        return failed
+        disk_ops = [op for op in ops if op.tier == "disk"]
+        return self._load_disk(disk_ops, staging) if disk_ops else []
 
     def _apply_load_result(self, ops: list[LoadOp], failed: list[LoadOp], sync: bool) -> None:
         """Account for finished loads; failed blocks go to ``get_block_ids_with_load_errors``."""
@@ -161,18 +171,33 @@ class KvbmWorker:
             if sync:
                 self._failed_reqs.add(op.req_id)  # its blocks computed this step are not stored
             self._meta.load_failed[op.block_hash] += 1
+            if op.block_hash in self._corrupt:
+                self._corrupt.discard(op.block_hash)
+                self._meta.load_corrupt[op.block_hash] += 1
 
-    def _load_disk(self, op: LoadOp, staging: np.ndarray) -> bool:
-        assert self.rdir is not None
-        path = disk.block_path(self.rdir, op.block_hash)
-        try:
-            disk.read_block(path, op.block_hash, self.ns_digest, staging[0], self.cfg.kvbm.checksums)
-        except (ChecksumError, StorageIOError) as e:
-            logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s",
-                           self.rank, op.block_hash.hex()[:16], e)
-            return False
-        self._scatter(staging, [op.block_id])
-        return True
+    def _load_disk(self, ops: list[LoadOp], staging: np.ndarray) -> list[LoadOp]:
+        """Read disk slots (this rank's shard, verified against its CRC) and scatter the good ones,
+        ``len(staging)`` blocks at a time. Returns the ops not loaded."""
+        assert self.disk is not None
+        failed: list[LoadOp] = []
+        n = len(staging)
+        for i in range(0, len(ops), n):
+            chunk = ops[i:i + n]
+            crcs = [op.crcs[self.rank] if self.rank < len(op.crcs) else 0 for op in chunk]
+            res = self.disk.read([op.slot for op in chunk], crcs, staging)
+            good = [j for j, ok in enumerate(res.ok) if ok]
+            if good:
+                self._scatter(slot_addresses(staging, len(chunk))[good], [chunk[j].block_id for j in good])
+            bad = [j for j, ok in enumerate(res.ok) if not ok]
+            for j, msg in zip(bad, res.messages, strict=True):
+                op = chunk[j]
+                if res.checksum_failed[j]:
+                    self._corrupt.add(op.block_hash)
+                logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s%s", self.rank,
+                               op.block_hash.hex()[:16], "checksum mismatch: " if res.checksum_failed[j] else "",
+                               msg)
+                failed.append(op)
+        return failed
 
     def get_finished(self) -> set[str]:
         """Requests whose asynchronous loads completed since the last call (failed blocks included:
@@ -195,9 +220,9 @@ class KvbmWorker:
         self._jobs = pending
         return done
 
-    def _wait_for_loads_from(self, slots: set[int]) -> None:
-        """Block until no in-flight asynchronous load still reads one of host ``slots``."""
-        busy = [job.future for job in self._jobs if job.slots & slots]
+    def _wait_for_loads_from(self, slots: set[int], disk_slots: set[int] | None = None) -> None:
+        """Block until no in-flight asynchronous load still reads one of host ``slots`` (or disk ``disk_slots``)."""
+        busy = [job.future for job in self._jobs if job.slots & slots or (disk_slots and job.disk_slots & disk_slots)]
         if busy:
             wait_futures(busy)
 
@@ -215,23 +240,32 @@ class KvbmWorker:
                         self._meta.disk_failed[op.block_hash] += 1
             to_host = [op for op in ok if op.slot >= 0]
             direct = [op for op in ok if op.slot < 0 and op.to_disk]
+            to_disk = [op for op in ok if op.to_disk]
+            if to_disk and self.disk is None:  # a plan for disk without a disk tier: never stored
+                for op in to_disk:
+                    self._meta.disk_failed[op.block_hash] += 1
+                to_disk = direct = []
+            if self._jobs and (to_host or to_disk):
+                self._wait_for_loads_from({op.slot for op in to_host}, {op.disk_slot for op in to_disk})
             if to_host:
-                if self._jobs:
-                    self._wait_for_loads_from({op.slot for op in to_host})
                 self._gather([op.block_id for op in to_host], [op.slot for op in to_host])
                 self._meta.store_bytes += len(to_host) * self.geo.slot_bytes
                 for op in to_host:
                     self._meta.stored[op.block_hash] += 1
-                    if op.to_disk and self.writer is not None:
-                        self.writer.write(op.block_hash, op.slot)
-            if direct and self.writer is not None:
-                rows = np.empty((len(direct), self.geo.slot_bytes), dtype=np.uint8)
-                self._gather([op.block_id for op in direct], None, rows)
-                for i, op in enumerate(direct):
-                    self.writer.write_buffer(op.block_hash, rows[i])
-        if self.writer is not None:
-            for h in meta.disk_deletes:
-                self.writer.delete(h)
+            if to_disk:
+                assert self.disk is not None
+                # Shards go from the host slots (pinned by the scheduler until every rank reported)
+                # or, without a host slot, from a private copy; the catalog commits after the reports.
+                srcs: dict[bytes, Any] = {op.block_hash: int(self._slot_addrs[op.slot]) for op in to_host
+                                          if op.to_disk}
+                rows = None
+                if direct:
+                    rows = disk.aligned_rows(len(direct), disk.disk_slot_bytes(self.geo.slot_bytes))
+                    self._gather([op.block_id for op in direct], None, rows)
+                    for i, op in enumerate(direct):
+                        srcs[op.block_hash] = rows[i, :self.geo.slot_bytes]
+                self.disk.write([op.block_hash for op in to_disk], [op.disk_slot for op in to_disk],
+                                [srcs[op.block_hash] for op in to_disk], keep=rows)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out = self._load_errors
@@ -240,9 +274,11 @@ class KvbmWorker:
         return out
 
     def build_worker_meta(self) -> KvbmWorkerMetadata | None:
-        if self.writer is not None:
-            written, failed = self.writer.drain()
-            self._meta.disk_written.update(written)
+        if self.disk is not None:
+            written, failed = self.disk.poll()
+            self._meta.disk_written.update(written.keys())
+            for h, crc in written.items():
+                self._meta.disk_crcs[h] = {self.rank: crc}
             self._meta.disk_failed.update(failed)
         if self._meta.empty():
             return None
@@ -254,8 +290,8 @@ class KvbmWorker:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self.writer is not None:
-            self.writer.flush()
+        if self.disk is not None:
+            self.disk.close()
 
 
 __all__ = ["KvbmWorker"]
