@@ -226,7 +226,7 @@ def test_disk_path_holds_a_catalog_and_slabs_not_block_files(disk_runs: tuple) -
     info = inspect_dir(kv, verify=True)
     assert info["blocks"] == 20 and info["lock_holder_pid"] is None
     assert info["verify"]["checked"] == info["verify"]["ok"] == 20
-    assert "holds 20 blocks of this namespace (catalog reopened" in second["log"]
+    assert second["phases"][0]["external_hits"] == 20 * BS  # found through the reopened catalog
 
 
 def test_rank_write_failure_is_never_committed(model: str, tmp_path, baseline: dict) -> None:
@@ -241,7 +241,9 @@ def test_rank_write_failure_is_never_committed(model: str, tmp_path, baseline: d
     assert "block writes failed" in first["log"]
     p0, p1 = first["phases"]
     assert p0["kvbm"]["stores_disk"] == 8 and p0["kvbm"]["failed_stores"] == 12
-    assert p1["external_hits"] == 8 * BS and p1["kvbm"]["hit_blocks_disk"] == 8
+    # Blocks 0-3 are in the 4-block host tier, 4-7 on disk, 8-19 nowhere: an 8-block hit.
+    assert p1["external_hits"] == 8 * BS
+    assert (p1["kvbm"]["hit_blocks_host"], p1["kvbm"]["hit_blocks_disk"]) == (4, 4)
     assert p0["outputs"] == p1["outputs"] == baseline["phases"][0]["outputs"]
     info = inspect_dir(str(tmp_path / "kv"), verify=True)
     assert info["blocks"] == 8 and info["verify"]["ok"] == 8
@@ -249,6 +251,24 @@ def test_rank_write_failure_is_never_committed(model: str, tmp_path, baseline: d
                          "phases": [{"prompts": [LONG]}]})
     assert second["phases"][0]["external_hits"] == 8 * BS
     assert second["phases"][0]["outputs"] == baseline["phases"][0]["outputs"]
+
+
+def test_write_behind_demotes_host_evictions_to_disk(model: str, tmp_path, baseline: dict) -> None:
+    """``disk_write_policy: write_behind``: blocks reach disk when the host tier evicts them (or straight
+    away when no host slot is free), not on store. LONG's first 4 blocks sit in the 4-block host tier
+    until OTHER evicts them; LONG then hits all 20 blocks on disk (without demotion 4 would be lost)."""
+    cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(tmp_path / "kv"),
+                               disk_capacity_bytes="64MiB", disk_write_policy="write_behind")
+    r = run_engine({"model": model, "out": str(tmp_path / "a.json"), "kv_transfer_config": cfg,
+                    "phases": [{"prompts": [LONG]}, {"prompts": [OTHER]}, {"prompts": [LONG]}]})
+    p0, p1, p2 = r["phases"]
+    assert p0["kvbm"]["stores_disk"] == 16  # 4 in host, 16 had no free host slot: straight to disk
+    assert p1["kvbm"]["evictions_host"] == 4  # OTHER evicted LONG's 4 host blocks ...
+    assert p2["kvbm"]["stores_disk"] >= 20 + 4  # ... which were demoted to disk (+ OTHER's overflow)
+    assert p2["external_hits"] == 20 * BS
+    assert p2["kvbm"]["hit_blocks_disk"] - p1["kvbm"]["hit_blocks_disk"] == 20
+    assert p0["outputs"] == p2["outputs"] == baseline["phases"][0]["outputs"]
+    assert p1["outputs"] == baseline["phases"][2]["outputs"]
 
 
 def _kill_during_disk_writes(model: str, cfg: dict, out: str, seed: int) -> None:

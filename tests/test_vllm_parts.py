@@ -27,6 +27,11 @@ def test_config_maps_onto_kvbm_config() -> None:
     assert ConnectorConfig.from_extra_config(None).kvbm.host_capacity_bytes == 1 << 30
     assert ConnectorConfig.from_extra_config(None).async_load is True
     assert ConnectorConfig.from_extra_config({"async_load": False}).async_load is False
+    c = ConnectorConfig.from_extra_config({"disk_write_policy": "write_behind", "disk_durability": "none",
+                                           "disk_io_threads": 2, "disk_o_direct": False})
+    k = c.kvbm
+    assert (k.disk_write_policy, k.disk_durability, k.disk_io_threads, k.disk_o_direct) == (
+        "write_behind", "none", 2, False)
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -37,7 +42,9 @@ def test_config_maps_onto_kvbm_config() -> None:
     ({"min_hit_blocks": 0}, "'min_hit_blocks'"),
     ({"store_decode_blocks": "yes"}, "'store_decode_blocks'"),
     ({"async_load": 1}, "'async_load'"),
-    ({"disk_write_policy": "write_behind"}, "'disk_write_policy'"),
+    ({"disk_write_policy": "write_back"}, "disk_write_policy"),
+    ({"disk_durability": "sometimes"}, "disk_durability"),
+    ({"disk_io_threads": 0}, "disk_io_threads"),
     ({"hash_algorithm": "md5"}, "hash_algorithm"),
     ({"eviction_policy": "nope"}, "eviction_policy"),
 ])

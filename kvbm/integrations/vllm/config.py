@@ -37,8 +37,9 @@ class ConnectorConfig:
 
     Attributes:
         kvbm: the validated :class:`kvbm.KvbmConfig` (capacities are per worker, i.e. per
-            tensor-parallel rank). The disk tier is write-through: every block stored to host
-            is also written to disk in the background, so an evicted block stays loadable.
+            tensor-parallel rank). The disk tier is write-through by default: every block stored
+            to host is also written to disk in the background; with ``disk_write_policy:
+            write_behind`` blocks are written to disk when the host tier evicts them.
         model_id: identity of the model in the block namespace; defaults to vLLM's model name or
             path. Set it when the same weights are served from different paths.
         store_decode_blocks: also offload full blocks produced during decode (not only prompt).
@@ -101,9 +102,6 @@ class ConnectorConfig:
             kcfg = KvbmConfig.from_dict(data, source=SOURCE)
         except ConfigError as e:
             raise ConfigError(f"{SOURCE}: {e}") from None
-        if kcfg.disk_write_policy != "write_through":
-            raise ConfigError(f"{SOURCE}['disk_write_policy']: the vLLM connector writes through to disk; "
-                              f"got {kcfg.disk_write_policy!r}")
         if kcfg.disk_path is not None and kcfg.disk_capacity_bytes <= 0:
             raise ConfigError(f"{SOURCE}['disk_capacity_bytes']: must be > 0 when disk_path is set")
         return cls(kvbm=kcfg, **kw)

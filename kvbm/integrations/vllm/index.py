@@ -100,6 +100,8 @@ class TierIndex:
         self.removed = Evictions()  # blocks that left a tier since the last drain (KV events)
         self.added_host: list[bytes] = []
         self.added_disk: list[bytes] = []
+        self.keep_host_victims = False  # write-behind: collect host victims (hash, parent, slot) to demote
+        self.host_victims: list[tuple[bytes, bytes | None, int]] = []
         if disk is not None:
             self.idx.configure_tier(DISK, self.disk_capacity_blocks, slot_bytes, config.eviction_policy)
             self._mirror_catalog()
@@ -149,6 +151,8 @@ class TierIndex:
         for e in evicted:
             self.removed.host.append(bytes(e[0]))
             self.stats.evictions_host += 1
+            if self.keep_host_victims:
+                self.host_victims.append((bytes(e[0]), bytes(e[1]) if e[1] else None, int(e[2])))
         self._pending_host[h] = self.num_reporters
         return int(slots[0])
 

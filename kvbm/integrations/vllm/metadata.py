@@ -45,10 +45,16 @@ class StoreOp:
 
 @dataclass
 class KvbmConnectorMetadata(KVConnectorMetadata):
-    """One step's plan: loads run before the forward, stores after it."""
+    """One step's plan: loads run before the forward, stores after it.
+
+    ``demotes`` (``disk_write_policy: write_behind``): host slots whose blocks the host tier just
+    evicted, written to disk slot ``disk_slot`` (``block_id`` unused); the worker copies them out
+    before this step's stores reuse the slots.
+    """
 
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
+    demotes: list[StoreOp] = field(default_factory=list)
 
 
 @dataclass

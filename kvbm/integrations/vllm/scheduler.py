@@ -65,6 +65,10 @@ class KvbmScheduler:
                                         k.eviction_policy)
         self.index = TierIndex(cfg.kvbm, geo.slot_bytes, catalog, geo.tp_world,
                                disk.catalog_namespace(geo.namespace.digest))
+        # write_behind: blocks go to disk when the host tier evicts them (and straight to disk
+        # when no host slot is free); write_through: every stored block is also written to disk.
+        self.write_behind = catalog is not None and cfg.kvbm.disk_write_policy == "write_behind"
+        self.index.keep_host_victims = self.write_behind
         self._reqs: dict[str, _Req] = {}
         self._loads: list[LoadOp] = []
         self._event_info: dict[bytes, tuple[bytes | None, list[int], str | None]] = {}
@@ -196,7 +200,7 @@ class KvbmScheduler:
                     continue
                 parent = hashes[idx - 1] if idx else None
                 slot = self.index.prepare_host(h, parent)
-                want_disk = disk_on and not in_disk
+                want_disk = disk_on and not in_disk and (slot is None or not self.write_behind)
                 if slot is None and not want_disk:
                     continue
                 # slot None: every host slot is pinned by in-flight disk writes: write this block
@@ -211,15 +215,26 @@ class KvbmScheduler:
                                            list(req.all_token_ids[idx * self.bs:(idx + 1) * self.bs]),
                                            getattr(lora, "lora_name", None))
             st.stored_upto = full
+        demotes: list[StoreOp] = []
+        if self.write_behind:
+            # Host victims of this step: their slots are reused by this step's stores, so the
+            # worker copies them out first; they are on disk once every rank reported the write.
+            for v, parent, hslot in self.index.host_victims:
+                if not self.index.has(v)[1]:
+                    op = StoreOp(-1, hslot, v, True)
+                    demotes.append(op)
+                    to_disk.append((op, parent))
+            self.index.host_victims.clear()
         if to_disk:
             slots = self.index.reserve_disk([(op.block_hash, parent) for op, parent in to_disk])
             for (op, _), ds in zip(to_disk, slots, strict=True):
                 op.disk_slot = ds
                 op.to_disk = ds >= 0
-                if op.to_disk and op.slot >= 0:
+                if op.to_disk and op.slot >= 0 and op.block_id >= 0:
                     self.index.pin_for_disk_write(op.block_hash)
             stores = [op for op in stores if op.slot >= 0 or op.to_disk]
-        meta = KvbmConnectorMetadata(loads=self._loads, stores=stores)
+            demotes = [op for op in demotes if op.to_disk]
+        meta = KvbmConnectorMetadata(loads=self._loads, stores=stores, demotes=demotes)
         self._loads = []
         return meta
 

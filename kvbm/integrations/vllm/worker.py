@@ -227,6 +227,8 @@ class KvbmWorker:
             wait_futures(busy)
 
     def wait_for_save(self, meta: KvbmConnectorMetadata) -> None:
+        if meta.demotes:
+            self._demote(meta.demotes)
         stores: list[StoreOp] = meta.stores
         if stores:
             # A request with a failed load computed this step over invalid KV: vLLM rewinds it,
@@ -266,6 +268,21 @@ class KvbmWorker:
                         srcs[op.block_hash] = rows[i, :self.geo.slot_bytes]
                 self.disk.write([op.block_hash for op in to_disk], [op.disk_slot for op in to_disk],
                                 [srcs[op.block_hash] for op in to_disk], keep=rows)
+
+    def _demote(self, ops: list[StoreOp]) -> None:
+        """Write-behind: copy host slots the scheduler evicted (before this step's stores reuse them)
+        and write the copies to their disk slots."""
+        if self.disk is None or self.arena is None:
+            for op in ops:
+                self._meta.disk_failed[op.block_hash] += 1
+            return
+        sb = self.geo.slot_bytes
+        rows = disk.aligned_rows(len(ops), disk.disk_slot_bytes(sb))
+        arena = self.arena.numpy()
+        for i, op in enumerate(ops):
+            rows[i, :sb] = arena[op.slot]
+        self.disk.write([op.block_hash for op in ops], [op.disk_slot for op in ops],
+                        [rows[i, :sb] for i in range(len(ops))], keep=rows)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out = self._load_errors
