@@ -276,6 +276,8 @@ class KvbmWorker:
             for op in ops:
                 self._meta.disk_failed[op.block_hash] += 1
             return
+        if self._jobs:  # a disk slot handed out again may still be read by an asynchronous load
+            self._wait_for_loads_from(set(), {op.disk_slot for op in ops})
         sb = self.geo.slot_bytes
         rows = disk.aligned_rows(len(ops), disk.disk_slot_bytes(sb))
         arena = self.arena.numpy()
