@@ -85,7 +85,7 @@ def test_hits_are_loaded_asynchronously_by_default(host_run: dict, disk_runs: tu
 
 @pytest.fixture(scope="module")
 def sync_runs(model: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
-    """``async_load: false``: a small host tier over disk; a second engine after one block file was
+    """``async_load: false``: a small host tier over disk; a second engine after one block's slab bytes were
     corrupted (LONG twice)."""
     d = tmp_path_factory.mktemp("sync")
     cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(d / "kv"), disk_capacity_bytes="64MiB",
