@@ -342,16 +342,13 @@ class DiskCatalog:
         nslabs = (geo.num_slots + geo.slots_per_slab - 1) // geo.slots_per_slab
         sizes = np.zeros(nslabs, np.int64)
         for i in np.unique(slab).tolist():
-            size = -1
+            shard_sizes = []
             for d in self.slab_dirs:  # a block needs its bytes in every shard's slab
                 try:
-                    sz = os.stat(slab_path(d, i)).st_size
+                    shard_sizes.append(os.stat(slab_path(d, i)).st_size)
                 except FileNotFoundError:
-                    sz = -1
-                size = sz if size < 0 or sz < size else size
-                if sz < 0:
-                    break
-            sizes[i] = size
+                    shard_sizes.append(-1)
+            sizes[i] = min(shard_sizes)
         bad |= end > sizes[slab]
         if self._db_shards is not None:
             want = 4 * self.shards
