@@ -191,3 +191,21 @@ def test_rank_disk_roundtrip_and_corruption(tmp_path) -> None:
     rd.verify = False  # verification off: the bytes come back
     assert rd.read([7], [0], out).ok == [True]
     rd.close()
+
+
+def test_catalog_record_without_shard_crcs_is_dropped_at_open(tmp_path) -> None:
+    import lmdb
+
+    ix = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    ix.reserve_disk([(_h(1), None), (_h(2), None)])
+    for h in (_h(1), _h(2)):
+        for r in (0, 1):
+            _report(ix, h, rank=r, crc=r)
+    ix.close()
+    env = lmdb.open(os.path.join(disk.rank_dir(str(tmp_path), RANK_NS[0]), "catalog"), max_dbs=4)
+    with env.begin(write=True) as txn:  # as if the shard CRCs of h2 had never been written
+        assert txn.delete(_h(2), db=env.open_db(b"shards", txn=txn))
+    env.close()
+    again = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    assert again.lookup([_h(1)]) == ["disk"] and again.lookup([_h(2)]) == []
+    assert again.disk.counters["dropped_at_open"] == 1
