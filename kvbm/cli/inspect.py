@@ -247,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
         f"  hits           {info['hits']}",
         f"  checksum failures (lifetime)  {info['checksum_failures']}",
     ]
+    if "shards" in info:
+        lines.insert(4, f"  shards         {info['shards']} per block (one per rank): " + ", ".join(info["shard_dirs"]))
     other = {k: v for k, v in info["counters"].items() if k != "checksum_failures" and v}
     if other:
         lines.append("  other counters " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))
