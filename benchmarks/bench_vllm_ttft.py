@@ -101,7 +101,7 @@ def _run(spec: dict[str, Any], workdir: Path, name: str, multiprocess: bool) -> 
 
 
 def _drop_page_cache(directory: Path) -> int:
-    """Evict the block files of ``directory`` from the OS page cache (so disk hits read the device)."""
+    """Evict the files of ``directory`` (slabs, catalog) from the OS page cache (so disk hits read the device)."""
     n = 0
     for root, _, files in os.walk(directory):
         for f in files:
@@ -155,7 +155,7 @@ def main() -> None:
         ph1 += [{"name": f"out{i}", "prompt": p, "max_tokens": 16}]
     e1 = _run(dict(base, kv_transfer_config=kvcfg, phases=ph1), work, "e1", mp)
     # Engine 2: new process over the same disk directory. Its host tier holds only 2 blocks, so each
-    # repeat is served (almost) entirely from disk; the block files are evicted from the page cache
+    # repeat is served (almost) entirely from disk; the disk files are evicted from the page cache
     # before every measured request, so the bytes come from the device.
     kv_small_host = kvbm_transfer_config(host_capacity_bytes=2 * slot_bytes, disk_path=str(work / "disk"),
                                          disk_capacity_bytes="8GiB")
@@ -223,7 +223,7 @@ def main() -> None:
         f"| TTFT cold (median of {len(ph(e1, 'cold'))}) | {cold:.3f} | 1.0x | 0 |",
         f"| TTFT from kvbm host tier (median of {len(ph(e1, 'host'))}) | {host:.3f} | {cold / host:.1f}x faster "
         f"| {host_hits} |",
-        (f"| TTFT from kvbm disk tier, new engine process, block files evicted from the page cache before "
+        (f"| TTFT from kvbm disk tier, new engine process, disk files evicted from the page cache before "
          f"each request (median of {len(ph(e2, 'disk'))})") + f" | {disk:.3f} "
         f"| {cold / disk:.1f}x faster | {disk_hits}{split} |",
         "",

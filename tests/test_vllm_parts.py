@@ -1,14 +1,19 @@
-"""Unit tests of the vLLM connector's parts that need no vLLM: config, scheduler index, disk files."""
+"""Unit tests of the vLLM connector's parts that need no vLLM: config, scheduler index, disk catalog and slabs."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 
+from kvbm import _native
 from kvbm.config import KvbmConfig
-from kvbm.errors import ChecksumError, ConfigError, StorageIOError
+from kvbm.errors import ConfigError, StorageIOError
 from kvbm.integrations.vllm import disk
 from kvbm.integrations.vllm.config import ConnectorConfig
 from kvbm.integrations.vllm.index import TierIndex
@@ -22,6 +27,11 @@ def test_config_maps_onto_kvbm_config() -> None:
     assert ConnectorConfig.from_extra_config(None).kvbm.host_capacity_bytes == 1 << 30
     assert ConnectorConfig.from_extra_config(None).async_load is True
     assert ConnectorConfig.from_extra_config({"async_load": False}).async_load is False
+    c = ConnectorConfig.from_extra_config({"disk_write_policy": "write_behind", "disk_durability": "none",
+                                           "disk_io_threads": 2, "disk_o_direct": False})
+    k = c.kvbm
+    assert (k.disk_write_policy, k.disk_durability, k.disk_io_threads, k.disk_o_direct) == (
+        "write_behind", "none", 2, False)
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -32,7 +42,9 @@ def test_config_maps_onto_kvbm_config() -> None:
     ({"min_hit_blocks": 0}, "'min_hit_blocks'"),
     ({"store_decode_blocks": "yes"}, "'store_decode_blocks'"),
     ({"async_load": 1}, "'async_load'"),
-    ({"disk_write_policy": "write_behind"}, "'disk_write_policy'"),
+    ({"disk_write_policy": "write_back"}, "disk_write_policy"),
+    ({"disk_durability": "sometimes"}, "disk_durability"),
+    ({"disk_io_threads": 0}, "disk_io_threads"),
     ({"hash_algorithm": "md5"}, "hash_algorithm"),
     ({"eviction_policy": "nope"}, "eviction_policy"),
 ])
@@ -45,8 +57,27 @@ def _h(i: int) -> bytes:
     return i.to_bytes(16, "little")
 
 
-def _index(host_slots: int = 2, disk_blocks: int = 4, reporters: int = 1) -> TierIndex:
-    return TierIndex(KvbmConfig(host_capacity_bytes=host_slots * 1024), 1024, disk_blocks, reporters)
+RANK_NS = [bytes([0xA0 + r]) * 16 for r in range(4)]
+
+
+def _catalog(path, disk_blocks: int, ranks: int = 1):
+    return disk.open_catalog(str(path), RANK_NS[:ranks], 1024, disk_blocks, "none", KvbmConfig().eviction_policy)
+
+
+def _index(host_slots: int = 2, disk_blocks: int = 4, reporters: int = 1, path=None) -> TierIndex:
+    cat = None
+    if path is not None:
+        cat = _catalog(path, disk_blocks, reporters)
+        for ns in RANK_NS[:reporters]:  # the workers' slab files (preallocated), as a worker would open them
+            _native.DiskStore(disk.rank_dir(str(path), ns), 4096, disk_blocks, disk.slots_per_slab(1024)).close()
+    return TierIndex(KvbmConfig(host_capacity_bytes=host_slots * 1024), 1024, cat, reporters, 7)
+
+
+def _report(ix: TierIndex, h: bytes, ok: bool = True, rank: int = 0, crc: int = 0x1234) -> None:
+    if ok:
+        ix.complete_disk(Counter({h: 1}), Counter(), {h: {rank: crc}})
+    else:
+        ix.complete_disk(Counter(), Counter({h: 1}), {})
 
 
 def test_index_store_visible_only_after_every_rank_reports() -> None:
@@ -66,71 +97,115 @@ def test_index_failed_store_is_never_visible() -> None:
     assert ix.lookup([_h(1)]) == [] and ix.has(_h(1)) == (False, False)
 
 
-def test_index_host_block_pinned_while_written_to_disk() -> None:
-    ix = _index(host_slots=1)
-    deletes: list[bytes] = []
+def test_index_host_block_pinned_while_written_to_disk(tmp_path) -> None:
+    ix = _index(host_slots=1, path=tmp_path)
     assert ix.prepare_host(_h(1), None) == 0
-    assert ix.prepare_disk(_h(1), None, deletes)
+    assert ix.reserve_disk([(_h(1), None)]) == [0]
     ix.pin_for_disk_write(_h(1))
     ix.complete_host(_h(1), 1, ok=True)
+    assert ix.has(_h(1)) == (True, True)  # reserved on disk: not planned twice
     # The only host slot holds a block whose disk write is in flight: nothing is evictable.
     assert ix.prepare_host(_h(2), _h(1)) is None
-    ix.complete_disk(_h(1), 1, ok=True)
+    _report(ix, _h(1))
     assert ix.lookup([_h(1)]) == ["host"]
     assert ix.prepare_host(_h(2), _h(1)) == 0  # now h1 can be evicted from host ...
     assert ix.lookup([_h(1)]) == ["disk"]  # ... and is still on disk
     assert ix.removed.host == [_h(1)]
+    assert ix.disk_load(_h(1)) == (0, (0x1234,))
 
 
-def test_index_disk_eviction_reports_deletes_and_adoption() -> None:
-    ix = _index(disk_blocks=2)
-    deletes: list[bytes] = []
-    for i in (1, 2, 3):
-        assert ix.prepare_disk(_h(i), None, deletes)
-        ix.complete_disk(_h(i), 1, ok=True)
-    assert deletes == [_h(1)]
-    assert ix.lookup([_h(2)]) == ["disk"] and ix.lookup([_h(1)]) == []
-    fresh = _index(disk_blocks=2)
-    assert fresh.adopt_disk([_h(1), _h(2), _h(3)]) == [_h(1)]
-    assert fresh.lookup([_h(2)]) == ["disk"]
-    fresh.drop(_h(2))
-    assert fresh.lookup([_h(2)]) == []
+def test_index_disk_evicts_first_and_restart_finds_blocks_in_the_catalog(tmp_path) -> None:
+    ix = _index(disk_blocks=2, path=tmp_path)
+    for i in (1, 2):
+        assert ix.reserve_disk([(_h(i), None)]) == [i - 1]
+        assert ix.lookup([_h(i)]) == []  # reserved, not written: invisible
+        _report(ix, _h(i), crc=i)
+    assert ix.lookup([_h(1), _h(2)]) == ["disk", "disk"]
+    assert ix.reserve_disk([(_h(3), None)]) == [0]  # h1's slot, h1 evicted ...
+    # ... and un-listed in the committed catalog before the slot was handed out (evict first).
+    assert ix.lookup([_h(1)]) == [] and ix.removed.disk == [_h(1)]
+    ro = disk.open_catalog  # a second writer is refused: the scheduler holds the lock
+    with pytest.raises(StorageIOError, match="in use"):
+        ro(str(tmp_path), RANK_NS[:1], 1024, 2, "none", KvbmConfig().eviction_policy)
+    r = subprocess.run([sys.executable, "-m", "kvbm", "inspect", "--json", str(tmp_path)], capture_output=True,
+                       text=True, check=True)  # a connector's disk_path: its one catalog is found
+    info = json.loads(r.stdout)
+    assert info["dir"] == disk.rank_dir(str(tmp_path), RANK_NS[0]) and info["blocks"] == 1
+    assert info["lock_holder_pid"] == os.getpid()  # h1 un-listed (committed), h3 not yet: 1 block
+    ix.close()  # h3's write never reported: never listed
+    again = _index(disk_blocks=2, path=tmp_path)  # a new scheduler: catalog reopened, no directory scan
+    assert again.lookup([_h(2)]) == ["disk"] and again.lookup([_h(3)]) == []
+    assert again.disk_load(_h(2)) == (1, (2,))
+    again.drop(_h(2), "checksum_failures")
+    assert again.lookup([_h(2)]) == [] and again.disk.totals["checksum_failures"] == 1
+    again.close()
+    assert _index(disk_blocks=2, path=tmp_path).lookup([_h(2)]) == []
 
 
-def test_disk_block_roundtrip_and_corruption(tmp_path) -> None:
-    ns = bytes(range(16))
-    rdir = disk.rank_dir(str(tmp_path), ns)
-    data = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)
-    path = disk.block_path(rdir, _h(7))
-    disk.write_block(path, _h(7), ns, data)
-    out = np.empty_like(data)
-    disk.read_block(path, _h(7), ns, out)
-    assert np.array_equal(out, data)
-    assert disk.scan(str(tmp_path), [ns], data.nbytes) == [_h(7)]
-    assert disk.scan(str(tmp_path), [ns, bytes(16)], data.nbytes) == []  # a rank is missing
-    with pytest.raises(ChecksumError, match="namespace"):
-        disk.read_block(path, _h(7), bytes(16), out)
-    with open(path, "r+b") as f:
-        f.seek(disk.HEADER_BYTES + 100)
-        f.write(b"\xff\x00\xff")
-    with pytest.raises(ChecksumError, match="checksum mismatch"):
-        disk.read_block(path, _h(7), ns, out)
-    disk.read_block(path, _h(7), ns, out, verify=False)  # verification off: bytes come back
-    with pytest.raises(StorageIOError, match="missing"):
-        disk.read_block(disk.block_path(rdir, _h(8)), _h(8), ns, out)
+def test_index_sharded_write_commits_only_when_every_rank_succeeded(tmp_path) -> None:
+    ix = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    assert ix.reserve_disk([(_h(1), None), (_h(2), None)]) == [0, 1]
+    _report(ix, _h(1), rank=0, crc=10)
+    assert ix.lookup([_h(1)]) == []  # rank 1 has not reported
+    _report(ix, _h(1), rank=1, crc=11)
+    assert ix.lookup([_h(1)]) == ["disk"] and ix.disk_load(_h(1)) == (0, (10, 11))
+    _report(ix, _h(2), rank=0, crc=20)
+    _report(ix, _h(2), ok=False)  # rank 1 could not write its shard (e.g. ENOSPC)
+    assert ix.lookup([_h(2)]) == [] and not ix.disk.is_reserved(_h(2)) and ix.stats.failed_stores == 1
+    assert ix.reserve_disk([(_h(3), None)]) == [1]  # the slot is free again (after both reported)
+    ix.close()
+    again = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    assert again.disk_load(_h(1)) == (0, (10, 11)) and again.lookup([_h(2)]) == []
+    again.close()
+    with pytest.raises(ConfigError, match="shard"):  # the same directory with another TP degree
+        _catalog(tmp_path, 4, ranks=3).close()
 
 
-def test_disk_writer_writes_and_deletes_in_order(tmp_path) -> None:
-    ns = bytes(16)
-    slots = np.arange(4 * 64, dtype=np.uint8).reshape(4, 64)
-    w = disk.DiskWriter(str(tmp_path), ns, lambda s: slots[s])
-    w.write(_h(1), 2)
-    w.write_buffer(_h(2), slots[3].copy())
-    w.delete(_h(1))
-    w.flush()
-    written, failed = w.drain()
-    assert written == [_h(1), _h(2)] and failed == []
-    assert not os.path.exists(disk.block_path(str(tmp_path), _h(1)))
-    out = np.empty(64, np.uint8)
-    disk.read_block(disk.block_path(str(tmp_path), _h(2)), _h(2), ns, out)
-    assert np.array_equal(out, slots[3])
+def test_catalog_drops_blocks_whose_shard_slab_is_missing(tmp_path) -> None:
+    ix = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    ix.reserve_disk([(_h(1), None)])
+    for r in (0, 1):
+        _report(ix, _h(1), rank=r, crc=r)
+    ix.close()
+    assert os.path.exists(os.path.join(disk.rank_dir(str(tmp_path), RANK_NS[1]), "slab-00000.kvbm"))
+    os.unlink(os.path.join(disk.rank_dir(str(tmp_path), RANK_NS[1]), "slab-00000.kvbm"))
+    again = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    assert again.lookup([_h(1)]) == [] and again.disk.counters["dropped_at_open"] == 1
+
+
+def test_rank_disk_roundtrip_and_corruption(tmp_path) -> None:
+    rd = disk.RankDisk(str(tmp_path), RANK_NS[0], 5000, 8, io_threads=2, o_direct=False, durability="batch",
+                       verify=True)
+    data = disk.aligned_rows(2, disk.disk_slot_bytes(5000))
+    data[:] = np.random.default_rng(0).integers(0, 256, data.shape, dtype=np.uint8)
+    rd.write([_h(1), _h(2)], [3, 7], [data[0, :5000], int(data.ctypes.data) + data.strides[0]])
+    rd.wait_all()
+    written, failed = rd.poll()
+    assert failed == [] and set(written) == {_h(1), _h(2)}
+    out = disk.aligned_rows(2, disk.disk_slot_bytes(5000))
+    res = rd.read([3, 7], [written[_h(1)], written[_h(2)]], out)
+    assert res.ok == [True, True]
+    assert np.array_equal(out[:, :5000], data[:, :5000])
+    res = rd.read([7], [written[_h(2)] ^ 1], out)
+    assert res.ok == [False] and res.checksum_failed == [True] and "CRC32C mismatch" in res.messages[0]
+    rd.verify = False  # verification off: the bytes come back
+    assert rd.read([7], [0], out).ok == [True]
+    rd.close()
+
+
+def test_catalog_record_without_shard_crcs_is_dropped_at_open(tmp_path) -> None:
+    import lmdb
+
+    ix = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    ix.reserve_disk([(_h(1), None), (_h(2), None)])
+    for h in (_h(1), _h(2)):
+        for r in (0, 1):
+            _report(ix, h, rank=r, crc=r)
+    ix.close()
+    env = lmdb.open(os.path.join(disk.rank_dir(str(tmp_path), RANK_NS[0]), "catalog"), max_dbs=4)
+    with env.begin(write=True) as txn:  # as if the shard CRCs of h2 had never been written
+        assert txn.delete(_h(2), db=env.open_db(b"shards", txn=txn))
+    env.close()
+    again = _index(disk_blocks=4, reporters=2, path=tmp_path)
+    assert again.lookup([_h(1)]) == ["disk"] and again.lookup([_h(2)]) == []
+    assert again.disk.counters["dropped_at_open"] == 1

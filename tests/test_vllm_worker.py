@@ -48,21 +48,30 @@ def test_store_then_load_is_bit_exact(tmp_path, order: str) -> None:
     w = _worker(tmp_path, kv, nb, slot_bytes, disk=True)
     ref = {k: v.clone() for k, v in kv.items()}
     h = [bytes([i]) * 16 for i in range(3)]
-    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(3, 0, h[0], True), StoreOp(7, 5, h[1], True),
-                                                  StoreOp(9, -1, h[2], True)]))
-    w.shutdown()  # flush disk writes
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(3, 0, h[0], True, disk_slot=4),
+                                                  StoreOp(7, 5, h[1], True, disk_slot=0),
+                                                  StoreOp(9, -1, h[2], True, disk_slot=63)]))
+    w.disk.wait_all()
     meta = w.build_worker_meta()
     assert meta is not None and sorted(meta.stored) == sorted(h[:2]) and sorted(meta.disk_written) == sorted(h)
+    crc = {x: (meta.disk_crcs[x][0],) for x in h}  # rank 0's shard CRC32C, as the catalog will hold it
     for t in kv.values():
         t.zero_()
-    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(11, "host", 5, h[1]), LoadOp(12, "disk", -1, h[0]),
-                                                 LoadOp(13, "disk", -1, h[2])]))
+    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(11, "host", 5, h[1]),
+                                                 LoadOp(12, "disk", 4, h[0], crcs=crc[h[0]]),
+                                                 LoadOp(13, "disk", 63, h[2], crcs=crc[h[2]])]))
     assert w.get_block_ids_with_load_errors() == set()
     for k in kv:
         assert torch.equal(kv[k][11], ref[k][7])
         assert torch.equal(kv[k][12], ref[k][3])
         assert torch.equal(kv[k][13], ref[k][9])
         assert torch.count_nonzero(kv[k][0]) == 0  # nothing else written
+    # The slab file holds the shard at the slot's offset; a wrong expected CRC is a load error.
+    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(14, "disk", 4, h[0], crcs=(crc[h[0]][0] ^ 1,))]))
+    assert w.get_block_ids_with_load_errors() == {14}
+    meta = w.build_worker_meta()
+    assert meta is not None and list(meta.load_failed) == list(meta.load_corrupt) == [h[0]]
+    w.shutdown()
 
 
 def test_async_loads_are_reported_through_get_finished(tmp_path) -> None:
@@ -74,7 +83,7 @@ def test_async_loads_are_reported_through_get_finished(tmp_path) -> None:
 
     import torch
 
-    from kvbm.integrations.vllm.disk import block_path
+    from kvbm.integrations.vllm.disk import disk_slot_bytes
     from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp, StoreOp
 
     nb, heads, bs, hd2, layers = 16, 2, 32, 64, 2
@@ -84,19 +93,22 @@ def test_async_loads_are_reported_through_get_finished(tmp_path) -> None:
     w = _worker(tmp_path, kv, nb, slot_bytes, disk=True)
     ref = {k: v.clone() for k, v in kv.items()}
     h = [bytes([i + 1]) * 16 for i in range(3)]
-    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, h[0], True), StoreOp(2, 1, h[1], True),
-                                                  StoreOp(3, 2, h[2], True)]))
-    w.shutdown()  # flush disk writes
-    w.build_worker_meta()
-    victim = block_path(w.rdir, h[2])
-    with open(victim, "r+b") as f:
-        f.seek(-64, os.SEEK_END)
-        f.write(os.urandom(64))
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, h[0], True, disk_slot=0),
+                                                  StoreOp(2, 1, h[1], True, disk_slot=1),
+                                                  StoreOp(3, 2, h[2], True, disk_slot=2)]))
+    w.disk.wait_all()
+    crc = {x: (c[0],) for x, c in w.build_worker_meta().disk_crcs.items()}
+    with open(os.path.join(w.rdir, "slab-00000.kvbm"), "r+b") as f:  # flip bytes of disk slot 2
+        off = 2 * disk_slot_bytes(slot_bytes) + slot_bytes - 64
+        f.seek(off)
+        flipped = bytes(b ^ 0xFF for b in f.read(64))
+        f.seek(off)
+        f.write(flipped)
     for t in kv.values():
         t.zero_()
     w.start_load_kv(KvbmConnectorMetadata(loads=[
-        LoadOp(10, "host", 0, h[0], "a", True), LoadOp(11, "disk", -1, h[1], "a", True),
-        LoadOp(12, "disk", -1, h[2], "b", True)]))
+        LoadOp(10, "host", 0, h[0], "a", True), LoadOp(11, "disk", 1, h[1], "a", True, crc[h[1]]),
+        LoadOp(12, "disk", 2, h[2], "b", True, crc[h[2]])]))
     # A store into slot 0 (being read by the load) must not overwrite it before the load copied it.
     w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(5, 0, b"\x09" * 16, False)]))
     done: set[str] = set()
@@ -173,11 +185,14 @@ def test_drain_waits_for_asynchronous_loads_and_keeps_their_report(tmp_path) -> 
     kv = {f"l{i}": torch.randn(nb, heads, bs, hd2).to(torch.bfloat16) for i in range(layers)}
     w = _worker(tmp_path, kv, nb, layers * heads * bs * hd2 * 2, disk=True)
     h = [bytes([i + 1]) * 16 for i in range(4)]
-    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(i, i, h[i], True) for i in range(4)]))
-    w.drain()  # disk writes done
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(i, i, h[i], True, disk_slot=i) for i in range(4)]))
+    assert w.drain()  # disk writes done
+    meta = w.build_worker_meta()
+    assert meta is not None and sorted(meta.disk_written) == sorted(h)
     ref = {k: v[:4].clone() for k, v in kv.items()}
-    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(8 + i, "disk" if i % 2 else "host", i, h[i], "r", True)
-                                                 for i in range(4)]))
+    w.start_load_kv(KvbmConnectorMetadata(loads=[
+        LoadOp(8 + i, "disk", i, h[i], "r", True, crcs=(meta.disk_crcs[h[i]][0],)) if i % 2
+        else LoadOp(8 + i, "host", i, h[i], "r", True) for i in range(4)]))
     assert w.drain(timeout=30)
     assert not w._jobs or all(job.poll() for job in w._jobs)
     for k in kv:

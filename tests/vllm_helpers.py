@@ -102,6 +102,10 @@ def _main(spec_path: str) -> None:
     from vllm.inputs import TokensPrompt
 
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("rlimit_fsize"):  # writes past this file offset fail with EFBIG (CPython ignores SIGXFSZ)
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (spec["rlimit_fsize"], spec["rlimit_fsize"]))
     kwargs: dict[str, Any] = {
         "model": spec["model"], "skip_tokenizer_init": True, "enforce_eager": True,
         "kv_cache_memory_bytes": spec.get("kv_cache_memory_bytes", 64 << 20),
@@ -116,6 +120,19 @@ def _main(spec_path: str) -> None:
     llm = LLM(**kwargs)
     result: dict[str, Any] = {"startup_s": time.perf_counter() - t0, "phases": []}
     sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), ignore_eos=True)
+    if spec.get("loop_seed") is not None:  # crash tests: random prompts (and the spec's) until killed
+        import random
+
+        rng = random.Random(spec["loop_seed"])
+        fixed = [p for ph in spec["phases"] for p in ph["prompts"]]
+        print("ready", flush=True)
+        while True:
+            if fixed and rng.random() < 0.3:
+                prompt = rng.choice(fixed)
+            else:
+                prompt = [rng.randrange(1, 1000) for _ in range(rng.randint(2, 12) * 32 + 5)]
+            llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)
+            llm.reset_prefix_cache()
     for phase in spec["phases"]:
         if phase.get("reset_prefix_cache", True):
             llm.reset_prefix_cache()

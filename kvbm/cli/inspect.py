@@ -2,7 +2,12 @@
 
 Opens the LMDB catalog read-only and without the writer's lock file, so it works while a kvbm
 process is using the tier (LMDB gives a consistent snapshot). ``--verify`` also reads every
-block and checks its CRC32C (reporting, not dropping, bad ones).
+block and checks its CRC32C (reporting, not dropping, bad ones); for a sharded catalog (the vLLM
+connector with tensor parallelism) every rank's shard is read and checked against its own CRC.
+
+A vLLM connector's ``disk_path`` holds one tier directory per model and geometry
+(``disk_path/<namespace digest>/``); given such a ``disk_path``, ``kvbm inspect`` inspects its
+tier directory when there is one and lists them when there are several.
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
 
     cat_dir = os.path.join(path, CATALOG_SUBDIR)
     if not os.path.isdir(cat_dir):
+        subs = _tier_subdirs(path)
+        if len(subs) == 1:
+            return inspect_dir(subs[0], verify=verify, list_n=list_n)
+        if subs:
+            raise ConfigError(
+                f"{path} is a vLLM connector disk_path with {len(subs)} disk tiers (one per model and geometry); "
+                f"inspect one of them: " + ", ".join(f"kvbm inspect {d}" for d in subs))
         raise ConfigError(f"{path} holds no kvbm disk tier (no {CATALOG_SUBDIR}/ directory)")
     try:
         env = lmdb.open(cat_dir, readonly=True, lock=True, max_dbs=4, subdir=True, readahead=False)
@@ -138,17 +150,55 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
             }
             for i in order.tolist()
         ]
+    shard_dirs = [os.path.normpath(os.path.join(path, d)) for d in geo.get("shard_dirs", ["."])]
+    if len(shard_dirs) > 1:
+        info["shards"] = len(shard_dirs)
+        info["shard_dirs"] = shard_dirs
     if verify:
-        info["verify"] = _verify(path, recs, slot_bytes, spp)
+        crcs = [recs["crc"]]
+        if len(shard_dirs) > 1:
+            crcs = list(_shard_crcs(cat_dir, keys, len(shard_dirs)).T)
+        per = [_verify(d, recs, slot_bytes, spp, c) for d, c in zip(shard_dirs, crcs, strict=True)]
+        info["verify"] = {k: sum(p[k] for p in per) for k in per[0]}
     return info
 
 
-def _verify(path: str, recs: np.ndarray, slot_bytes: int, spp: int) -> dict[str, int]:
+def _tier_subdirs(path: str) -> list[str]:
+    """Subdirectories of ``path`` that hold a disk tier catalog (a vLLM connector's disk_path)."""
+    from kvbm.tiers.disk import CATALOG_SUBDIR
+
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return []
+    return [os.path.join(path, n) for n in names if os.path.isdir(os.path.join(path, n, CATALOG_SUBDIR))]
+
+
+def _shard_crcs(cat_dir: str, keys: list[bytes], shards: int) -> np.ndarray:
+    """``[len(keys), shards]`` CRC32C of every shard (0 where a key has no shard entry)."""
+    import lmdb
+
+    out = np.zeros((len(keys), shards), np.uint32)
+    env = lmdb.open(cat_dir, readonly=True, lock=False, max_dbs=4, subdir=True)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(b"shards", txn=txn, create=False)
+            for i, k in enumerate(keys):
+                v = txn.get(k, db=db)
+                if v is not None and len(v) == 4 * shards:
+                    out[i] = np.frombuffer(v, "<u4")
+    finally:
+        env.close()
+    return out
+
+
+def _verify(path: str, recs: np.ndarray, slot_bytes: int, spp: int, crcs: np.ndarray | None = None) -> dict[str, int]:
     from kvbm import _native
 
     out = {"checked": 0, "ok": 0, "checksum_failures": 0, "short_or_missing": 0, "io_errors": 0}
     if not len(recs) or not slot_bytes:
         return out
+    crcs = recs["crc"] if crcs is None else crcs
     num_slots = int(recs["slot"].max()) + 1
     store = _native.DiskStore(path, slot_bytes, num_slots, spp, 4, True, True)
     try:
@@ -157,7 +207,7 @@ def _verify(path: str, recs: np.ndarray, slot_bytes: int, spp: int) -> dict[str,
         for i in range(0, len(recs), batch):
             r = recs[i : i + batch]
             h = store.read(
-                r["slot"].tolist(), bufs[: len(r)], r["length"].tolist(), r["crc"].tolist(), True
+                r["slot"].tolist(), bufs[: len(r)], r["length"].tolist(), crcs[i : i + batch].tolist(), True
             )
             h.wait()
             codes, _, errnos, _ = h.results()
@@ -197,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
         f"  hits           {info['hits']}",
         f"  checksum failures (lifetime)  {info['checksum_failures']}",
     ]
+    if "shards" in info:
+        lines.insert(4, f"  shards         {info['shards']} per block (one per rank): " + ", ".join(info["shard_dirs"]))
     other = {k: v for k, v in info["counters"].items() if k != "checksum_failures" and v}
     if other:
         lines.append("  other counters " + ", ".join(f"{k}={v}" for k, v in sorted(other.items())))

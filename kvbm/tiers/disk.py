@@ -27,8 +27,15 @@ big-endian bytes, or 32 when it needs more than 128 bits); value = 56 bytes litt
     u64 namespace fingerprint
     u64 created (us since the epoch)   u64 last access (us)   u64 hit count
 
-"meta" holds ``format`` (``kvbm-disk/1``) and ``geometry`` (JSON: slot_bytes, slots_per_slab);
+"meta" holds ``format`` (``kvbm-disk/1``) and ``geometry`` (JSON: slot_bytes, slots_per_slab;
+for a sharded catalog also ``shards`` and ``shard_dirs``);
 "stats" holds cumulative counters (checksum failures, drops, ...) that ``kvbm inspect`` shows.
+
+Sharded catalogs (``shards > 1``, the vLLM connector with tensor parallelism): every block has one
+shard per rank, each written by its own process into its own directory of slab files, at the same
+slot. The record's ``crc`` is shard 0's; db "shards" holds, per key, the CRC32C of every shard
+(``shards`` little-endian u32), written in the same txn as the record. A record without its
+shard CRCs is dropped at open.
 
 Write ordering (the durability contract):
 
@@ -203,8 +210,17 @@ class DiskCatalog:
         slab_bytes: int = 1 << 30,
         durability: str = "batch",
         eviction: str | None = None,
+        shards: int = 1,
+        slab_dirs: Sequence[str] | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        if not isinstance(shards, int) or shards < 1:
+            raise ConfigError(f"disk catalog shards must be an int >= 1, got {shards!r}")
+        if slab_dirs is not None and len(slab_dirs) != shards:
+            raise ConfigError(f"disk catalog: {len(slab_dirs)} slab directories for {shards} shards")
+        self.shards = shards
+        # Where each shard's slab files live (checked at open: a block needs all of them).
+        self.slab_dirs = [os.fspath(d) for d in slab_dirs] if slab_dirs is not None else [self.path]
         if durability not in DURABILITY:
             raise ConfigError(f"disk_durability must be one of {DURABILITY}, got {durability!r}")
         if not isinstance(slot_bytes, int) or slot_bytes <= 0 or slot_bytes % ALIGNMENT:
@@ -250,6 +266,7 @@ class DiskCatalog:
             self._db_meta = self.env.open_db(b"meta", txn=txn)
             self._db_blocks = self.env.open_db(b"blocks", txn=txn)
             self._db_stats = self.env.open_db(b"stats", txn=txn)
+            self._db_shards = self.env.open_db(b"shards", txn=txn) if self.shards > 1 else None
             fmt = txn.get(b"format", db=self._db_meta)
             geo_raw = txn.get(b"geometry", db=self._db_meta)
             if fmt is not None and fmt != FORMAT:
@@ -262,14 +279,20 @@ class DiskCatalog:
                         f"the configuration asks for {slot_bytes}: use another directory or the old slot size"
                     )
                 slots_per_slab = int(geo["slots_per_slab"])
+                if int(geo.get("shards", 1)) != self.shards:
+                    raise ConfigError(
+                        f"disk dir {self.path} was created with {geo.get('shards', 1)} shard(s) per block, "
+                        f"the configuration asks for {self.shards}: use another directory"
+                    )
             else:
                 slots_per_slab = max(1, int(slab_bytes) // slot_bytes)
                 txn.put(b"format", FORMAT, db=self._db_meta)
-                txn.put(
-                    b"geometry",
-                    json.dumps({"slot_bytes": slot_bytes, "slots_per_slab": slots_per_slab}).encode(),
-                    db=self._db_meta,
-                )
+                g: dict[str, Any] = {"slot_bytes": slot_bytes, "slots_per_slab": slots_per_slab}
+                if self.shards > 1:
+                    g["shards"] = self.shards
+                if self.slab_dirs != [self.path]:
+                    g["shard_dirs"] = [os.path.relpath(d, self.path) for d in self.slab_dirs]
+                txn.put(b"geometry", json.dumps(g).encode(), db=self._db_meta)
             raw_stats = txn.get(b"counters", db=self._db_stats)
         self.geometry = DiskGeometry(slot_bytes, slots_per_slab, num_slots)
         self.totals: dict[str, int] = dict.fromkeys(PERSISTED_COUNTERS, 0)
@@ -287,6 +310,7 @@ class DiskCatalog:
         self._access = np.zeros(n, np.uint64)
         self._hits = np.zeros(n, np.uint64)
         self._pins = np.zeros(n, np.int32)
+        self._shard_crc = np.zeros((n, self.shards), np.uint32) if self.shards > 1 else None
         self._pending: dict[bytes, int] = {}  # reserved for a write, not committed yet
         self._doomed: set[int] = set()  # dropped while pinned: freed at the last unpin
         self._dirty: set[int] = set()  # access/hits changed since the last txn
@@ -303,6 +327,9 @@ class DiskCatalog:
             cur = txn.cursor()
             keys = list(cur.iternext(keys=True, values=False))
             vals = b"".join(cur.iternext(keys=False, values=True))
+            shard_raw: dict[bytes, bytes] = {}
+            if self._db_shards is not None:
+                shard_raw = dict(txn.cursor(db=self._db_shards).iternext(keys=True, values=True))
         recs = np.frombuffer(vals, dtype=RECORD_DTYPE) if keys else np.zeros(0, RECORD_DTYPE)
         if len(recs) != len(keys):
             raise StorageIOError(f"disk catalog in {self.path} has malformed records (size mismatch)")
@@ -315,11 +342,17 @@ class DiskCatalog:
         nslabs = (geo.num_slots + geo.slots_per_slab - 1) // geo.slots_per_slab
         sizes = np.zeros(nslabs, np.int64)
         for i in np.unique(slab).tolist():
-            try:
-                sizes[i] = os.stat(slab_path(self.path, i)).st_size
-            except FileNotFoundError:
-                sizes[i] = -1
+            shard_sizes = []
+            for d in self.slab_dirs:  # a block needs its bytes in every shard's slab
+                try:
+                    shard_sizes.append(os.stat(slab_path(d, i)).st_size)
+                except FileNotFoundError:
+                    shard_sizes.append(-1)
+            sizes[i] = min(shard_sizes)
         bad |= end > sizes[slab]
+        if self._db_shards is not None:
+            want = 4 * self.shards
+            bad |= np.array([len(shard_raw.get(k, b"")) != want for k in keys], dtype=bool)
         # Duplicate slots: keep the newest record of each slot.
         order = np.lexsort((-recs["created_us"].astype(np.int64), slot))
         dup = np.zeros(len(recs), bool)
@@ -331,10 +364,15 @@ class DiskCatalog:
         bad |= dup
         good = np.flatnonzero(~bad)
         drop = np.flatnonzero(bad)
-        if len(drop):
+        if len(drop) or (self._db_shards is not None and len(shard_raw) > len(good)):
+            good_set = {keys[i] for i in good.tolist()}
             with self.env.begin(write=True, db=self._db_blocks) as txn:
                 for i in drop.tolist():
                     txn.delete(keys[i])
+                if self._db_shards is not None:  # also shard entries without a (valid) record
+                    for k in shard_raw:
+                        if k not in good_set:
+                            txn.delete(k, db=self._db_shards)
             self._count("dropped_at_open", len(drop))
             log.warning("disk tier %s: dropped %d incomplete or invalid catalog records at open", self.path, len(drop))
         g = recs[good]
@@ -345,6 +383,10 @@ class DiskCatalog:
         self._created[gs] = g["created_us"]
         self._access[gs] = g["access_us"]
         self._hits[gs] = g["hits"]
+        if self._shard_crc is not None and len(good):
+            self._shard_crc[gs] = np.frombuffer(
+                b"".join(shard_raw[keys[i]] for i in good.tolist()), dtype="<u4"
+            ).reshape(len(good), self.shards)
         good_keys = [keys[i] for i in good.tolist()]
         slots_list = gs.tolist()
         self._index = dict(zip(good_keys, slots_list, strict=True))
@@ -413,6 +455,21 @@ class DiskCatalog:
             "hits": int(self._hits[slot]),
         }
 
+    def shard_crcs(self, slot: int) -> list[int]:
+        """CRC32C of each shard of the block in an occupied ``slot`` (one value when not sharded)."""
+        if self._shard_crc is None:
+            return [int(self._crc[slot])]
+        return self._shard_crc[slot].tolist()
+
+    def is_reserved(self, key: bytes) -> bool:
+        """True while ``key`` holds a slot from :meth:`reserve` not yet committed or aborted."""
+        return key in self._pending
+
+    @property
+    def reserved(self) -> int:
+        """Slots reserved and not yet committed or aborted."""
+        return len(self._pending)
+
     def keys(self) -> list[bytes]:
         """Hashes of all committed blocks."""
         return list(self._index)
@@ -427,14 +484,15 @@ class DiskCatalog:
 
     # ---- storing ----
 
-    def reserve(self, keys: Sequence[bytes]) -> list[int]:
+    def reserve(self, keys: Sequence[bytes], evicted: list[bytes] | None = None) -> list[int]:
         """Pick a free slot for each key, evicting (and durably un-listing) victims as needed.
 
         Returns one slot per key, or -1 where the key is already stored or being stored, repeats
         an earlier key of the batch, or no slot can be freed (everything pinned or in flight).
         Victims' records are deleted in one committed txn before this returns (write ordering);
         if that txn fails the victims stay listed and their slots are not handed out.
-        Every slot returned must later go to :meth:`commit` or :meth:`abort`.
+        Every slot returned must later go to :meth:`commit` or :meth:`abort`. The keys of the
+        victims whose eviction was committed are appended to ``evicted`` when given.
         """
         out: list[int] = []
         victims: list[tuple[int, bytes]] = []
@@ -464,6 +522,8 @@ class DiskCatalog:
                 with self.env.begin(write=True) as txn:
                     for _, vk in victims:
                         txn.delete(vk, db=self._db_blocks)
+                        if self._db_shards is not None:
+                            txn.delete(vk, db=self._db_shards)
                     self._flush_dirty(txn)
             except (lmdb.Error, OSError) as e:
                 log.error("disk tier %s: cannot commit %d evictions (%s): not storing over them",
@@ -482,6 +542,8 @@ class DiskCatalog:
                 self._count("evictions", len(victims))
                 for s, _ in victims:
                     self._len[s] = 0
+                if evicted is not None:
+                    evicted.extend(vk for _, vk in victims)
         return out
 
     def commit(
@@ -493,8 +555,12 @@ class DiskCatalog:
         ok: Sequence[bool],
         ns: int,
         parents: Sequence[bytes | None] | None = None,
+        shard_crcs: Sequence[Sequence[int]] | None = None,
     ) -> list[bool]:
         """Publish the writes that succeeded (one txn) and free the slots of those that did not.
+
+        A sharded catalog needs ``shard_crcs``: per key, the CRC32C of each shard (``crcs`` is then
+        ignored: the record holds shard 0's).
 
         Returns, per key, whether it is now stored. A catalog commit failure (disk full, map
         full) makes every write of the batch "not stored", counted and logged; it never raises.
@@ -504,6 +570,13 @@ class DiskCatalog:
         good = np.flatnonzero(okm)
         sl = np.asarray(slots, dtype=np.int64).reshape(n)
         gs = sl[good]
+        shard = None
+        if self._shard_crc is not None:
+            if shard_crcs is None or len(shard_crcs) != n:
+                raise InvalidArgumentError(f"commit: a catalog of {self.shards} shards needs shard_crcs per key")
+            shard = np.asarray(shard_crcs, dtype=np.uint32).reshape(n, self.shards)[good]
+            crcs = np.zeros(n, np.uint32)
+            crcs[good] = shard[:, 0]
         recs = np.zeros(len(good), RECORD_DTYPE)
         recs["version"] = 1
         recs["crc"] = np.asarray(crcs, dtype=np.uint32).reshape(n)[good]
@@ -521,6 +594,10 @@ class DiskCatalog:
                     txn.cursor(db=self._db_blocks).putmulti(
                         [(keys[i], raw[j * sz : (j + 1) * sz]) for j, i in enumerate(gl)]
                     )
+                    if shard is not None:
+                        txn.cursor(db=self._db_shards).putmulti(
+                            [(keys[i], shard[j].astype("<u4").tobytes()) for j, i in enumerate(gl)]
+                        )
                 self._flush_dirty(txn)
             committed = True
         except (lmdb.Error, OSError) as e:
@@ -536,6 +613,8 @@ class DiskCatalog:
             self._created[gs] = recs["created_us"]
             self._access[gs] = recs["access_us"]
             self._hits[gs] = 0
+            if shard is not None:
+                self._shard_crc[gs] = shard
             for i in gl:
                 stored[i] = True
         for i, k in enumerate(keys):
@@ -616,6 +695,8 @@ class DiskCatalog:
             with self.env.begin(write=True) as txn:
                 for k, _ in slots:
                     txn.delete(k, db=self._db_blocks)
+                    if self._db_shards is not None:
+                        txn.delete(k, db=self._db_shards)
                 self._flush_dirty(txn)
         except (lmdb.Error, OSError) as e:
             # The records stay on disk; their slots may be rewritten: the CRC check on a later

@@ -9,6 +9,7 @@ from typing import Any
 from kvbm.errors import ConfigError, UnsupportedError
 from kvbm.hashing import Namespace
 from kvbm.integrations.vllm.config import SOURCE, ConnectorConfig
+from kvbm.integrations.vllm.disk import disk_slot_bytes
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class Geometry:
     block_size: int
     slot_bytes: int  # one block, all layers, one rank
     num_host_slots: int
-    disk_capacity_blocks: int
+    disk_capacity_blocks: int  # disk slots (a block's bytes rounded up to 4096) per rank
     tp_world: int
     namespace: Namespace  # the logical namespace (tp_rank 0): the scheduler's index keys
 
@@ -64,7 +65,7 @@ def geometry(vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig) -> Ge
         block_size=int(spec.block_size),
         slot_bytes=slot_bytes,
         num_host_slots=num_host_slots,
-        disk_capacity_blocks=(k.disk_capacity_bytes // slot_bytes) if k.disk_path else 0,
+        disk_capacity_blocks=(k.disk_capacity_bytes // disk_slot_bytes(slot_bytes)) if k.disk_path else 0,
         tp_world=tp,
         namespace=ns,
     )

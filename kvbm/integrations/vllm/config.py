@@ -21,15 +21,13 @@ SOURCE = "kv_connector_extra_config"
 
 #: KvbmConfig keys the connector honours.
 KVBM_KEYS = ("host_capacity_bytes", "host_pinned", "eviction_policy", "hash_algorithm", "checksums",
-             "index_initial_capacity", "disk_path", "disk_capacity_bytes", "disk_write_policy")
+             "index_initial_capacity", "disk_path", "disk_capacity_bytes", "disk_write_policy",
+             "disk_durability", "disk_io_threads", "disk_o_direct")
 #: KvbmConfig keys that are valid elsewhere but not here, with the reason.
 NOT_HERE = {
     "block_size": "vLLM's block size is used",
     "block_bytes": "the block size in bytes comes from vLLM's KV cache layout",
     "metrics_port": "use vLLM's own metrics (external prefix cache hits by tier) and KV events",
-    "disk_durability": "the connector's disk tier writes files and renames them (no fsync)",
-    "disk_io_threads": "the connector's disk tier uses one writer thread per worker",
-    "disk_o_direct": "the connector's disk tier uses buffered IO",
 }
 
 
@@ -39,8 +37,9 @@ class ConnectorConfig:
 
     Attributes:
         kvbm: the validated :class:`kvbm.KvbmConfig` (capacities are per worker, i.e. per
-            tensor-parallel rank). The disk tier is write-through: every block stored to host
-            is also written to disk in the background, so an evicted block stays loadable.
+            tensor-parallel rank). The disk tier is write-through by default: every block stored
+            to host is also written to disk in the background; with ``disk_write_policy:
+            write_behind`` blocks are written to disk when the host tier evicts them.
         model_id: identity of the model in the block namespace; defaults to vLLM's model name or
             path. Set it when the same weights are served from different paths.
         store_decode_blocks: also offload full blocks produced during decode (not only prompt).
@@ -109,9 +108,6 @@ class ConnectorConfig:
             kcfg = KvbmConfig.from_dict(data, source=SOURCE)
         except ConfigError as e:
             raise ConfigError(f"{SOURCE}: {e}") from None
-        if kcfg.disk_write_policy != "write_through":
-            raise ConfigError(f"{SOURCE}['disk_write_policy']: the vLLM connector writes through to disk; "
-                              f"got {kcfg.disk_write_policy!r}")
         if kcfg.disk_path is not None and kcfg.disk_capacity_bytes <= 0:
             raise ConfigError(f"{SOURCE}['disk_capacity_bytes']: must be > 0 when disk_path is set")
         return cls(kvbm=kcfg, **kw)

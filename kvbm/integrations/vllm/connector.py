@@ -258,3 +258,5 @@ class KvbmConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._sched is not None:
+            self._sched.shutdown()

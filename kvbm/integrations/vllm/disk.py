@@ -1,170 +1,209 @@
-"""The disk tier of the vLLM connector: one verified file per block and rank.
+"""The disk tier of the vLLM connector: kvbm's disk tier (slab files + LMDB catalog), split in two.
 
-Layout: ``<disk_path>/<rank namespace digest>/<hh>/<hash>.kvb``; each file is a header
-(magic, block hash, namespace, payload length, CRC32C of the payload) followed by the rank's
-bytes of the block. Files are written to a temporary name, flushed and renamed, so a file with
-the final name is complete (data first, then the name acts as the catalog commit); a reader
-re-verifies hash, namespace, length and checksum, and a mismatch is a load error (the block is
-recomputed by vLLM), never served.
+Note [Connector disk tier]
+--------------------------
+The scheduler process owns the catalog (:class:`kvbm.tiers.disk.DiskCatalog`: which block is in
+which slot, free slots, eviction, the lock file); every tensor-parallel rank owns the slab files of
+its shard of every block (:class:`kvbm._native.DiskStore`) and reads/writes them by slot number.
+A block has the same slot on every rank. Layout under ``disk_path``::
 
-The scheduler rebuilds its disk index at start-up by listing the files (names and sizes only,
-no reads): a block counts as present when every rank has its file.
+    <ns0>/LOCK, <ns0>/catalog/   the catalog of this model and geometry (flock'ed by the scheduler)
+    <ns0>/slab-NNNNN.kvbm        rank 0's shard of every block
+    <nsR>/slab-NNNNN.kvbm        rank R's shard (tensor parallelism)
+
+``<nsR>`` is the hex digest of the namespace rank R stores under (model, dtype, layout, block size,
+TP size and rank, ...), so ``<ns0>`` is a standard kvbm disk tier directory (``kvbm inspect
+disk_path/<ns0>``; ``kvbm inspect disk_path`` finds it when there is one) and engines of other
+models or geometries sharing ``disk_path`` get their own catalogs.
+
+Crash consistency (issue 4's write ordering, across processes):
+
+1. *Evict first*: the scheduler reserves slots (``DiskCatalog.reserve``); victims are deleted from
+   the catalog in a committed txn before the store plan naming the slot leaves the scheduler.
+2. *Data next*: each rank writes its shard into the slot (CRC32C computed on the way; synced as
+   ``disk_durability`` says before the write reports done) and reports ``(hash, crc)``.
+3. *Catalog last*: once every rank reported, the scheduler commits the record (one txn per step),
+   with every rank's CRC (record: rank 0's; db "shards": all, when TP > 1). A write that failed on
+   any rank is aborted after all ranks reported, so a slot is never reused under a write in flight.
+
+Loads carry each rank's expected CRC; a rank whose bytes do not verify reports a load error (vLLM
+recomputes the block) and the scheduler drops the block from the catalog. At start-up the scheduler
+reopens the catalog (no directory scan); records whose slab bytes cannot be complete on some rank
+are dropped there.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
-import queue
-import struct
-import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from kvbm._native import crc32c
-from kvbm.errors import ChecksumError, StorageIOError
+from kvbm.errors import ConfigError
+from kvbm.tiers.disk import ALIGNMENT, DiskCatalog, namespace_fingerprint
 
-MAGIC = b"KVBMBLK1"
-_HEADER = struct.Struct("<8s16s16sQI4x")
-HEADER_BYTES = _HEADER.size
+logger = logging.getLogger("kvbm.vllm")
+
+#: Slab file size (slots per slab = this // disk slot size); both halves derive it identically.
+SLAB_BYTES = 1 << 30
+_SYNC_MODE = {"none": 0, "batch": 1, "always": 2}
+
+
+def disk_slot_bytes(slot_bytes: int) -> int:
+    """A block's slot on disk: its bytes rounded up to the O_DIRECT alignment (4096)."""
+    return -(-slot_bytes // ALIGNMENT) * ALIGNMENT
+
+
+def slots_per_slab(slot_bytes: int) -> int:
+    return max(1, SLAB_BYTES // disk_slot_bytes(slot_bytes))
 
 
 def rank_dir(disk_path: str, rank_namespace: bytes) -> str:
-    """A rank's directory: named by the digest of the namespace the rank stores under."""
+    """A rank's slab directory, named by the digest of the namespace the rank stores under; rank 0's
+    also holds the catalog."""
     return os.path.join(disk_path, rank_namespace.hex())
 
 
-def block_path(rdir: str, h: bytes) -> str:
-    hx = h.hex()
-    return os.path.join(rdir, hx[:2], hx + ".kvb")
-
-
-def scan(disk_path: str, rank_namespaces: list[bytes], payload_bytes: int) -> list[bytes]:
-    """Hashes whose files exist, with the right size, for every rank; oldest first."""
-    per_rank: list[dict[bytes, float]] = []
-    want = HEADER_BYTES + payload_bytes
-    for ns in rank_namespaces:
-        found: dict[bytes, float] = {}
-        rdir = rank_dir(disk_path, ns)
-        if os.path.isdir(rdir):
-            for sub in os.scandir(rdir):
-                if not sub.is_dir():
-                    continue
-                for f in os.scandir(sub.path):
-                    if not f.name.endswith(".kvb"):
-                        continue
-                    try:
-                        st = f.stat()
-                        h = bytes.fromhex(f.name[:-4])
-                    except (OSError, ValueError):
-                        continue
-                    if st.st_size == want and len(h) == 16:
-                        found[h] = st.st_mtime
-        per_rank.append(found)
-    common = set(per_rank[0]).intersection(*per_rank[1:]) if per_rank else set()
-    return sorted(common, key=lambda h: per_rank[0][h])
-
-
-def write_block(path: str, h: bytes, namespace: bytes, payload: np.ndarray) -> None:
-    """Write one block file atomically (temp file + rename). Raises StorageIOError."""
-    mv = memoryview(payload).cast("B")
-    header = _HEADER.pack(MAGIC, h, namespace, len(mv), crc32c(mv))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(mv)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise StorageIOError(f"writing block file {path}: {e}") from e
-
-
-def read_block(path: str, h: bytes, namespace: bytes, out: np.ndarray, verify: bool = True) -> None:
-    """Read one block file into ``out`` (uint8, exactly the payload size), verifying it.
+def open_catalog(disk_path: str, rank_namespaces: Sequence[bytes], slot_bytes: int, num_slots: int,
+                 durability: str, eviction: str) -> DiskCatalog:
+    """Open (or create) the catalog of this engine's blocks, in rank 0's directory.
 
     Raises:
-        StorageIOError: the file is missing or unreadable.
-        ChecksumError: header, length or checksum do not match (the bytes must not be used).
+        ConfigError: the directory holds a catalog of another slot size or TP degree, or cannot be
+            created or written.
+        StorageIOError: another process holds the catalog.
     """
-    try:
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(HEADER_BYTES)
-            if len(head) != HEADER_BYTES:
-                raise ChecksumError(f"{path}: truncated header")
-            magic, fh, fns, length, crc = _HEADER.unpack(head)
-            if magic != MAGIC or fh != h or fns != namespace:
-                raise ChecksumError(f"{path}: header does not match block {h.hex()[:16]} / namespace")
-            if length != out.nbytes:
-                raise ChecksumError(f"{path}: payload is {length} bytes, expected {out.nbytes}")
-            mv = memoryview(out).cast("B")
-            got = f.readinto(mv)
-            if got != length:
-                raise ChecksumError(f"{path}: truncated payload ({got} of {length} bytes)")
-    except FileNotFoundError as e:
-        raise StorageIOError(f"block file {path} is missing") from e
-    except OSError as e:
-        raise StorageIOError(f"reading block file {path}: {e}") from e
-    if verify and crc32c(mv) != crc:
-        raise ChecksumError(f"{path}: checksum mismatch for block {h.hex()[:16]}")
+    dirs = [rank_dir(disk_path, ns) for ns in rank_namespaces]
+    for d in dirs:
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"disk_path {disk_path!r}: cannot create {d}: {e.strerror}") from e
+    cat = DiskCatalog(dirs[0], slot_bytes=disk_slot_bytes(slot_bytes), num_slots=num_slots, slab_bytes=SLAB_BYTES,
+                      durability=durability, eviction=eviction, shards=len(dirs), slab_dirs=dirs)
+    if cat.geometry.slots_per_slab != slots_per_slab(slot_bytes):
+        cat.close()
+        raise ConfigError(f"disk dir {dirs[0]} was created with {cat.geometry.slots_per_slab} slots per slab; the "
+                          f"vLLM connector uses {slots_per_slab(slot_bytes)}: use another disk_path")
+    return cat
 
 
-class DiskWriter:
-    """A background thread that writes host slots through to disk and deletes evicted files.
+def catalog_namespace(namespace_digest: bytes) -> int:
+    """The namespace fingerprint stored in the catalog's records."""
+    return namespace_fingerprint(namespace_digest)
 
-    Operations run in submission order. ``drain()`` returns ``(written, failed)`` hashes since
-    the last call; ``flush()`` waits until everything submitted so far is done.
+
+def aligned_rows(n: int, row_bytes: int) -> np.ndarray:
+    """An uninitialised ``[n, row_bytes]`` uint8 array starting on a 4096-byte boundary (O_DIRECT)."""
+    raw = np.empty(n * row_bytes + ALIGNMENT, np.uint8)
+    off = (-raw.ctypes.data) % ALIGNMENT
+    return raw[off:off + n * row_bytes].reshape(n, row_bytes)
+
+
+@dataclass
+class _Write:
+    handle: Any
+    hashes: list[bytes]
+    keep: Any = None  # buffers the IO threads read from
+
+
+@dataclass
+class ReadResult:
+    ok: list[bool]
+    checksum_failed: list[bool]
+    messages: list[str] = field(default_factory=list)
+
+
+class RankDisk:
+    """One rank's slab files: slot writes and verified slot reads (no catalog, no hashes on disk).
+
+    Raises (constructor): ConfigError when the directory cannot be created or opened.
     """
 
-    def __init__(self, rdir: str, namespace: bytes, read_slot: Callable[[int], np.ndarray]) -> None:
-        self.rdir = rdir
-        self.namespace = namespace
-        self._read_slot = read_slot
-        self._q: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._written: list[bytes] = []
-        self._failed: list[bytes] = []
-        self._thread = threading.Thread(target=self._run, name="kvbm-disk-writer", daemon=True)
-        self._thread.start()
+    def __init__(self, disk_path: str, rank_namespace: bytes, slot_bytes: int, num_slots: int, *,
+                 io_threads: int, o_direct: bool, durability: str, verify: bool) -> None:
+        from kvbm import _native
 
-    def write(self, h: bytes, slot: int) -> None:
-        self._q.put(("w", h, slot))
+        self.dir = rank_dir(disk_path, rank_namespace)
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"disk_path {disk_path!r}: cannot create {self.dir}: {e.strerror}") from e
+        self.length = slot_bytes
+        self.slot_bytes = disk_slot_bytes(slot_bytes)
+        self.store = _native.DiskStore(self.dir, self.slot_bytes, num_slots, slots_per_slab(slot_bytes), io_threads,
+                                       bool(o_direct), False, True)
+        if o_direct and not self.store.o_direct_active:
+            msg = (f"kvbm disk tier {self.dir}: the file system refused O_DIRECT ({self.store.fallback_reason}); "
+                   "using buffered IO (page cache) instead")
+            logger.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if self.store.prealloc_error:
+            logger.warning("kvbm disk tier %s: slabs not preallocated (%s); they grow as written", self.dir,
+                           self.store.prealloc_error)
+        self.sync = _SYNC_MODE[durability]
+        self.verify = verify
+        self._writes: list[_Write] = []
 
-    def write_buffer(self, h: bytes, payload: np.ndarray) -> None:
-        """Write ``payload`` (owned by the writer from now on) as block ``h``."""
-        self._q.put(("b", h, payload))
+    def write(self, hashes: list[bytes], slots: list[int], sources: list[Any], keep: Any = None) -> None:
+        """Start writing ``sources[i]`` (an int address of ``length`` bytes, or a buffer) into ``slots[i]``.
 
-    def delete(self, h: bytes) -> None:
-        self._q.put(("d", h, 0))
+        The outcome is reported by :meth:`poll` (per hash: written with its CRC32C, or failed).
+        """
+        if not hashes:
+            return
+        h = self.store.write(slots, sources, [self.length] * len(slots), self.sync)
+        self._writes.append(_Write(h, hashes, keep))
 
-    def drain(self) -> tuple[list[bytes], list[bytes]]:
-        with self._lock:
-            w, f = self._written, self._failed
-            self._written, self._failed = [], []
-        return w, f
-
-    def flush(self) -> None:
-        self._q.join()
-
-    def _run(self) -> None:
-        while True:
-            op, h, slot = self._q.get()
-            try:
-                path = block_path(self.rdir, h)
-                if op in ("w", "b"):
-                    try:
-                        data = self._read_slot(slot) if op == "w" else slot
-                        write_block(path, h, self.namespace, data)
-                        ok = True
-                    except StorageIOError:
-                        ok = False
-                    with self._lock:
-                        (self._written if ok else self._failed).append(h)
+    def poll(self, wait: bool = False) -> tuple[dict[bytes, int], list[bytes]]:
+        """Finished writes since the last call: ``({hash: crc32c}, [failed hashes])``."""
+        written: dict[bytes, int] = {}
+        failed: list[bytes] = []
+        pending: list[_Write] = []
+        for w in self._writes:
+            if not wait and not w.handle.done():
+                pending.append(w)
+                continue
+            w.handle.wait()
+            codes, crcs, _, msgs = w.handle.results()
+            bad = [m for c, m in zip(codes.tolist(), msgs, strict=True) if c != 0]
+            if bad:
+                logger.error("kvbm: disk tier %s: %d of %d block writes failed (not stored): %s", self.dir,
+                             len(bad), len(codes), bad[0])
+            for h, c, crc in zip(w.hashes, codes.tolist(), crcs.tolist(), strict=True):
+                if c == 0:
+                    written[h] = int(crc)
                 else:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
-            finally:
-                self._q.task_done()
+                    failed.append(h)
+        self._writes = pending
+        return written, failed
+
+    def wait_all(self) -> None:
+        """Block until every write started so far has finished (outcomes stay for :meth:`poll`)."""
+        for w in self._writes:
+            w.handle.wait()
+
+    @property
+    def writes_in_flight(self) -> int:
+        return sum(len(w.hashes) for w in self._writes)
+
+    def read(self, slots: list[int], crcs: list[int], rows: np.ndarray) -> ReadResult:
+        """Read ``slots`` into ``rows[i]`` (``length`` bytes each), verifying CRC32C against ``crcs``."""
+        from kvbm import _native
+
+        h = self.store.read(slots, [rows[i, :self.length] for i in range(len(slots))], [self.length] * len(slots),
+                            crcs, self.verify)
+        h.wait()
+        codes, _, _, msgs = h.results()
+        c = codes.tolist()
+        return ReadResult([x == 0 for x in c], [x == int(_native.DISK_CODE_CHECKSUM) for x in c],
+                          [m for x, m in zip(c, msgs, strict=True) if x != 0])
+
+    def close(self) -> None:
+        """Wait for writes in flight (their outcome is lost) and close the slab files."""
+        self.poll(wait=True)
+        self.store.close()

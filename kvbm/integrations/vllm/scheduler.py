@@ -57,21 +57,28 @@ class KvbmScheduler:
         self.cfg = cfg
         self.geo = geo
         self.bs = geo.block_size
-        self.index = TierIndex(cfg.kvbm, geo.slot_bytes, geo.disk_capacity_blocks, geo.tp_world)
+        catalog = None
+        if cfg.disk_path:
+            k = cfg.kvbm
+            catalog = disk.open_catalog(cfg.disk_path, [geo.rank_namespace(r).digest for r in range(geo.tp_world)],
+                                        geo.slot_bytes, geo.disk_capacity_blocks, k.disk_durability,
+                                        k.eviction_policy)
+        self.index = TierIndex(cfg.kvbm, geo.slot_bytes, catalog, geo.tp_world,
+                               disk.catalog_namespace(geo.namespace.digest))
+        # write_behind: blocks go to disk when the host tier evicts them (and straight to disk
+        # when no host slot is free); write_through: every stored block is also written to disk.
+        self.write_behind = catalog is not None and cfg.kvbm.disk_write_policy == "write_behind"
+        self.index.keep_host_victims = self.write_behind
         self._reqs: dict[str, _Req] = {}
         self._loads: list[LoadOp] = []
-        self._deletes: list[bytes] = []
         self._event_info: dict[bytes, tuple[bytes | None, list[int], str | None]] = {}
         self.lookup_stats = LookupStats()
         self.async_load_reqs = 0  # requests whose hit was loaded asynchronously
         self.async_load_blocks = 0
-        if cfg.disk_path:
-            rank_digests = [geo.rank_namespace(r).digest for r in range(geo.tp_world)]
-            found = disk.scan(cfg.disk_path, rank_digests, geo.slot_bytes)
-            over = self.index.adopt_disk(found)
-            self._deletes.extend(over)
-            logger.info("kvbm: disk tier %s holds %d blocks of this namespace (%d over capacity)",
-                        cfg.disk_path, len(found), len(over))
+        if catalog is not None:
+            logger.info("kvbm: disk tier %s holds %d blocks of this namespace (catalog reopened in %.3f s, "
+                        "%d records dropped at open)", catalog.path, len(catalog), catalog.rebuild_seconds,
+                        catalog.counters["dropped_at_open"])
 
     # -- per-request hashing ---------------------------------------------------------------
     def _req(self, request: Any) -> _Req | None:
@@ -135,9 +142,13 @@ class KvbmScheduler:
         hashes = st.hashes[st.local_blocks:st.local_blocks + n]
         assert len(tiers) == n == len(hashes), "external hit changed between lookup and allocation"
         for i, (h, tier) in enumerate(zip(hashes, tiers)):
-            slot = self.index.host_slot(h) if tier == "host" else -1
+            crcs: tuple[int, ...] = ()
+            if tier == "host":
+                slot = self.index.host_slot(h)
+            else:
+                slot, crcs = self.index.disk_load(h)
             self._loads.append(LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id,
-                                      self.cfg.async_load))
+                                      self.cfg.async_load, crcs))
         if self.cfg.async_load:
             # vLLM keeps the request in WAITING_FOR_REMOTE_KVS until the workers report it finished.
             self.async_load_reqs += 1
@@ -153,8 +164,7 @@ class KvbmScheduler:
 
     def build_connector_meta(self, so: Any) -> KvbmConnectorMetadata:
         stores: list[StoreOp] = []
-        deletes = self._deletes
-        self._deletes = []
+        to_disk: list[tuple[StoreOp, bytes | None]] = []  # disk slots are reserved in one batch below
         todo: list[tuple[_Req, int]] = []
         for nr in so.scheduled_new_reqs:
             st = self._reqs.get(nr.req_id)
@@ -190,23 +200,41 @@ class KvbmScheduler:
                     continue
                 parent = hashes[idx - 1] if idx else None
                 slot = self.index.prepare_host(h, parent)
-                to_disk = disk_on and not in_disk and self.index.prepare_disk(h, parent, deletes)
-                if slot is None:
-                    # Every host slot is pinned by in-flight disk writes: write this block to
-                    # disk straight from vLLM's buffer (the worker copies it out first).
-                    if not to_disk:
-                        continue
-                    slot = -1
-                elif to_disk:
-                    self.index.pin_for_disk_write(h)
-                stores.append(StoreOp(st.block_ids[idx], slot, h, to_disk, req.request_id))
+                want_disk = disk_on and not in_disk and (slot is None or not self.write_behind)
+                if slot is None and not want_disk:
+                    continue
+                # slot None: every host slot is pinned by in-flight disk writes: write this block
+                # to disk straight from vLLM's buffer (the worker copies it out first).
+                op = StoreOp(st.block_ids[idx], -1 if slot is None else slot, h, want_disk, req.request_id)
+                stores.append(op)
+                if want_disk:
+                    to_disk.append((op, parent))
                 if len(self._event_info) < _MAX_PENDING_EVENTS:
                     lora = getattr(req, "lora_request", None)
                     self._event_info[h] = (hashes[idx - 1] if idx else None,
                                            list(req.all_token_ids[idx * self.bs:(idx + 1) * self.bs]),
                                            getattr(lora, "lora_name", None))
             st.stored_upto = full
-        meta = KvbmConnectorMetadata(loads=self._loads, stores=stores, disk_deletes=deletes)
+        demotes: list[StoreOp] = []
+        if self.write_behind:
+            # Host victims of this step: their slots are reused by this step's stores, so the
+            # worker copies them out first; they are on disk once every rank reported the write.
+            for v, parent, hslot in self.index.host_victims:
+                if not self.index.has(v)[1]:
+                    op = StoreOp(-1, hslot, v, True)
+                    demotes.append(op)
+                    to_disk.append((op, parent))
+            self.index.host_victims.clear()
+        if to_disk:
+            slots = self.index.reserve_disk([(op.block_hash, parent) for op, parent in to_disk])
+            for (op, _), ds in zip(to_disk, slots, strict=True):
+                op.disk_slot = ds
+                op.to_disk = ds >= 0
+                if op.to_disk and op.slot >= 0 and op.block_id >= 0:
+                    self.index.pin_for_disk_write(op.block_hash)
+            stores = [op for op in stores if op.slot >= 0 or op.to_disk]
+            demotes = [op for op in demotes if op.to_disk]
+        meta = KvbmConnectorMetadata(loads=self._loads, stores=stores, demotes=demotes)
         self._loads = []
         return meta
 
@@ -218,22 +246,23 @@ class KvbmScheduler:
             idx.complete_host(h, n, ok=False)
         for h, n in meta.stored.items():
             idx.complete_host(h, n, ok=True)
-        for h, n in meta.disk_failed.items():
-            idx.complete_disk(h, n, ok=False)
-        for h, n in meta.disk_written.items():
-            idx.complete_disk(h, n, ok=True)
+        if meta.disk_written or meta.disk_failed:
+            idx.complete_disk(meta.disk_written, meta.disk_failed, meta.disk_crcs)
         for h in meta.load_failed:
             # The block failed verification (or could not be read) on some rank: forget it
-            # everywhere and delete the files, so it is recomputed and stored afresh.
-            idx.drop(h)
+            # everywhere (its catalog record is deleted), so it is recomputed and stored afresh.
+            idx.drop(h, "checksum_failures" if h in meta.load_corrupt else "read_errors")
             idx.stats.failed_loads += 1
-            self._deletes.append(h)
 
     def request_finished(self, request: Any) -> None:
         # Stores are synchronous within the step that computed the block, so nothing is in
         # flight that still reads this request's vLLM blocks; vLLM itself keeps the blocks of a
         # request finished during an asynchronous load until the workers report that load done.
         self._reqs.pop(request.request_id, None)
+
+    def shutdown(self) -> None:
+        """Close the disk catalog (access times and counters written, lock released)."""
+        self.index.close()
 
     def take_events(self) -> Iterable[Any]:
         from vllm.distributed.kv_events import BlockRemoved, BlockStored

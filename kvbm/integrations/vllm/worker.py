@@ -26,7 +26,7 @@ Nothing is copied on vLLM's forward stream and nothing waits on the host before 
   attention, whose KV update wrote the layer) records an event on the forward stream; the save
   stream waits for it and gathers that layer of the step's planned blocks into their host slots.
   ``wait_for_save`` gathers whatever was not saved per layer, then waits for the save stream on
-  the host: vLLM may reuse the blocks afterwards, and the disk writer reads the slots.
+  the host: vLLM may reuse the blocks afterwards, and the disk writes read the slots.
 - A host slot that a load still reads is not overwritten: stores into it wait for the load's
   event on the GPU (CPU platform: the host waits for the load thread). Stores into a slot read
   by a load of the same step are done in ``wait_for_save``, after that load was queued.
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from kvbm.copy import TransferHandle, gather, scatter, slot_addresses
-from kvbm.errors import ChecksumError, InternalError, KvbmError, StorageIOError, UnsupportedError
+from kvbm.errors import InternalError, KvbmError, UnsupportedError
 from kvbm.integrations.vllm import disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
@@ -75,6 +75,10 @@ class _LoadJob:
     failed: list[LoadOp] = field(default_factory=list)
     error: BaseException | None = None
     keep: list[Any] = field(default_factory=list)  # buffers the copies read, until they are done
+    disk_slots: set[int] = field(init=False, default_factory=set)  # disk slots the job reads
+
+    def __post_init__(self) -> None:
+        self.disk_slots = {op.slot for op in self.ops if op.tier == "disk"}
 
     def poll(self) -> bool:
         """True once every part finished (successfully or not); never waits."""
@@ -121,7 +125,7 @@ def _tp_rank() -> int:
 
 
 class KvbmWorker:
-    """Host arena + disk files of one tensor-parallel rank."""
+    """Host arena + disk slab files of one tensor-parallel rank."""
 
     def __init__(self, cfg: ConnectorConfig, geo: Geometry, num_blocks: int) -> None:
         self.cfg = cfg
@@ -133,8 +137,9 @@ class KvbmWorker:
         self._cuda = False
         self._slot_addrs = np.empty(0, dtype=np.uint64)
         self.arena: torch.Tensor | None = None
-        self.writer: disk.DiskWriter | None = None
+        self.disk: disk.RankDisk | None = None
         self.rdir: str | None = None
+        self._corrupt: set[bytes] = set()  # disk loads that failed their checksum, not yet reported
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests with a load error in this step
         self._meta = KvbmWorkerMetadata()
@@ -192,9 +197,12 @@ class KvbmWorker:
         self._load_ranges = ([range(i, i + 1) for i in range(n_layers)] if self.layerwise
                              else [range(0, n_layers)])
         if self.cfg.disk_path:
-            self.rdir = disk.rank_dir(self.cfg.disk_path, self.ns_digest)
-            self.writer = disk.DiskWriter(self.rdir, self.ns_digest, lambda s: arena_np[s])
-            atexit.register(self.writer.flush)
+            k = self.cfg.kvbm
+            self.disk = disk.RankDisk(self.cfg.disk_path, self.ns_digest, self.geo.slot_bytes,
+                                      self.geo.disk_capacity_blocks, io_threads=k.disk_io_threads,
+                                      o_direct=k.disk_o_direct, durability=k.disk_durability, verify=k.checksums)
+            self.rdir = self.disk.dir
+            atexit.register(self.disk.close)
         logger.info("kvbm: rank %d registered %d layers, %d bytes/block, %d host slots (%s), disk %s, %s copies",
                     self.rank, len(kv_caches), self.layout.block_bytes, self.geo.num_host_slots,
                     "pinned" if pin else "pageable", self.rdir, "layer-wise" if self.layerwise else "whole-block")
@@ -226,14 +234,11 @@ class KvbmWorker:
         addrs = [self._slot_addrs[np.asarray([op.slot for op in host], dtype=np.int64)]]
         ok, failed, rows = list(host), [], None
         if on_disk:
-            rows = np.empty((len(on_disk), self.geo.slot_bytes), dtype=np.uint8)
-            good = []
-            for i, op in enumerate(on_disk):
-                if self._read_disk(op, rows[i]):
-                    ok.append(op)
-                    good.append(i)
-                else:
-                    failed.append(op)
+            # 4096-aligned rows: O_DIRECT reads land in place.
+            rows = disk.aligned_rows(len(on_disk), disk.disk_slot_bytes(self.geo.slot_bytes))
+            good = self._read_disk(on_disk, rows)
+            ok += [on_disk[i] for i in good]
+            failed += [op for i, op in enumerate(on_disk) if i not in set(good)]
             addrs.append(slot_addresses(rows)[np.asarray(good, dtype=np.int64)])
         return ok, np.concatenate(addrs).astype(np.uint64), failed, rows
 
@@ -247,16 +252,21 @@ class KvbmWorker:
         handles = [self._copy(False, [op.block_id for op in ok], addrs, stream)] if ok else []
         return failed, handles, rows
 
-    def _read_disk(self, op: LoadOp, row: np.ndarray) -> bool:
-        assert self.rdir is not None
-        path = disk.block_path(self.rdir, op.block_hash)
-        try:
-            disk.read_block(path, op.block_hash, self.ns_digest, row, self.cfg.kvbm.checksums)
-        except (ChecksumError, StorageIOError) as e:
-            logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s",
-                           self.rank, op.block_hash.hex()[:16], e)
-            return False
-        return True
+    def _read_disk(self, ops: list[LoadOp], rows: np.ndarray) -> list[int]:
+        """Read the disk slots of ``ops`` (this rank's shard, verified against its CRC) into
+        ``rows``. Returns the indices read; the others are logged (and remembered as corrupt when
+        their checksum failed)."""
+        assert self.disk is not None
+        crcs = [op.crcs[self.rank] if self.rank < len(op.crcs) else 0 for op in ops]
+        res = self.disk.read([op.slot for op in ops], crcs, rows)
+        bad = [j for j, ok in enumerate(res.ok) if not ok]
+        for j, msg in zip(bad, res.messages, strict=True):
+            op = ops[j]
+            if res.checksum_failed[j]:
+                self._corrupt.add(op.block_hash)
+            logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s%s", self.rank,
+                           op.block_hash.hex()[:16], "checksum mismatch: " if res.checksum_failed[j] else "", msg)
+        return [j for j, ok in enumerate(res.ok) if ok]
 
     def _thread_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -366,6 +376,9 @@ class KvbmWorker:
             if sync:
                 self._failed_reqs.add(op.req_id)  # its blocks computed this step are not stored
             self._meta.load_failed[op.block_hash] += 1
+            if op.block_hash in self._corrupt:
+                self._corrupt.discard(op.block_hash)
+                self._meta.load_corrupt[op.block_hash] += 1
 
     def get_finished(self) -> set[str]:
         """Requests whose asynchronous loads completed since the last call (failed blocks included:
@@ -388,11 +401,15 @@ class KvbmWorker:
         self._jobs = pending
         return done
 
-    def _wait_for_loads_from(self, slots: set[int]) -> None:
+    def _wait_for_loads_from(self, slots: set[int], disk_slots: set[int] | None = None) -> None:
         """Order the next copies into host ``slots`` after every in-flight asynchronous load that
         still reads one: on CUDA the save stream waits for the load's event (no host wait); on the
-        CPU platform the host waits for the load thread."""
+        CPU platform the host waits for the load thread. A load still reading one of ``disk_slots``
+        (about to be written again) is waited for on the host (disk reads run on the load thread)."""
         for job in self._jobs:
+            on_disk = bool(disk_slots and job.disk_slots & disk_slots)
+            if on_disk and job.future is not None:
+                wait_futures([job.future])
             if not job.slots & slots:
                 continue
             if self._save_stream is not None:
@@ -405,6 +422,8 @@ class KvbmWorker:
     def _plan_saves(self, meta: KvbmConnectorMetadata) -> _SavePlan:
         if self._save is not None:
             return self._save
+        if meta.demotes:  # before any of this step's stores reuses the slots
+            self._demote(meta.demotes)
         # A request with a failed load computed this step over invalid KV: vLLM rewinds it,
         # and none of its blocks from this step may be stored.
         bad = self._failed_reqs
@@ -417,9 +436,14 @@ class KvbmWorker:
         read_now = {op.slot for op in meta.loads if op.tier == "host"}
         to_host = [op for op in ok if op.slot >= 0 and op.slot not in read_now]
         later = [op for op in ok if op.slot >= 0 and op.slot in read_now]
-        direct = [op for op in ok if op.slot < 0 and op.to_disk and self.writer is not None]
-        if to_host and self._jobs:
-            self._wait_for_loads_from({op.slot for op in to_host})
+        if self.disk is None:  # a plan for disk without a disk tier: never stored there
+            for op in ok:
+                if op.to_disk:
+                    self._meta.disk_failed[op.block_hash] += 1
+        direct = [op for op in ok if op.slot < 0 and op.to_disk and self.disk is not None]
+        to_disk_slots = {op.disk_slot for op in ok if op.to_disk} if self.disk is not None else set()
+        if (to_host or to_disk_slots) and self._jobs:
+            self._wait_for_loads_from({op.slot for op in to_host}, to_disk_slots)
         self._save = _SavePlan(to_host, later, direct, np.asarray([op.block_id for op in to_host], dtype=np.int64),
                                self._slot_addrs[np.asarray([op.slot for op in to_host], dtype=np.int64)])
         return self._save
@@ -462,22 +486,42 @@ class KvbmWorker:
                            self._slot_addrs[np.asarray([op.slot for op in plan.later], dtype=np.int64)], stream)
             rows = None
             if plan.direct:
-                rows = np.empty((len(plan.direct), self.geo.slot_bytes), dtype=np.uint8)
+                rows = disk.aligned_rows(len(plan.direct), disk.disk_slot_bytes(self.geo.slot_bytes))
                 self._copy(True, [op.block_id for op in plan.direct], slot_addresses(rows), stream)
             if stream is not None:
-                stream.synchronize()  # vLLM may reuse the blocks; the disk writer reads the slots
+                stream.synchronize()  # vLLM may reuse the blocks; the disk writes read the slots
             for op in plan.to_host + plan.later:
                 self._meta.store_bytes += self.geo.slot_bytes
                 self._meta.stored[op.block_hash] += 1
-                if op.to_disk and self.writer is not None:
-                    self.writer.write(op.block_hash, op.slot)
-            for i, op in enumerate(plan.direct):
-                self.writer.write_buffer(op.block_hash, rows[i])
+            if self.disk is not None:
+                # Shards go from the host slots (pinned by the scheduler until every rank reported)
+                # or, without a host slot, from the private copy; the catalog commits after the reports.
+                w = [(op.block_hash, op.disk_slot, int(self._slot_addrs[op.slot]))
+                     for op in plan.to_host + plan.later if op.to_disk]
+                w += [(op.block_hash, op.disk_slot, rows[i, :self.geo.slot_bytes]) for i, op in enumerate(plan.direct)]
+                if w:
+                    self.disk.write([x[0] for x in w], [x[1] for x in w], [x[2] for x in w], keep=rows)
+        else:
+            self._plan_saves(meta)  # demotions of a step without stores
         self._save = None
         self._load_events = None
-        if self.writer is not None:
-            for h in meta.disk_deletes:
-                self.writer.delete(h)
+
+    def _demote(self, ops: list[StoreOp]) -> None:
+        """Write-behind: copy host slots the scheduler evicted (before this step's stores reuse them)
+        and write the copies to their disk slots."""
+        if self.disk is None or self.arena is None:
+            for op in ops:
+                self._meta.disk_failed[op.block_hash] += 1
+            return
+        if self._jobs:  # a disk slot handed out again may still be read by an asynchronous load
+            self._wait_for_loads_from(set(), {op.disk_slot for op in ops})
+        sb = self.geo.slot_bytes
+        rows = disk.aligned_rows(len(ops), disk.disk_slot_bytes(sb))
+        arena = self.arena.numpy()
+        for i, op in enumerate(ops):
+            rows[i, :sb] = arena[op.slot]
+        self.disk.write([op.block_hash for op in ops], [op.disk_slot for op in ops],
+                        [rows[i, :sb] for i in range(len(ops))], keep=rows)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out = self._load_errors
@@ -486,9 +530,11 @@ class KvbmWorker:
         return out
 
     def build_worker_meta(self) -> KvbmWorkerMetadata | None:
-        if self.writer is not None:
-            written, failed = self.writer.drain()
-            self._meta.disk_written.update(written)
+        if self.disk is not None:
+            written, failed = self.disk.poll()
+            self._meta.disk_written.update(written.keys())
+            for h, crc in written.items():
+                self._meta.disk_crcs[h] = {self.rank: crc}
             self._meta.disk_failed.update(failed)
         if self._meta.empty():
             return None
@@ -511,16 +557,16 @@ class KvbmWorker:
         for st in (self._load_stream, self._async_stream, self._save_stream):
             if st is not None:
                 st.synchronize()
-        if self.writer is not None:
-            self.writer.flush()
+        if self.disk is not None:
+            self.disk.wait_all()
         return True
 
     def shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self.writer is not None:
-            self.writer.flush()
+        if self.disk is not None:
+            self.disk.close()
 
 
 def _runs(layers: list[int]) -> list[range]:
