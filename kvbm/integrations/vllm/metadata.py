@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
@@ -22,6 +23,7 @@ class LoadOp:
     block_hash: bytes
     req_id: str = ""
     is_async: bool = False
+    remote: Any = None  # tier "remote": the producer (a pd.PdSource); ``slot`` is the producer's slot
 
 
 @dataclass
@@ -59,12 +61,13 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
     load_failed: Counter = field(default_factory=Counter)
     load_bytes: int = 0
     store_bytes: int = 0
+    pd_released: Counter = field(default_factory=Counter)  # P/D lease id -> ranks that saw it released
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmWorkerMetadata:
         if not isinstance(other, KvbmWorkerMetadata):
             return self
         out = KvbmWorkerMetadata()
-        for name in ("stored", "store_failed", "disk_written", "disk_failed", "load_failed"):
+        for name in ("stored", "store_failed", "disk_written", "disk_failed", "load_failed", "pd_released"):
             c = Counter(getattr(self, name))
             c.update(getattr(other, name))
             setattr(out, name, c)
@@ -74,4 +77,4 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
 
     def empty(self) -> bool:
         return not (self.stored or self.store_failed or self.disk_written or self.disk_failed
-                    or self.load_failed)
+                    or self.load_failed or self.pd_released)

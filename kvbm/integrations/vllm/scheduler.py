@@ -14,6 +14,7 @@ from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
 from kvbm.integrations.vllm.index import TierIndex
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, LoadOp, StoreOp
+from kvbm.integrations.vllm.pd import PdScheduler
 
 logger = logging.getLogger("kvbm.vllm")
 
@@ -65,6 +66,8 @@ class KvbmScheduler:
         self.lookup_stats = LookupStats()
         self.async_load_reqs = 0  # requests whose hit was loaded asynchronously
         self.async_load_blocks = 0
+        self.pd = (PdScheduler(cfg.pd, self.index, geo.namespace.digest, self.bs, geo.tp_world, geo.slot_bytes)
+                   if cfg.pd is not None else None)
         if cfg.disk_path:
             rank_digests = [geo.rank_namespace(r).digest for r in range(geo.tp_world)]
             found = disk.scan(cfg.disk_path, rank_digests, geo.slot_bytes)
@@ -119,6 +122,8 @@ class KvbmScheduler:
             return 0, False
         hashes = self._hashes(st, max_blocks)
         tiers = self.index.lookup(hashes[start:])
+        if self.pd is not None:  # prefill/decode: blocks a producer offered in kv_transfer_params
+            tiers = self.pd.match(request, hashes, start, tiers)
         self.lookup_stats.add(time.perf_counter_ns() - t0)
         if len(tiers) < self.cfg.min_hit_blocks:
             return 0, False
@@ -136,8 +141,12 @@ class KvbmScheduler:
         assert len(tiers) == n == len(hashes), "external hit changed between lookup and allocation"
         for i, (h, tier) in enumerate(zip(hashes, tiers)):
             slot = self.index.host_slot(h) if tier == "host" else -1
-            self._loads.append(LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id,
-                                      self.cfg.async_load))
+            op = LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id, self.cfg.async_load)
+            if tier == "remote":
+                op.remote, op.slot = self.pd.remote_source(request.request_id, st.local_blocks + i)
+            self._loads.append(op)
+        if self.pd is not None:
+            self.pd.loaded(request.request_id, tiers.count("remote"))
         if self.cfg.async_load:
             # vLLM keeps the request in WAITING_FOR_REMOTE_KVS until the workers report it finished.
             self.async_load_reqs += 1
@@ -155,6 +164,8 @@ class KvbmScheduler:
         stores: list[StoreOp] = []
         deletes = self._deletes
         self._deletes = []
+        if self.pd is not None:
+            self.pd.expire()
         todo: list[tuple[_Req, int]] = []
         for nr in so.scheduled_new_reqs:
             st = self._reqs.get(nr.req_id)
@@ -228,12 +239,22 @@ class KvbmScheduler:
             idx.drop(h)
             idx.stats.failed_loads += 1
             self._deletes.append(h)
+        if self.pd is not None:
+            self.pd.on_stores_reported()
+            self.pd.on_released(meta.pd_released)
 
-    def request_finished(self, request: Any) -> None:
+    def request_finished(self, request: Any) -> dict[str, Any] | None:
+        """Forget the request; returns the ``kv_transfer_params`` of a P/D producer, else None."""
         # Stores are synchronous within the step that computed the block, so nothing is in
         # flight that still reads this request's vLLM blocks; vLLM itself keeps the blocks of a
         # request finished during an asynchronous load until the workers report that load done.
-        self._reqs.pop(request.request_id, None)
+        st = self._reqs.pop(request.request_id, None)
+        if self.pd is None:
+            return None
+        self.pd.forget(request.request_id)
+        if st is None or not self.pd.cfg.produce:
+            return None
+        return self.pd.request_finished(request, self._hashes(st, request.num_prompt_tokens // self.bs))
 
     def take_events(self) -> Iterable[Any]:
         from vllm.distributed.kv_events import BlockRemoved, BlockStored
@@ -268,4 +289,5 @@ class KvbmScheduler:
             "lookup_calls": ls.calls,
             "lookup_mean_us": (ls.total_ns / ls.calls / 1e3) if ls.calls else 0.0,
             "lookup_max_us": ls.max_ns / 1e3,
+            **(self.pd.stats_dict() if self.pd is not None else {}),
         }

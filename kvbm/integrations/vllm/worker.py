@@ -72,6 +72,7 @@ class KvbmWorker:
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: list[_LoadJob] = []
         self.async_loads_done = 0  # asynchronous load jobs completed (and reported) so far
+        self.pd: Any = None  # pd.PdWorker when prefill/decode is on
 
     # -- set-up ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -95,6 +96,10 @@ class KvbmWorker:
             self.rdir = disk.rank_dir(self.cfg.disk_path, self.ns_digest)
             self.writer = disk.DiskWriter(self.rdir, self.ns_digest, lambda s: arena_np[s])
             atexit.register(self.writer.flush)
+        if self.cfg.pd is not None:
+            from kvbm.integrations.vllm.pd import PdWorker
+
+            self.pd = PdWorker(self.cfg.pd, self.rank, self.geo.slot_bytes, arena_np)
         logger.info("kvbm: rank %d registered %d layers, %d bytes/block, %d host slots (%s), disk %s",
                     self.rank, len(kv_caches), self.layout.block_bytes, self.geo.num_host_slots,
                     "pinned" if pin else "pageable", self.rdir)
@@ -151,6 +156,9 @@ class KvbmWorker:
         for op in ops:
             if op.tier == "disk" and not self._load_disk(op, staging):
                 failed.append(op)
+        remote = [op for op in ops if op.tier == "remote"]
+        if remote:  # prefill/decode: pulled from the producer, verified, scattered (pd.py)
+            failed.extend(self.pd.load(remote, self._scatter) if self.pd is not None else remote)
         return failed
 
     def _apply_load_result(self, ops: list[LoadOp], failed: list[LoadOp], sync: bool) -> None:
@@ -218,7 +226,11 @@ class KvbmWorker:
             if to_host:
                 if self._jobs:
                     self._wait_for_loads_from({op.slot for op in to_host})
+                if self.pd is not None:
+                    self.pd.before_store([op.slot for op in to_host])
                 self._gather([op.block_id for op in to_host], [op.slot for op in to_host])
+                if self.pd is not None:
+                    self.pd.after_store([op.slot for op in to_host], [op.block_hash for op in to_host])
                 self._meta.store_bytes += len(to_host) * self.geo.slot_bytes
                 for op in to_host:
                     self._meta.stored[op.block_hash] += 1
@@ -244,6 +256,8 @@ class KvbmWorker:
             written, failed = self.writer.drain()
             self._meta.disk_written.update(written)
             self._meta.disk_failed.update(failed)
+        if self.pd is not None:
+            self._meta.pd_released.update(self.pd.released())
         if self._meta.empty():
             return None
         out = self._meta
@@ -256,6 +270,9 @@ class KvbmWorker:
             self._pool = None
         if self.writer is not None:
             self.writer.flush()
+        if self.pd is not None:
+            self.pd.close()
+            self.pd = None
 
 
 __all__ = ["KvbmWorker"]
