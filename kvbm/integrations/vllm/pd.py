@@ -288,6 +288,7 @@ class PdScheduler:
         self.ranks: list[RankAddr] | None = None
         self.leases: dict[str, _Lease] = {}
         self.offers: dict[str, tuple[PdSource, list[int]]] = {}  # req id -> (source, slots) of a remote hit
+        self.pulled: set[str] = set()  # requests whose remote load was planned: never claimed twice
         self.stats = PdStats()
 
     # -- addresses (vLLM handshake metadata) -----------------------------------------------
@@ -406,7 +407,8 @@ class PdScheduler:
         blocks ``start..``: the local ones, then ``"remote"`` while the producer's hashes match.
         """
         self.offers.pop(request.request_id, None)
-        if not self.cfg.consume:
+        if not self.cfg.consume or request.request_id in self.pulled:
+            # One remote load per request: after a failed one vLLM recomputes (or hits locally).
             return local_tiers
         try:
             offer = parse_params(getattr(request, "kv_transfer_params", None), self.ns_digest, self.bs, self.tp,
@@ -434,10 +436,12 @@ class PdScheduler:
         if blocks:
             self.stats.remote_reqs += 1
             self.stats.hit_blocks_remote += blocks
+            self.pulled.add(req_id)
         self.offers.pop(req_id, None)
 
     def forget(self, req_id: str) -> None:
         self.offers.pop(req_id, None)
+        self.pulled.discard(req_id)
 
     def stats_dict(self) -> dict[str, Any]:
         return {f"pd_{k}": v for k, v in self.stats.__dict__.items()} | {
