@@ -127,6 +127,14 @@ def test_consumer_match_extends_local_hit() -> None:
     # Prompt differs after block 2: only blocks up to there.
     other = block_hashes(list(range(8)) + [1] * 16, 4, NS)
     assert ps.match(_Req("r3", params), other[:5], 0, []) == ["remote", "remote"]
+    # A request whose remote load was planned is never claimed remote again (after a failed
+    # pull vLLM recomputes instead of retrying forever); a new request is.
+    ps.match(_Req("r4", params), hashes[:5], 0, [])
+    ps.loaded("r4", 5)
+    assert ps.match(_Req("r4", params), hashes[:5], 0, []) == []
+    ps.forget("r4")
+    assert len(ps.match(_Req("r4", params), hashes[:5], 0, [])) == 5
+    assert ps.stats.hit_blocks_remote == 5 and ps.stats.remote_reqs == 1
 
 
 def test_producer_leases_pin_until_released_or_expired() -> None:

@@ -8,14 +8,80 @@ one ``@@ <json>`` line back:
   ``{"tokens": [...], "kv_transfer_params": ..., "seconds": s, "external_hits": n, "kvbm": stats}``
   (``seconds``: wall time of the generate call, i.e. time to the last token).
 * ``{"op": "stats"}`` -> ``{"kvbm": stats}``;  ``{"op": "reset"}`` resets vLLM's prefix cache.
+
+:class:`Instance` starts and drives one such process.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+class Instance:
+    """One instance in its own process (this script), in-process engine, UCX on loopback tcp."""
+
+    def __init__(self, model: str, kv_transfer_config: dict | None, log: Path, multiprocess: bool = False,
+                 **spec_kw: Any) -> None:
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1",
+                   UCX_NET_DEVICES="lo", UCX_WARN_UNUSED_ENV_VARS="n", UCX_TLS="tcp", PYTHONUNBUFFERED="1")
+        env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
+        spec = {"model": model, "kv_transfer_config": kv_transfer_config, **spec_kw}
+        self.log = log
+        self._err = open(log, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "vllm_pd_peer.py"), json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                     env=env)
+        self.ready: dict | None = None
+
+    def _read(self, timeout: float) -> dict:
+        box: list[str] = []
+
+        def rd() -> None:
+            for line in self.proc.stdout:
+                if line.startswith("@@ "):
+                    box.append(line[3:])
+                    return
+
+        t = threading.Thread(target=rd, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not box:
+            raise RuntimeError(f"instance gave no answer in {timeout} s (rc={self.proc.poll()}); log tail:\n"
+                               f"{self.log.read_text()[-6000:]}")
+        return json.loads(box[0])
+
+    def wait_ready(self, timeout: float = 300) -> dict:
+        if self.ready is None:
+            self.ready = self._read(timeout)
+        return self.ready
+
+    def call(self, timeout: float = 120, **cmd: Any) -> dict:
+        self.wait_ready()
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "exit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
 
 
 def _reply(obj: dict[str, Any]) -> None:
