@@ -65,6 +65,7 @@ def main() -> None:
     recomputed: list[float] = []
     prefill: list[float] = []
     same_first = True
+    slot_bytes = 0
     try:
         prod.wait_ready()
         cons.wait_ready()
@@ -79,6 +80,7 @@ def main() -> None:
             p = prod.call(op="generate", prompt=x, max_tokens=1, kv_transfer_params={"do_remote_decode": True},
                           timeout=600)
             prefill.append(p["seconds"])
+            slot_bytes = p["kv_transfer_params"]["kvbm_pd"]["ranks"][0]["slot_bytes"]
             c = cons.call(op="generate", prompt=x, max_tokens=1, kv_transfer_params=p["kv_transfer_params"],
                           timeout=600)
             pulled.append(c["seconds"])
@@ -91,7 +93,6 @@ def main() -> None:
         cons.close()
     blocks = after["pd_hit_blocks_remote"] - before["pd_hit_blocks_remote"]
     failed = after["failed_loads"] - before["failed_loads"]
-    slot_bytes = int(_slot_bytes(a))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
     import vllm
@@ -128,11 +129,6 @@ def main() -> None:
     ]
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _slot_bytes(a: argparse.Namespace) -> int:
-    heads = max(2, a.hidden // 64)
-    return a.layers * a.block_size * (heads // 2) * 64 * 2 * 2  # layers x tokens x kv heads x head_dim x K,V x bf16
 
 
 if __name__ == "__main__":
