@@ -96,6 +96,7 @@ def test_decode_instance_pulls_the_prefill_blocks(instances: Any) -> None:
     # 20 full blocks; the 21st holds the last prompt token (computed locally): all 20 pulled.
     assert k["pd_hit_blocks_remote"] - before["pd_hit_blocks_remote"] == 20
     assert k["pd_remote_reqs"] - before["pd_remote_reqs"] == 1
+    assert k["pd_pulled_blocks"] - before["pd_pulled_blocks"] == 20  # reported by the worker: verified bytes
     assert out["external_hits"] == 20 * BS
     assert k["failed_loads"] == before["failed_loads"]
     # The producer's lease is released once its next step sees the consumer's notification.

@@ -62,6 +62,8 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
     load_bytes: int = 0
     store_bytes: int = 0
     pd_released: Counter = field(default_factory=Counter)  # P/D lease id -> ranks that saw it released
+    pd_pulled_blocks: int = 0  # P/D consumer: blocks pulled and verified (summed over ranks)
+    pd_pull_ns: int = 0  # time spent pulling them (summed over ranks)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmWorkerMetadata:
         if not isinstance(other, KvbmWorkerMetadata):
@@ -73,8 +75,10 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
             setattr(out, name, c)
         out.load_bytes = self.load_bytes + other.load_bytes
         out.store_bytes = self.store_bytes + other.store_bytes
+        out.pd_pulled_blocks = self.pd_pulled_blocks + other.pd_pulled_blocks
+        out.pd_pull_ns = self.pd_pull_ns + other.pd_pull_ns
         return out
 
     def empty(self) -> bool:
         return not (self.stored or self.store_failed or self.disk_written or self.disk_failed
-                    or self.load_failed or self.pd_released)
+                    or self.load_failed or self.pd_released or self.pd_pull_ns)

@@ -271,6 +271,8 @@ class PdStats:
     remote_reqs: int = 0  # consumer: requests with a remote hit
     hit_blocks_remote: int = 0
     rejected_params: int = 0  # consumer: params it could not use
+    pulled_blocks: int = 0  # consumer: blocks pulled and verified, as reported by the workers (all ranks)
+    pull_ns: int = 0  # consumer: worker time spent pulling, get + verify + scatter (all ranks)
 
 
 class PdScheduler:
@@ -368,6 +370,10 @@ class PdScheduler:
                 else:
                     still.append(h)
             lease.pending = still
+
+    def on_pulled(self, blocks: int, ns: int) -> None:
+        self.stats.pulled_blocks += blocks
+        self.stats.pull_ns += ns
 
     def on_released(self, released: Mapping[str, int]) -> None:
         """Consumer ranks reported leases done (counts summed over this instance's ranks)."""
@@ -634,6 +640,8 @@ class PdWorker:
         self.rank = rank
         self.server = PdServer(arena, cfg, rank) if cfg.produce else None
         self.client = PdClient(slot_bytes, rank, cfg.timeout_s) if cfg.consume else None
+        self._counters = [0, 0]  # blocks pulled and verified, nanoseconds spent pulling (taken per step)
+        self._lock = threading.Lock()
 
     def handshake(self) -> dict[str, Any] | None:
         return self.server.handshake() if self.server is not None else None
@@ -660,11 +668,23 @@ class PdWorker:
         failed: list[Any] = []
         for source, gops in groups.values():
             src = source.ranks[self.rank]
+            t0 = time.perf_counter_ns()
             done = self.client.pull(src, [op.slot for op in gops], [op.block_hash for op in gops],
                                     lambda rows, idx, g=gops: scatter(rows, [g[i].block_id for i in idx]))
+            dt = time.perf_counter_ns() - t0
             failed.extend(gops[done:])
             self.client.release(src, source.lease)
+            with self._lock:
+                self._counters[0] += done
+                self._counters[1] += dt
         return failed
+
+    def take_pull_counters(self) -> tuple[int, int]:
+        """(blocks pulled and verified, nanoseconds spent pulling) since the last call."""
+        with self._lock:
+            out = (self._counters[0], self._counters[1])
+            self._counters = [0, 0]
+        return out
 
     def close(self) -> None:
         if self.client is not None:

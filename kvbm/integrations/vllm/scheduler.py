@@ -242,6 +242,7 @@ class KvbmScheduler:
         if self.pd is not None:
             self.pd.on_stores_reported()
             self.pd.on_released(meta.pd_released)
+            self.pd.on_pulled(meta.pd_pulled_blocks, meta.pd_pull_ns)
 
     def request_finished(self, request: Any) -> dict[str, Any] | None:
         """Forget the request; returns the ``kv_transfer_params`` of a P/D producer, else None."""

@@ -258,6 +258,9 @@ class KvbmWorker:
             self._meta.disk_failed.update(failed)
         if self.pd is not None:
             self._meta.pd_released.update(self.pd.released())
+            blocks, ns = self.pd.take_pull_counters()
+            self._meta.pd_pulled_blocks += blocks
+            self._meta.pd_pull_ns += ns
         if self._meta.empty():
             return None
         out = self._meta
