@@ -169,3 +169,37 @@ def test_producer_killed_before_the_pull(instances: Any) -> None:
     assert k["pd_hit_blocks_remote"] - before["pd_hit_blocks_remote"] == 10
     assert k["failed_loads"] - before["failed_loads"] == 10
     assert elapsed < 30, f"decode took {elapsed:.1f} s with a dead producer"
+
+
+@pytest.mark.slow
+def test_tensor_parallel_rank_r_pulls_from_rank_r(tmp_path: Any) -> None:
+    """TP=2 producer and consumer, default multi-process mode (slow, opt-in: KVBM_SLOW_TESTS=1)."""
+    model = build_tiny_llama(tmp_path / "model")
+    base = Instance(model, None, tmp_path / "base.log")
+    try:
+        expected = base.call(op="generate", prompt=P2, max_tokens=MAX_TOKENS)["tokens"]
+    finally:
+        base.close()
+    env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per rank (see test_vllm_connector.py)
+    tp = {"tensor_parallel_size": 2}
+    prod = Instance(model, pd_config("kv_producer"), tmp_path / "producer.log", multiprocess=True, env=env,
+                    llm_kwargs=tp)
+    try:
+        prod.wait_ready(600)  # one after the other: two TP=2 engines starting at once starve 2 cores
+        cons = Instance(model, pd_config("kv_consumer"), tmp_path / "consumer.log", multiprocess=True, env=env,
+                        llm_kwargs=tp)
+        try:
+            cons.wait_ready(600)
+            p = prod.call(op="generate", prompt=P2, max_tokens=1, kv_transfer_params={"do_remote_decode": True},
+                          timeout=300)["kv_transfer_params"]
+            ranks = p["kvbm_pd"]["ranks"]
+            assert len(ranks) == 2 and ranks[0]["port"] != ranks[1]["port"]
+            out = cons.call(op="generate", prompt=P2, max_tokens=MAX_TOKENS, kv_transfer_params=p, timeout=300)
+            assert out["tokens"] == expected
+            assert out["external_hits"] == 9 * BS
+            log = cons.log.read_text()
+            assert "failed verification" not in log and "recomputes the rest" not in log
+        finally:
+            cons.close()
+    finally:
+        prod.close()

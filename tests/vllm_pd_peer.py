@@ -30,11 +30,13 @@ class Instance:
     """One instance in its own process (this script), in-process engine, UCX on loopback tcp."""
 
     def __init__(self, model: str, kv_transfer_config: dict | None, log: Path, multiprocess: bool = False,
-                 **spec_kw: Any) -> None:
+                 env: dict[str, str] | None = None, **spec_kw: Any) -> None:
+        extra_env = env or {}
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1",
                    UCX_NET_DEVICES="lo", UCX_WARN_UNUSED_ENV_VARS="n", UCX_TLS="tcp", PYTHONUNBUFFERED="1")
         env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        env.update(extra_env)
         env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
         spec = {"model": model, "kv_transfer_config": kv_transfer_config, **spec_kw}
         self.log = log
@@ -114,6 +116,7 @@ def main() -> None:
     }
     if spec.get("kv_transfer_config") is not None:
         kwargs["kv_transfer_config"] = spec["kv_transfer_config"]
+    kwargs.update(spec.get("llm_kwargs", {}))
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     _reply({"ready": True, "startup_s": time.perf_counter() - t0})
