@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/vllm_pd.md"))
     a = ap.parse_args()
     t_start = time.time()
+    load_before = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="kvbm_pd_bench_"))
     heads = max(2, a.hidden // 64)
     model = build_tiny_llama(work / "model", layers=a.layers, hidden=a.hidden, heads=heads, kv_heads=heads // 2,
@@ -115,7 +116,8 @@ def main() -> None:
         f"- git commit: {commit}; vllm {vllm.__version__}; date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {platform.node() or 'vm'} {platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs; "
         f"both instances in-process engines in separate processes; UCX {os.environ.get('UCX_TLS', 'tcp')} over "
-        f"loopback; wall time {time.time() - t_start:.0f} s",
+        f"loopback; wall time {time.time() - t_start:.0f} s; 1-min load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (other jobs share these 2 cores: compare rows of the same run only)",
         f"- model: random Llama, {a.layers} layers, hidden {a.hidden}, {heads} heads / {heads // 2} KV heads, "
         f"head_dim 64, bf16; block size {a.block_size}; prompt {a.prompt} tokens "
         f"({(a.prompt - 1) // a.block_size} pullable blocks of {slot_bytes / 2**20:.2f} MiB per rank)",
