@@ -174,6 +174,15 @@ def test_producer_leases_pin_until_released_or_expired() -> None:
     assert ps.pinned_blocks() == 0 and ps.stats.leases_expired == 1
     # Not asked for: no params.
     assert ps.request_finished(_Req("c", None), hashes) is None
+    # A leased block whose store fails is simply not pinned (the consumer's table check rejects it).
+    more = block_hashes([5] * 8, 4, NS)
+    ps.leases.clear()
+    idx.prepare_host(more[0], None)
+    p3 = ps.request_finished(_Req("d", {"do_remote_decode": True}), more[:1])
+    assert p3 is not None and ps.pinned_blocks() == 0
+    idx.complete_host(more[0], 1, ok=False)
+    ps.on_stores_reported()
+    assert ps.pinned_blocks() == 0 and not ps._waiting
 
 
 # ------------------------------------------------------------------------------ UCX loopback

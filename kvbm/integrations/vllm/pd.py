@@ -289,6 +289,7 @@ class PdScheduler:
         self.clock = clock
         self.ranks: list[RankAddr] | None = None
         self.leases: dict[str, _Lease] = {}
+        self._waiting: set[str] = set()  # leases with blocks still being stored
         self.offers: dict[str, tuple[PdSource, list[int]]] = {}  # req id -> (source, slots) of a remote hit
         self.pulled: set[str] = set()  # requests whose remote load was planned: never claimed twice
         self.stats = PdStats()
@@ -346,6 +347,8 @@ class PdScheduler:
             return None
         lid = uuid.uuid4().hex
         self.leases[lid] = lease
+        if lease.pending:
+            self._waiting.add(lid)
         self.stats.offers += 1
         self.stats.offered_blocks += n
         return make_params(lid, self.ns_digest, self.bs, self.ranks, hashes[:n], slots, n * self.bs)
@@ -353,8 +356,10 @@ class PdScheduler:
     def on_stores_reported(self) -> None:
         """Pin leased blocks whose store became ready (call after the index processed reports)."""
         idx = self.index.idx
-        for lease in self.leases.values():
-            if not lease.pending:
+        for lid in list(self._waiting):
+            lease = self.leases.get(lid)
+            if lease is None:
+                self._waiting.discard(lid)
                 continue
             still = []
             for h in lease.pending:
@@ -370,6 +375,8 @@ class PdScheduler:
                 else:
                     still.append(h)
             lease.pending = still
+            if not still:
+                self._waiting.discard(lid)
 
     def on_pulled(self, blocks: int, ns: int) -> None:
         self.stats.pulled_blocks += blocks
@@ -398,6 +405,7 @@ class PdScheduler:
 
     def _drop(self, lid: str) -> None:
         lease = self.leases.pop(lid)
+        self._waiting.discard(lid)
         for h in lease.pinned:
             with contextlib.suppress(KvbmError):
                 self.index.idx.complete_load(_HOST, [h])
