@@ -122,8 +122,10 @@ def test_consumer_match_extends_local_hit() -> None:
     assert tiers == ["host", "remote", "remote", "remote"]
     src, slot = ps.remote_source("r", 3)
     assert slot == 5 and src.lease == "L"
-    # Local hit already longer than the offer: nothing remote.
+    # Local hit already covers the offer: nothing remote, and the offer is handed back (once) for release.
     assert ps.match(_Req("r2", params), hashes[:5], 0, ["host"] * 5) == ["host"] * 5
+    assert ps.match(_Req("r2", params), hashes[:5], 0, ["host"] * 5) == ["host"] * 5
+    assert [s.lease for s in ps.take_unused()] == ["L"] and ps.take_unused() == []
     # Prompt differs after block 2: only blocks up to there.
     other = block_hashes(list(range(8)) + [1] * 16, 4, NS)
     assert ps.match(_Req("r3", params), other[:5], 0, []) == ["remote", "remote"]
@@ -226,14 +228,21 @@ def test_pull_verifies_hash_and_crc(ucx_env: None) -> None:
         # A slot being overwritten (cleared entry): nothing.
         server.before_store([5])
         assert client.pull(src, [5], [hashes[0]], sink) == 0
-        # Lease release reaches the producer.
+        # Lease release reaches the producer; a fresh client connects to release an unused offer.
         client.release(src, "lease-x")
-        deadline = time.monotonic() + 5
-        rel: dict = {}
-        while not rel and time.monotonic() < deadline:
-            rel = server.released()
-            time.sleep(0.01)
-        assert rel == {"lease-x": 1}
+        other = PdClient(SLOT, rank=0, timeout_s=5)
+        try:
+            other.release(src, "lease-y")  # not connected, connect=False: nothing sent
+            other.release(src, "lease-z", connect=True)
+            deadline = time.monotonic() + 5
+            rel: dict = {}
+            while len(rel) < 2 and time.monotonic() < deadline:
+                for k, v in server.released().items():
+                    rel[k] = rel.get(k, 0) + v
+                time.sleep(0.01)
+            assert rel == {"lease-x": 1, "lease-z": 1}
+        finally:
+            other.close()
     finally:
         client.close()
         server.close()

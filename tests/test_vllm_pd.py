@@ -109,6 +109,23 @@ def test_decode_instance_pulls_the_prefill_blocks(instances: Any) -> None:
     assert st["pd_leases_released"] == 1 and st["pd_pinned_blocks"] == 0
 
 
+def test_offer_not_needed_is_released_at_once(instances: Any) -> None:
+    """The consumer already has P1 (vLLM's prefix cache): nothing is pulled and the lease is released."""
+    expected, prod, cons = instances
+    _, params = _prefill(prod, P1)
+    before = cons.call(op="stats")["kvbm"]
+    out = cons.call(op="generate", prompt=P1, max_tokens=MAX_TOKENS, kv_transfer_params=params)
+    assert out["tokens"] == expected["p1"]
+    assert out["kvbm"]["pd_hit_blocks_remote"] == before["pd_hit_blocks_remote"]
+    st = prod.call(op="stats")["kvbm"]
+    released = st["pd_leases_released"]
+    deadline = time.monotonic() + 20
+    while st["pd_leases_released"] == released and time.monotonic() < deadline:
+        prod.call(op="generate", prompt=[5, 6, 8], max_tokens=1)
+        st = prod.call(op="stats")["kvbm"]
+    assert st["pd_leases_released"] == released + 1 and st["pd_leases"] == 0
+
+
 def test_last_token_rule_on_block_aligned_prompt(instances: Any) -> None:
     expected, prod, cons = instances
     _, params = _prefill(prod, P3)

@@ -48,6 +48,7 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
     disk_deletes: list[bytes] = field(default_factory=list)
+    pd_unused: list[Any] = field(default_factory=list)  # P/D offers not pulled (pd.PdSource): release them
 
 
 @dataclass

@@ -292,6 +292,8 @@ class PdScheduler:
         self._waiting: set[str] = set()  # leases with blocks still being stored
         self.offers: dict[str, tuple[PdSource, list[int]]] = {}  # req id -> (source, slots) of a remote hit
         self.pulled: set[str] = set()  # requests whose remote load was planned: never claimed twice
+        self._unused: dict[str, PdSource] = {}  # offers this instance will not pull: released by the workers
+        self._released: set[str] = set()  # requests whose offer was released unused
         self.stats = PdStats()
 
     # -- addresses (vLLM handshake metadata) -----------------------------------------------
@@ -437,9 +439,28 @@ class PdScheduler:
         n = match_prefix(hashes, offer.hashes)
         have = start + len(local_tiers)
         if n <= have:
+            self._release_unused(request.request_id, offer)
             return local_tiers
         self.offers[request.request_id] = (offer.source, offer.slots)
         return local_tiers + ["remote"] * (n - have)
+
+    def unneeded(self, request: Any) -> None:
+        """vLLM's own prefix cache covers the request: release a producer's offer unused."""
+        if not self.cfg.consume or request.request_id in self._released or request.request_id in self.pulled:
+            return
+        try:
+            offer = parse_params(getattr(request, "kv_transfer_params", None), self.ns_digest, self.bs, self.tp,
+                                 self.slot_bytes)
+        except ParamsError:
+            return
+        if offer is not None:
+            self._release_unused(request.request_id, offer)
+
+    def _release_unused(self, req_id: str, offer: Offer) -> None:
+        # Everything the producer offers that is needed is cached here: let it unpin the blocks now.
+        if req_id not in self._released:
+            self._released.add(req_id)
+            self._unused[offer.source.lease] = offer.source
 
     def remote_source(self, req_id: str, block_index: int) -> tuple[PdSource, int]:
         """(source, remote slot) of block ``block_index`` of a request with a remote hit."""
@@ -456,6 +477,13 @@ class PdScheduler:
     def forget(self, req_id: str) -> None:
         self.offers.pop(req_id, None)
         self.pulled.discard(req_id)
+        self._released.discard(req_id)
+
+    def take_unused(self) -> list[PdSource]:
+        """Offers to release without pulling (for this step's connector metadata)."""
+        out = list(self._unused.values())
+        self._unused.clear()
+        return out
 
     def stats_dict(self) -> dict[str, Any]:
         return {f"pd_{k}": v for k, v in self.stats.__dict__.items()} | {
@@ -623,15 +651,21 @@ class PdClient:
         self.failed_blocks += len(slots) - done
         return done
 
-    def release(self, src: RankAddr, lease: str) -> None:
-        """Tell the producer rank this rank is done with ``lease`` (best effort)."""
-        p = self._peers.get((src.host, src.port))
-        if p is None or p.failed:
-            return
-        try:
-            p.notify(_RELEASE + lease.encode()).wait(self.timeout_s)
-        except KvbmError as e:
-            logger.info("kvbm: rank %d: lease release to %s:%d not delivered: %s", self.rank, src.host, src.port, e)
+    def release(self, src: RankAddr, lease: str, connect: bool = False) -> None:
+        """Tell the producer rank this rank is done with ``lease`` (best effort; with ``connect``
+        it connects first when not connected yet)."""
+        with self._lock:
+            p = self._peers.get((src.host, src.port))
+            try:
+                if connect and (p is None or p.failed):
+                    self._ensure()
+                    p = self._peer(src)
+                if p is None or p.failed:
+                    return
+                p.notify(_RELEASE + lease.encode()).wait(self.timeout_s)
+            except KvbmError as e:
+                logger.info("kvbm: rank %d: lease release to %s:%d not delivered: %s", self.rank, src.host, src.port,
+                            e)
 
     def close(self) -> None:
         for key in list(self._peers):
@@ -650,6 +684,7 @@ class PdWorker:
         self.client = PdClient(slot_bytes, rank, cfg.timeout_s) if cfg.consume else None
         self._counters = [0, 0]  # blocks pulled and verified, nanoseconds spent pulling (taken per step)
         self._lock = threading.Lock()
+        self._bg: Any = None  # background releases of unused offers
 
     def handshake(self) -> dict[str, Any] | None:
         return self.server.handshake() if self.server is not None else None
@@ -687,6 +722,17 @@ class PdWorker:
                 self._counters[1] += dt
         return failed
 
+    def release_unused(self, sources: list[PdSource]) -> None:
+        """Release offers that will not be pulled, in the background (connecting if needed)."""
+        if self.client is None:
+            return
+        if self._bg is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._bg = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-pd-release-{self.rank}")
+        for source in sources:
+            self._bg.submit(self.client.release, source.ranks[self.rank], source.lease, True)
+
     def take_pull_counters(self) -> tuple[int, int]:
         """(blocks pulled and verified, nanoseconds spent pulling) since the last call."""
         with self._lock:
@@ -695,6 +741,8 @@ class PdWorker:
         return out
 
     def close(self) -> None:
+        if self._bg is not None:
+            self._bg.shutdown(wait=True)
         if self.client is not None:
             self.client.close()
         if self.server is not None:

@@ -119,6 +119,8 @@ class KvbmScheduler:
         st.hit_tiers = []
         if start >= max_blocks:
             self.lookup_stats.add(time.perf_counter_ns() - t0)
+            if self.pd is not None:
+                self.pd.unneeded(request)
             return 0, False
         hashes = self._hashes(st, max_blocks)
         tiers = self.index.lookup(hashes[start:])
@@ -218,6 +220,8 @@ class KvbmScheduler:
                                            getattr(lora, "lora_name", None))
             st.stored_upto = full
         meta = KvbmConnectorMetadata(loads=self._loads, stores=stores, disk_deletes=deletes)
+        if self.pd is not None:
+            meta.pd_unused = self.pd.take_unused()
         self._loads = []
         return meta
 

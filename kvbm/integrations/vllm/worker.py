@@ -244,6 +244,8 @@ class KvbmWorker:
         if self.writer is not None:
             for h in meta.disk_deletes:
                 self.writer.delete(h)
+        if meta.pd_unused and self.pd is not None:
+            self.pd.release_unused(meta.pd_unused)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out = self._load_errors
