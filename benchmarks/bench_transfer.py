@@ -33,6 +33,7 @@ MODES = {
     "tcp-noeh": {"tls": "tcp", "error_handling": False},
 }
 BUF = 64 << 20
+ALL_METHODS = ["kvbm", "kvbm_caller", "kvbm_window", "ucx_perftest", "nixl"]
 
 
 def _env(mode: str) -> dict:
@@ -172,7 +173,12 @@ def role_nixl_initiator(a: argparse.Namespace) -> None:
 
 # ---- orchestration ---------------------------------------------------------------------------
 def _child(args: list[str], mode: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, *args], env=_env(mode), stdout=subprocess.PIPE,
+    env = _env(mode)
+    if args[1].startswith("nixl") and os.path.exists("/dev/nvidia0"):
+        # NIXL's UCX backend refuses a UCX_TLS without a CUDA transport when a GPU is present;
+        # cuda_copy plays no part in host-to-host transfers.
+        env["UCX_TLS"] += ",cuda_copy"
+    return subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE,
                             stdin=subprocess.PIPE, text=True, **kw)
 
 
@@ -254,7 +260,7 @@ def run_perftest(mode: str, a: argparse.Namespace, port: int) -> dict:
 
 
 def orchestrate(a: argparse.Namespace) -> None:
-    methods = ["kvbm", "kvbm_caller", "kvbm_window", "ucx_perftest", "nixl"]
+    methods = a.methods
     raw: dict = {m: {meth: {s: [] for s in SIZES} for meth in methods} for m in a.modes}
     port = 14100
     for trial in range(a.trials):
@@ -274,6 +280,8 @@ def orchestrate(a: argparse.Namespace) -> None:
                 for s, v in r.items():
                     raw[mode][meth][s].append(v)
                 print(f"trial {trial} {mode:3s} {meth:12s} " + " ".join(f"{v:9.0f}" for v in r.values()), flush=True)
+    if set(methods) != set(ALL_METHODS):
+        return  # a subset (for experiments): the per-trial lines above are the output
     rows = []
     for mode in a.modes:
         for s in SIZES:
@@ -294,7 +302,8 @@ def orchestrate(a: argparse.Namespace) -> None:
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()} (shared, noisy)",
+        "machine": f"{platform.node()} {os.cpu_count()} cores {platform.machine()}"
+                   + (f" ({a.machine_note})" if a.machine_note else ""),
         "ucx": "libucx-cu13 1.21 (PyPI)", "nixl": "nixl-cu13 1.5.1", "trials": a.trials, "min_time_s": a.min_time,
         "notes": "MB/s = 1e6 bytes/s, medians over trials. kvbm: progress thread (spin_us 200) on both "
                  "sides; kvbm_caller: initiator progress='caller'; kvbm_window: progress thread, 8 "
@@ -354,6 +363,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1)
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS,
+                    help="subset to run (the table needs all five)")
+    ap.add_argument("--machine-note", default="", help="e.g. 'shared, noisy' or 'idle'")
     a = ap.parse_args()
     {
         "orchestrate": orchestrate,

@@ -34,7 +34,8 @@ using AddrArray = py::array_t<uint64_t, py::array::c_style | py::array::forcecas
 
 kvbm::TransferHandle transfer(bool to_host, const std::shared_ptr<const kvbm::KvLayout>& layout, IdArray ids,
                               AddrArray addrs, std::optional<uint64_t> stream, const std::string& method,
-                              int max_ctas, uint64_t piece_bytes, uint64_t stage_bytes) {
+                              int max_ctas, uint64_t piece_bytes, uint64_t stage_bytes, int layer_begin,
+                              int layer_end) {
   if (ids.ndim() != 1 || addrs.ndim() != 1)
     kvbm::bind::fail(kvbm::Code::kInvalidArgument, "block_ids and addresses must be 1-D");
   if (ids.size() != addrs.size())
@@ -47,6 +48,7 @@ kvbm::TransferHandle transfer(bool to_host, const std::shared_ptr<const kvbm::Kv
   opt.max_ctas = max_ctas;
   opt.piece_bytes = piece_bytes;
   opt.stage_bytes = stage_bytes;
+  opt.layers = kvbm::LayerRange{layer_begin, layer_end};
   const int64_t* id_ptr = ids.data();
   const uint64_t* addr_ptr = addrs.data();
   const size_t n = static_cast<size_t>(ids.size());
@@ -108,15 +110,17 @@ KVBM_BINDINGS(kv_layout, 20) {
   auto common = [](bool to_host) {
     return [to_host](const std::shared_ptr<KvLayout>& layout, IdArray ids, AddrArray addrs,
                      std::optional<uint64_t> stream, const std::string& method, int max_ctas, uint64_t piece_bytes,
-                     uint64_t stage_bytes) {
+                     uint64_t stage_bytes, int layer_begin, int layer_end) {
       return transfer(to_host, layout, std::move(ids), std::move(addrs), stream, method, max_ctas, piece_bytes,
-                      stage_bytes);
+                      stage_bytes, layer_begin, layer_end);
     };
   };
   m.def("kv_gather", common(true), py::arg("layout"), py::arg("block_ids"), py::arg("dst_addresses"),
         py::arg("stream") = py::none(), py::arg("method") = "auto", py::arg("max_ctas") = 0,
-        py::arg("piece_bytes") = 0, py::arg("stage_bytes") = 0, "Queue engine blocks -> host slots; see kvbm.copy.gather.");
+        py::arg("piece_bytes") = 0, py::arg("stage_bytes") = 0, py::arg("layer_begin") = 0, py::arg("layer_end") = -1,
+        "Queue engine blocks -> host slots; see kvbm.copy.gather.");
   m.def("kv_scatter", common(false), py::arg("layout"), py::arg("block_ids"), py::arg("src_addresses"),
         py::arg("stream") = py::none(), py::arg("method") = "auto", py::arg("max_ctas") = 0,
-        py::arg("piece_bytes") = 0, py::arg("stage_bytes") = 0, "Queue host slots -> engine blocks; see kvbm.copy.scatter.");
+        py::arg("piece_bytes") = 0, py::arg("stage_bytes") = 0, py::arg("layer_begin") = 0, py::arg("layer_end") = -1,
+        "Queue host slots -> engine blocks; see kvbm.copy.scatter.");
 }

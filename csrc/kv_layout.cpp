@@ -227,14 +227,38 @@ StatusOr<std::shared_ptr<const KvLayout>> KvLayout::create(LayoutKind kind,
 }
 
 std::vector<KvChunk> KvLayout::pieces(uint64_t max_bytes) const {
+  return range_chunks(LayerRange{0, num_layers()}, std::max<uint64_t>(16, max_bytes));
+}
+
+StatusOr<LayerRange> KvLayout::resolve(LayerRange layers) const {
+  LayerRange r = layers;
+  if (r.end < 0) r.end = num_layers();
+  if (r.begin < 0 || r.begin >= r.end || r.end > num_layers())
+    return InvalidArgument("layers: [" + std::to_string(layers.begin) + ", " + std::to_string(layers.end) +
+                           ") is not a non-empty range of layers within [0, " + std::to_string(num_layers()) +
+                           ")");
+  return r;
+}
+
+std::vector<KvChunk> KvLayout::range_chunks(LayerRange r, uint64_t max_bytes) const {
   std::vector<KvChunk> out;
-  max_bytes = std::max<uint64_t>(16, max_bytes / 16 * 16);
+  const uint64_t lo = range_offset(r), hi = lo + range_bytes(r);
+  if (max_bytes > 0) max_bytes = std::max<uint64_t>(16, max_bytes / 16 * 16);
   for (const KvChunk& c : chunks_) {
-    for (uint64_t off = 0; off < c.bytes; off += max_bytes) {
-      KvChunk p = c;
+    const uint64_t a = std::max(c.host_offset, lo), b = std::min(c.host_offset + c.bytes, hi);
+    if (a >= b) continue;
+    KvChunk cut = c;  // the part of c inside [lo, hi): same engine/host correspondence, shifted
+    cut.addr += a - c.host_offset;
+    cut.host_offset = a - lo;
+    cut.bytes = b - a;
+    cut.layer = static_cast<int32_t>(
+        std::upper_bound(layer_offsets_.begin(), layer_offsets_.end(), a) - layer_offsets_.begin() - 1);
+    const uint64_t step = max_bytes > 0 ? max_bytes : cut.bytes;
+    for (uint64_t off = 0; off < cut.bytes; off += step) {
+      KvChunk p = cut;
       p.addr += off;
       p.host_offset += off;
-      p.bytes = std::min(max_bytes, c.bytes - off);
+      p.bytes = std::min(step, cut.bytes - off);
       out.push_back(p);
     }
   }
@@ -257,17 +281,23 @@ std::string KvLayout::describe() const {
 }
 
 namespace {
-Status host_copy(const KvLayout& layout, const int64_t* ids, size_t n, const uint64_t* addrs, bool to_host,
-                 const char* what) {
+Status host_copy(const KvLayout& layout, const int64_t* ids, size_t n, const uint64_t* addrs, LayerRange layers,
+                 bool to_host, const char* what) {
   if (!layout.on_host())
     return InvalidArgument(std::string(what) + ": the layout is on CUDA device " + std::to_string(layout.device()) +
                            ", not host memory");
+  StatusOr<LayerRange> r = layout.resolve(layers);
+  if (!r.ok()) return r.status();
   KVBM_RETURN_IF_ERROR(layout.check_block_ids(ids, n));
   for (size_t i = 0; i < n; ++i)
     if (addrs[i] == 0) return InvalidArgument(std::string(what) + ": host address [" + std::to_string(i) + "] is null");
+  const bool whole = r.value().begin == 0 && r.value().end == layout.num_layers();
+  const std::vector<KvChunk> sub = whole ? std::vector<KvChunk>() : layout.range_chunks(r.value());
+  const std::vector<KvChunk>& chunks = whole ? layout.chunks() : sub;
+  const uint64_t base = layout.range_offset(r.value());
   for (size_t i = 0; i < n; ++i) {
-    auto* slot = reinterpret_cast<uint8_t*>(addrs[i]);
-    for (const KvChunk& c : layout.chunks()) {
+    auto* slot = reinterpret_cast<uint8_t*>(addrs[i] + base);
+    for (const KvChunk& c : chunks) {
       auto* eng = reinterpret_cast<uint8_t*>(c.addr + static_cast<uint64_t>(ids[i] * c.block_stride));
       if (to_host)
         std::memcpy(slot + c.host_offset, eng, c.bytes);
@@ -279,12 +309,14 @@ Status host_copy(const KvLayout& layout, const int64_t* ids, size_t n, const uin
 }
 }  // namespace
 
-Status host_gather(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* dst_addrs) {
-  return host_copy(layout, block_ids, n, dst_addrs, true, "gather");
+Status host_gather(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* dst_addrs,
+                   LayerRange layers) {
+  return host_copy(layout, block_ids, n, dst_addrs, layers, true, "gather");
 }
 
-Status host_scatter(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* src_addrs) {
-  return host_copy(layout, block_ids, n, src_addrs, false, "scatter");
+Status host_scatter(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* src_addrs,
+                    LayerRange layers) {
+  return host_copy(layout, block_ids, n, src_addrs, layers, false, "scatter");
 }
 
 }  // namespace kvbm

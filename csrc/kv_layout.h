@@ -79,6 +79,16 @@ struct KvChunk {
   int32_t layer = 0;  // the layer the chunk starts in
 };
 
+// A half-open range of layers [begin, end) of a layout; end < 0 means "to the last layer".
+// Copying a layer range moves only those layers' bytes of each block, to/from the same place
+// inside the host slot as a whole-block copy (the slot is layer-major, so a range of layers is
+// one contiguous span of the slot). Used for layer-wise loads and saves (a layer's copy can run
+// as soon as that layer's KV is needed or written).
+struct LayerRange {
+  int begin = 0;
+  int end = -1;
+};
+
 class KvLayout {
  public:
   // layers[l] holds layer l's tensors (see the kinds above). Errors: InvalidArgument naming the
@@ -102,6 +112,18 @@ class KvLayout {
   // The same chunks cut into pieces of at most max_bytes (a multiple of 16, > 0), for spreading
   // work; host offsets and addresses stay consistent with chunks().
   std::vector<KvChunk> pieces(uint64_t max_bytes) const;
+  // `layers` with end < 0 replaced by num_layers(); InvalidArgument naming `layers` unless
+  // 0 <= begin < end <= num_layers().
+  StatusOr<LayerRange> resolve(LayerRange layers) const;
+  // For a resolved range: where its span starts inside a host slot, and how long it is.
+  uint64_t range_offset(LayerRange r) const { return layer_offsets_[r.begin]; }
+  uint64_t range_bytes(LayerRange r) const {
+    return layer_offsets_[r.end - 1] + layer_bytes_[r.end - 1] - layer_offsets_[r.begin];
+  }
+  // The chunks of a resolved range, cut at its layer boundaries (chunks coalesced across layers
+  // are split), with host_offset RELATIVE to range_offset(r); cut further into pieces of at most
+  // max_bytes when max_bytes > 0 (as pieces()). For the full range this equals chunks()/pieces().
+  std::vector<KvChunk> range_chunks(LayerRange r, uint64_t max_bytes = 0) const;
   // OutOfRange naming the first id outside [0, num_blocks).
   Status check_block_ids(const int64_t* ids, size_t n) const;
   std::string describe() const;
@@ -118,8 +140,11 @@ class KvLayout {
 };
 
 // The host data path (layout on host memory): memcpy per chunk. block_ids[i] goes to/from the
-// slot at host_addrs[i] (block_bytes() long). Ids are checked first; nothing is copied on error.
-Status host_gather(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* dst_addrs);
-Status host_scatter(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* src_addrs);
+// slot at host_addrs[i] (block_bytes() long). Ids and `layers` are checked first; nothing is
+// copied on error. With a layer range only those layers' bytes move (at their slot offsets).
+Status host_gather(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* dst_addrs,
+                   LayerRange layers = {});
+Status host_scatter(const KvLayout& layout, const int64_t* block_ids, size_t n, const uint64_t* src_addrs,
+                    LayerRange layers = {});
 
 }  // namespace kvbm

@@ -6,6 +6,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -145,8 +146,10 @@ struct DeviceTables {
 struct TableKey {
   const KvLayout* layout;
   uint64_t piece_bytes;
+  int layer_begin, layer_end;
   bool operator<(const TableKey& o) const {
-    return layout != o.layout ? layout < o.layout : piece_bytes < o.piece_bytes;
+    return std::tie(layout, piece_bytes, layer_begin, layer_end) <
+           std::tie(o.layout, o.piece_bytes, o.layer_begin, o.layer_end);
   }
 };
 struct TableEntry {
@@ -154,18 +157,19 @@ struct TableEntry {
   std::shared_ptr<DeviceTables> tables;
 };
 
+// Pieces of the layer range r (resolved), host offsets relative to the range's start in a slot.
 StatusOr<std::shared_ptr<DeviceTables>> device_tables(const std::shared_ptr<const KvLayout>& layout,
-                                                      uint64_t piece_bytes) {
+                                                      uint64_t piece_bytes, LayerRange r) {
   static std::mutex mu;
   static std::map<TableKey, TableEntry> cache;
   std::lock_guard<std::mutex> lock(mu);
   for (auto it = cache.begin(); it != cache.end();)  // drop tables of layouts that are gone
     it = it->second.owner.expired() ? cache.erase(it) : std::next(it);
-  TableKey key{layout.get(), piece_bytes};
+  TableKey key{layout.get(), piece_bytes, r.begin, r.end};
   auto it = cache.find(key);
   if (it != cache.end()) return it->second.tables;
   std::vector<cuda::DevPiece> host;
-  for (const KvChunk& c : layout->pieces(piece_bytes))
+  for (const KvChunk& c : layout->range_chunks(r, std::max<uint64_t>(16, piece_bytes)))
     host.push_back({c.addr, c.block_stride, c.bytes, c.host_offset});
   if (host.size() > UINT32_MAX) return InvalidArgument("layout has too many chunk pieces per block");
   auto t = std::make_shared<DeviceTables>();
@@ -247,10 +251,11 @@ Status launch_kernel(const DeviceTables& t, const int64_t* ids, size_t n, const 
   return Status::Ok();
 }
 
-Status naive_copies(const KvLayout& layout, const int64_t* ids, size_t n, const uint64_t* addrs, bool to_host,
-                    cudaStream_t stream) {
+// `chunks`: the layer range's chunks, host offsets relative to the range start (addrs point there).
+Status naive_copies(const std::vector<KvChunk>& chunks, const int64_t* ids, size_t n, const uint64_t* addrs,
+                    bool to_host, cudaStream_t stream) {
   for (size_t i = 0; i < n; ++i) {
-    for (const KvChunk& c : layout.chunks()) {
+    for (const KvChunk& c : chunks) {
       void* eng = reinterpret_cast<void*>(c.addr + static_cast<uint64_t>(ids[i] * c.block_stride));
       void* host = reinterpret_cast<void*>(addrs[i] + c.host_offset);
       KVBM_RETURN_IF_ERROR(cuda_status(to_host ? cudaMemcpyAsync(host, eng, c.bytes, cudaMemcpyDefault, stream)
@@ -261,12 +266,11 @@ Status naive_copies(const KvLayout& layout, const int64_t* ids, size_t n, const 
   return Status::Ok();
 }
 
-Status copy_engine_batch(const KvLayout& layout, const int64_t* ids, size_t n, const uint64_t* addrs, bool to_host,
-                         cudaStream_t stream) {
+Status copy_engine_batch(const KvLayout& layout, const std::vector<KvChunk>& chunks, const int64_t* ids, size_t n,
+                         const uint64_t* addrs, bool to_host, cudaStream_t stream) {
 #if CUDART_VERSION >= 12080
   if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread)
-    return naive_copies(layout, ids, n, addrs, to_host, stream);  // the batch API refuses the NULL stream
-  const auto& chunks = layout.chunks();
+    return naive_copies(chunks, ids, n, addrs, to_host, stream);  // the batch API refuses the NULL stream
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<size_t> sizes;
@@ -309,7 +313,8 @@ Status copy_engine_batch(const KvLayout& layout, const int64_t* ids, size_t n, c
   }
   return Status::Ok();
 #else
-  return naive_copies(layout, ids, n, addrs, to_host, stream);
+  (void)layout;
+  return naive_copies(chunks, ids, n, addrs, to_host, stream);
 #endif
 }
 
@@ -411,9 +416,9 @@ class EventSet {
   std::vector<cudaEvent_t> events_;
 };
 
-Status staged_copy(const KvLayout& layout, const DeviceTables& t, const int64_t* ids, size_t n, const uint64_t* addrs,
-                   bool to_host, const TransferOptions& opt, cudaStream_t stream) {
-  const uint64_t bb = layout.block_bytes();
+// `bb`: bytes per block moved (the layer range's span); addrs point at the span inside each slot.
+Status staged_copy(const KvLayout& layout, const DeviceTables& t, uint64_t bb, const int64_t* ids, size_t n,
+                   const uint64_t* addrs, bool to_host, const TransferOptions& opt, cudaStream_t stream) {
   const uint64_t want = opt.stage_bytes ? opt.stage_bytes : (uint64_t{32} << 20);
   const size_t per = static_cast<size_t>(std::max<uint64_t>(1, want / bb));
   const size_t sub = std::min(per, n);
@@ -486,11 +491,16 @@ StatusOr<TransferHandle> transfer(const std::shared_ptr<const KvLayout>& layout,
                                   const uint64_t* addrs, const TransferOptions& opt, bool to_host) {
   const char* what = to_host ? "gather" : "scatter";
   if (!layout) return InvalidArgument(std::string(what) + ": no layout");
+  StatusOr<LayerRange> resolved = layout->resolve(opt.layers);
+  if (!resolved.ok()) return Status(resolved.status().code(), std::string(what) + ": " + resolved.status().message());
+  const LayerRange range = resolved.value();
   KVBM_RETURN_IF_ERROR(layout->check_block_ids(ids, n));
   KVBM_RETURN_IF_ERROR(check_addresses(addrs, n, what));
-  const uint64_t bytes = n * layout->block_bytes();
+  const uint64_t span = layout->range_bytes(range);
+  const uint64_t bytes = n * span;
   if (layout->on_host()) {
-    KVBM_RETURN_IF_ERROR(to_host ? host_gather(*layout, ids, n, addrs) : host_scatter(*layout, ids, n, addrs));
+    KVBM_RETURN_IF_ERROR(to_host ? host_gather(*layout, ids, n, addrs, range)
+                                 : host_scatter(*layout, ids, n, addrs, range));
     return completed(n, bytes);
   }
 #ifndef KVBM_WITH_CUDA
@@ -534,21 +544,30 @@ StatusOr<TransferHandle> transfer(const std::shared_ptr<const KvLayout>& layout,
                              "slots (kvbm alloc_host, cudaHostAlloc, torch pin_memory); use 'auto' or "
                              "'staged' for pageable memory");
   }
+  // Below, host addresses point at the layer range's span inside each slot and every chunk
+  // table has host offsets relative to it (for the full range: the slots themselves).
+  const uint64_t base = layout->range_offset(range);
+  std::vector<uint64_t> shifted;
+  if (base != 0) {
+    shifted.resize(n);
+    for (size_t i = 0; i < n; ++i) shifted[i] = addrs[i] + base;
+    addrs = shifted.data();
+  }
   std::shared_ptr<DeviceTables> tables;
   if (method == CopyMethod::kKernel || method == CopyMethod::kStaged) {
     const uint64_t piece = opt.piece_bytes ? opt.piece_bytes : (uint64_t{32} << 10);
-    StatusOr<std::shared_ptr<DeviceTables>> t = device_tables(layout, piece);
+    StatusOr<std::shared_ptr<DeviceTables>> t = device_tables(layout, piece, range);
     if (!t.ok()) return t.status();
     tables = t.value();
   }
   if (method == CopyMethod::kKernel) {
     KVBM_RETURN_IF_ERROR(launch_kernel(*tables, ids, n, addrs, to_host, opt, stream));
   } else if (method == CopyMethod::kStaged) {
-    KVBM_RETURN_IF_ERROR(staged_copy(*layout, *tables, ids, n, addrs, to_host, opt, stream));
+    KVBM_RETURN_IF_ERROR(staged_copy(*layout, *tables, span, ids, n, addrs, to_host, opt, stream));
   } else if (method == CopyMethod::kCopyEngine) {
-    KVBM_RETURN_IF_ERROR(copy_engine_batch(*layout, ids, n, addrs, to_host, stream));
+    KVBM_RETURN_IF_ERROR(copy_engine_batch(*layout, layout->range_chunks(range), ids, n, addrs, to_host, stream));
   } else {
-    KVBM_RETURN_IF_ERROR(naive_copies(*layout, ids, n, addrs, to_host, stream));
+    KVBM_RETURN_IF_ERROR(naive_copies(layout->range_chunks(range), ids, n, addrs, to_host, stream));
   }
   auto s = std::make_shared<TransferHandle::State>();
   s->num_blocks = n;

@@ -15,8 +15,9 @@
 //                device-to-device pack/unpack (see Note [staged copies]);
 //   kNaive       one cudaMemcpyAsync per chunk (a baseline for benchmarks);
 //   kAuto        kStaged; see Note [choosing a copy method] in kv_transfer.cpp.
+// With opt.layers, only that range of layers moves, to/from its place inside each slot.
 // Errors: OutOfRange (block id), InvalidArgument (null address, a method the memory cannot
-// use), CudaUnavailable (CUDA layout on a build or machine without CUDA), Cuda (runtime errors,
+// use, a bad layer range), CudaUnavailable (CUDA layout on a build or machine without CUDA), Cuda (runtime errors,
 // reported by the call or later by the handle).
 #pragma once
 
@@ -39,6 +40,7 @@ struct TransferOptions {
   int max_ctas = 0;         // kernel grid size cap; 0 = default (a multiple of the SM count)
   uint64_t piece_bytes = 0; // kernel work unit; 0 = default (32 KiB)
   uint64_t stage_bytes = 0; // kStaged: bytes per staging buffer (two are used); 0 = default (32 MiB)
+  LayerRange layers;        // only these layers of each block (default: all); see LayerRange
 };
 
 // Completion of one queued batch. Copyable; all copies share one state. Thread-safe.

@@ -409,11 +409,11 @@ def fast128(data: typing.Any) -> bytes:
     """
     fast128 digest (16 bytes, non-cryptographic; see docs/hashing.md).
     """
-def kv_gather(layout: KvLayout, block_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dst_addresses: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], stream: typing.SupportsInt | typing.SupportsIndex | None = None, method: str = 'auto', max_ctas: typing.SupportsInt | typing.SupportsIndex = 0, piece_bytes: typing.SupportsInt | typing.SupportsIndex = 0, stage_bytes: typing.SupportsInt | typing.SupportsIndex = 0) -> TransferHandle:
+def kv_gather(layout: KvLayout, block_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], dst_addresses: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], stream: typing.SupportsInt | typing.SupportsIndex | None = None, method: str = 'auto', max_ctas: typing.SupportsInt | typing.SupportsIndex = 0, piece_bytes: typing.SupportsInt | typing.SupportsIndex = 0, stage_bytes: typing.SupportsInt | typing.SupportsIndex = 0, layer_begin: typing.SupportsInt | typing.SupportsIndex = 0, layer_end: typing.SupportsInt | typing.SupportsIndex = -1) -> TransferHandle:
     """
     Queue engine blocks -> host slots; see kvbm.copy.gather.
     """
-def kv_scatter(layout: KvLayout, block_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], src_addresses: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], stream: typing.SupportsInt | typing.SupportsIndex | None = None, method: str = 'auto', max_ctas: typing.SupportsInt | typing.SupportsIndex = 0, piece_bytes: typing.SupportsInt | typing.SupportsIndex = 0, stage_bytes: typing.SupportsInt | typing.SupportsIndex = 0) -> TransferHandle:
+def kv_scatter(layout: KvLayout, block_ids: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], src_addresses: typing.Annotated[numpy.typing.ArrayLike, numpy.uint64], stream: typing.SupportsInt | typing.SupportsIndex | None = None, method: str = 'auto', max_ctas: typing.SupportsInt | typing.SupportsIndex = 0, piece_bytes: typing.SupportsInt | typing.SupportsIndex = 0, stage_bytes: typing.SupportsInt | typing.SupportsIndex = 0, layer_begin: typing.SupportsInt | typing.SupportsIndex = 0, layer_end: typing.SupportsInt | typing.SupportsIndex = -1) -> TransferHandle:
     """
     Queue host slots -> engine blocks; see kvbm.copy.scatter.
     """

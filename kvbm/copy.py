@@ -19,6 +19,12 @@ Methods: ``"auto"`` (= ``"staged"``, chosen by measurement: see
 ``"copy_engine"`` (``cudaMemcpyBatchAsync`` of every chunk), ``"staged"`` (a kernel packs
 blocks into device staging, copy engines move whole slots; ``stage_bytes`` per staging buffer),
 ``"naive"`` (one ``cudaMemcpyAsync`` per chunk; a baseline). ``max_ctas`` caps the kernel grid.
+
+``layers`` restricts a copy to a range of layers (an int ``l``, a ``(begin, end)`` pair or a
+``range`` with step 1; half-open): only those layers' bytes of each block move, to/from their
+place in the slot (``layout.layer_offsets[begin]`` onwards: the slot is layer-major), so copying
+every layer one range at a time gives the same slot bytes as one whole-block copy. This is what
+layer-wise loads and saves use (a layer's copy can run as soon as that layer is needed or written).
 """
 
 from __future__ import annotations
@@ -146,6 +152,22 @@ def _resolve(layout: KvLayout, block_ids: Any, slots: Any, slot_bytes: int | Non
     return ids, addrs
 
 
+def _layer_range(layers: Any) -> tuple[int, int]:
+    """(begin, end) for the native call; (0, -1) means every layer. Bounds are checked natively."""
+    if layers is None:
+        return 0, -1
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        return int(layers), int(layers) + 1
+    if isinstance(layers, range):
+        if layers.step != 1:
+            raise InvalidArgumentError(f"layers: a range of layers must have step 1, got {layers!r}")
+        return layers.start, layers.stop
+    if (isinstance(layers, (tuple, list)) and len(layers) == 2
+            and all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in layers)):
+        return int(layers[0]), int(layers[1])
+    raise InvalidArgumentError(f"layers: expected None, a layer index, a (begin, end) pair or a range, got {layers!r}")
+
+
 def _stream_int(stream: Any) -> int | None:
     if stream is None:
         return None
@@ -158,25 +180,29 @@ def _stream_int(stream: Any) -> int | None:
 
 def gather(layout: KvLayout, block_ids: Sequence[int] | np.ndarray, dst: Any, stream: Any = None, *,
            method: str = "auto", slot_bytes: int | None = None, max_ctas: int = 0,
-           stage_bytes: int = 0) -> TransferHandle:
-    """Offload: copy engine blocks ``block_ids`` (all layers, K and V) into host slots ``dst``.
+           stage_bytes: int = 0, layers: int | tuple[int, int] | range | None = None) -> TransferHandle:
+    """Offload: copy engine blocks ``block_ids`` (all layers, or ``layers``; K and V) into host slots ``dst``.
 
     Returns a :class:`TransferHandle`. Raises OutOfRangeError (a block id outside
     ``[0, num_blocks)``), InvalidArgumentError (slot too small, count mismatch, null address,
-    method 'kernel' with pageable slots), CudaUnavailableError (CUDA layout without CUDA),
-    CudaError (runtime errors).
+    method 'kernel' with pageable slots, ``layers`` not a non-empty range within
+    ``[0, num_layers)``), CudaUnavailableError (CUDA layout without CUDA), CudaError (runtime errors).
     """
     ids, addrs = _resolve(layout, block_ids, dst, slot_bytes, "gather")
-    native = _native.kv_gather(layout._native, ids, addrs, _stream_int(stream), method, max_ctas, 0, stage_bytes)
+    begin, end = _layer_range(layers)
+    native = _native.kv_gather(layout._native, ids, addrs, _stream_int(stream), method, max_ctas, 0, stage_bytes,
+                               begin, end)
     return TransferHandle(native, (layout, dst))
 
 
 def scatter(layout: KvLayout, block_ids: Sequence[int] | np.ndarray, src: Any, stream: Any = None, *,
             method: str = "auto", slot_bytes: int | None = None, max_ctas: int = 0,
-            stage_bytes: int = 0) -> TransferHandle:
-    """Onboard: copy host slots ``src`` into engine blocks ``block_ids``. Same errors as :func:`gather`.
-    With repeated ids the last slot wins on the host path; on CUDA the order is unspecified."""
+            stage_bytes: int = 0, layers: int | tuple[int, int] | range | None = None) -> TransferHandle:
+    """Onboard: copy host slots ``src`` into engine blocks ``block_ids`` (all layers, or ``layers``).
+    Same errors as :func:`gather`. With repeated ids the last slot wins on the host path; on CUDA
+    the order is unspecified."""
     ids, addrs = _resolve(layout, block_ids, src, slot_bytes, "scatter")
+    begin, end = _layer_range(layers)
     native = _native.kv_scatter(layout._native, ids, addrs, _stream_int(stream), method, max_ctas, 0,
-                                stage_bytes)
+                                stage_bytes, begin, end)
     return TransferHandle(native, (layout, src))

@@ -45,7 +45,11 @@ _MAX_METADATA = 1 << 24
 
 
 def _ucx_lib_dir() -> str:
-    """Directory holding libucp.so.0: the ``libucx`` wheel's lib/, else "" (the system loader path)."""
+    """Directory holding libucp.so.0: ``$KVBM_UCX_LIB_DIR`` if set, else the ``libucx`` wheel's lib/,
+    else "" (the system loader path)."""
+    env = os.environ.get("KVBM_UCX_LIB_DIR")
+    if env:
+        return env
     try:
         import libucx  # PyPI libucx-cu13 (the `ucx` extra)
     except ImportError:

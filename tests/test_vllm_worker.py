@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 pytestmark = [
@@ -113,3 +114,49 @@ def test_async_loads_are_reported_through_get_finished(tmp_path) -> None:
     assert meta is not None and list(meta.load_failed) == [h[2]]
     assert w.async_loads_done == 1
     w.shutdown()
+
+
+@pytest.mark.parametrize("is_async", [True, False])
+def test_store_into_a_slot_read_by_a_load_of_the_same_step_lands_after_the_load(tmp_path, is_async: bool) -> None:
+    """One step's plan loads block X from host slot 0 and stores a new block into slot 0 (the
+    scheduler evicted X for it): the load gets X's bytes, the slot ends up with the new block.
+    On the CPU platform save_kv_layer and wait_for_layer_load are no-ops (whole blocks)."""
+    import time
+
+    import torch
+
+    from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp, StoreOp
+
+    nb, heads, bs, hd2, layers = 16, 2, 32, 64, 2
+    buf = torch.randn(layers, nb, heads, bs, hd2).to(torch.bfloat16)
+    kv = {f"l{i}": buf[i] for i in range(layers)}
+    w = _worker(tmp_path, kv, nb, layers * heads * bs * hd2 * 2, disk=False)
+    assert not w.layerwise
+    x = b"\x01" * 16
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, x, False)]))
+    ref = buf.clone()
+    meta = KvbmConnectorMetadata(loads=[LoadOp(10, "host", 0, x, "a", is_async)],
+                                 stores=[StoreOp(2, 0, b"\x02" * 16, False, "b")])
+    w.start_load_kv(meta)
+    for name in kv:
+        w.wait_for_layer_load(name)
+        w.save_kv_layer(name, meta)
+    w.wait_for_save(meta)
+    deadline = time.time() + 30
+    while is_async and not w.get_finished():
+        assert time.time() < deadline
+        time.sleep(0.01)
+    assert torch.equal(buf[:, 10], ref[:, 1])
+    assert np.array_equal(w.arena[0].numpy(), np.concatenate([buf[i, 2].reshape(-1).view(torch.uint8).numpy()
+                                                              for i in range(layers)]))
+    w.shutdown()
+
+
+def test_layerwise_setting_is_validated() -> None:
+    from kvbm.errors import ConfigError
+    from kvbm.integrations.vllm.config import ConnectorConfig
+
+    assert ConnectorConfig.from_extra_config(None).layerwise is True
+    assert ConnectorConfig.from_extra_config({"layerwise": False}).layerwise is False
+    with pytest.raises(ConfigError, match="'layerwise'"):
+        ConnectorConfig.from_extra_config({"layerwise": "yes"})

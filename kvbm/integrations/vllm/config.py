@@ -2,7 +2,7 @@
 
 The mapping holds :class:`kvbm.KvbmConfig` keys (``host_capacity_bytes``, ``disk_path``, ...)
 plus a few connector-only keys (``model_id``, ``store_decode_blocks``, ``min_hit_blocks``,
-``async_load``).
+``async_load``, ``layerwise``).
 Everything is checked once, at engine start-up, in the scheduler and in every worker process:
 an unknown key, a key this connector does not honour, or a bad value raises
 :class:`kvbm.errors.ConfigError` naming the key, so a typo never silently falls back to a default.
@@ -51,6 +51,11 @@ class ConnectorConfig:
         async_load: load hits asynchronously (vLLM's ``load_kv_async``): the request waits in
             ``WAITING_FOR_REMOTE_KVS`` while a worker thread copies its blocks, and other requests
             keep running; with ``False`` hits are loaded synchronously before the forward pass.
+        layerwise: on CUDA (with a pinned host arena), copy layer by layer on kvbm's own streams,
+            overlapped with the forward: a synchronous load's layer l is waited for just before
+            layer l's attention, and layer l is saved as soon as its attention wrote it. With
+            ``False`` (and always on vLLM's CPU platform) whole blocks move before and after the
+            forward.
     """
 
     kvbm: KvbmConfig = field(default_factory=lambda: KvbmConfig(_source=SOURCE))
@@ -58,6 +63,7 @@ class ConnectorConfig:
     store_decode_blocks: bool = True
     min_hit_blocks: int = 1
     async_load: bool = True
+    layerwise: bool = True
     pd: PdConfig | None = None
 
     @property
@@ -76,7 +82,7 @@ class ConnectorConfig:
         if extra is not None and not isinstance(extra, Mapping):
             raise ConfigError(f"{SOURCE}: expected a mapping, got {type(extra).__name__}")
         data = dict(extra or {})
-        own = ("model_id", "store_decode_blocks", "min_hit_blocks", "async_load", *PD_KEYS)
+        own = ("model_id", "store_decode_blocks", "min_hit_blocks", "async_load", "layerwise", *PD_KEYS)
         for key in data:
             if key in NOT_HERE:
                 raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({NOT_HERE[key]})")
@@ -92,7 +98,7 @@ class ConnectorConfig:
         if model_id is not None and not (isinstance(model_id, str) and model_id):
             raise ConfigError(f"{SOURCE}['model_id']: expected a non-empty string, got {model_id!r}")
         kw["model_id"] = model_id
-        for name in ("store_decode_blocks", "async_load"):
+        for name in ("store_decode_blocks", "async_load", "layerwise"):
             if name in data:
                 v = data.pop(name)
                 if not isinstance(v, bool):

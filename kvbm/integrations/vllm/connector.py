@@ -181,18 +181,40 @@ class KvbmConnector(KVConnectorBase_V1):
         assert self._worker is not None
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvbmConnectorMetadata)
+        # vLLM calls wait_for_layer_load only where attention runs eagerly with metadata: not in a
+        # replayed full CUDA graph (uniform decode batches, e.g. a new request with a one-token tail).
+        mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", "NONE")
+        hooks_run = getattr(forward_context, "attn_metadata", None) is not None and mode != "FULL"
         t0 = time.perf_counter_ns()
         try:
-            self._worker.start_load_kv(meta)
+            self._worker.start_load_kv(meta, hooks_run=hooks_run)
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
             self._busy_calls += 1
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # sync loads complete in start_load_kv; async ones are polled in get_finished
+        """CUDA: the forward stream waits (on the GPU) for this layer of the step's synchronous
+        loads. No-op on the CPU platform (loads completed in start_load_kv)."""
+        assert self._worker is not None
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.wait_for_layer_load(layer_name)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # whole blocks are saved after the forward, in wait_for_save
+        """CUDA (layerwise): queue the gather of this layer of the step's planned blocks on kvbm's
+        save stream, after the attention that wrote it. No-op otherwise (saved in wait_for_save)."""
+        assert self._worker is not None
+        if not self._worker.layerwise:
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvbmConnectorMetadata)
+        t0 = time.perf_counter_ns()
+        try:
+            self._worker.save_kv_layer(layer_name, meta)
+        finally:
+            self._busy_ns += time.perf_counter_ns() - t0
 
     def wait_for_save(self) -> None:
         assert self._worker is not None

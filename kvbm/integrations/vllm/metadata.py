@@ -6,7 +6,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+except ImportError:  # no vLLM: the worker's copy paths still run (GPU tests and benchmarks on machines without it)
+
+    class KVConnectorMetadata:  # type: ignore[no-redef]
+        """Stand-in base when vLLM is not installed (vLLM's is an empty ABC as well)."""
+
+    class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
+        """Stand-in base when vLLM is not installed."""
 
 
 @dataclass

@@ -700,27 +700,35 @@ class PdWorker:
     def released(self) -> dict[str, int]:
         return self.server.released() if self.server is not None else {}
 
-    def load(self, ops: list[Any], scatter: Callable[[np.ndarray, list[int]], None]) -> list[Any]:
-        """Run remote load ops (``op.remote`` a :class:`PdSource`, ``op.slot`` the remote slot), in
-        order per source; returns the ops not loaded (vLLM recomputes those blocks)."""
+    def load(self, ops: list[Any], out: np.ndarray) -> tuple[list[int], list[Any]]:
+        """Pull remote load ops (``op.remote`` a :class:`PdSource`, ``op.slot`` the producer's slot)
+        into ``out`` (row i for ``ops[i]``), in order per source, verified.
+
+        Returns (indices of the ops loaded, the ops not loaded: vLLM recomputes those blocks).
+        """
         if self.client is None:
-            return list(ops)
-        groups: dict[str, tuple[PdSource, list[Any]]] = {}
-        for op in ops:
-            groups.setdefault(op.remote.lease, (op.remote, []))[1].append(op)
+            return [], list(ops)
+        groups: dict[str, tuple[PdSource, list[int]]] = {}
+        for i, op in enumerate(ops):
+            groups.setdefault(op.remote.lease, (op.remote, []))[1].append(i)
+        loaded: list[int] = []
         failed: list[Any] = []
-        for source, gops in groups.values():
+        for source, idx in groups.values():
             src = source.ranks[self.rank]
+
+            def sink(rows: np.ndarray, got: list[int], idx: list[int] = idx) -> None:
+                out[np.asarray([idx[k] for k in got], dtype=np.int64)] = rows
+
             t0 = time.perf_counter_ns()
-            done = self.client.pull(src, [op.slot for op in gops], [op.block_hash for op in gops],
-                                    lambda rows, idx, g=gops: scatter(rows, [g[i].block_id for i in idx]))
+            done = self.client.pull(src, [ops[i].slot for i in idx], [ops[i].block_hash for i in idx], sink)
             dt = time.perf_counter_ns() - t0
-            failed.extend(gops[done:])
+            loaded += idx[:done]
+            failed += [ops[i] for i in idx[done:]]
             self.client.release(src, source.lease)
             with self._lock:
                 self._counters[0] += done
                 self._counters[1] += dt
-        return failed
+        return loaded, failed
 
     def release_unused(self, sources: list[PdSource]) -> None:
         """Release offers that will not be pulled, in the background (connecting if needed)."""

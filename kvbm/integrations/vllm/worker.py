@@ -4,7 +4,34 @@ Copies go through kvbm's layout descriptor (:class:`kvbm.kv_layout.KvLayout`, bu
 tensors vLLM registers: shapes and strides are read, never assumed, so any ``KVCacheLayout``
 works) and its gather/scatter (:mod:`kvbm.copy`: the native host path on CPU, the CUDA kernels
 on GPU). Whole blocks always move (on vLLM's CPU platform a block's bytes are packed per
-(block, head) tile, so token rows must never be copied piecemeal).
+(block, head) tile, so token rows must never be copied piecemeal); on CUDA they may move one
+layer at a time (all of a block's bytes of that layer).
+
+Note [copies on CUDA]
+Nothing is copied on vLLM's forward stream and nothing waits on the host before the forward:
+- kvbm's *load stream* runs synchronous loads. It first waits for an event recorded on the
+  forward stream when ``start_load_kv`` runs (vLLM zeroes newly allocated blocks there before
+  the forward). They are queued one layer at a time (``layerwise``), each followed by an event:
+  the first two layers in ``start_load_kv``, the next ones as ``wait_for_layer_load`` reaches
+  earlier layers (so the host cost of queueing is not paid before the forward starts);
+  ``wait_for_layer_load(layer)`` makes the forward stream wait for that layer's event (events
+  on one stream complete in order, so waiting for layer l covers layers < l). Without
+  ``layerwise`` one whole-block copy and one event gate every layer. When vLLM will not call
+  the hooks (a full CUDA graph replay), the forward waits for the whole load up front.
+- Asynchronous loads (requests in vLLM's ``WAITING_FOR_REMOTE_KVS``, which vLLM does not
+  schedule, so nothing else touches their blocks) run on a second stream, after the same kind
+  of event, so they never delay a synchronous load; disk blocks are read on the worker thread,
+  which then queues their copy on that stream. ``get_finished`` only polls (no host wait).
+- kvbm's *save stream* runs stores. ``save_kv_layer(layer)`` (vLLM calls it after each layer's
+  attention, whose KV update wrote the layer) records an event on the forward stream; the save
+  stream waits for it and gathers that layer of the step's planned blocks into their host slots.
+  ``wait_for_save`` gathers whatever was not saved per layer, then waits for the save stream on
+  the host: vLLM may reuse the blocks afterwards, and the disk writer reads the slots.
+- A host slot that a load still reads is not overwritten: stores into it wait for the load's
+  event on the GPU (CPU platform: the host waits for the load thread). Stores into a slot read
+  by a load of the same step are done in ``wait_for_save``, after that load was queued.
+On vLLM's CPU platform every copy is a synchronous memcpy at the same points (whole blocks,
+before and after the forward), and asynchronous loads run on the worker thread.
 """
 
 from __future__ import annotations
@@ -13,14 +40,14 @@ import atexit
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from kvbm.copy import gather, scatter, slot_addresses
-from kvbm.errors import ChecksumError, InternalError, StorageIOError, UnsupportedError
+from kvbm.copy import TransferHandle, gather, scatter, slot_addresses
+from kvbm.errors import ChecksumError, InternalError, KvbmError, StorageIOError, UnsupportedError
 from kvbm.integrations.vllm import disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
@@ -29,16 +56,59 @@ from kvbm.kv_layout import KvLayout
 
 logger = logging.getLogger("kvbm.vllm")
 
+_LOOKAHEAD = 2  # synchronous load ranges queued ahead of the layer the forward waits for
+
 
 @dataclass
 class _LoadJob:
-    """One step's asynchronous loads: done when ``future`` is; it returns the failed ops."""
+    """One step's asynchronous loads. Done when the worker thread's part (``future``: returns the
+    ops whose disk block failed, the copies it queued and what they read) and every queued copy
+    (``handles``) are."""
 
-    future: Future
     ops: list[LoadOp]
     req_ids: set[str]
     slots: set[int]
+    future: Future | None = None
+    handles: list[TransferHandle] = field(default_factory=list)
+    event: Any = None  # CUDA: recorded on the load stream after the copies out of host slots
+    failed: list[LoadOp] = field(default_factory=list)
+    error: BaseException | None = None
+    keep: list[Any] = field(default_factory=list)  # buffers the copies read, until they are done
 
+    def poll(self) -> bool:
+        """True once every part finished (successfully or not); never waits."""
+        if self.future is not None:
+            if not self.future.done():
+                return False
+            try:
+                failed, handles, keep = self.future.result()
+                self.failed += failed
+                self.handles += handles
+                self.keep.append(keep)
+            except Exception as e:  # noqa: BLE001 - any failure: vLLM recomputes the blocks
+                self.error = self.error or e
+            self.future = None
+        running = []
+        for h in self.handles:
+            try:
+                if not h.poll():
+                    running.append(h)
+            except KvbmError as e:
+                self.error = self.error or e
+        self.handles = running
+        return not running
+
+
+@dataclass
+class _SavePlan:
+    """One step's stores, split by when they are copied."""
+
+    to_host: list[StoreOp]  # into host slots, layer by layer on CUDA
+    later: list[StoreOp]  # into host slots a load of this step reads: whole blocks in wait_for_save
+    direct: list[StoreOp]  # no host slot (disk only): whole blocks into a private buffer in wait_for_save
+    ids: np.ndarray
+    addrs: np.ndarray
+    layers_done: set[int] = field(default_factory=set)
 
 def _tp_rank() -> int:
     try:
@@ -67,11 +137,23 @@ class KvbmWorker:
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests with a load error in this step
         self._meta = KvbmWorkerMetadata()
-        self._staging: np.ndarray | None = None
-        self._async_staging: np.ndarray | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: list[_LoadJob] = []
         self.async_loads_done = 0  # asynchronous load jobs completed (and reported) so far
+        # Copies on CUDA (see Note [copies on CUDA]); on the CPU platform the streams stay None.
+        self.layerwise = False  # set by register_kv_caches
+        self.copy_method = "auto"  # kvbm.copy method of every copy (benchmarks compare others)
+        self._layer_of: dict[str, int] = {}  # vLLM layer name -> layer index in the layout
+        self._load_stream: Any = None  # this step's synchronous loads
+        self._async_stream: Any = None  # asynchronous loads (never in front of a synchronous one)
+        self._save_stream: Any = None
+        self._load_ranges: list[range] = []  # how a synchronous load is cut: per layer, or all layers
+        self._load_events: list[Any] | None = None  # this step's event after each range queued so far
+        self._sync_load: tuple[list[int], np.ndarray, Any] | None = None  # (ids, sources, buffer) still to queue
+        self._waited: set[int] = set()  # ranges the forward waited for this step
+        self._gate_forward = False  # the forward never called wait_for_layer_load: gate it whole
+        self._keep: list[tuple[Any, Any]] = []  # (event, buffer a queued copy reads) until the event is done
+        self._save: _SavePlan | None = None  # this step's stores, planned at the first save_kv_layer
         self.pd: Any = None  # pd.PdWorker when prefill/decode is on
 
     # -- set-up ----------------------------------------------------------------------------
@@ -90,8 +172,16 @@ class KvbmWorker:
         self.arena = torch.empty((self.geo.num_host_slots, self.geo.slot_bytes), dtype=torch.uint8, pin_memory=pin)
         arena_np = self.arena.numpy()
         self._slot_addrs = slot_addresses(arena_np)
-        self._staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
-        self._async_staging = np.empty((1, self.geo.slot_bytes), dtype=np.uint8)
+        self._layer_of = {name: i for i, name in enumerate(kv_caches)}
+        n_layers = self.layout.num_layers
+        if on_cuda:
+            self._load_stream = torch.cuda.Stream(device=first.device)
+            self._async_stream = torch.cuda.Stream(device=first.device)
+            self._save_stream = torch.cuda.Stream(device=first.device)
+            # Per-layer saves into pageable slots would block the host on every layer.
+            self.layerwise = self.cfg.layerwise and pin
+        self._load_ranges = ([range(i, i + 1) for i in range(n_layers)] if self.layerwise
+                             else [range(0, n_layers)])
         if self.cfg.disk_path:
             self.rdir = disk.rank_dir(self.cfg.disk_path, self.ns_digest)
             self.writer = disk.DiskWriter(self.rdir, self.ns_digest, lambda s: arena_np[s])
@@ -100,66 +190,173 @@ class KvbmWorker:
             from kvbm.integrations.vllm.pd import PdWorker
 
             self.pd = PdWorker(self.cfg.pd, self.rank, self.geo.slot_bytes, arena_np)
-        logger.info("kvbm: rank %d registered %d layers, %d bytes/block, %d host slots (%s), disk %s",
+        logger.info("kvbm: rank %d registered %d layers, %d bytes/block, %d host slots (%s), disk %s, %s copies",
                     self.rank, len(kv_caches), self.layout.block_bytes, self.geo.num_host_slots,
-                    "pinned" if pin else "pageable", self.rdir)
+                    "pinned" if pin else "pageable", self.rdir, "layer-wise" if self.layerwise else "whole-block")
 
     # -- byte moving -----------------------------------------------------------------------
-    def _stream(self) -> Any:
-        return torch.cuda.current_stream() if self._cuda else None
+    def _copy(self, to_host: bool, block_ids: list[int], addrs: np.ndarray, stream: Any,
+              layers: range | None = None) -> TransferHandle:
+        """Queue (CUDA: on ``stream``) or run (host) one gather/scatter between vLLM blocks and the
+        host addresses ``addrs`` (one slot-sized region each), all layers or ``layers``."""
+        fn = gather if to_host else scatter
+        return fn(self.layout, np.asarray(block_ids, dtype=np.int64), addrs, stream, method=self.copy_method,
+                  layers=layers)
 
-    def _gather(self, block_ids: list[int], slots: list[int] | None, out: np.ndarray | None = None) -> None:
-        """vLLM blocks -> host slots (or the rows of ``out``), every layer, whole blocks."""
-        dst = self._slot_addrs[np.asarray(slots, dtype=np.int64)] if slots is not None else out
-        gather(self.layout, np.asarray(block_ids, dtype=np.int64), dst, self._stream()).wait()
+    def _after_forward_so_far(self, stream: Any) -> None:
+        """Order ``stream`` after everything queued so far on the forward (current) stream."""
+        if stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(stream.device))
+            stream.wait_event(ev)
 
-    def _scatter(self, src: np.ndarray, block_ids: list[int]) -> None:
-        """Host slot addresses (1-D uint64) or rows ``[n, slot_bytes]`` -> vLLM blocks."""
-        scatter(self.layout, np.asarray(block_ids, dtype=np.int64), src, self._stream()).wait()
+    def _sources(self, ops: list[LoadOp]) -> tuple[list[LoadOp], np.ndarray, list[LoadOp], np.ndarray | None]:
+        """Where each load's bytes are: its host slot, or (disk) a row of a fresh buffer read here.
 
-    # -- vLLM worker API -------------------------------------------------------------------
-    def start_load_kv(self, meta: KvbmConnectorMetadata) -> None:
-        if not meta.loads:
-            return
-        assert self.arena is not None and self._staging is not None and self._async_staging is not None
-        sync_ops = [op for op in meta.loads if not op.is_async]
-        async_ops = [op for op in meta.loads if op.is_async]
-        if sync_ops:
-            self._apply_load_result(sync_ops, self._run_loads(sync_ops, self._staging), sync=True)
-        if async_ops:
-            req_ids = {op.req_id for op in async_ops}
-            slots = {op.slot for op in async_ops if op.tier == "host"}
-            if self._cuda:
-                # The CUDA path runs the copies here, on the current stream (not overlapped with
-                # the forward); the requests are still reported through get_finished.
-                fut: Future = Future()
-                try:
-                    fut.set_result(self._run_loads(async_ops, self._async_staging))
-                except Exception as e:  # noqa: BLE001 - reported (and recomputed) through get_finished
-                    fut.set_exception(e)
-            else:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-load-{self.rank}")
-                fut = self._pool.submit(self._run_loads, async_ops, self._async_staging)
-            self._jobs.append(_LoadJob(fut, async_ops, req_ids, slots))
-
-    def _run_loads(self, ops: list[LoadOp], staging: np.ndarray) -> list[LoadOp]:
-        """Copy ``ops`` into vLLM's blocks (host slots in one scatter, disk blocks one by one).
-
-        Returns the ops whose disk block failed its checksum or could not be read (not copied).
+        Returns (ops to copy, their source addresses, ops whose disk block failed, the buffer).
         """
         host = [op for op in ops if op.tier == "host"]
-        if host:
-            self._scatter(self._slot_addrs[np.asarray([op.slot for op in host], dtype=np.int64)],
-                          [op.block_id for op in host])
-        failed: list[LoadOp] = []
-        for op in ops:
-            if op.tier == "disk" and not self._load_disk(op, staging):
-                failed.append(op)
+        on_disk = [op for op in ops if op.tier == "disk"]
         remote = [op for op in ops if op.tier == "remote"]
-        if remote:  # prefill/decode: pulled from the producer, verified, scattered (pd.py)
-            failed.extend(self.pd.load(remote, self._scatter) if self.pd is not None else remote)
-        return failed
+        addrs = [self._slot_addrs[np.asarray([op.slot for op in host], dtype=np.int64)]]
+        ok, failed, rows = list(host), [], None
+        if on_disk or remote:
+            rows = np.empty((len(on_disk) + len(remote), self.geo.slot_bytes), dtype=np.uint8)
+            good = []
+            for i, op in enumerate(on_disk):
+                if self._read_disk(op, rows[i]):
+                    ok.append(op)
+                    good.append(i)
+                else:
+                    failed.append(op)
+            if remote:  # prefill/decode: pulled from the producer and verified (pd.py)
+                got, bad = self.pd.load(remote, rows[len(on_disk):]) if self.pd is not None else ([], remote)
+                ok += [remote[i] for i in got]
+                good += [len(on_disk) + i for i in got]
+                failed += bad
+            addrs.append(slot_addresses(rows)[np.asarray(good, dtype=np.int64)])
+        return ok, np.concatenate(addrs).astype(np.uint64), failed, rows
+
+    def _load_now(self, ops: list[LoadOp], stream: Any) -> tuple[list[LoadOp], list[TransferHandle], Any]:
+        """Copy ``ops`` (whole blocks) into vLLM's blocks: run now (host) or queued on ``stream``.
+
+        Returns (ops whose disk block failed its checksum or could not be read, the copies' handles,
+        the buffer they read until done).
+        """
+        ok, addrs, failed, rows = self._sources(ops)
+        handles = [self._copy(False, [op.block_id for op in ok], addrs, stream)] if ok else []
+        return failed, handles, rows
+
+    def _read_disk(self, op: LoadOp, row: np.ndarray) -> bool:
+        assert self.rdir is not None
+        path = disk.block_path(self.rdir, op.block_hash)
+        try:
+            disk.read_block(path, op.block_hash, self.ns_digest, row, self.cfg.kvbm.checksums)
+        except (ChecksumError, StorageIOError) as e:
+            logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s",
+                           self.rank, op.block_hash.hex()[:16], e)
+            return False
+        return True
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"kvbm-load-{self.rank}")
+        return self._pool
+
+    def _release_kept(self) -> None:
+        self._keep = [(ev, buf) for ev, buf in self._keep if not ev.query()]
+
+    # -- vLLM worker API: loads ------------------------------------------------------------
+    def start_load_kv(self, meta: KvbmConnectorMetadata, hooks_run: bool = True) -> None:
+        """Start this step's loads. ``hooks_run=False``: vLLM will not call ``wait_for_layer_load``
+        in this forward (a full CUDA graph replay, no attention metadata), so on CUDA the forward
+        stream waits for the whole synchronous load here (still on the GPU, no host wait)."""
+        if not meta.loads:
+            return
+        assert self.arena is not None
+        sync_ops = [op for op in meta.loads if not op.is_async]
+        async_ops = [op for op in meta.loads if op.is_async]
+        if self._load_stream is not None:
+            self._release_kept()
+            for stream in (self._load_stream if sync_ops else None, self._async_stream if async_ops else None):
+                self._after_forward_so_far(stream)  # after vLLM zeroed the new blocks
+        if sync_ops:
+            self._start_sync_loads(sync_ops, gate=not hooks_run)
+        if async_ops:
+            self._jobs.append(self._start_async_loads(async_ops))
+
+    def _start_sync_loads(self, ops: list[LoadOp], gate: bool) -> None:
+        """Loads this step's forward reads: done now (host), or queued range by range on the load
+        stream with an event after each, which ``wait_for_layer_load`` hands to the forward. The
+        first ranges are queued here, the next ones as the forward reaches earlier layers (the
+        host cost of queueing every layer is not paid before the forward starts)."""
+        ok, addrs, failed, rows = self._sources(ops)
+        ids = [op.block_id for op in ok]
+        if self._load_stream is None:
+            if ok:
+                self._copy(False, ids, addrs, None).wait()  # host layout: already done
+        else:
+            self._sync_load = (ids, addrs, rows)
+            self._load_events = []
+            self._waited = set()
+            if gate or self._gate_forward:
+                self._queue_sync_loads(len(self._load_ranges))
+                torch.cuda.current_stream(self._load_stream.device).wait_event(self._load_events[-1])
+                self._waited.add(len(self._load_ranges) - 1)
+            else:
+                self._queue_sync_loads(_LOOKAHEAD - 1)  # layers 0 and 1
+        self._apply_load_result(ops, failed, sync=True)
+
+    def _queue_sync_loads(self, upto: int) -> None:
+        """Queue this step's synchronous load ranges up to index ``upto`` (CUDA)."""
+        if self._sync_load is None:
+            return
+        ids, addrs, rows = self._sync_load
+        events, stream = self._load_events, self._load_stream
+        while len(events) <= min(upto, len(self._load_ranges) - 1):
+            if ids:
+                self._copy(False, ids, addrs, stream, layers=self._load_ranges[len(events)])
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            events.append(ev)
+        if len(events) == len(self._load_ranges):
+            if rows is not None:
+                self._keep.append((events[-1], rows))
+            self._sync_load = None
+
+    def _start_async_loads(self, ops: list[LoadOp]) -> _LoadJob:
+        """Loads reported through ``get_finished``: on the worker thread (host), or queued on the
+        load stream (host slots here, disk blocks by the worker thread once read)."""
+        job = _LoadJob(ops, {op.req_id for op in ops}, {op.slot for op in ops if op.tier == "host"})
+        stream = self._async_stream
+        if stream is None:
+            job.future = self._thread_pool().submit(self._load_now, ops, None)
+            return job
+        host = [op for op in ops if op.tier == "host"]
+        on_disk = [op for op in ops if op.tier in ("disk", "remote")]  # read by the worker thread
+        if host:
+            try:
+                _, job.handles, _ = self._load_now(host, stream)
+            except KvbmError as e:  # reported (and recomputed) through get_finished
+                job.error = e
+            job.event = torch.cuda.Event()
+            job.event.record(stream)
+        if on_disk:
+            job.future = self._thread_pool().submit(self._load_now, on_disk, stream)
+        return job
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Make the forward stream wait (on the GPU) until ``layer_name``'s part of this step's
+        synchronous loads is in place (an unknown layer waits for all of it)."""
+        events = self._load_events
+        if events is None:
+            return
+        i = self._layer_of.get(layer_name)
+        n = len(self._load_ranges)
+        k = n - 1 if i is None or n == 1 else i
+        self._queue_sync_loads(k + _LOOKAHEAD)
+        torch.cuda.current_stream(self._load_stream.device).wait_event(events[k])
+        self._waited.add(k)
 
     def _apply_load_result(self, ops: list[LoadOp], failed: list[LoadOp], sync: bool) -> None:
         """Account for finished loads; failed blocks go to ``get_block_ids_with_load_errors``."""
@@ -170,32 +367,20 @@ class KvbmWorker:
                 self._failed_reqs.add(op.req_id)  # its blocks computed this step are not stored
             self._meta.load_failed[op.block_hash] += 1
 
-    def _load_disk(self, op: LoadOp, staging: np.ndarray) -> bool:
-        assert self.rdir is not None
-        path = disk.block_path(self.rdir, op.block_hash)
-        try:
-            disk.read_block(path, op.block_hash, self.ns_digest, staging[0], self.cfg.kvbm.checksums)
-        except (ChecksumError, StorageIOError) as e:
-            logger.warning("kvbm: rank %d: disk block %s not loaded, vLLM recomputes it: %s",
-                           self.rank, op.block_hash.hex()[:16], e)
-            return False
-        self._scatter(staging, [op.block_id])
-        return True
-
     def get_finished(self) -> set[str]:
         """Requests whose asynchronous loads completed since the last call (failed blocks included:
-        they are reported by the next ``get_block_ids_with_load_errors`` of the same step)."""
+        they are reported by the next ``get_block_ids_with_load_errors`` of the same step). Polls;
+        never waits."""
         done: set[str] = set()
         pending: list[_LoadJob] = []
         for job in self._jobs:
-            if not job.future.done():
+            if not job.poll():
                 pending.append(job)
                 continue
-            try:
-                failed = job.future.result()
-            except Exception as e:  # noqa: BLE001 - any copy failure: vLLM recomputes the blocks
+            failed = job.failed
+            if job.error is not None:
                 logger.warning("kvbm: rank %d: asynchronous load of %d blocks failed, vLLM recomputes "
-                               "them: %s", self.rank, len(job.ops), e)
+                               "them: %s", self.rank, len(job.ops), job.error)
                 failed = job.ops
             self._apply_load_result(job.ops, failed, sync=False)
             self.async_loads_done += 1
@@ -204,43 +389,97 @@ class KvbmWorker:
         return done
 
     def _wait_for_loads_from(self, slots: set[int]) -> None:
-        """Block until no in-flight asynchronous load still reads one of host ``slots``."""
-        busy = [job.future for job in self._jobs if job.slots & slots]
-        if busy:
-            wait_futures(busy)
+        """Order the next copies into host ``slots`` after every in-flight asynchronous load that
+        still reads one: on CUDA the save stream waits for the load's event (no host wait); on the
+        CPU platform the host waits for the load thread."""
+        for job in self._jobs:
+            if not job.slots & slots:
+                continue
+            if self._save_stream is not None:
+                if job.event is not None:
+                    self._save_stream.wait_event(job.event)
+            elif job.future is not None:
+                wait_futures([job.future])
+
+    # -- vLLM worker API: saves ------------------------------------------------------------
+    def _plan_saves(self, meta: KvbmConnectorMetadata) -> _SavePlan:
+        if self._save is not None:
+            return self._save
+        # A request with a failed load computed this step over invalid KV: vLLM rewinds it,
+        # and none of its blocks from this step may be stored.
+        bad = self._failed_reqs
+        ok = [op for op in meta.stores if op.req_id not in bad]
+        for op in meta.stores:
+            if op.req_id in bad:
+                self._meta.store_failed[op.block_hash] += 1
+                if op.to_disk:
+                    self._meta.disk_failed[op.block_hash] += 1
+        read_now = {op.slot for op in meta.loads if op.tier == "host"}
+        to_host = [op for op in ok if op.slot >= 0 and op.slot not in read_now]
+        later = [op for op in ok if op.slot >= 0 and op.slot in read_now]
+        direct = [op for op in ok if op.slot < 0 and op.to_disk and self.writer is not None]
+        if to_host and self._jobs:
+            self._wait_for_loads_from({op.slot for op in to_host})
+        if self.pd is not None:  # P/D producer: these slots' table entries are invalid until stored
+            self.pd.before_store([op.slot for op in to_host + later])
+        self._save = _SavePlan(to_host, later, direct, np.asarray([op.block_id for op in to_host], dtype=np.int64),
+                               self._slot_addrs[np.asarray([op.slot for op in to_host], dtype=np.int64)])
+        return self._save
+
+    def save_kv_layer(self, layer_name: str, meta: KvbmConnectorMetadata) -> None:
+        """Layer-wise (CUDA): once the forward stream has written ``layer_name``'s KV, gather that
+        layer of this step's planned blocks into their host slots on the save stream. No-op
+        otherwise (whole blocks are saved in ``wait_for_save``)."""
+        if not self.layerwise or not meta.stores:
+            return
+        i = self._layer_of.get(layer_name)
+        plan = self._plan_saves(meta)
+        if i is None or not plan.to_host or i in plan.layers_done:
+            return
+        self._after_forward_so_far(self._save_stream)
+        self._copy(True, plan.ids, plan.addrs, self._save_stream, layers=range(i, i + 1))
+        plan.layers_done.add(i)
 
     def wait_for_save(self, meta: KvbmConnectorMetadata) -> None:
-        stores: list[StoreOp] = meta.stores
-        if stores:
-            # A request with a failed load computed this step over invalid KV: vLLM rewinds it,
-            # and none of its blocks from this step may be stored.
-            bad = self._failed_reqs
-            ok = [op for op in stores if op.req_id not in bad]
-            for op in stores:
-                if op.req_id in bad:
-                    self._meta.store_failed[op.block_hash] += 1
-                    if op.to_disk:
-                        self._meta.disk_failed[op.block_hash] += 1
-            to_host = [op for op in ok if op.slot >= 0]
-            direct = [op for op in ok if op.slot < 0 and op.to_disk]
-            if to_host:
-                if self._jobs:
-                    self._wait_for_loads_from({op.slot for op in to_host})
-                if self.pd is not None:
-                    self.pd.before_store([op.slot for op in to_host])
-                self._gather([op.block_id for op in to_host], [op.slot for op in to_host])
-                if self.pd is not None:
-                    self.pd.after_store([op.slot for op in to_host], [op.block_hash for op in to_host])
-                self._meta.store_bytes += len(to_host) * self.geo.slot_bytes
-                for op in to_host:
-                    self._meta.stored[op.block_hash] += 1
-                    if op.to_disk and self.writer is not None:
-                        self.writer.write(op.block_hash, op.slot)
-            if direct and self.writer is not None:
-                rows = np.empty((len(direct), self.geo.slot_bytes), dtype=np.uint8)
-                self._gather([op.block_id for op in direct], None, rows)
-                for i, op in enumerate(direct):
-                    self.writer.write_buffer(op.block_hash, rows[i])
+        if self._load_events is not None and len(self._load_ranges) - 1 not in self._waited:
+            # The forward never waited for the last layer: order what follows after the loads,
+            # and from now on gate the whole forward on them.
+            self._queue_sync_loads(len(self._load_ranges))
+            torch.cuda.current_stream(self._load_stream.device).wait_event(self._load_events[-1])
+            if not self._gate_forward:
+                logger.warning("kvbm: rank %d: vLLM did not call wait_for_layer_load for every layer; "
+                               "synchronous loads now gate the whole forward", self.rank)
+                self._gate_forward = True
+        if meta.stores:
+            plan = self._plan_saves(meta)
+            stream = self._save_stream
+            self._after_forward_so_far(stream)
+            # Layers not saved one by one during the forward (all of them on the CPU platform).
+            missing = [i for i in range(self.layout.num_layers) if i not in plan.layers_done]
+            for r in _runs(missing) if plan.to_host else []:
+                self._copy(True, plan.ids, plan.addrs, stream, layers=r)
+            if plan.later:
+                self._wait_for_loads_from({op.slot for op in plan.later})
+                self._copy(True, [op.block_id for op in plan.later],
+                           self._slot_addrs[np.asarray([op.slot for op in plan.later], dtype=np.int64)], stream)
+            rows = None
+            if plan.direct:
+                rows = np.empty((len(plan.direct), self.geo.slot_bytes), dtype=np.uint8)
+                self._copy(True, [op.block_id for op in plan.direct], slot_addresses(rows), stream)
+            if stream is not None:
+                stream.synchronize()  # vLLM may reuse the blocks; the disk writer reads the slots
+            if self.pd is not None:
+                stored = plan.to_host + plan.later
+                self.pd.after_store([op.slot for op in stored], [op.block_hash for op in stored])
+            for op in plan.to_host + plan.later:
+                self._meta.store_bytes += self.geo.slot_bytes
+                self._meta.stored[op.block_hash] += 1
+                if op.to_disk and self.writer is not None:
+                    self.writer.write(op.block_hash, op.slot)
+            for i, op in enumerate(plan.direct):
+                self.writer.write_buffer(op.block_hash, rows[i])
+        self._save = None
+        self._load_events = None
         if self.writer is not None:
             for h in meta.disk_deletes:
                 self.writer.delete(h)
@@ -278,6 +517,17 @@ class KvbmWorker:
         if self.pd is not None:
             self.pd.close()
             self.pd = None
+
+
+def _runs(layers: list[int]) -> list[range]:
+    """Sorted layer indices as maximal ranges of consecutive layers."""
+    out: list[range] = []
+    for i in layers:
+        if out and out[-1].stop == i:
+            out[-1] = range(out[-1].start, i + 1)
+        else:
+            out.append(range(i, i + 1))
+    return out
 
 
 __all__ = ["KvbmWorker"]
