@@ -136,7 +136,8 @@ def main() -> None:
         f"equals the producer's: **{same_first}**.",
         "",
         f"Worker-side pull (connect once, UCX get of blocks + slot-table entries in 64 MiB rounds, CRC32C check, "
-        f"scatter into vLLM's cache): {verified} blocks verified in {pull_s:.3f} s in all, "
+        f"copy into the load buffer, before the scatter into vLLM's cache): {verified} blocks verified in "
+        f"{pull_s:.3f} s in all, "
         f"{pull_s / max(1, a.reps) * 1e3:.0f} ms per request, "
         f"{verified * slot_bytes / max(pull_s, 1e-9) / 1e6:.0f} MB/s.",
         "",
