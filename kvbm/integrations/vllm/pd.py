@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from kvbm import Tier, _native
-from kvbm.errors import ConfigError, KvbmError
+from kvbm.errors import ConfigError, KvbmError, UnsupportedError
 
 logger = logging.getLogger("kvbm.vllm")
 
@@ -679,6 +679,12 @@ class PdWorker:
     """The P/D part of one worker rank: a :class:`PdServer` (producer) and/or a :class:`PdClient`."""
 
     def __init__(self, cfg: PdConfig, rank: int, slot_bytes: int, arena: np.ndarray) -> None:
+        """Raises UnsupportedError (at engine start-up) when this build or machine has no UCX."""
+        from kvbm.transfer import ucx_available
+
+        ok, why = ucx_available()
+        if not ok:
+            raise UnsupportedError(f"kvbm prefill/decode needs the UCX transfer engine: {why}")
         self.rank = rank
         self.server = PdServer(arena, cfg, rank) if cfg.produce else None
         self.client = PdClient(slot_bytes, rank, cfg.timeout_s) if cfg.consume else None
