@@ -52,7 +52,8 @@ from kvbm.integrations.vllm.worker import KvbmWorker
 HEADS, BS, HEAD = 8, 16, 128
 
 
-def make_worker(kv: dict, num_blocks: int, slots: int, layerwise: bool, method: str) -> KvbmWorker:
+def make_worker(kv: dict, num_blocks: int, slots: int, layerwise: bool, method: str,
+                layer_method: str | None) -> KvbmWorker:
     layers = len(kv)
     slot_bytes = layers * HEADS * BS * 2 * HEAD * 2
     cfg = ConnectorConfig.from_extra_config({"host_capacity_bytes": slots * slot_bytes, "layerwise": layerwise})
@@ -60,6 +61,8 @@ def make_worker(kv: dict, num_blocks: int, slots: int, layerwise: bool, method: 
                    namespace=Namespace(model_id="bench", dtype="bfloat16", kv_layout="vllm", block_size=BS))
     w = KvbmWorker(cfg, geo, num_blocks)
     w.copy_method = method
+    if layer_method:
+        w.layer_copy_method = layer_method
     w.register_kv_caches(kv)
     assert w.layerwise is layerwise
     return w
@@ -187,7 +190,8 @@ def main() -> int:
     ap.add_argument("--blocks", type=int, default=64, help="K: blocks loaded and blocks saved per step")
     ap.add_argument("--layer-ms", type=float, default=0.5, help="target compute time of one layer")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--method", default="auto", help="kvbm.copy method of every copy")
+    ap.add_argument("--method", default="auto", help="kvbm.copy method of whole-block copies")
+    ap.add_argument("--layer-method", default=None, help="kvbm.copy method of per-layer copies (default: the worker's)")
     args = ap.parse_args()
     assert torch.cuda.is_available() and _native.cuda_available(), "needs a GPU and a CUDA build of kvbm"
     L, K = args.layers, args.blocks
@@ -208,12 +212,16 @@ def main() -> int:
         stores=[StoreOp(b, s, (1 << 64 | i).to_bytes(16, "little"), False, "new") for i, (b, s) in
                 enumerate(zip(save_ids, save_slots))])
     out = {**machine(), "layers": L, "blocks_loaded": K, "blocks_saved": K, "kv_heads": HEADS, "block_size": BS,
-           "head_size": HEAD, "dtype": "bfloat16", "method": args.method, "matmul_m": m, "matmul_d": d,
+           "head_size": HEAD, "dtype": "bfloat16", "method": args.method,
+           "layer_method": args.layer_method,
+           "matmul_m": m, "matmul_d": d,
            "reps": args.reps, "modes": {}}
     res = out["modes"]
     res["none"] = time_mode(fwd, None, None, args.reps)
     for mode, layerwise in (("whole_current_stream", False), ("whole", False), ("layerwise", True)):
-        w = make_worker(kv, nb, 2 * K, layerwise, args.method)
+        w = make_worker(kv, nb, 2 * K, layerwise, args.method, args.layer_method)
+        if layerwise:
+            out["layer_method"] = w.layer_copy_method
         out["block_bytes"] = w.layout.block_bytes
         for s in load_slots:  # fresh random (valid bf16) KV to load
             w.arena[s].view(torch.bfloat16).copy_(torch.randn(w.arena.shape[1] // 2).to(torch.bfloat16))
@@ -248,7 +256,8 @@ def render_md(o: dict) -> str:
              f"`{o['command']}` at commit `{o['git_commit']}`, {o['date']}, torch {o['torch']}, {o['cpus']} CPUs", "",
              (f"{o['layers']} layers, {o['blocks_loaded']} blocks loaded + {o['blocks_saved']} saved per step "
               f"({o['block_bytes'] >> 20} MiB a block, {o['bytes_per_step'] >> 20} MiB moved), a layer computes "
-              f"{o['layer_ms']:.2f} ms (matmuls {o['matmul_m']}x{o['matmul_d']}), copy method {o['method']}"), "",
+              f"{o['layer_ms']:.2f} ms (matmuls {o['matmul_m']}x{o['matmul_d']}), copy method "
+              f"{o['method']} (whole blocks), {o.get('layer_method')} (per layer)"), "",
              "| mode | step ms (GPU, median) | min | max | wall ms | bytes checked |", "|---|---|---|---|---|---|"]
     for k in ("none", "whole_current_stream", "whole", "layerwise"):
         v = r[k]
