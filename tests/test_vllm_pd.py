@@ -15,6 +15,7 @@ import base64
 import copy
 import importlib.util
 import json
+import os
 import random
 import time
 from typing import Any
@@ -220,3 +221,76 @@ def test_tensor_parallel_rank_r_pulls_from_rank_r(tmp_path: Any) -> None:
             cons.close()
     finally:
         prod.close()
+
+
+@pytest.mark.slow
+def test_openai_servers_with_a_proxy_forwarding_kv_transfer_params(tmp_path: Any) -> None:
+    """Two ``vllm serve`` (OpenAI API) instances; the test is the proxy (slow, opt-in: KVBM_SLOW_TESTS=1)."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from vllm_helpers import add_word_tokenizer
+
+    mdir = tmp_path / "model"
+    build_tiny_llama(mdir)
+    add_word_tokenizer(mdir)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1", UCX_NET_DEVICES="lo",
+               UCX_WARN_UNUSED_ENV_VARS="n", UCX_TLS="tcp")
+    procs, urls, logs = [], [], []
+    for role in ("kv_producer", "kv_consumer"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(tmp_path / f"{role}.log", "w")  # noqa: SIM115 - closed in finally
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(mdir), "--port", str(port),
+             "--enforce-eager", "--block-size", str(BS), "--kv-cache-memory-bytes", str(64 << 20),
+             "--max-model-len", "2048", "--kv-transfer-config", json.dumps(pd_config(role))],
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+        urls.append(f"http://127.0.0.1:{port}")
+
+    def post(url: str, body: dict) -> dict:
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=120).read())
+
+    def hits(url: str) -> float:
+        text = urllib.request.urlopen(url + "/metrics").read().decode()
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("vllm:external_prefix_cache_hits_total"))
+
+    try:
+        deadline = time.time() + 400
+        for proc, url, role in zip(procs, urls, ("kv_producer", "kv_consumer")):
+            while True:
+                try:
+                    urllib.request.urlopen(url + "/health", timeout=2)
+                    break
+                except OSError:
+                    assert proc.poll() is None, (tmp_path / f"{role}.log").read_text()[-4000:]
+                    assert time.time() < deadline, f"{role} server did not start"
+                    time.sleep(2)
+        prod, cons = urls
+        base = {"model": str(mdir), "prompt": P1, "temperature": 0, "return_token_ids": True}
+        # The proxy: prefill with max_tokens=1 and do_remote_decode, then the same request + params to decode.
+        first = post(prod, {**base, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}})
+        params = first["kv_transfer_params"]
+        assert params and params["do_remote_prefill"] and len(params["kvbm_pd"]["slots"]) == 20
+        out = post(cons, {**base, "max_tokens": 8, "kv_transfer_params": params})
+        assert hits(cons) == 20 * BS
+        # Reference: the producer decodes the same prompt itself.
+        ref = post(prod, {**base, "max_tokens": 8})
+        assert out["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
+        assert out["choices"][0]["token_ids"][:1] == first["choices"][0]["token_ids"]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
+        for log in logs:
+            log.close()
+        shutil.rmtree(mdir, ignore_errors=True)
