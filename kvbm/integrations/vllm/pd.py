@@ -272,7 +272,7 @@ class PdStats:
     hit_blocks_remote: int = 0
     rejected_params: int = 0  # consumer: params it could not use
     pulled_blocks: int = 0  # consumer: blocks pulled and verified, as reported by the workers (all ranks)
-    pull_ns: int = 0  # consumer: worker time spent pulling, get + verify + scatter (all ranks)
+    pull_ns: int = 0  # consumer: worker time spent pulling: get, verify, copy to the load buffer (all ranks)
 
 
 class PdScheduler:
