@@ -261,3 +261,13 @@ def test_pull_from_dead_producer_is_bounded(ucx_env: None) -> None:
         assert client.failed_blocks == 2
     finally:
         client.close()
+
+
+def test_producer_port_in_use_is_a_config_error(ucx_env: None) -> None:
+    arena = np.zeros((4, SLOT), dtype=np.uint8)
+    first = PdServer(arena, PdConfig(produce=True), rank=0)
+    try:
+        with pytest.raises(ConfigError, match="pd_port"):
+            PdServer(np.zeros((4, SLOT), dtype=np.uint8), PdConfig(produce=True, port=first.addr.port), rank=0)
+    finally:
+        first.close()

@@ -509,7 +509,12 @@ class PdServer:
         self.engine.register(arena)
         self.engine.register(self.table)
         port = cfg.port + rank if cfg.port else 0
-        host, port = self.engine.listen(cfg.host, port)
+        try:
+            host, port = self.engine.listen(cfg.host, port)
+        except OSError as e:
+            self.engine.close()
+            raise ConfigError(f"kv_connector_extra_config['pd_host'/'pd_port']: rank {rank} cannot listen on "
+                              f"{cfg.host}:{port}: {e}") from None
         self.addr = RankAddr(cfg.host, int(port), int(arena.ctypes.data), int(self.table.ctypes.data),
                              int(arena.shape[0]), int(arena.shape[1]))
         logger.info("kvbm: rank %d serves P/D blocks on %s:%d", rank, cfg.host, port)
