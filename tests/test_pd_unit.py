@@ -271,3 +271,16 @@ def test_producer_port_in_use_is_a_config_error(ucx_env: None) -> None:
             PdServer(np.zeros((4, SLOT), dtype=np.uint8), PdConfig(produce=True, port=first.addr.port), rank=0)
     finally:
         first.close()
+
+
+def test_crc32c_rows_matches_crc32c() -> None:
+    from kvbm import _native
+    from kvbm.errors import InvalidArgumentError
+
+    a = np.random.default_rng(1).integers(0, 256, size=(7, 333), dtype=np.uint8)
+    assert [int(c) for c in _native.crc32c_rows(a)] == [_native.crc32c(r) for r in a]
+    assert [int(c) for c in _native.crc32c_rows(a[2:5, 10:20])] == [_native.crc32c(r) for r in a[2:5, 10:20]]
+    assert _native.crc32c_rows(a[:0]).shape == (0,)
+    for bad in (a.astype(np.int16), a[0], a[:, ::2]):
+        with pytest.raises(InvalidArgumentError, match="crc32c_rows"):
+            _native.crc32c_rows(bad)
