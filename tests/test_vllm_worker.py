@@ -160,3 +160,28 @@ def test_layerwise_setting_is_validated() -> None:
     assert ConnectorConfig.from_extra_config({"layerwise": False}).layerwise is False
     with pytest.raises(ConfigError, match="'layerwise'"):
         ConnectorConfig.from_extra_config({"layerwise": "yes"})
+
+
+def test_drain_waits_for_asynchronous_loads_and_keeps_their_report(tmp_path) -> None:
+    """``drain`` (vLLM 0.33's ``unregister_kv_caches`` before sleep mode) returns once no copy
+    touches vLLM's blocks; the drained load is still reported by the next ``get_finished``."""
+    import torch
+
+    from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp, StoreOp
+
+    nb, heads, bs, hd2, layers = 16, 2, 32, 64, 2
+    kv = {f"l{i}": torch.randn(nb, heads, bs, hd2).to(torch.bfloat16) for i in range(layers)}
+    w = _worker(tmp_path, kv, nb, layers * heads * bs * hd2 * 2, disk=True)
+    h = [bytes([i + 1]) * 16 for i in range(4)]
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(i, i, h[i], True) for i in range(4)]))
+    w.drain()  # disk writes done
+    ref = {k: v[:4].clone() for k, v in kv.items()}
+    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(8 + i, "disk" if i % 2 else "host", i, h[i], "r", True)
+                                                 for i in range(4)]))
+    assert w.drain(timeout=30)
+    assert not w._jobs or all(job.poll() for job in w._jobs)
+    for k in kv:
+        assert torch.equal(kv[k][8:12], ref[k])
+    assert w.get_finished() == {"r"}
+    assert w.get_block_ids_with_load_errors() == set()
+    w.shutdown()

@@ -253,6 +253,18 @@ class KvbmConnector(KVConnectorBase_V1):
         """Nanoseconds spent inside this connector instance's hooks so far (either role)."""
         return self._busy_ns
 
+    # ---------------------------------------------------------------- vLLM 0.33 sleep mode
+    def unregister_kv_caches(self) -> None:
+        """Before sleep mode remaps the KV cache (vLLM 0.33+): let every copy into or out of vLLM's
+        blocks finish. kvbm registers nothing with a NIC, and sleep mode keeps the tensors' virtual
+        addresses, so the layout stays valid; the host and disk tiers keep their blocks."""
+        if self._worker is not None and not self._worker.drain():
+            logger.warning("kvbm: asynchronous loads still running when vLLM went to sleep")
+
+    def restore_kv_caches(self) -> None:
+        """After wake-up (vLLM 0.33+): nothing to redo (see :meth:`unregister_kv_caches`)."""
+        return
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -517,6 +518,25 @@ class KvbmWorker:
         out = self._meta
         self._meta = KvbmWorkerMetadata()
         return out
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait until no copy touches vLLM's KV tensors: asynchronous loads finished (their requests
+        are still reported by the next ``get_finished``), kvbm's CUDA streams idle, disk writes done.
+
+        vLLM 0.33 calls this (``unregister_kv_caches``) before sleep mode remaps the KV cache memory.
+        Returns False if loads were still running after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while any(not job.poll() for job in self._jobs):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        for st in (self._load_stream, self._async_stream, self._save_stream):
+            if st is not None:
+                st.synchronize()
+        if self.writer is not None:
+            self.writer.flush()
+        return True
 
     def shutdown(self) -> None:
         if self._pool is not None:
