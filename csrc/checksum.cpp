@@ -160,6 +160,10 @@ bool crc32c_hw_supported() {
 
 const char* crc32c_impl_name() { return crc32c_hw_supported() ? "sse4.2" : "table"; }
 
+void crc32c_rows(const uint8_t* base, size_t rows, size_t row_bytes, size_t stride, uint32_t* out) {
+  for (size_t i = 0; i < rows; ++i) out[i] = crc32c(base + i * stride, row_bytes, 0);
+}
+
 uint32_t crc32c(const void* p, size_t n, uint32_t crc, Crc32cImpl impl) {
   const uint8_t* b = static_cast<const uint8_t*>(p);
 #ifdef KVBM_CRC_X86

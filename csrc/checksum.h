@@ -20,6 +20,10 @@ enum class Crc32cImpl : int {
 uint32_t crc32c(const void* p, size_t n, uint32_t crc = 0);
 uint32_t crc32c(const void* p, size_t n, uint32_t crc, Crc32cImpl impl);
 
+// CRC32C of each of `rows` rows of `row_bytes` bytes, the rows `stride` bytes apart from `base`,
+// into out[0..rows) (one call for many blocks: callers verifying a batch release the GIL once).
+void crc32c_rows(const uint8_t* base, size_t rows, size_t row_bytes, size_t stride, uint32_t* out);
+
 bool crc32c_hw_supported();
 const char* crc32c_impl_name();  // what kAuto resolves to: "sse4.2" or "table"
 

@@ -8,7 +8,7 @@ import typing
 import numpy
 import numpy.typing
 
-__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'crc32c', 'crc32c_impl', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
+__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'crc32c', 'crc32c_impl', 'crc32c_rows', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
 class BlockIndex:
     """
     Hash -> block entry index with per-tier slot bookkeeping.
@@ -384,6 +384,10 @@ def block_hashes(token_ids: typing.Any, block_size: typing.SupportsInt | typing.
 def crc32c(data: typing.Any, crc: typing.SupportsInt | typing.SupportsIndex = 0, impl: str = 'auto') -> int:
     """
     CRC32C (Castagnoli) of a bytes-like object, continuing from `crc` (0 to start).
+    """
+def crc32c_rows(rows: typing.Annotated[numpy.typing.ArrayLike, numpy.uint8]) -> numpy.typing.NDArray[numpy.uint32]:
+    """
+    CRC32C of each row of a 2-D uint8 array (rows contiguous), as uint32[rows].
     """
 def crc32c_impl() -> str:
     """

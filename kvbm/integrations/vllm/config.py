@@ -16,6 +16,7 @@ from typing import Any
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
+from kvbm.integrations.vllm.pd import PD_KEYS, PdConfig
 
 SOURCE = "kv_connector_extra_config"
 
@@ -44,6 +45,8 @@ class ConnectorConfig:
             path. Set it when the same weights are served from different paths.
         store_decode_blocks: also offload full blocks produced during decode (not only prompt).
         min_hit_blocks: ignore external hits shorter than this many blocks.
+        pd: prefill/decode settings (``pd``, ``pd_host``, ``pd_port``, ``pd_lease_s``,
+            ``pd_timeout_s``; see :class:`kvbm.integrations.vllm.pd.PdConfig`), None when off.
         async_load: load hits asynchronously (vLLM's ``load_kv_async``): the request waits in
             ``WAITING_FOR_REMOTE_KVS`` while a worker thread copies its blocks, and other requests
             keep running; with ``False`` hits are loaded synchronously before the forward pass.
@@ -60,14 +63,16 @@ class ConnectorConfig:
     min_hit_blocks: int = 1
     async_load: bool = True
     layerwise: bool = True
+    pd: PdConfig | None = None
 
     @property
     def disk_path(self) -> str | None:
         return self.kvbm.disk_path
 
     @classmethod
-    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
-        """Build and validate from the ``kv_connector_extra_config`` mapping.
+    def from_extra_config(cls, extra: Mapping[str, Any] | None, kv_role: str | None = None) -> ConnectorConfig:
+        """Build and validate from the ``kv_connector_extra_config`` mapping (``kv_role`` decides
+        whether prefill/decode is on by default).
 
         Raises:
             ConfigError: an unknown key (named, with the list of known keys), a key this connector
@@ -76,7 +81,7 @@ class ConnectorConfig:
         if extra is not None and not isinstance(extra, Mapping):
             raise ConfigError(f"{SOURCE}: expected a mapping, got {type(extra).__name__}")
         data = dict(extra or {})
-        own = ("model_id", "store_decode_blocks", "min_hit_blocks", "async_load", "layerwise")
+        own = ("model_id", "store_decode_blocks", "min_hit_blocks", "async_load", "layerwise", *PD_KEYS)
         for key in data:
             if key in NOT_HERE:
                 raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({NOT_HERE[key]})")
@@ -103,6 +108,7 @@ class ConnectorConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{SOURCE}['min_hit_blocks']: expected an int >= 1, got {v!r}")
             kw["min_hit_blocks"] = v
+        kw["pd"] = PdConfig.parse(data, kv_role, SOURCE)
         data.setdefault("disk_write_policy", "write_through")
         try:
             kcfg = KvbmConfig.from_dict(data, source=SOURCE)

@@ -60,7 +60,7 @@ class KvbmConnector(KVConnectorBase_V1):
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
-        self.cfg = ConnectorConfig.from_extra_config(extra)
+        self.cfg = ConnectorConfig.from_extra_config(extra, getattr(self._kv_transfer_config, "kv_role", None))
         if kv_cache_config is None:
             from kvbm.errors import UnsupportedError
 
@@ -140,8 +140,18 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._sched is not None
-        self._sched.request_finished(request)
-        return False, None
+        # A P/D producer answers with where the blocks are (they live in kvbm's host tier, pinned
+        # under a lease, so vLLM may free its own blocks at once).
+        return False, self._sched.request_finished(request)
+
+    def get_handshake_metadata(self) -> Any:
+        """Worker side: this rank's P/D address (a plain dict), or None."""
+        return self._worker.pd.handshake() if self._worker is not None and self._worker.pd is not None else None
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        """Scheduler side: the P/D addresses of all ranks, keyed by tensor-parallel rank."""
+        if self._sched is not None and self._sched.pd is not None and self._sched.pd.cfg.produce:
+            self._sched.pd.set_ranks(metadata)
 
     def take_events(self) -> Iterable[Any]:
         if self._sched is None:

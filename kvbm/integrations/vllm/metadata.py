@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 try:
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
@@ -32,6 +33,7 @@ class LoadOp:
     req_id: str = ""
     is_async: bool = False
     crcs: tuple[int, ...] = ()
+    remote: Any = None  # tier "remote": the producer (a pd.PdSource); ``slot`` is the producer's slot
 
 
 @dataclass
@@ -63,6 +65,7 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadOp] = field(default_factory=list)
     stores: list[StoreOp] = field(default_factory=list)
     demotes: list[StoreOp] = field(default_factory=list)
+    pd_unused: list[Any] = field(default_factory=list)  # P/D offers not pulled (pd.PdSource): release them
 
 
 @dataclass
@@ -82,12 +85,16 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
     load_corrupt: Counter = field(default_factory=Counter)
     load_bytes: int = 0
     store_bytes: int = 0
+    pd_released: Counter = field(default_factory=Counter)  # P/D lease id -> ranks that saw it released
+    pd_pulled_blocks: int = 0  # P/D consumer: blocks pulled and verified (summed over ranks)
+    pd_pull_ns: int = 0  # time spent pulling them (summed over ranks)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmWorkerMetadata:
         if not isinstance(other, KvbmWorkerMetadata):
             return self
         out = KvbmWorkerMetadata()
-        for name in ("stored", "store_failed", "disk_written", "disk_failed", "load_failed", "load_corrupt"):
+        for name in ("stored", "store_failed", "disk_written", "disk_failed", "load_failed", "load_corrupt",
+                     "pd_released"):
             c = Counter(getattr(self, name))
             c.update(getattr(other, name))
             setattr(out, name, c)
@@ -97,8 +104,10 @@ class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
         out.disk_crcs = crcs
         out.load_bytes = self.load_bytes + other.load_bytes
         out.store_bytes = self.store_bytes + other.store_bytes
+        out.pd_pulled_blocks = self.pd_pulled_blocks + other.pd_pulled_blocks
+        out.pd_pull_ns = self.pd_pull_ns + other.pd_pull_ns
         return out
 
     def empty(self) -> bool:
         return not (self.stored or self.store_failed or self.disk_written or self.disk_failed
-                    or self.load_failed)
+                    or self.load_failed or self.pd_released or self.pd_pull_ns)

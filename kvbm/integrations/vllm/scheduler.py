@@ -14,6 +14,7 @@ from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
 from kvbm.integrations.vllm.index import TierIndex
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, LoadOp, StoreOp
+from kvbm.integrations.vllm.pd import PdScheduler
 
 logger = logging.getLogger("kvbm.vllm")
 
@@ -75,6 +76,8 @@ class KvbmScheduler:
         self.lookup_stats = LookupStats()
         self.async_load_reqs = 0  # requests whose hit was loaded asynchronously
         self.async_load_blocks = 0
+        self.pd = (PdScheduler(cfg.pd, self.index, geo.namespace.digest, self.bs, geo.tp_world, geo.slot_bytes)
+                   if cfg.pd is not None else None)
         if catalog is not None:
             logger.info("kvbm: disk tier %s holds %d blocks of this namespace (catalog reopened in %.3f s, "
                         "%d records dropped at open)", catalog.path, len(catalog), catalog.rebuild_seconds,
@@ -123,9 +126,13 @@ class KvbmScheduler:
         st.hit_tiers = []
         if start >= max_blocks:
             self.lookup_stats.add(time.perf_counter_ns() - t0)
+            if self.pd is not None:
+                self.pd.unneeded(request)
             return 0, False
         hashes = self._hashes(st, max_blocks)
         tiers = self.index.lookup(hashes[start:])
+        if self.pd is not None:  # prefill/decode: blocks a producer offered in kv_transfer_params
+            tiers = self.pd.match(request, hashes, start, tiers)
         self.lookup_stats.add(time.perf_counter_ns() - t0)
         if len(tiers) < self.cfg.min_hit_blocks:
             return 0, False
@@ -145,10 +152,16 @@ class KvbmScheduler:
             crcs: tuple[int, ...] = ()
             if tier == "host":
                 slot = self.index.host_slot(h)
-            else:
+            elif tier == "disk":
                 slot, crcs = self.index.disk_load(h)
-            self._loads.append(LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id,
-                                      self.cfg.async_load, crcs))
+            else:
+                slot = -1
+            op = LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id, self.cfg.async_load, crcs)
+            if tier == "remote":
+                op.remote, op.slot = self.pd.remote_source(request.request_id, st.local_blocks + i)
+            self._loads.append(op)
+        if self.pd is not None:
+            self.pd.loaded(request.request_id, tiers.count("remote"))
         if self.cfg.async_load:
             # vLLM keeps the request in WAITING_FOR_REMOTE_KVS until the workers report it finished.
             self.async_load_reqs += 1
@@ -165,6 +178,8 @@ class KvbmScheduler:
     def build_connector_meta(self, so: Any) -> KvbmConnectorMetadata:
         stores: list[StoreOp] = []
         to_disk: list[tuple[StoreOp, bytes | None]] = []  # disk slots are reserved in one batch below
+        if self.pd is not None:
+            self.pd.expire()
         todo: list[tuple[_Req, int]] = []
         for nr in so.scheduled_new_reqs:
             st = self._reqs.get(nr.req_id)
@@ -235,6 +250,8 @@ class KvbmScheduler:
             stores = [op for op in stores if op.slot >= 0 or op.to_disk]
             demotes = [op for op in demotes if op.to_disk]
         meta = KvbmConnectorMetadata(loads=self._loads, stores=stores, demotes=demotes)
+        if self.pd is not None:
+            meta.pd_unused = self.pd.take_unused()
         self._loads = []
         return meta
 
@@ -253,12 +270,23 @@ class KvbmScheduler:
             # everywhere (its catalog record is deleted), so it is recomputed and stored afresh.
             idx.drop(h, "checksum_failures" if h in meta.load_corrupt else "read_errors")
             idx.stats.failed_loads += 1
+        if self.pd is not None:
+            self.pd.on_stores_reported()
+            self.pd.on_released(meta.pd_released)
+            self.pd.on_pulled(meta.pd_pulled_blocks, meta.pd_pull_ns)
 
-    def request_finished(self, request: Any) -> None:
+    def request_finished(self, request: Any) -> dict[str, Any] | None:
+        """Forget the request; returns the ``kv_transfer_params`` of a P/D producer, else None."""
         # Stores are synchronous within the step that computed the block, so nothing is in
         # flight that still reads this request's vLLM blocks; vLLM itself keeps the blocks of a
         # request finished during an asynchronous load until the workers report that load done.
-        self._reqs.pop(request.request_id, None)
+        st = self._reqs.pop(request.request_id, None)
+        if self.pd is None:
+            return None
+        self.pd.forget(request.request_id)
+        if st is None or not self.pd.cfg.produce:
+            return None
+        return self.pd.request_finished(request, self._hashes(st, request.num_prompt_tokens // self.bs))
 
     def shutdown(self) -> None:
         """Close the disk catalog (access times and counters written, lock released)."""
@@ -297,4 +325,5 @@ class KvbmScheduler:
             "lookup_calls": ls.calls,
             "lookup_mean_us": (ls.total_ns / ls.calls / 1e3) if ls.calls else 0.0,
             "lookup_max_us": ls.max_ns / 1e3,
+            **(self.pd.stats_dict() if self.pd is not None else {}),
         }

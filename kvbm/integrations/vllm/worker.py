@@ -165,6 +165,7 @@ class KvbmWorker:
         self._gate_forward = False  # the forward never called wait_for_layer_load: gate it whole
         self._keep: list[tuple[Any, Any]] = []  # (event, buffer a queued copy reads) until the event is done
         self._save: _SavePlan | None = None  # this step's stores, planned at the first save_kv_layer
+        self.pd: Any = None  # pd.PdWorker when prefill/decode is on
 
     # -- set-up ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -203,6 +204,10 @@ class KvbmWorker:
                                       o_direct=k.disk_o_direct, durability=k.disk_durability, verify=k.checksums)
             self.rdir = self.disk.dir
             atexit.register(self.disk.close)
+        if self.cfg.pd is not None:
+            from kvbm.integrations.vllm.pd import PdWorker
+
+            self.pd = PdWorker(self.cfg.pd, self.rank, self.geo.slot_bytes, arena_np)
         logger.info("kvbm: rank %d registered %d layers, %d bytes/block, %d host slots (%s), disk %s, %s copies",
                     self.rank, len(kv_caches), self.layout.block_bytes, self.geo.num_host_slots,
                     "pinned" if pin else "pageable", self.rdir, "layer-wise" if self.layerwise else "whole-block")
@@ -231,8 +236,10 @@ class KvbmWorker:
         """
         host = [op for op in ops if op.tier == "host"]
         on_disk = [op for op in ops if op.tier == "disk"]
+        remote = [op for op in ops if op.tier == "remote"]
         addrs = [self._slot_addrs[np.asarray([op.slot for op in host], dtype=np.int64)]]
         ok, failed, rows = list(host), [], None
+        remote_rows = None
         if on_disk:
             # 4096-aligned rows: O_DIRECT reads land in place.
             rows = disk.aligned_rows(len(on_disk), disk.disk_slot_bytes(self.geo.slot_bytes))
@@ -240,6 +247,14 @@ class KvbmWorker:
             ok += [on_disk[i] for i in good]
             failed += [op for i, op in enumerate(on_disk) if i not in set(good)]
             addrs.append(slot_addresses(rows)[np.asarray(good, dtype=np.int64)])
+        if remote:  # prefill/decode: pulled from the producer and verified (pd.py)
+            remote_rows = np.empty((len(remote), self.geo.slot_bytes), dtype=np.uint8)
+            got, bad = self.pd.load(remote, remote_rows) if self.pd is not None else ([], remote)
+            ok += [remote[i] for i in got]
+            failed += bad
+            addrs.append(slot_addresses(remote_rows)[np.asarray(got, dtype=np.int64)])
+        if remote_rows is not None:
+            rows = (rows, remote_rows) if rows is not None else remote_rows
         return ok, np.concatenate(addrs).astype(np.uint64), failed, rows
 
     def _load_now(self, ops: list[LoadOp], stream: Any) -> tuple[list[LoadOp], list[TransferHandle], Any]:
@@ -343,7 +358,7 @@ class KvbmWorker:
             job.future = self._thread_pool().submit(self._load_now, ops, None)
             return job
         host = [op for op in ops if op.tier == "host"]
-        on_disk = [op for op in ops if op.tier == "disk"]
+        on_disk = [op for op in ops if op.tier in ("disk", "remote")]  # read by the worker thread
         if host:
             try:
                 _, job.handles, _ = self._load_now(host, stream)
@@ -444,6 +459,8 @@ class KvbmWorker:
         to_disk_slots = {op.disk_slot for op in ok if op.to_disk} if self.disk is not None else set()
         if (to_host or to_disk_slots) and self._jobs:
             self._wait_for_loads_from({op.slot for op in to_host}, to_disk_slots)
+        if self.pd is not None:  # P/D producer: these slots' table entries are invalid until stored
+            self.pd.before_store([op.slot for op in to_host + later])
         self._save = _SavePlan(to_host, later, direct, np.asarray([op.block_id for op in to_host], dtype=np.int64),
                                self._slot_addrs[np.asarray([op.slot for op in to_host], dtype=np.int64)])
         return self._save
@@ -490,6 +507,9 @@ class KvbmWorker:
                 self._copy(True, [op.block_id for op in plan.direct], slot_addresses(rows), stream)
             if stream is not None:
                 stream.synchronize()  # vLLM may reuse the blocks; the disk writes read the slots
+            if self.pd is not None:
+                stored = plan.to_host + plan.later
+                self.pd.after_store([op.slot for op in stored], [op.block_hash for op in stored])
             for op in plan.to_host + plan.later:
                 self._meta.store_bytes += self.geo.slot_bytes
                 self._meta.stored[op.block_hash] += 1
@@ -505,6 +525,8 @@ class KvbmWorker:
             self._plan_saves(meta)  # demotions of a step without stores
         self._save = None
         self._load_events = None
+        if meta.pd_unused and self.pd is not None:
+            self.pd.release_unused(meta.pd_unused)
 
     def _demote(self, ops: list[StoreOp]) -> None:
         """Write-behind: copy host slots the scheduler evicted (before this step's stores reuse them)
@@ -536,6 +558,11 @@ class KvbmWorker:
             for h, crc in written.items():
                 self._meta.disk_crcs[h] = {self.rank: crc}
             self._meta.disk_failed.update(failed)
+        if self.pd is not None:
+            self._meta.pd_released.update(self.pd.released())
+            blocks, ns = self.pd.take_pull_counters()
+            self._meta.pd_pulled_blocks += blocks
+            self._meta.pd_pull_ns += ns
         if self._meta.empty():
             return None
         out = self._meta
@@ -567,6 +594,9 @@ class KvbmWorker:
             self._pool = None
         if self.disk is not None:
             self.disk.close()
+        if self.pd is not None:
+            self.pd.close()
+            self.pd = None
 
 
 def _runs(layers: list[int]) -> list[range]:
