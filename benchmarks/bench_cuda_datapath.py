@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from kvbm import _native
+from kvbm.bench.provenance import git_commit
 from kvbm.copy import gather, scatter
 from kvbm.kv_layout import KvLayout
 
@@ -254,13 +253,7 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
     sweep = [8, 16, 32, sms]
-    commit = os.environ.get("KVBM_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
-                                    text=True).stdout.strip()
-        except OSError:
-            commit = ""
+    commit = git_commit()
     out = {"command": " ".join(["python", *sys.argv]), "git_commit": commit,
            "device": torch.cuda.get_device_name(0), "sm_count": sms, "torch": torch.__version__,
            "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

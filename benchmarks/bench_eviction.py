@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import kvbm
+from kvbm.bench.provenance import git_commit
 from kvbm.replay import load_trace, replay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +60,6 @@ def machine() -> dict:
         "kvbm": kvbm.__version__,
         "load_average_1min": os.getloadavg()[0],
     }
-
-
-def git_commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-        )
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run(trace_path: Path, repeat: int, with_bound: bool) -> dict:

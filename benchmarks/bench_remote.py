@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from redis_server import RedisServer  # noqa: E402
 
+from kvbm.bench.provenance import git_commit  # noqa: E402
+
 
 def _median_rate(fn, nbytes: int, reps: int) -> tuple[float, float]:
     """Median and spread (IQR) of GB/s over reps calls of fn (timed with perf_counter)."""
@@ -234,8 +236,7 @@ def main() -> int:
         version = subprocess.run([srv.binary, "--version"], capture_output=True, text=True).stdout.split()[2]
         result = {
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                         text=True).stdout.strip(),
+            "git_commit": git_commit(),
             "machine": machine(),
             "python": platform.python_version(), "kvbm": kvbm.__version__, "redis_py": redis.__version__,
             "redis_server": version, "ucx_data_path": ucx,

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvbm.bench.provenance import git_commit
+
 SIZES = [64 << 10, 1 << 20, 16 << 20]
 MODES = {
     "tcp": {"tls": "tcp", "error_handling": True},
@@ -297,8 +299,7 @@ def orchestrate(a: argparse.Namespace) -> None:
                 "kvbm_window_vs_nixl": round(med["kvbm_window"] / med["nixl"], 3),
                 "trials": {meth: [round(v, 1) for v in raw[mode][meth][s]] for meth in methods},
             })
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    commit = git_commit(short=True)
     meta = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "git_commit": commit, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 
 import kvbm
 from kvbm import _native
+from kvbm.bench.provenance import git_commit
 from kvbm.copy import gather, scatter
 from kvbm.hashing import Namespace
 from kvbm.integrations.vllm.common import Geometry
@@ -169,13 +169,7 @@ def check(worker: KvbmWorker, buf: torch.Tensor, load_ids: list[int], load_slots
 
 
 def machine() -> dict:
-    commit = os.environ.get("KVBM_COMMIT", "")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], check=False, capture_output=True,
-                                    text=True).stdout.strip()
-        except OSError:
-            commit = ""
+    commit = git_commit()
     props = torch.cuda.get_device_properties(0)
     return {"command": " ".join(["python", *sys.argv]), "git_commit": commit or "unknown",
             "device": torch.cuda.get_device_name(0), "sm_count": props.multi_processor_count,

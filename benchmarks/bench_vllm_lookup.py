@@ -15,12 +15,13 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kvbm.bench.provenance import git_commit
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,8 +97,7 @@ def main() -> None:
         o, p = statistics.median(ours) / 1e6, statistics.median(peer) / 1e6
         rows.append(f"| {ntok} | {bs} | {n_full} | {o:.3f} | {p:.3f} | {o / p:.2f} |")
         print(rows[-1], flush=True)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = git_commit(short=True)
     import vllm
 
     lines = [

@@ -21,7 +21,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from vllm_helpers import build_tiny_llama  # noqa: E402
 from vllm_pd_peer import Instance  # noqa: E402
+
+from kvbm.bench.provenance import git_commit  # noqa: E402
 
 
 def _cfg(role: str, host: str) -> dict:
@@ -103,8 +104,7 @@ def main() -> None:
     failed = after["failed_loads"] - before["failed_loads"]
     verified = after["pd_pulled_blocks"] - before["pd_pulled_blocks"]
     pull_s = (after["pd_pull_ns"] - before["pd_pull_ns"]) / 1e9
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit(short=True)
     import vllm
 
     med_p, med_r = statistics.median(pulled), statistics.median(recomputed)

@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from vllm_helpers import build_tiny_llama, kvbm_transfer_config  # noqa: E402
 
+from kvbm.bench.provenance import git_commit  # noqa: E402
+
 
 def _engine_main(spec_path: str) -> None:
     from vllm import LLM, SamplingParams
@@ -205,8 +207,7 @@ def main() -> None:
     busy_med = statistics.median(busy_frac)
     lk = [x.get("kvbm") for x in e1 if x.get("kvbm")]
     lookup = lk[-1] if lk else None
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+    commit = git_commit(short=True)
     import vllm
 
     lines = [

@@ -27,7 +27,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from kvbm import _native
+from kvbm.bench.provenance import git_commit
 from kvbm.tiers.disk import DiskCatalog, DiskTier, hash_key, slab_path
 
 MiB = 1 << 20
@@ -70,14 +70,6 @@ def machine() -> dict:
         pass
     return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
             "python": sys.version.split()[0]}  # fmt: skip
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "?"  # fmt: skip
-    except OSError:
-        return "?"
 
 
 def tier_run(d: Path, block: int, nblocks: int, batch: int, threads: int, pool: list[np.ndarray],
