@@ -195,36 +195,61 @@ def wait_finished(w: Any, want: set[str], timeout: float = 30.0,
 ])
 def test_remote_async_load_is_byte_exact(ucx_env: None, device: str, batch: int | None, layerwise: bool) -> None:
     """Ten blocks from permuted producer slots into permuted consumer blocks: exact, nothing else
-    written, no load errors, the request reported once (on CUDA only after the copy on kvbm's
-    asynchronous stream is done), the lease released to the producer."""
+    written, no load errors, the request reported once, the lease released to the producer.
+
+    On CUDA (after a warm-up request, so the connection and the copy path are set up), kvbm's
+    asynchronous stream is held by a ~1 s kernel queued before the load: while it is held,
+    ``get_finished`` polls without waiting and reports nothing, and the blocks are untouched (the
+    copy runs on that stream, behind it); once reported, the blocks read on another stream with no
+    synchronisation are exact."""
     from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata
 
     n = 10
     rng = np.random.default_rng(3)
-    slots = [int(s) for s in rng.permutation(PRODUCER_SLOTS)[:n]]
-    block_ids = [int(b) for b in rng.permutation(NB)[:n]]
+    slots = [int(s) for s in rng.permutation(PRODUCER_SLOTS)[:n + 2]]
+    block_ids = [int(b) for b in rng.permutation(NB)[:n + 2]]
     hashes = block_hashes(list(range(1000, 1000 + n * BS)), BS, NS)
+    warm = block_hashes(list(range(3000, 3000 + 2 * BS)), BS, NS)
     producer = Producer()
     w, buf = make_consumer(device, layerwise=layerwise, batch=batch)
+    cuda = device == "cuda"
     try:
-        producer.publish(slots, hashes)
+        producer.publish(slots, hashes + warm)
+        # Warm-up request (its own lease, 2 other blocks): UCX engine, connection, copy set-up.
+        w.start_load_kv(KvbmConnectorMetadata(loads=remote_loads(producer.params("lease-w", warm, slots[n:]), warm,
+                                                                 block_ids[n:], "w")))
+        wait_finished(w, {"w"})
+        assert w.get_block_ids_with_load_errors() == set()
+        w.build_worker_meta()
+        slots, block_ids = slots[:n], block_ids[:n]
         meta = KvbmConnectorMetadata(loads=remote_loads(producer.params("lease-a", hashes, slots), hashes,
                                                         block_ids, "a"))
         poison(buf, block_ids)
         before = snapshot(buf)
-        cuda = device == "cuda"
         held = None
         if cuda:
-            # Hold kvbm's asynchronous load stream (a long copy queued before ours would): the copy of
-            # the pulled rows goes behind it, and the request may not be reported before it ran.
+            # Hold kvbm's asynchronous load stream (as a long copy queued before ours would).
             assert w._async_stream is not None
             with torch.cuda.stream(w._async_stream):
-                torch.cuda._sleep(500_000_000)
+                torch.cuda._sleep(2_000_000_000)  # ~1 s
             held = torch.cuda.Event()
             held.record(w._async_stream)
         t0 = time.perf_counter()
         w.start_load_kv(meta)
         t_start = time.perf_counter() - t0
+        polls_while_held = 0
+        while cuda:
+            t0 = time.perf_counter()
+            got = w.get_finished()
+            t_poll = time.perf_counter() - t0
+            data = snapshot(buf)
+            if held.query():  # the hold may have ended during the poll or the read: no conclusion
+                break
+            polls_while_held += 1
+            assert got == set(), "a request reported while the stream its copy is queued on was held"
+            assert t_poll < 0.05, f"get_finished took {t_poll:.3f}s (it must only poll)"
+            assert torch.equal(data, before), "KV blocks written while kvbm's asynchronous stream was held"
+            time.sleep(0.01)
         reported_data: list[Any] = []
 
         def on_report(reqs: set[str]) -> None:
@@ -238,13 +263,15 @@ def test_remote_async_load_is_byte_exact(ucx_env: None, device: str, batch: int 
         want = expected(before, producer.arena, list(zip(block_ids, slots)))
         assert torch.equal(reported_data[0], want)
         if cuda:
+            assert polls_while_held >= 5, polls_while_held  # the hold covered the pull and the queueing
             torch.cuda.synchronize()
             assert torch.equal(snapshot(buf), want)  # and nothing written afterwards
             assert t_start < 0.2 and slowest_poll < 0.05, (t_start, slowest_poll)
         out = w.build_worker_meta()
         assert out is not None and not out.load_failed
         assert out.load_bytes == n * SLOT and out.pd_pulled_blocks == n
-        assert producer.wait_released({"lease-a": 1}) == {"lease-a": 1}
+        want_rel = {"lease-w": 1, "lease-a": 1}
+        assert producer.wait_released(want_rel) == want_rel
     finally:
         w.shutdown()
         producer.close()
