@@ -50,9 +50,10 @@ build-test)
     >"$OUT/sanitizer.log" 2>&1; rc=$?
   tail -4 "$OUT/sanitizer.log"; echo "compute-sanitizer exit code: $rc"; [ $rc -eq 0 ] || status=1
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-    python3 -m pytest -q -p no:cacheprovider tests/test_vllm_worker_gpu.py -k "layer_range or byte_exact" \
+    python3 -m pytest -q -p no:cacheprovider tests/test_vllm_worker_gpu.py tests/test_pd_gpu.py -k "layer_range or byte_exact" \
     >"$OUT/sanitizer_worker.log" 2>&1; rc=$?
   tail -4 "$OUT/sanitizer_worker.log"; echo "compute-sanitizer (connector worker) exit code: $rc"; [ $rc -eq 0 ] || status=1
+  [ "${SKIP_BENCH:-0}" = 1 ] && { step "done status=$status"; exit $status; }
   step "CUDA data path benchmark"
   timeout 200 python3 benchmarks/bench_cuda_datapath.py --out "$OUT" >"$OUT/bench_cuda.log" 2>&1 || status=1
   grep -E "^\| (offload|onboard|both|matmul|naive|contig)" "$OUT/cuda_datapath.md" 2>/dev/null | head -30

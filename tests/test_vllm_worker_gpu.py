@@ -181,21 +181,26 @@ def test_async_loads_are_polled_not_waited_and_slots_are_not_overwritten_early(t
     done; a store into a host slot an in-flight load reads waits for it (on the GPU)."""
     import os
 
-    from kvbm.integrations.vllm.disk import block_path
+    from kvbm.integrations.vllm.disk import disk_slot_bytes
     from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp, StoreOp
 
     L, NB, H, BS, HD = 4, 32, 2, 16, 64
     w, kv, buf = make_worker(tmp_path, L, NB, H, BS, HD, slots=8, disk=True)
     h = [bytes([i + 1]) * 16 for i in range(3)]
     # blocks 1, 2, 3 -> slots 0, 1, 2, written through to disk
-    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, h[0], True), StoreOp(2, 1, h[1], True),
-                                                  StoreOp(3, 2, h[2], True)]))
-    w.writer.flush()
-    w.build_worker_meta()
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, h[0], True, disk_slot=0),
+                                                  StoreOp(2, 1, h[1], True, disk_slot=1),
+                                                  StoreOp(3, 2, h[2], True, disk_slot=2)]))
+    w.disk.wait_all()
+    crc = {x: (c[0],) for x, c in w.build_worker_meta().disk_crcs.items()}
     ref = buf.clone()
-    with open(block_path(w.rdir, h[2]), "r+b") as f:
-        f.seek(-64, os.SEEK_END)
-        f.write(os.urandom(64))
+    slot_bytes = w.geo.slot_bytes
+    with open(os.path.join(w.rdir, "slab-00000.kvbm"), "r+b") as f:  # flip bytes of disk slot 2
+        off = 2 * disk_slot_bytes(slot_bytes) + slot_bytes - 64
+        f.seek(off)
+        flipped = bytes(b ^ 0xFF for b in f.read(64))
+        f.seek(off)
+        f.write(flipped)
     # warm-up: one asynchronous load (one-time set-up of the copy path happens here, not below)
     w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(20, "host", 1, h[1], "w", True)]))
     deadline = time.time() + 30
@@ -209,8 +214,8 @@ def test_async_loads_are_polled_not_waited_and_slots_are_not_overwritten_early(t
         torch.cuda._sleep(400_000_000)  # a few hundred ms
     t0 = time.perf_counter()
     w.start_load_kv(KvbmConnectorMetadata(loads=[
-        LoadOp(10, "host", 0, h[0], "a", True), LoadOp(11, "disk", -1, h[1], "a", True),
-        LoadOp(12, "disk", -1, h[2], "b", True)]))
+        LoadOp(10, "host", 0, h[0], "a", True), LoadOp(11, "disk", 1, h[1], "a", True, crc[h[1]]),
+        LoadOp(12, "disk", 2, h[2], "b", True, crc[h[2]])]))
     t_start = time.perf_counter() - t0
     t0 = time.perf_counter()
     first = w.get_finished()
