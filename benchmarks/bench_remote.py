@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from redis_server import RedisServer  # noqa: E402
 
-from kvbm.bench.provenance import git_commit  # noqa: E402
+from kvbm.bench.provenance import cpu_model, git_commit  # noqa: E402
 
 
 def _median_rate(fn, nbytes: int, reps: int) -> tuple[float, float]:
@@ -206,16 +206,7 @@ def bench_serve_throughput(redis_url: str, block_bytes: int, batch: int, batches
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs visible, 1-min load average {os.getloadavg()[0]:.1f} at the start"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs visible, 1-min load average {os.getloadavg()[0]:.1f} at the start"
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from kvbm import _native
-from kvbm.bench.provenance import git_commit
+from kvbm.bench.provenance import cpu_model, git_commit
 from kvbm.tiers.disk import DiskCatalog, DiskTier, hash_key, slab_path
 
 MiB = 1 << 20
@@ -59,16 +59,7 @@ def fs_of(path: str) -> str:
 
 
 def machine() -> dict:
-    cpu = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+    return {"host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), "kernel": platform.release(),
             "python": sys.version.split()[0]}  # fmt: skip
 
 

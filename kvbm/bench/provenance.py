@@ -1,4 +1,4 @@
-"""Where a benchmark result comes from: the git commit of the tree that produced it."""
+"""Where a benchmark result comes from: the git commit of the tree and the CPU that produced it."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def git_commit(short: bool = False) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown CPU" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
