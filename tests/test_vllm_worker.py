@@ -200,3 +200,72 @@ def test_drain_waits_for_asynchronous_loads_and_keeps_their_report(tmp_path) -> 
     assert w.get_finished() == {"r"}
     assert w.get_block_ids_with_load_errors() == set()
     w.shutdown()
+
+
+def _step_async_loads_after_forward(w, kv, meta) -> None:
+    """One vLLM step without synchronous loads, as vLLM's model runner orders it: the forward
+    (save_kv_layer per layer), then start_load_kv (asynchronous loads start after the forward),
+    then wait_for_save."""
+    for name in kv:
+        w.wait_for_layer_load(name)
+        w.save_kv_layer(name, meta)
+    w.start_load_kv(meta)
+    w.wait_for_save(meta)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_disk_slot_read_by_an_async_load_started_after_the_forward_is_written_after_it(
+        tmp_path, monkeypatch, layerwise: bool) -> None:
+    """The scheduler hands out disk slots whose blocks an asynchronous load of the same step still
+    reads (disk eviction does not pin loads): slot 3 to a write-behind demotion, slot 4 to a
+    write-through store. vLLM starts a step's asynchronous loads after the forward, i.e. after
+    save_kv_layer planned the step's saves; the disk writes must still wait for those loads.
+    layerwise=True drives the CUDA call sequence (plan at the first save_kv_layer) on the host."""
+    import time
+
+    import torch
+
+    from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp, StoreOp
+
+    nb, heads, bs, hd2, layers = 16, 2, 32, 64, 2
+    buf = torch.randn(layers, nb, heads, bs, hd2).to(torch.bfloat16)
+    kv = {f"l{i}": buf[i] for i in range(layers)}
+    w = _worker(tmp_path, kv, nb, layers * heads * bs * hd2 * 2, disk=True)
+    if layerwise:
+        w.layerwise = True
+        w.layer_copy_method = w.copy_method  # host path: whole-layer copies without the CUDA method
+    a, c, x, y = (bytes([i]) * 16 for i in (0xA1, 0xA2, 0xA3, 0xA4))
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, a, True, disk_slot=3),
+                                                  StoreOp(2, 1, c, True, disk_slot=4),
+                                                  StoreOp(3, 2, x, False)]))
+    w.disk.wait_all()
+    crc = {h: (v[0],) for h, v in w.build_worker_meta().disk_crcs.items()}
+    ref = buf.clone()
+    slow_read = w._read_disk
+
+    def read_late(ops, rows):  # the load thread reads after the step's saves were issued
+        time.sleep(0.5)
+        return slow_read(ops, rows)
+
+    monkeypatch.setattr(w, "_read_disk", read_late)
+    meta = KvbmConnectorMetadata(
+        loads=[LoadOp(10, "disk", 3, a, "r", True, crc[a]), LoadOp(11, "disk", 4, c, "r", True, crc[c])],
+        stores=[StoreOp(4, 5, y, True, "s", disk_slot=4)],
+        demotes=[StoreOp(-1, 2, x, True, disk_slot=3)])
+    _step_async_loads_after_forward(w, kv, meta)
+    deadline = time.time() + 30
+    while not w.get_finished():
+        assert time.time() < deadline, "asynchronous load never reported finished"
+        time.sleep(0.01)
+    assert w.get_block_ids_with_load_errors() == set()
+    assert torch.equal(buf[:, 10], ref[:, 1]) and torch.equal(buf[:, 11], ref[:, 2])
+    # The slots then hold the new blocks: demoted x (host slot 2) in 3, stored y in 4.
+    w.disk.wait_all()
+    m = w.build_worker_meta()
+    assert m is not None and sorted(m.disk_written) == sorted([x, y]) and not m.disk_failed
+    monkeypatch.setattr(w, "_read_disk", slow_read)
+    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(12, "disk", 3, x, crcs=(m.disk_crcs[x][0],)),
+                                                 LoadOp(13, "disk", 4, y, crcs=(m.disk_crcs[y][0],))]))
+    assert w.get_block_ids_with_load_errors() == set()
+    assert torch.equal(buf[:, 12], ref[:, 3]) and torch.equal(buf[:, 13], ref[:, 4])
+    w.shutdown()

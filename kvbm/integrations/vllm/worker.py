@@ -30,6 +30,10 @@ Nothing is copied on vLLM's forward stream and nothing waits on the host before 
 - A host slot that a load still reads is not overwritten: stores into it wait for the load's
   event on the GPU (CPU platform: the host waits for the load thread). Stores into a slot read
   by a load of the same step are done in ``wait_for_save``, after that load was queued.
+- Disk writes (write-through and write-behind demotions) start in ``wait_for_save``, after every
+  asynchronous load still reading their disk slots finished reading: vLLM starts a step's
+  asynchronous loads after the forward when the step has no synchronous ones, i.e. after the
+  first ``save_kv_layer`` planned the step's saves.
 On vLLM's CPU platform every copy is a synchronous memcpy at the same points (whole blocks,
 before and after the forward), and asynchronous loads run on the worker thread.
 """
@@ -114,6 +118,7 @@ class _SavePlan:
     ids: np.ndarray
     addrs: np.ndarray
     layers_done: set[int] = field(default_factory=set)
+    demoted: tuple[list[StoreOp], Any] | None = None  # write-behind: (ops, copies of their host slots)
 
 def _tp_rank() -> int:
     try:
@@ -437,8 +442,8 @@ class KvbmWorker:
     def _plan_saves(self, meta: KvbmConnectorMetadata) -> _SavePlan:
         if self._save is not None:
             return self._save
-        if meta.demotes:  # before any of this step's stores reuses the slots
-            self._demote(meta.demotes)
+        # Demoted slots are copied before any of this step's stores reuses them.
+        demoted = self._demote(meta.demotes) if meta.demotes else None
         # A request with a failed load computed this step over invalid KV: vLLM rewinds it,
         # and none of its blocks from this step may be stored.
         bad = self._failed_reqs
@@ -456,14 +461,28 @@ class KvbmWorker:
                 if op.to_disk:
                     self._meta.disk_failed[op.block_hash] += 1
         direct = [op for op in ok if op.slot < 0 and op.to_disk and self.disk is not None]
-        to_disk_slots = {op.disk_slot for op in ok if op.to_disk} if self.disk is not None else set()
-        if (to_host or to_disk_slots) and self._jobs:
-            self._wait_for_loads_from({op.slot for op in to_host}, to_disk_slots)
+        if to_host and self._jobs:
+            self._wait_for_loads_from({op.slot for op in to_host})
         if self.pd is not None:  # P/D producer: these slots' table entries are invalid until stored
             self.pd.before_store([op.slot for op in to_host + later])
         self._save = _SavePlan(to_host, later, direct, np.asarray([op.block_id for op in to_host], dtype=np.int64),
-                               self._slot_addrs[np.asarray([op.slot for op in to_host], dtype=np.int64)])
+                               self._slot_addrs[np.asarray([op.slot for op in to_host], dtype=np.int64)],
+                               demoted=demoted)
         return self._save
+
+    def _wait_before_disk_writes(self, plan: _SavePlan) -> None:
+        """Wait for every asynchronous load still reading a disk slot this step writes. Called in
+        ``wait_for_save``, not when the plan is made: with layer-wise saves the plan is made at the
+        first ``save_kv_layer``, and vLLM starts a step's asynchronous loads after the forward
+        (``start_load_kv`` after the last layer when the step has no synchronous loads), so this
+        step's own loads of a slot the scheduler just handed out again start after the plan."""
+        if self.disk is None or not self._jobs:
+            return
+        slots = {op.disk_slot for op in plan.to_host + plan.later + plan.direct if op.to_disk}
+        if plan.demoted is not None:
+            slots |= {op.disk_slot for op in plan.demoted[0]}
+        if slots:
+            self._wait_for_loads_from(set(), slots)
 
     def save_kv_layer(self, layer_name: str, meta: KvbmConnectorMetadata) -> None:
         """Layer-wise (CUDA): once the forward stream has written ``layer_name``'s KV, gather that
@@ -513,6 +532,8 @@ class KvbmWorker:
             for op in plan.to_host + plan.later:
                 self._meta.store_bytes += self.geo.slot_bytes
                 self._meta.stored[op.block_hash] += 1
+            self._wait_before_disk_writes(plan)
+            self._write_demoted(plan)
             if self.disk is not None:
                 # Shards go from the host slots (pinned by the scheduler until every rank reported)
                 # or, without a host slot, from the private copy; the catalog commits after the reports.
@@ -522,28 +543,37 @@ class KvbmWorker:
                 if w:
                     self.disk.write([x[0] for x in w], [x[1] for x in w], [x[2] for x in w], keep=rows)
         else:
-            self._plan_saves(meta)  # demotions of a step without stores
+            plan = self._plan_saves(meta)  # demotions of a step without stores
+            self._wait_before_disk_writes(plan)
+            self._write_demoted(plan)
         self._save = None
         self._load_events = None
         if meta.pd_unused and self.pd is not None:
             self.pd.release_unused(meta.pd_unused)
 
-    def _demote(self, ops: list[StoreOp]) -> None:
-        """Write-behind: copy host slots the scheduler evicted (before this step's stores reuse them)
-        and write the copies to their disk slots."""
+    def _demote(self, ops: list[StoreOp]) -> tuple[list[StoreOp], Any] | None:
+        """Write-behind: copy host slots the scheduler evicted (before this step's stores reuse them).
+        The copies are written to their disk slots by ``wait_for_save`` (``_write_demoted``)."""
         if self.disk is None or self.arena is None:
             for op in ops:
                 self._meta.disk_failed[op.block_hash] += 1
-            return
-        if self._jobs:  # a disk slot handed out again may still be read by an asynchronous load
-            self._wait_for_loads_from(set(), {op.disk_slot for op in ops})
+            return None
         sb = self.geo.slot_bytes
         rows = disk.aligned_rows(len(ops), disk.disk_slot_bytes(sb))
         arena = self.arena.numpy()
         for i, op in enumerate(ops):
             rows[i, :sb] = arena[op.slot]
+        return ops, rows
+
+    def _write_demoted(self, plan: _SavePlan) -> None:
+        """Start the disk writes of the step's demoted copies (after ``_wait_before_disk_writes``)."""
+        if plan.demoted is None or self.disk is None:
+            return
+        ops, rows = plan.demoted
+        sb = self.geo.slot_bytes
         self.disk.write([op.block_hash for op in ops], [op.disk_slot for op in ops],
                         [rows[i, :sb] for i in range(len(ops))], keep=rows)
+        plan.demoted = None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out = self._load_errors
