@@ -269,3 +269,56 @@ def test_disk_slot_read_by_an_async_load_started_after_the_forward_is_written_af
     assert w.get_block_ids_with_load_errors() == set()
     assert torch.equal(buf[:, 12], ref[:, 3]) and torch.equal(buf[:, 13], ref[:, 4])
     w.shutdown()
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_write_behind_demotion_reaches_its_disk_slot_before_the_host_slot_is_reused(tmp_path, layerwise: bool) -> None:
+    """``disk_write_policy: write_behind``: the scheduler evicted the blocks in host slots 0 and 1
+    and, in the same step's plan, demotes them to disk slots 7 and 2 and stores new blocks into
+    both host slots. Each demoted block's bytes (not the new ones) land in its own disk slot, the
+    host slots end up with the new blocks, and the write is reported with the shard's CRC32C. A
+    step with demotions and no stores writes them too."""
+    import torch
+
+    from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, LoadOp, StoreOp
+
+    nb, heads, bs, hd2, layers = 16, 2, 32, 64, 2
+    buf = torch.randn(layers, nb, heads, bs, hd2).to(torch.bfloat16)
+    kv = {f"l{i}": buf[i] for i in range(layers)}
+    w = _worker(tmp_path, kv, nb, layers * heads * bs * hd2 * 2, disk=True)
+    if layerwise:
+        w.layerwise = True
+        w.layer_copy_method = w.copy_method
+    ref = buf.clone()
+
+    def block_bytes(block_id: int) -> np.ndarray:
+        return np.concatenate([ref[i, block_id].reshape(-1).view(torch.uint8).numpy() for i in range(layers)])
+
+    x0, x1, y0, y1, z = (bytes([i]) * 16 for i in (0xB0, 0xB1, 0xC0, 0xC1, 0xD0))
+    w.wait_for_save(KvbmConnectorMetadata(stores=[StoreOp(1, 0, x0, False), StoreOp(2, 1, x1, False),
+                                                  StoreOp(3, 4, z, False)]))
+    assert w.build_worker_meta() is not None
+    meta = KvbmConnectorMetadata(stores=[StoreOp(5, 0, y0, False, "r"), StoreOp(6, 1, y1, False, "r")],
+                                 demotes=[StoreOp(-1, 0, x0, True, disk_slot=7), StoreOp(-1, 1, x1, True, disk_slot=2)])
+    for name in kv:
+        w.save_kv_layer(name, meta)
+    w.wait_for_save(meta)
+    assert np.array_equal(w.arena[0].numpy(), block_bytes(5)) and np.array_equal(w.arena[1].numpy(), block_bytes(6))
+    w.disk.wait_all()
+    m = w.build_worker_meta()
+    assert m is not None and sorted(m.disk_written) == sorted([x0, x1]) and not m.disk_failed
+    assert sorted(m.stored) == sorted([y0, y1])
+    # Demotions alone (no stores this step): host slot 4 -> disk slot 9.
+    w.wait_for_save(KvbmConnectorMetadata(demotes=[StoreOp(-1, 4, z, True, disk_slot=9)]))
+    w.disk.wait_all()
+    m2 = w.build_worker_meta()
+    assert m2 is not None and list(m2.disk_written) == [z]
+    for t in kv.values():
+        t.zero_()
+    w.start_load_kv(KvbmConnectorMetadata(loads=[LoadOp(10, "disk", 7, x0, crcs=(m.disk_crcs[x0][0],)),
+                                                 LoadOp(11, "disk", 2, x1, crcs=(m.disk_crcs[x1][0],)),
+                                                 LoadOp(12, "disk", 9, z, crcs=(m2.disk_crcs[z][0],))]))
+    assert w.get_block_ids_with_load_errors() == set()
+    assert torch.equal(buf[:, 10], ref[:, 1]) and torch.equal(buf[:, 11], ref[:, 2])
+    assert torch.equal(buf[:, 12], ref[:, 3])
+    w.shutdown()
