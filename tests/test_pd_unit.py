@@ -284,3 +284,29 @@ def test_crc32c_rows_matches_crc32c() -> None:
     for bad in (a.astype(np.int16), a[0], a[:, ::2]):
         with pytest.raises(InvalidArgumentError, match="crc32c_rows"):
             _native.crc32c_rows(bad)
+
+
+def test_producer_does_not_lease_blocks_of_an_aborted_request() -> None:
+    """vLLM calls ``request_finished`` for aborted requests too (client gone, engine abort): their
+    params reach no consumer, so pinning their blocks would hold host slots for ``pd_lease_s``
+    for nothing. Only requests that finished normally are offered."""
+    import enum
+
+    status = enum.Enum("RequestStatus", ["FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED", "FINISHED_ABORTED",
+                                         "FINISHED_ERROR"])
+    idx = TierIndex(KvbmConfig(host_capacity_bytes=4 * SLOT), SLOT, None, 1)
+    ps = PdScheduler(PdConfig(produce=True, lease_s=10), idx, NS.digest, 4, 1, SLOT)
+    ps.set_ranks({0: {"kind": "kvbm_pd", "host": "h", "port": 1, "arena": 0, "table": 0, "slots": 4,
+                      "slot_bytes": SLOT}})
+    hashes = block_hashes(list(range(4 * 2)), 4, NS)
+    for i, h in enumerate(hashes):
+        idx.prepare_host(h, hashes[i - 1] if i else None)
+        idx.complete_host(h, 1, ok=True)
+    for st in (status.FINISHED_ABORTED, status.FINISHED_ERROR):
+        req = _Req("gone", {"do_remote_decode": True})
+        req.status = st
+        assert ps.request_finished(req, hashes) is None
+        assert ps.pinned_blocks() == 0 and not ps.leases and ps.stats.offers == 0
+    req = _Req("ok", {"do_remote_decode": True})
+    req.status = status.FINISHED_LENGTH_CAPPED
+    assert ps.request_finished(req, hashes) is not None and ps.pinned_blocks() == 2

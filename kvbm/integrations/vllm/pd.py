@@ -63,6 +63,9 @@ _RELEASE = b"kvbm-pd-release:"
 _HOST = int(Tier.HOST)
 _STAGING_BYTES = 64 << 20  # consumer staging per rank (blocks pulled per round trip)
 
+#: vLLM ``RequestStatus`` names of requests that did not finish normally: never offered.
+_NOT_OFFERED = frozenset({"FINISHED_ABORTED", "FINISHED_ERROR", "FINISHED_IGNORED"})
+
 #: Extra-config keys of P/D (see :class:`PdConfig`).
 PD_KEYS = ("pd", "pd_host", "pd_port", "pd_lease_s", "pd_timeout_s")
 
@@ -315,10 +318,16 @@ class PdScheduler:
         """``kv_transfer_params`` for a finished request that asked for remote decode, else None.
 
         ``hashes`` are the request's kvbm hashes of its full prompt blocks. Offers the leading
-        blocks that are in the host tier (ready or being stored) and leases them.
+        blocks that are in the host tier (ready or being stored) and leases them. A request that
+        was aborted (or failed, or was ignored) gets no offer and no lease.
         """
         params = getattr(request, "kv_transfer_params", None)
         if not self.cfg.produce or not isinstance(params, Mapping) or not params.get("do_remote_decode"):
+            return None
+        status = getattr(getattr(request, "status", None), "name", None)
+        if status in _NOT_OFFERED:
+            # vLLM calls request_finished for aborted requests too; their params reach no consumer,
+            # and a lease would pin their blocks for pd_lease_s for nothing.
             return None
         if self.ranks is None:
             logger.warning("kvbm: request %s asked for remote decode but the P/D addresses are unknown",
