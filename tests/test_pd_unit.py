@@ -310,3 +310,42 @@ def test_producer_does_not_lease_blocks_of_an_aborted_request() -> None:
     req = _Req("ok", {"do_remote_decode": True})
     req.status = status.FINISHED_LENGTH_CAPPED
     assert ps.request_finished(req, hashes) is not None and ps.pinned_blocks() == 2
+
+
+def test_consumer_releases_an_offer_it_matched_but_never_loads() -> None:
+    """An offer the consumer matched but never planned a load for is handed back for release:
+    the request finished (aborted) before vLLM allocated its blocks, or the hit was dropped by
+    ``min_hit_blocks``. Otherwise the producer keeps the blocks pinned until ``pd_lease_s``."""
+    from kvbm.integrations.vllm.common import Geometry
+    from kvbm.integrations.vllm.scheduler import KvbmScheduler
+
+    hashes = block_hashes(list(range(4 * 6)), 4, NS)
+    ranks = [RankAddr("127.0.0.1", 5555, 1 << 20, 2 << 20, 16, SLOT)]
+    params = make_params("L1", NS.digest, 4, ranks, hashes[:5], [1, 2, 3, 4, 5], 20)
+    idx = TierIndex(KvbmConfig(host_capacity_bytes=8 * SLOT), SLOT, None, 1)
+    ps = PdScheduler(PdConfig(consume=True), idx, NS.digest, 4, 1, SLOT)
+    # Aborted before allocation: matched, never loaded, then finished.
+    assert ps.match(_Req("a", params), hashes[:5], 0, []) == ["remote"] * 5
+    assert ps.take_unused() == []
+    ps.forget("a")
+    assert [s.lease for s in ps.take_unused()] == ["L1"]
+    # Loaded: nothing to release here (the workers release after the pull).
+    ps.match(_Req("b", params), hashes[:5], 0, [])
+    ps.loaded("b", 5)
+    ps.forget("b")
+    assert ps.take_unused() == []
+    # The scheduler drops a remote hit shorter than min_hit_blocks: the offer is released at once.
+    cfg = ConnectorConfig.from_extra_config({"host_capacity_bytes": 8 * SLOT, "min_hit_blocks": 8}, "kv_consumer")
+    geo = Geometry(block_size=4, slot_bytes=SLOT, num_host_slots=8, disk_capacity_blocks=0, tp_world=1, namespace=NS)
+    sched = KvbmScheduler(cfg, geo)
+    req = _Req("c", make_params("L2", NS.digest, 4, ranks, hashes[:5], [1, 2, 3, 4, 5], 20))
+    req.all_token_ids = list(range(4 * 6))
+    req.num_tokens = len(req.all_token_ids)
+    req.num_prompt_tokens = req.num_tokens
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    meta = sched.build_connector_meta(type("SO", (), {"scheduled_new_reqs": [], "num_scheduled_tokens": {},
+                                                      "scheduled_cached_reqs": type("CR", (), {"req_ids": []})()})())
+    assert [s.lease for s in meta.pd_unused] == ["L2"]
+    sched.request_finished(req)
+    assert sched.pd.take_unused() == []  # released once
+    sched.shutdown()

@@ -448,7 +448,7 @@ class PdScheduler:
         n = match_prefix(hashes, offer.hashes)
         have = start + len(local_tiers)
         if n <= have:
-            self._release_unused(request.request_id, offer)
+            self._release_unused(request.request_id, offer.source)
             return local_tiers
         self.offers[request.request_id] = (offer.source, offer.slots)
         return local_tiers + ["remote"] * (n - have)
@@ -463,13 +463,20 @@ class PdScheduler:
         except ParamsError:
             return
         if offer is not None:
-            self._release_unused(request.request_id, offer)
+            self._release_unused(request.request_id, offer.source)
 
-    def _release_unused(self, req_id: str, offer: Offer) -> None:
+    def _release_unused(self, req_id: str, source: PdSource) -> None:
         # Everything the producer offers that is needed is cached here: let it unpin the blocks now.
         if req_id not in self._released:
             self._released.add(req_id)
-            self._unused[offer.source.lease] = offer.source
+            self._unused[source.lease] = source
+
+    def drop_offer(self, req_id: str) -> None:
+        """The remote hit matched for ``req_id`` will not be loaded (the scheduler dropped the hit,
+        or the request finished before vLLM allocated its blocks): release the offer unused."""
+        got = self.offers.pop(req_id, None)
+        if got is not None and req_id not in self.pulled:
+            self._release_unused(req_id, got[0])
 
     def remote_source(self, req_id: str, block_index: int) -> tuple[PdSource, int]:
         """(source, remote slot) of block ``block_index`` of a request with a remote hit."""
@@ -484,7 +491,7 @@ class PdScheduler:
         self.offers.pop(req_id, None)
 
     def forget(self, req_id: str) -> None:
-        self.offers.pop(req_id, None)
+        self.drop_offer(req_id)  # matched, never loaded (e.g. aborted before allocation)
         self.pulled.discard(req_id)
         self._released.discard(req_id)
 

@@ -135,6 +135,8 @@ class KvbmScheduler:
             tiers = self.pd.match(request, hashes, start, tiers)
         self.lookup_stats.add(time.perf_counter_ns() - t0)
         if len(tiers) < self.cfg.min_hit_blocks:
+            if self.pd is not None:
+                self.pd.drop_offer(request.request_id)  # a remote hit that will not be pulled
             return 0, False
         st.hit_tiers = tiers
         return len(tiers) * self.bs, self.cfg.async_load
