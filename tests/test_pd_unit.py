@@ -349,3 +349,32 @@ def test_consumer_releases_an_offer_it_matched_but_never_loads() -> None:
     sched.request_finished(req)
     assert sched.pd.take_unused() == []  # released once
     sched.shutdown()
+
+
+def test_timed_out_pulls_do_not_keep_staging_buffers_forever(ucx_env: None, caplog: pytest.LogCaptureFixture) -> None:
+    """A pull whose wait times out retires its staging buffers (a late get may still land there)
+    and registers new ones; once the cancelled gets are done the retired buffers are released.
+    Otherwise every timed-out round leaks a staging buffer (64 MiB per rank by default)."""
+    from kvbm.integrations.vllm.pd import TABLE_ENTRY
+    from kvbm.transfer import TransferEngine
+
+    # A producer that never progresses (no progress thread, nobody calling progress): gets hang.
+    arena = np.zeros((8, SLOT), dtype=np.uint8)
+    table = np.zeros((8, TABLE_ENTRY), dtype=np.uint8)
+    eng = TransferEngine("stuck-producer", progress="caller")
+    eng.register(arena)
+    eng.register(table)
+    host, port = eng.listen("127.0.0.1", 0)
+    src = RankAddr(host, port, int(arena.ctypes.data), int(table.ctypes.data), 8, SLOT)
+    client = PdClient(SLOT, rank=0, timeout_s=0.3, staging_bytes=4 * SLOT)
+    hashes = block_hashes(list(range(4 * 4)), 4, NS)
+    try:
+        with caplog.at_level("WARNING", logger="kvbm.vllm"):
+            for _ in range(12):
+                assert client.pull(src, [0, 1, 2, 3], hashes, lambda r, i: None) == 0
+        assert client.failed_blocks == 48
+        assert sum("not complete" in r.getMessage() for r in caplog.records) == 12  # the gets timed out
+        assert len(client._retired) <= 2, f"{len(client._retired)} retired staging buffers kept"
+    finally:
+        client.close()
+        eng.close()

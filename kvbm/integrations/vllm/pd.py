@@ -576,7 +576,10 @@ class PdClient:
         self.batch = max(1, staging_bytes // slot_bytes)
         self._engine: Any = None
         self._peers: dict[tuple[str, int], Any] = {}
-        self._retired: list[np.ndarray] = []  # buffers a timed-out get may still write into
+        # Staging a timed-out get may still write into: (rows, entries, their regions, the gets),
+        # released once those gets are done (they are cancelled when the peer is force-closed).
+        self._retired: list[tuple[np.ndarray, np.ndarray, tuple[Any, ...], tuple[Any, ...]]] = []
+        self._regions: tuple[Any, ...] = ()
         self.pulled_blocks = 0
         self.failed_blocks = 0
         self._lock = threading.Lock()
@@ -591,8 +594,19 @@ class PdClient:
     def _new_staging(self) -> None:
         self.rows = np.empty((self.batch, self.slot_bytes), dtype=np.uint8)
         self.entries = np.empty((self.batch, TABLE_ENTRY), dtype=np.uint8)
-        self._engine.register(self.rows)
-        self._engine.register(self.entries)
+        self._regions = (self._engine.register(self.rows), self._engine.register(self.entries))
+
+    def _release_retired(self) -> None:
+        """Deregister and drop retired staging whose timed-out gets have finished."""
+        keep = []
+        for rows, entries, regions, gets in self._retired:
+            if all(h.done for h in gets):
+                for r in regions:
+                    with contextlib.suppress(KvbmError):
+                        self._engine.deregister(r)
+            else:
+                keep.append((rows, entries, regions, gets))
+        self._retired = keep
 
     def _peer(self, a: RankAddr) -> Any:
         key = (a.host, a.port)
@@ -646,8 +660,9 @@ class PdClient:
                     h1.wait(max(0.0, deadline - time.monotonic()))
                     h2.wait(max(0.0, deadline - time.monotonic()))
                 except KvbmError:
-                    self._drop((src.host, src.port))
-                    self._retired += [self.rows, self.entries]  # late writes may still land there
+                    self._drop((src.host, src.port))  # force-close: the gets are cancelled
+                    self._retired.append((self.rows, self.entries, self._regions, (h1, h2)))
+                    self._release_retired()
                     self._new_staging()
                     raise
                 # One native call for all CRCs (the GIL is released and re-taken once, not per block).
