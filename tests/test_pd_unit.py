@@ -348,6 +348,11 @@ def test_consumer_releases_an_offer_it_matched_but_never_loads() -> None:
     assert [s.lease for s in meta.pd_unused] == ["L2"]
     sched.request_finished(req)
     assert sched.pd.take_unused() == []  # released once
+    # Aborted before the scheduler ever looked it up (never scheduled): released at finish.
+    req2 = _Req("d", make_params("L3", NS.digest, 4, ranks, hashes[:5], [1, 2, 3, 4, 5], 20))
+    req2.num_prompt_tokens = 24
+    assert sched.request_finished(req2) is None
+    assert [s.lease for s in sched.pd.take_unused()] == ["L3"]
     sched.shutdown()
 
 

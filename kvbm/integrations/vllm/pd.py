@@ -454,7 +454,8 @@ class PdScheduler:
         return local_tiers + ["remote"] * (n - have)
 
     def unneeded(self, request: Any) -> None:
-        """vLLM's own prefix cache covers the request: release a producer's offer unused."""
+        """The request will not pull its producer's offer (vLLM's own prefix cache covers it, or it
+        finished without a planned remote load): release the offer unused, once."""
         if not self.cfg.consume or request.request_id in self._released or request.request_id in self.pulled:
             return
         try:

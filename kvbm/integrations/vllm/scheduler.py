@@ -285,6 +285,9 @@ class KvbmScheduler:
         st = self._reqs.pop(request.request_id, None)
         if self.pd is None:
             return None
+        # A consumer request that never pulled its offer (aborted before it was scheduled, or
+        # its load never planned): let the producer unpin the blocks now, not after pd_lease_s.
+        self.pd.unneeded(request)
         self.pd.forget(request.request_id)
         if st is None or not self.pd.cfg.produce:
             return None
