@@ -544,11 +544,13 @@ class PdServer:
         self.table[np.asarray(slots, dtype=np.int64), 16:24] = 0
 
     def after_store(self, slots: list[int], hashes: list[bytes]) -> None:
-        """Publish hash and CRC32C of freshly stored slots."""
-        for s, h in zip(slots, hashes):
+        """Publish hash and CRC32C of freshly stored slots (cleared by :meth:`before_store`). The
+        CRCs are computed first, so each entry is written in one short burst, valid flag last."""
+        crcs = [_crc(self.arena[s]) for s in slots]
+        for s, h, c in zip(slots, hashes, crcs):
             row = self.table[s]
+            row[16:20] = np.frombuffer(c.to_bytes(4, "little"), dtype=np.uint8)
             row[:16] = np.frombuffer(h, dtype=np.uint8)
-            row[16:20] = np.frombuffer(_crc(self.arena[s]).to_bytes(4, "little"), dtype=np.uint8)
             row[20:24] = (1, 0, 0, 0)
 
     def released(self) -> dict[str, int]:
