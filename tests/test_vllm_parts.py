@@ -209,3 +209,67 @@ def test_catalog_record_without_shard_crcs_is_dropped_at_open(tmp_path) -> None:
     again = _index(disk_blocks=4, reporters=2, path=tmp_path)
     assert again.lookup([_h(1)]) == ["disk"] and again.lookup([_h(2)]) == []
     assert again.disk.counters["dropped_at_open"] == 1
+
+
+def test_blocks_recomputed_after_a_failed_synchronous_load_are_stored_again() -> None:
+    """A synchronous load fails for block 2 of a request whose step also computed blocks 4 and 5
+    (the worker refuses to store those: they were computed over invalid KV). vLLM rewinds the
+    request to block 2 and recomputes; the scheduler must plan the stores of blocks 2, 4 and 5 again
+    (block 3 is still in the host tier)."""
+    from types import SimpleNamespace as NS
+
+    from kvbm.hashing import Namespace
+    from kvbm.integrations.vllm.common import Geometry
+    from kvbm.integrations.vllm.config import ConnectorConfig
+    from kvbm.integrations.vllm.metadata import KvbmWorkerMetadata
+    from kvbm.integrations.vllm.scheduler import KvbmScheduler
+
+    bs, slot = 16, 4096
+    cfg = ConnectorConfig.from_extra_config({"host_capacity_bytes": 64 * slot, "async_load": False})
+    geo = Geometry(block_size=bs, slot_bytes=slot, num_host_slots=64, disk_capacity_blocks=0, tp_world=1,
+                   namespace=Namespace(model_id="t", dtype="bfloat16", kv_layout="x", block_size=bs))
+    sched = KvbmScheduler(cfg, geo)
+
+    def req(rid: str, toks: list[int]) -> NS:
+        return NS(request_id=rid, all_token_ids=toks, num_tokens=len(toks), num_prompt_tokens=len(toks),
+                  lora_request=None, cache_salt=None, mm_features=None, prompt_embeds=None)
+
+    def out(new=(), cached=(), sched_tokens=None) -> NS:
+        cr = NS(req_ids=[c[0] for c in cached], new_block_ids=[None for _ in cached], resumed_req_ids=set(),
+                num_computed_tokens=[c[1] for c in cached])
+        return NS(scheduled_new_reqs=[NS(req_id=r, block_ids=(ids,), num_computed_tokens=n) for r, ids, n in new],
+                  scheduled_cached_reqs=cr, num_scheduled_tokens=sched_tokens or {})
+
+    def stored(meta) -> KvbmWorkerMetadata:
+        w = KvbmWorkerMetadata()
+        for op in meta.stores:
+            w.stored[op.block_hash] += 1
+        return w
+
+    toks = list(range(1000, 1000 + 6 * bs + 1))
+    a = req("a", toks[:4 * bs])
+    sched.get_num_new_matched_tokens(a, 0)
+    m = sched.build_connector_meta(out(new=[("a", list(range(4)), 0)], sched_tokens={"a": 4 * bs}))
+    assert len(m.stores) == 4
+    sched.update_connector_output(stored(m))
+    sched.request_finished(a)
+
+    b = req("b", toks)  # 6 full blocks + 1 token; blocks 0-3 are in the host tier
+    n, is_async = sched.get_num_new_matched_tokens(b, 0)
+    assert (n, is_async) == (4 * bs, False)
+    ids = list(range(10, 17))
+    sched.update_state_after_alloc(b, NS(get_block_ids=lambda: (ids,)), n)
+    m = sched.build_connector_meta(out(new=[("b", ids, 4 * bs)], sched_tokens={"b": 2 * bs + 1}))
+    assert [op.block_id for op in m.loads] == [10, 11, 12, 13]
+    assert [op.block_id for op in m.stores] == [14, 15]
+    h = sched._reqs["b"].hashes
+    # the worker: block 2's load failed; the request's stores of this step were refused
+    w = KvbmWorkerMetadata()
+    w.load_failed[h[2]] += 1
+    for op in m.stores:
+        w.store_failed[op.block_hash] += 1
+    sched.update_connector_output(w)
+    # vLLM rewinds "b" to block 2 and recomputes blocks 2..5 (and the last token)
+    m = sched.build_connector_meta(out(cached=[("b", 2 * bs)], sched_tokens={"b": 4 * bs + 1}))
+    assert [op.block_id for op in m.stores] == [12, 14, 15]
+    assert [op.block_hash for op in m.stores] == [h[2], h[4], h[5]]

@@ -32,6 +32,7 @@ class _Req:
     hit_tiers: list[str] = field(default_factory=list)  # tiers of the planned external hit
     hit_host_tokens: int = 0
     hit_disk_tokens: int = 0
+    loaded_at: dict[bytes, int] = field(default_factory=dict)  # hash -> block index of a planned load
 
 
 @dataclass
@@ -159,6 +160,7 @@ class KvbmScheduler:
             else:
                 slot = -1
             op = LoadOp(block_ids[st.local_blocks + i], tier, slot, h, request.request_id, self.cfg.async_load, crcs)
+            st.loaded_at[h] = st.local_blocks + i
             if tier == "remote":
                 op.remote, op.slot = self.pd.remote_source(request.request_id, st.local_blocks + i)
             self._loads.append(op)
@@ -272,6 +274,12 @@ class KvbmScheduler:
             # everywhere (its catalog record is deleted), so it is recomputed and stored afresh.
             idx.drop(h, "checksum_failures" if h in meta.load_corrupt else "read_errors")
             idx.stats.failed_loads += 1
+            # vLLM recomputes the request from that block on (and the worker refused the stores of
+            # its step): plan those blocks' stores again when they are computed.
+            for st in self._reqs.values():
+                i = st.loaded_at.get(h)
+                if i is not None:
+                    st.stored_upto = min(st.stored_upto, i)
         if self.pd is not None:
             self.pd.on_stores_reported()
             self.pd.on_released(meta.pd_released)
