@@ -16,12 +16,15 @@
 // unpinned one) fails with Code::kIllegalTransition and changes nothing.
 //
 // Note [Index layout]
-// Entries (64 bytes) live in one array addressed by 32-bit ids; a free list threads the unused
-// ones. The hash table is open addressing with linear probing over 8-byte buckets holding the
+// Entries (72 bytes) live in one array addressed by 32-bit ids; a free list threads the unused
+// ones. Everything a lookup reads or writes (key, slots, last_access, hits, state) is in an
+// entry's first 64 bytes. The hash table is open addressing with linear probing over 8-byte buckets holding the
 // entry id and 32 more bits of the key (so a probe rarely touches an entry it does not want),
 // with backward-shift deletion (no tombstones, probe lengths stay short under churn). It
-// grows by doubling at 3/4 load. Chain lookups prefetch buckets and entries a few keys ahead,
-// so at 10M blocks they run at memory-level parallelism instead of one miss at a time.
+// grows by doubling at 3/4 load. Chain lookups probe the table for keys a dozen places ahead
+// of the one they resolve and prefetch what they will need (Note [Chain lookup pipeline] in
+// block_index.cpp), so at 10M blocks they run at memory-level parallelism instead of one miss
+// at a time; the big arrays sit on huge pages (Note [Huge pages for the index]).
 // Nothing allocates on the lookup path.
 //
 // Thread safety: every public method takes the index mutex; callers move bytes outside it,
@@ -37,6 +40,7 @@
 
 #include "csrc/eviction.h"
 #include "csrc/hash128.h"
+#include "csrc/huge_alloc.h"
 #include "csrc/status.h"
 
 namespace kvbm {
@@ -178,6 +182,7 @@ class BlockIndex {
   };
 
   uint32_t find(Hash128 key) const;                 // entry id or kNoEntry
+  uint32_t probe_ahead(Hash128 key) const;          // lookup pipeline stage 2 (Note [Chain lookup pipeline])
   uint32_t find_or_insert(Hash128 key, Hash128 parent, bool* inserted);
   void erase_entry(uint32_t id);                    // removes from table, frees id
   void maybe_release(uint32_t id);                  // erase if absent in every tier
@@ -188,9 +193,9 @@ class BlockIndex {
   Status check_tier(TierId tier) const;
 
   mutable std::mutex mu_;
-  std::vector<Entry> entries_;
+  std::vector<Entry, HugePageAllocator<Entry>> entries_;    // Note [Huge pages for the index]
   uint32_t free_entry_head_ = kNoEntry;
-  std::vector<Bucket> table_;
+  std::vector<Bucket, HugePageAllocator<Bucket>> table_;
   uint64_t mask_ = 0;
   size_t size_ = 0;
   uint32_t clock_ = 0;

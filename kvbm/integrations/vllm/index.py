@@ -121,16 +121,20 @@ class TierIndex:
             self.disk.drop(bad)
 
     # -- lookups ---------------------------------------------------------------------------
-    def lookup(self, hashes: list[bytes]) -> list[str]:
-        """Tiers (``"host"``/``"disk"``) of the longest prefix of ``hashes`` that is Ready."""
+    def lookup(self, hashes: list[bytes] | np.ndarray) -> list[str]:
+        """Tiers (``"host"``/``"disk"``) of the longest prefix of ``hashes`` (a list of 16-byte
+        hashes or an ``(n, 16)`` uint8 array) that is Ready."""
         self.stats.lookups += 1
         self.stats.lookup_blocks += len(hashes)
-        if not hashes:
+        if len(hashes) == 0:
             return []
         if len(self._tiers) < len(hashes):
             self._tiers = np.empty(2 * len(hashes), dtype=np.uint8)
         n = self.mgr.lookup_into(hashes, self._tiers)
-        return ["host" if t == HOST else "disk" for t in self._tiers[:n].tolist()]
+        got = self._tiers[:n]
+        if n and (got == got[0]).all():  # one tier for the whole hit: no per-block Python work
+            return ["host" if got[0] == HOST else "disk"] * n
+        return ["host" if t == HOST else "disk" for t in got.tolist()]
 
     def host_slot(self, h: bytes) -> int:
         return int(self.idx.get(h)["slot"][HOST])

@@ -8,7 +8,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbm.hashing import block_hashes
+import numpy as np
+
+from kvbm import _native
 from kvbm.integrations.vllm import disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
@@ -25,7 +27,13 @@ _MAX_PENDING_EVENTS = 1 << 16
 class _Req:
     request: Any
     extra: bytes | None  # per-request keys folded into every block hash (LoRA, salt, mm)
+    # Note [Per-request hash cache]: every block is hashed once per request, into `arr` (rows
+    # 0..num_hashed, capacity doubling); `hashes` holds the first rows as bytes objects, made
+    # only for blocks something needs one for (a hit being loaded, a store, an event), so a
+    # lookup creates no Python object per block. Both go when the request finishes.
     hashes: list[bytes] = field(default_factory=list)
+    arr: np.ndarray = field(default_factory=lambda: np.empty((0, 16), np.uint8))
+    num_hashed: int = 0
     block_ids: list[int] = field(default_factory=list)
     stored_upto: int = 0  # blocks below this index were stored or skipped
     local_blocks: int = 0  # vLLM's own prefix-cache hit, in blocks, at the last lookup
@@ -59,6 +67,8 @@ class KvbmScheduler:
         self.cfg = cfg
         self.geo = geo
         self.bs = geo.block_size
+        self._ns_digest = geo.namespace.digest  # what kvbm.hashing.block_hashes resolves, once
+        self._hash_algo = geo.namespace.hash_algorithm
         catalog = None
         if cfg.disk_path:
             k = cfg.kvbm
@@ -105,13 +115,35 @@ class KvbmScheduler:
         self._reqs[request.request_id] = st
         return st
 
+    def _hash_rows(self, st: _Req, num_blocks: int) -> np.ndarray:
+        """The request's first ``num_blocks`` chained hashes as a ``(num_blocks, 16)`` view;
+        only blocks not hashed before are hashed (Note [Per-request hash cache])."""
+        have = st.num_hashed
+        if have < num_blocks:
+            req = st.request
+            lo, hi = have * self.bs, num_blocks * self.bs
+            # The prompt is a plain list (or an integer array), read in place by the binding;
+            # tokens past it (a preempted request's outputs) come from all_token_ids (vLLM's
+            # ConstantList, sliced once).
+            toks = getattr(req, "prompt_token_ids", None)
+            if not isinstance(toks, (list, np.ndarray)) or hi > len(toks):
+                toks = req.all_token_ids
+            new = _native.block_hashes(toks, self.bs, self._ns_digest, self._hash_algo, st.extra,
+                                       bytes(st.arr[have - 1]) if have else None, start=lo, stop=hi)
+            if len(st.arr) < num_blocks:
+                grown = np.empty((max(num_blocks, 2 * len(st.arr)), 16), np.uint8)
+                grown[:have] = st.arr[:have]
+                st.arr = grown
+            st.arr[have:num_blocks] = new
+            st.num_hashed = num_blocks
+        return st.arr[:num_blocks]
+
     def _hashes(self, st: _Req, num_blocks: int) -> list[bytes]:
-        if len(st.hashes) < num_blocks:
-            toks = st.request.all_token_ids
-            have = len(st.hashes)
-            st.hashes.extend(block_hashes(list(toks[have * self.bs:num_blocks * self.bs]), self.bs,
-                                          self.geo.namespace, st.extra,
-                                          parent=st.hashes[-1] if have else None))
+        """The request's first ``num_blocks`` chained hashes as bytes objects."""
+        have = len(st.hashes)
+        if have < num_blocks:
+            raw = self._hash_rows(st, num_blocks)[have:].tobytes()
+            st.hashes.extend([raw[i:i + 16] for i in range(0, len(raw), 16)])
         return st.hashes[:num_blocks]
 
     # -- vLLM scheduler API ----------------------------------------------------------------
@@ -130,10 +162,10 @@ class KvbmScheduler:
             if self.pd is not None:
                 self.pd.unneeded(request)
             return 0, False
-        hashes = self._hashes(st, max_blocks)
-        tiers = self.index.lookup(hashes[start:])
+        rows = self._hash_rows(st, max_blocks)
+        tiers = self.index.lookup(rows[start:])
         if self.pd is not None:  # prefill/decode: blocks a producer offered in kv_transfer_params
-            tiers = self.pd.match(request, hashes, start, tiers)
+            tiers = self.pd.match(request, self._hashes(st, max_blocks), start, tiers)
         self.lookup_stats.add(time.perf_counter_ns() - t0)
         if len(tiers) < self.cfg.min_hit_blocks:
             if self.pd is not None:
@@ -149,7 +181,7 @@ class KvbmScheduler:
         block_ids = blocks.get_block_ids()[0]
         n = num_external_tokens // self.bs
         tiers = st.hit_tiers[:n]
-        hashes = st.hashes[st.local_blocks:st.local_blocks + n]
+        hashes = self._hashes(st, st.local_blocks + n)[st.local_blocks:]
         assert len(tiers) == n == len(hashes), "external hit changed between lookup and allocation"
         for i, (h, tier) in enumerate(zip(hashes, tiers)):
             crcs: tuple[int, ...] = ()
