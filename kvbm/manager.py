@@ -91,11 +91,14 @@ class EngineTransfer:
     """An offload or onboard in flight; finishing it (``wait``/``poll``) publishes the stored
     blocks or unpins the loaded ones. Exactly once, whatever the outcome."""
 
-    def __init__(self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str) -> None:
+    def __init__(
+        self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str, slots: np.ndarray | None = None
+    ) -> None:
         self._manager = manager
         self._handle = handle
         self._keys = keys
         self._kind = kind
+        self._slots = slots  # store: the host slots being filled (Storing until finished)
         self._done = handle is None
 
     @property
@@ -110,10 +113,11 @@ class EngineTransfer:
         ix = self._manager.index
         if self._kind == "store":
             flags = np.full(len(self._keys), 1 if ok else 0, np.uint8)
-            ix.complete_store(int(Tier.HOST), self._keys, flags)
-            if ok:
-                self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
-                self._manager._remote_write_through(self._keys)  # remote tier, write_through only
+            try:
+                if ok and self._slots is not None:  # copied out while Storing: not evictable yet
+                    self._manager._write_through_storing(self._keys, self._slots)
+            finally:
+                ix.complete_store(int(Tier.HOST), self._keys, flags)
         else:
             ix.complete_load(int(Tier.HOST), self._keys)
 
@@ -274,6 +278,9 @@ class BlockManager:
         new = plan.new_hashes(hashes)
         try:
             arena.write(plan.slots, data)
+            if self._remote is not None and new and self.config.remote_write_policy == "write_through":
+                # staged while the slots are still Storing: once published they may be evicted and reused
+                self._remote_write(new, plan.slots[plan.slots >= 0])
         except BaseException:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
@@ -281,8 +288,6 @@ class BlockManager:
         if self._disk is not None and self.config.disk_write_policy == "write_through":
             keys = _hash_list(hashes)
             self._disk.put(keys, _rows(data, len(keys), self.block_bytes), parents=_chain_parents(keys, parent))
-        if self._remote is not None and new and self.config.remote_write_policy == "write_through":
-            self._remote_write(new, plan.slots[plan.slots >= 0])
         return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
@@ -342,7 +347,7 @@ class BlockManager:
         except BaseException:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
-        return EngineTransfer(self, handle, new, "store")
+        return EngineTransfer(self, handle, new, "store", plan.slots[new_idx])
 
     def onboard(
         self, layout: Any, block_ids: Sequence[int] | np.ndarray, hashes: HashesLike, *, stream: Any = None
@@ -415,9 +420,15 @@ class BlockManager:
         """Evict up to ``count`` blocks chosen by the policy; returns their hashes."""
         if count < 0:
             raise InvalidArgumentError(f"count: must be >= 0, got {count}")
-        ev = self._index.evict(int(tier), int(count))
-        if tier == Tier.HOST:
+        if tier != Tier.HOST:
+            return [e[0] for e in self._index.evict(int(tier), int(count))]
+        # Note [Slot lifetime] in csrc/block_index.h: the slots stay draining (no store on another
+        # thread, nor the remote prefetch thread, gets them) until their bytes were copied out.
+        ev = self._index.evict(int(Tier.HOST), int(count), hold=True)
+        try:
             self._demote(ev)
+        finally:
+            self._index.release_slots(int(Tier.HOST), [e[2] for e in ev])
         return [e[0] for e in ev]
 
     def remove(self, hashes: HashesLike, *, tier: Tier = Tier.HOST, ignore_missing: bool = False) -> int:
@@ -500,22 +511,24 @@ class BlockManager:
             eviction=c.eviction_policy,
         )
 
-    def _write_through_from_host(self, keys: list[bytes]) -> None:
-        """With disk_write_policy write_through: queue host blocks ``keys`` for the disk tier.
+    def _write_through_storing(self, keys: list[bytes], slots: np.ndarray) -> None:
+        """Engine offloads with a write_through disk or remote tier: queue host blocks ``keys``.
 
-        Used by the engine path once an offload completes; the disk writes are asynchronous (the
-        bytes are copied out of the host slots first, so those may be evicted meanwhile).
+        Called while ``slots`` are still Storing (before complete_store), so no other thread can
+        evict and refill them first (Note [Slot lifetime]); the bytes are copied out once, then
+        the disk and remote writes run asynchronously from that copy.
         """
-        disk = self._disk
-        if disk is None or self.config.disk_write_policy != "write_through" or not keys or self._arena is None:
+        disk_wt = self._disk is not None and self.config.disk_write_policy == "write_through"
+        remote_wt = self._remote is not None and self.config.remote_write_policy == "write_through"
+        if not (disk_wt or remote_wt) or not keys or self._arena is None:
             return
-        slots = self._index.prepare_load(int(Tier.HOST), keys)
-        try:
-            staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
-            self._arena.read(slots, staging)
-        finally:
-            self._index.complete_load(int(Tier.HOST), keys)
-        disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+        staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
+        self._arena.read(np.asarray(slots, np.int64), staging)
+        if disk_wt:
+            assert self._disk is not None
+            self._disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+        if remote_wt:
+            self._track(self._remote_pool.submit(self._remote.put, keys, staging))
 
     def _disk_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
         """Continue a lookup past the index's prefix: blocks on disk (or back in the index)."""
@@ -731,16 +744,6 @@ class BlockManager:
         staging = np.empty((len(keys), self.block_bytes), np.uint8)
         self._arena.read(slots, staging)
         self._track(self._remote_pool.submit(self._remote.put, keys, staging))
-
-    def _remote_write_through(self, keys: list[bytes]) -> None:
-        """With remote_write_policy write_through: put host blocks ``keys`` (engine offloads)."""
-        if self._remote is None or self.config.remote_write_policy != "write_through" or not keys:
-            return
-        slots = self._index.prepare_load(int(Tier.HOST), keys)
-        try:
-            self._remote_write(keys, slots)
-        finally:
-            self._index.complete_load(int(Tier.HOST), keys)
 
     def _track(self, fut: Any, prefetch: bool = False) -> Any:
         with self._lock:
