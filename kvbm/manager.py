@@ -27,6 +27,7 @@ import numpy as np
 from kvbm import _native
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, InvalidArgumentError
+from kvbm.hashing import Namespace, tier_namespace_digest
 
 if TYPE_CHECKING:
     from kvbm.tiers.disk import DiskTier
@@ -157,9 +158,14 @@ class BlockManager:
         block_bytes: overrides ``config.block_bytes`` (engines learn it from their layout).
         allocate_memory: False makes a bookkeeping-only manager (no host memory), for an
             engine's scheduler process whose workers hold the bytes.
+        namespace: the :class:`kvbm.Namespace` (or its 16-byte digest) the block hashes were
+            made under. With ``block_bytes`` and ``config.remote_namespace`` it forms the one
+            namespace digest (:func:`kvbm.hashing.tier_namespace_digest`) stamped on disk
+            and remote blocks: blocks stored under another digest are misses.
 
     Raises:
         ConfigError: block_bytes unset or capacity too small for one block.
+        InvalidArgumentError: ``namespace`` is neither a Namespace nor a 16-byte digest.
         CudaError / CapacityError: host memory could not be allocated (or pinned when
             ``host_pinned=True``).
     """
@@ -170,12 +176,14 @@ class BlockManager:
         *,
         block_bytes: int | None = None,
         allocate_memory: bool = True,
+        namespace: Namespace | bytes | None = None,
     ) -> None:
         self.config = config if config is not None else KvbmConfig()
         bb = int(block_bytes if block_bytes is not None else self.config.block_bytes)
         if bb <= 0:
             raise ConfigError("block_bytes: must be positive (set it in KvbmConfig or pass block_bytes=)")
         self.block_bytes = bb
+        self.namespace_digest = tier_namespace_digest(namespace, bb, self.config.remote_namespace)
         num_slots = self.config.host_capacity_bytes // bb
         if num_slots <= 0:
             raise ConfigError(
@@ -496,14 +504,14 @@ class BlockManager:
         c = self.config
         if not c.disk_path:
             return None
-        from kvbm.tiers.disk import ALIGNMENT, DiskTier, namespace_fingerprint
+        from kvbm.tiers.disk import ALIGNMENT, DiskTier
 
         slot = -(-self.block_bytes // ALIGNMENT) * ALIGNMENT
         return DiskTier(
             c.disk_path,
             slot_bytes=slot,
             capacity_bytes=c.disk_capacity_bytes,
-            namespace=namespace_fingerprint(f"kvbm-block-bytes:{self.block_bytes}"),
+            namespace=self.namespace_digest,  # the one digest (remote gets the same)
             io_threads=c.disk_io_threads,
             o_direct=c.disk_o_direct,
             durability=c.disk_durability,
@@ -699,7 +707,7 @@ class BlockManager:
         self._remote = open_remote_tier(
             c.remote_url,
             block_bytes=self.block_bytes,
-            namespace=f"{c.remote_namespace}\0block_bytes={self.block_bytes}",
+            namespace=self.namespace_digest,  # binds the Namespace, block_bytes and the tenant
             token=c.remote_token,
             timeout_s=c.remote_timeout_s,
         )
