@@ -129,6 +129,43 @@ class Namespace:
         return hashlib.sha256(self._encode()).digest()[:BLOCK_HASH_SIZE]
 
 
+TIER_NAMESPACE_TAG = b"kvbm-tier-namespace-v1"
+
+
+def tier_namespace_digest(namespace: Namespace | bytes | None, block_bytes: int, tenant: str = "") -> bytes:
+    """The one 16-byte namespace digest a BlockManager gives every tier below the host.
+
+    Disk records and remote keys/records are stamped with it, and a block stamped otherwise is
+    a miss. It binds everything that makes the bytes stored under one hash differ: the user's
+    :class:`Namespace` (its :attr:`Namespace.digest`, or a 16-byte digest; ``None`` for raw
+    hashes), the block size in bytes and the tenant name (``remote_namespace``). Built like
+    :attr:`Namespace.digest`: the first half of SHA-256 over a length-prefixed encoding.
+
+    Raises InvalidArgumentError for a namespace that is neither, a block size < 1 or a
+    tenant that is not a str.
+    """
+    if namespace is None:
+        ns = bytes(BLOCK_HASH_SIZE)
+    elif isinstance(namespace, Namespace):
+        ns = namespace.digest
+    elif isinstance(namespace, (bytes, bytearray, memoryview)) and len(bytes(namespace)) == BLOCK_HASH_SIZE:
+        ns = bytes(namespace)
+    else:
+        raise InvalidArgumentError(
+            f"namespace: expected a kvbm.Namespace, its {BLOCK_HASH_SIZE}-byte digest or None, "
+            f"got {type(namespace).__name__}"
+        )
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, (int, np.integer)) or block_bytes < 1:
+        raise InvalidArgumentError(f"block_bytes: must be a positive int, got {block_bytes!r}")
+    if not isinstance(tenant, str):
+        raise InvalidArgumentError(f"tenant: must be a str, got {type(tenant).__name__}")
+    t = tenant.encode("utf-8")
+    enc = b"".join(
+        struct.pack("<I", len(f)) + f for f in (TIER_NAMESPACE_TAG, ns, struct.pack("<Q", int(block_bytes)), t)
+    )
+    return hashlib.sha256(enc).digest()[:BLOCK_HASH_SIZE]
+
+
 def _resolve(block_size: object, namespace: object) -> tuple[int, bytes, str]:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise InvalidArgumentError(f"block_size must be an int, got {type(block_size).__name__}")
@@ -214,7 +251,9 @@ __all__ = [
     "HASH_ALGORITHMS",
     "MAX_BLOCK_SIZE",
     "NAMESPACE_TAG",
+    "TIER_NAMESPACE_TAG",
     "Namespace",
     "block_hashes",
     "block_hashes_array",
+    "tier_namespace_digest",
 ]

@@ -27,6 +27,7 @@ import numpy as np
 from kvbm import _native
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError, InvalidArgumentError
+from kvbm.hashing import Namespace, tier_namespace_digest
 
 if TYPE_CHECKING:
     from kvbm.tiers.disk import DiskTier
@@ -91,11 +92,14 @@ class EngineTransfer:
     """An offload or onboard in flight; finishing it (``wait``/``poll``) publishes the stored
     blocks or unpins the loaded ones. Exactly once, whatever the outcome."""
 
-    def __init__(self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str) -> None:
+    def __init__(
+        self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str, slots: np.ndarray | None = None
+    ) -> None:
         self._manager = manager
         self._handle = handle
         self._keys = keys
         self._kind = kind
+        self._slots = slots  # store: the host slots being filled (Storing until finished)
         self._done = handle is None
 
     @property
@@ -110,10 +114,11 @@ class EngineTransfer:
         ix = self._manager.index
         if self._kind == "store":
             flags = np.full(len(self._keys), 1 if ok else 0, np.uint8)
-            ix.complete_store(int(Tier.HOST), self._keys, flags)
-            if ok:
-                self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
-                self._manager._remote_write_through(self._keys)  # remote tier, write_through only
+            try:
+                if ok and self._slots is not None:  # copied out while Storing: not evictable yet
+                    self._manager._write_through_storing(self._keys, self._slots)
+            finally:
+                ix.complete_store(int(Tier.HOST), self._keys, flags)
         else:
             ix.complete_load(int(Tier.HOST), self._keys)
 
@@ -153,9 +158,14 @@ class BlockManager:
         block_bytes: overrides ``config.block_bytes`` (engines learn it from their layout).
         allocate_memory: False makes a bookkeeping-only manager (no host memory), for an
             engine's scheduler process whose workers hold the bytes.
+        namespace: the :class:`kvbm.Namespace` (or its 16-byte digest) the block hashes were
+            made under. With ``block_bytes`` and ``config.remote_namespace`` it forms the one
+            namespace digest (:func:`kvbm.hashing.tier_namespace_digest`) stamped on disk
+            and remote blocks: blocks stored under another digest are misses.
 
     Raises:
         ConfigError: block_bytes unset or capacity too small for one block.
+        InvalidArgumentError: ``namespace`` is neither a Namespace nor a 16-byte digest.
         CudaError / CapacityError: host memory could not be allocated (or pinned when
             ``host_pinned=True``).
     """
@@ -166,12 +176,14 @@ class BlockManager:
         *,
         block_bytes: int | None = None,
         allocate_memory: bool = True,
+        namespace: Namespace | bytes | None = None,
     ) -> None:
         self.config = config if config is not None else KvbmConfig()
         bb = int(block_bytes if block_bytes is not None else self.config.block_bytes)
         if bb <= 0:
             raise ConfigError("block_bytes: must be positive (set it in KvbmConfig or pass block_bytes=)")
         self.block_bytes = bb
+        self.namespace_digest = tier_namespace_digest(namespace, bb, self.config.remote_namespace)
         num_slots = self.config.host_capacity_bytes // bb
         if num_slots <= 0:
             raise ConfigError(
@@ -274,6 +286,9 @@ class BlockManager:
         new = plan.new_hashes(hashes)
         try:
             arena.write(plan.slots, data)
+            if self._remote is not None and new and self.config.remote_write_policy == "write_through":
+                # staged while the slots are still Storing: once published they may be evicted and reused
+                self._remote_write(new, plan.slots[plan.slots >= 0])
         except BaseException:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
@@ -281,8 +296,6 @@ class BlockManager:
         if self._disk is not None and self.config.disk_write_policy == "write_through":
             keys = _hash_list(hashes)
             self._disk.put(keys, _rows(data, len(keys), self.block_bytes), parents=_chain_parents(keys, parent))
-        if self._remote is not None and new and self.config.remote_write_policy == "write_through":
-            self._remote_write(new, plan.slots[plan.slots >= 0])
         return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
@@ -342,7 +355,7 @@ class BlockManager:
         except BaseException:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
-        return EngineTransfer(self, handle, new, "store")
+        return EngineTransfer(self, handle, new, "store", plan.slots[new_idx])
 
     def onboard(
         self, layout: Any, block_ids: Sequence[int] | np.ndarray, hashes: HashesLike, *, stream: Any = None
@@ -415,9 +428,15 @@ class BlockManager:
         """Evict up to ``count`` blocks chosen by the policy; returns their hashes."""
         if count < 0:
             raise InvalidArgumentError(f"count: must be >= 0, got {count}")
-        ev = self._index.evict(int(tier), int(count))
-        if tier == Tier.HOST:
+        if tier != Tier.HOST:
+            return [e[0] for e in self._index.evict(int(tier), int(count))]
+        # Note [Slot lifetime] in csrc/block_index.h: the slots stay draining (no store on another
+        # thread, nor the remote prefetch thread, gets them) until their bytes were copied out.
+        ev = self._index.evict(int(Tier.HOST), int(count), hold=True)
+        try:
             self._demote(ev)
+        finally:
+            self._index.release_slots(int(Tier.HOST), [e[2] for e in ev])
         return [e[0] for e in ev]
 
     def remove(self, hashes: HashesLike, *, tier: Tier = Tier.HOST, ignore_missing: bool = False) -> int:
@@ -485,14 +504,14 @@ class BlockManager:
         c = self.config
         if not c.disk_path:
             return None
-        from kvbm.tiers.disk import ALIGNMENT, DiskTier, namespace_fingerprint
+        from kvbm.tiers.disk import ALIGNMENT, DiskTier
 
         slot = -(-self.block_bytes // ALIGNMENT) * ALIGNMENT
         return DiskTier(
             c.disk_path,
             slot_bytes=slot,
             capacity_bytes=c.disk_capacity_bytes,
-            namespace=namespace_fingerprint(f"kvbm-block-bytes:{self.block_bytes}"),
+            namespace=self.namespace_digest,  # the one digest (remote gets the same)
             io_threads=c.disk_io_threads,
             o_direct=c.disk_o_direct,
             durability=c.disk_durability,
@@ -500,22 +519,24 @@ class BlockManager:
             eviction=c.eviction_policy,
         )
 
-    def _write_through_from_host(self, keys: list[bytes]) -> None:
-        """With disk_write_policy write_through: queue host blocks ``keys`` for the disk tier.
+    def _write_through_storing(self, keys: list[bytes], slots: np.ndarray) -> None:
+        """Engine offloads with a write_through disk or remote tier: queue host blocks ``keys``.
 
-        Used by the engine path once an offload completes; the disk writes are asynchronous (the
-        bytes are copied out of the host slots first, so those may be evicted meanwhile).
+        Called while ``slots`` are still Storing (before complete_store), so no other thread can
+        evict and refill them first (Note [Slot lifetime]); the bytes are copied out once, then
+        the disk and remote writes run asynchronously from that copy.
         """
-        disk = self._disk
-        if disk is None or self.config.disk_write_policy != "write_through" or not keys or self._arena is None:
+        disk_wt = self._disk is not None and self.config.disk_write_policy == "write_through"
+        remote_wt = self._remote is not None and self.config.remote_write_policy == "write_through"
+        if not (disk_wt or remote_wt) or not keys or self._arena is None:
             return
-        slots = self._index.prepare_load(int(Tier.HOST), keys)
-        try:
-            staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
-            self._arena.read(slots, staging)
-        finally:
-            self._index.complete_load(int(Tier.HOST), keys)
-        disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+        staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
+        self._arena.read(np.asarray(slots, np.int64), staging)
+        if disk_wt:
+            assert self._disk is not None
+            self._disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+        if remote_wt:
+            self._track(self._remote_pool.submit(self._remote.put, keys, staging))
 
     def _disk_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
         """Continue a lookup past the index's prefix: blocks on disk (or back in the index)."""
@@ -686,7 +707,7 @@ class BlockManager:
         self._remote = open_remote_tier(
             c.remote_url,
             block_bytes=self.block_bytes,
-            namespace=f"{c.remote_namespace}\0block_bytes={self.block_bytes}",
+            namespace=self.namespace_digest,  # binds the Namespace, block_bytes and the tenant
             token=c.remote_token,
             timeout_s=c.remote_timeout_s,
         )
@@ -731,16 +752,6 @@ class BlockManager:
         staging = np.empty((len(keys), self.block_bytes), np.uint8)
         self._arena.read(slots, staging)
         self._track(self._remote_pool.submit(self._remote.put, keys, staging))
-
-    def _remote_write_through(self, keys: list[bytes]) -> None:
-        """With remote_write_policy write_through: put host blocks ``keys`` (engine offloads)."""
-        if self._remote is None or self.config.remote_write_policy != "write_through" or not keys:
-            return
-        slots = self._index.prepare_load(int(Tier.HOST), keys)
-        try:
-            self._remote_write(keys, slots)
-        finally:
-            self._index.complete_load(int(Tier.HOST), keys)
 
     def _track(self, fut: Any, prefetch: bool = False) -> Any:
         with self._lock:
