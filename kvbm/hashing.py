@@ -222,41 +222,48 @@ def block_hashes(
 _HASH_INT_LIMIT = 1 << (8 * BLOCK_HASH_SIZE)
 
 
-def hash_key(h: object, what: str = "hash") -> bytes:
+def hash_key(h: object, what: str = "hash", *, variable_length: bool = False) -> bytes:
     """One block hash as 16 ``bytes``.
 
     Accepts 16 bytes (``bytes``, ``bytearray``, ``memoryview``, a ``(16,)`` uint8 array) or an
-    int in ``0 .. 2**128-1`` (encoded big-endian).
+    int in ``0 .. 2**128-1`` (encoded big-endian). With ``variable_length`` (the disk tier's
+    catalog keys) bytes of 1..256 bytes are kept as they are and ints up to ``2**256-1`` become
+    32 bytes when they do not fit 16.
 
     Raises:
         InvalidArgumentError: anything else (None, bool, float, str, an int out of range, a
             buffer of another length or dtype); the message names ``what``.
     """
-    if type(h) is bytes:
-        if len(h) == BLOCK_HASH_SIZE:
-            return h
-        raise InvalidArgumentError(f"{what}: a block hash is {BLOCK_HASH_SIZE} bytes, got {len(h)}")
+    if type(h) is bytes and len(h) == BLOCK_HASH_SIZE:
+        return h
     if isinstance(h, bool) or h is None:
         raise InvalidArgumentError(f"{what}: expected a {BLOCK_HASH_SIZE}-byte block hash, got {h!r}")
     if isinstance(h, (int, np.integer)):
         v = int(h)
-        if not 0 <= v < _HASH_INT_LIMIT:
-            raise InvalidArgumentError(f"{what}: an int block hash must be in 0..2**128-1, got {_short(v)}")
-        return v.to_bytes(BLOCK_HASH_SIZE, "big")
+        limit = _HASH_INT_LIMIT**2 if variable_length else _HASH_INT_LIMIT
+        if not 0 <= v < limit:
+            bound = "2**256-1" if variable_length else "2**128-1"
+            raise InvalidArgumentError(f"{what}: an int block hash must be in 0..{bound}, got {_short(v)}")
+        return v.to_bytes(BLOCK_HASH_SIZE if v < _HASH_INT_LIMIT else 2 * BLOCK_HASH_SIZE, "big")
     if isinstance(h, np.ndarray):
-        if h.dtype != np.uint8 or h.shape != (BLOCK_HASH_SIZE,):
+        if h.dtype != np.uint8 or h.ndim != 1 or (h.shape[0] != BLOCK_HASH_SIZE and not variable_length):
             raise InvalidArgumentError(
                 f"{what}: expected a ({BLOCK_HASH_SIZE},) uint8 array, got shape {h.shape} dtype {h.dtype}"
             )
-        return h.tobytes()
-    if isinstance(h, (bytearray, memoryview)):
+        b = h.tobytes()
+    elif isinstance(h, (bytes, bytearray, memoryview)):
         mv = memoryview(h)
-        if mv.itemsize != 1 or mv.nbytes != BLOCK_HASH_SIZE:
-            raise InvalidArgumentError(
-                f"{what}: a block hash is {BLOCK_HASH_SIZE} bytes, got {mv.nbytes} (item size {mv.itemsize})"
-            )
-        return mv.tobytes()
-    raise InvalidArgumentError(f"{what}: expected a {BLOCK_HASH_SIZE}-byte block hash, got {type(h).__name__}")
+        if mv.itemsize != 1:
+            raise InvalidArgumentError(f"{what}: a block hash is bytes, got a buffer of item size {mv.itemsize}")
+        b = mv.tobytes()
+    else:
+        raise InvalidArgumentError(f"{what}: expected a {BLOCK_HASH_SIZE}-byte block hash, got {type(h).__name__}")
+    if variable_length:
+        if not 0 < len(b) <= 256:
+            raise InvalidArgumentError(f"{what}: a block hash must be 1..256 bytes, got {len(b)}")
+    elif len(b) != BLOCK_HASH_SIZE:
+        raise InvalidArgumentError(f"{what}: a block hash is {BLOCK_HASH_SIZE} bytes, got {len(b)}")
+    return b
 
 
 def _short(v: int) -> str:
