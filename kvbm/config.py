@@ -58,6 +58,22 @@ def parse_size(value: int | str, key: str = "size") -> int:
     raise ConfigError(f"{key}: expected a byte size such as 1073741824 or '1GiB', got {_shown(value)}")
 
 
+MAX_YAML_NESTING = 64
+"""Deepest ``[``/``{`` nesting a YAML config may have (a kvbm config needs 1; deep ones are slow to parse)."""
+
+
+def _flow_depth(text: str) -> int:
+    """Upper bound of the flow-collection nesting of a YAML text (brackets inside strings count too)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
+
 def _bounded_size(v: int, key: str) -> int:
     if v > MAX_SIZE_BYTES:
         raise ConfigError(f"{key}: {_shown(v)} is more than the 2**60 bytes (1 EiB) kvbm accepts")
@@ -194,6 +210,8 @@ class KvbmConfig:
         """
         import yaml
 
+        if _flow_depth(text) > MAX_YAML_NESTING:
+            raise ConfigError(f"config file {source!r} nests more than {MAX_YAML_NESTING} levels deep")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

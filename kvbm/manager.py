@@ -134,6 +134,7 @@ class EngineTransfer:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` s (None: forever); True when finished. Raises the copy's error."""
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._done:
             return True
         try:
@@ -396,6 +397,10 @@ class BlockManager:
         return EngineTransfer(self, handle, keys, "load")
 
     def _check_layout(self, layout: Any, n_ids: int, hashes: HashesLike) -> None:
+        from kvbm.kv_layout import KvLayout
+
+        if not isinstance(layout, KvLayout):
+            raise InvalidArgumentError(f"layout: expected a kvbm.kv_layout.KvLayout, got {type(layout).__name__}")
         if layout.block_bytes != self.block_bytes:
             raise InvalidArgumentError(
                 f"layout.block_bytes is {layout.block_bytes} but this manager's block_bytes is {self.block_bytes}"
@@ -923,6 +928,7 @@ class PrefetchHandle:
 
         from kvbm.errors import TransferTimeoutError
 
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._count is not None:
             return self._count
         try:
@@ -957,6 +963,7 @@ class PromoteHandle:
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until done; returns the number of blocks onboarded. TransferTimeoutError after ``timeout`` s."""
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._count is None:
             self._h.wait(timeout)
             self._finish()
