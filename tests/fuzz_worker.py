@@ -10,12 +10,14 @@ exception is printed with the case and the process exits 1. On success the last 
 Areas: ``api`` (BlockManager methods with arguments of random types and values), ``api_disk``
 (the same with a disk tier), ``config`` (``KvbmConfig.from_dict``), ``yaml``
 (``KvbmConfig.from_yaml`` on random and deeply nested documents, bytes not always UTF-8),
-``env`` (``KvbmConfig.from_env``), ``hashing`` (``block_hashes`` and the hash normaliser).
+``env`` (``KvbmConfig.from_env``), ``hashing`` (``block_hashes`` and the hash normaliser),
+``trace`` (``kvbm.replay.load_trace``, what ``kvbm replay`` reads, on random JSONL).
 """
 
 from __future__ import annotations
 
 import faulthandler
+import json
 import os
 import sys
 import tempfile
@@ -317,7 +319,37 @@ def fuzz_hashing(examples: int) -> None:
     case()
 
 
+def fuzz_trace(examples: int) -> None:
+    from kvbm.replay import load_trace
+
+    tmp = tempfile.mkdtemp(prefix="kvbm-fuzz-trace-")
+    path = os.path.join(tmp, "t.jsonl")
+    json_values = st.recursive(
+        st.one_of(st.none(), st.booleans(), ints, st.floats(), st.text(max_size=5)),
+        lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=2)),
+        max_leaves=8,
+    )
+    lines = st.one_of(
+        st.builds(lambda v: json.dumps({"hash_ids": v}).encode(), json_values),
+        st.builds(lambda ids: json.dumps({"hash_ids": ids}).encode(), st.lists(ints, max_size=6)),
+        st.binary(max_size=60),
+        st.sampled_from([b'{"hash_ids": [' + b"9" * 5000 + b"]}", b'{"hash_ids": ' + b"[" * 50000 + b"]" * 50000 + b"}",
+                         b'{"hash_ids": [1e999]}', b'{"hash_ids": [NaN]}', b"\xff\xfe", b"[]", b'"x"']),
+    )
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @given(st.lists(lines, min_size=1, max_size=4))
+    def case(ls: list[bytes]) -> None:
+        with open(path, "wb") as f:
+            f.write(b"\n".join(ls) + b"\n")
+        run_case(f"load_trace({ls!r:.2000})", load_trace, path)
+
+    case()
+
+
 AREAS = {
+    "trace": fuzz_trace,
     "api": lambda n: fuzz_api(n, disk=False),
     "api_disk": lambda n: fuzz_api(n, disk=True),
     "config": fuzz_config,
