@@ -94,6 +94,9 @@ def _default_eviction_policy() -> str:
     return str(_native.eviction_policy_names()[0])
 
 
+MAX_BLOCK_SIZE = 1 << 24
+"""Largest block_size (tokens per block); equals ``kvbm.hashing.MAX_BLOCK_SIZE`` (config imports no hashing)."""
+
 MAX_BLOCK_BYTES = 1 << 36
 """Largest block_bytes accepted (64 GiB per block)."""
 
@@ -303,7 +306,6 @@ class KvbmConfig:
     def validate(self) -> None:
         """Check every value; raise ConfigError naming the first bad key."""
         from kvbm import eviction_policies
-        from kvbm.hashing import MAX_BLOCK_SIZE
 
         if not 0 < self.block_size <= MAX_BLOCK_SIZE:
             raise ConfigError(f"block_size: must be 1..{MAX_BLOCK_SIZE}, got {self.block_size}")

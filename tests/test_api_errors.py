@@ -291,3 +291,12 @@ def test_load_trace_errors_are_trace_format_errors(tmp_path: Path) -> None:
     t.write_text('{"hash_ids": [' + "1" * 4000 + "]}\n")  # under Python's digit limit: out of range
     with pytest.raises(TraceFormatError, match="outside 0..2\\*\\*63-1"):
         load_trace(t)
+
+
+def test_config_and_hashing_agree_on_the_largest_block_size() -> None:
+    import kvbm.config
+    import kvbm.hashing
+
+    assert kvbm.config.MAX_BLOCK_SIZE == kvbm.hashing.MAX_BLOCK_SIZE
+    with pytest.raises(ConfigError, match="block_size"):
+        KvbmConfig(block_size=kvbm.hashing.MAX_BLOCK_SIZE + 1)
