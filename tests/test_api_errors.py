@@ -41,11 +41,13 @@ def test_int_buffers_do_not_crash_the_process() -> None:
         m = BlockManager(KvbmConfig(block_bytes=256, host_capacity_bytes=256 * 16))
         h = [bytes([i]) * 16 for i in range(2)]
         m.store(h, np.zeros((2, 256), np.uint8))
-        for call, arg, name in [(m.store, 5, "data"), (m.store, True, "data"), (m.store, [4096, 8192], "data[0]"),
-                                (m.store, 1 << 40, "data"), (m.load, 5, "out"), (m.load, [4096, 8192], "out[0]"),
-                                (m.load, True, "out")]:
+        cases = [(m.store, 5, "data"), (m.store, True, "data"), (m.store, [4096, 8192], "data[0]"),
+                 (m.store, 1 << 40, "data"), (m.load, 5, "out"), (m.load, [4096, 8192], "out[0]"),
+                 (m.load, True, "out")]
+        for j, (call, arg, name) in enumerate(cases):
+            fresh = [bytes([j + 1, i]) * 8 for i in range(2)]  # store: new blocks, so bytes would be copied
             try:
-                call(h, arg)
+                call(fresh if call == m.store else h, arg)
             except InvalidArgumentError as e:
                 assert str(e).startswith(name + ":"), e
                 assert "Pointer" in str(e) or "buffer" in str(e), e
