@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvbm import _native
+from kvbm.args import block_ids_arg, block_rows, enum_arg, flags_arg, float_arg, int_arg, tiers_out_arg, uint32_arg
 from kvbm.config import KvbmConfig
-from kvbm.errors import ConfigError, InvalidArgumentError
-from kvbm.hashing import Namespace, tier_namespace_digest
+from kvbm.errors import ClosedError, ConfigError, InvalidArgumentError
+from kvbm.hashing import Namespace, hash_key, hashes_arg, normalize_hashes, tier_namespace_digest
 
 if TYPE_CHECKING:
     from kvbm.tiers.disk import DiskTier
@@ -137,6 +138,7 @@ class EngineTransfer:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` s (None: forever); True when finished. Raises the copy's error."""
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._done:
             return True
         try:
@@ -178,8 +180,11 @@ class BlockManager:
         allocate_memory: bool = True,
         namespace: Namespace | bytes | None = None,
     ) -> None:
+        self._shut = False  # set when close() has finished: every public call raises ClosedError
+        if config is not None and not isinstance(config, KvbmConfig):
+            raise ConfigError(f"config: expected a KvbmConfig, got {type(config).__name__}")
         self.config = config if config is not None else KvbmConfig()
-        bb = int(block_bytes if block_bytes is not None else self.config.block_bytes)
+        bb = self.config.block_bytes if block_bytes is None else int_arg(block_bytes, "block_bytes", 0, 1 << 40)
         if bb <= 0:
             raise ConfigError("block_bytes: must be positive (set it in KvbmConfig or pass block_bytes=)")
         self.block_bytes = bb
@@ -240,8 +245,9 @@ class BlockManager:
         """Longest cached prefix of ``hashes`` and the tier of each hit block.
 
         Hit blocks count as used (recency/frequency for eviction). Raises InvalidArgumentError
-        for malformed hashes.
+        for malformed hashes; ClosedError after :meth:`close`.
         """
+        hashes = self._hashes(hashes)
         n, tiers = self._index.lookup(hashes)
         if self._disk is not None and n < len(tiers):
             n = self._disk_extend_lookup(hashes, int(n), tiers)
@@ -250,7 +256,13 @@ class BlockManager:
         return LookupResult(int(n), tiers)
 
     def lookup_into(self, hashes: HashesLike, tiers_out: np.ndarray) -> int:
-        """Like :meth:`lookup` but writes tiers into a caller-owned uint8 array (no allocation)."""
+        """Like :meth:`lookup` but writes tiers into a caller-owned uint8 array (no allocation).
+
+        Raises InvalidArgumentError when ``tiers_out`` is not a writable, C-contiguous 1-D
+        uint8 array of at least ``len(hashes)`` elements.
+        """
+        hashes = self._hashes(hashes)
+        tiers_out_arg(tiers_out, len(hashes))
         n = int(self._index.lookup_into(hashes, tiers_out))
         if self._disk is not None and n < len(hashes):
             n = self._disk_extend_lookup(hashes, n, tiers_out)
@@ -260,6 +272,8 @@ class BlockManager:
 
     def contains(self, block_hash: bytes) -> Tier | None:
         """The fastest tier holding the block (no recency update), or None."""
+        self._check_open()
+        block_hash = hash_key(block_hash, "block_hash")
         n, tiers = self._index.peek([block_hash])
         if n:
             return Tier(int(tiers[0]))
@@ -279,7 +293,10 @@ class BlockManager:
             CapacityError: not enough evictable room (everything pinned or in flight); nothing
                 is stored then.
             InvalidArgumentError: wrong buffer sizes or malformed hashes; nothing is stored.
+                ``data`` must be buffers (or :class:`kvbm.Pointer`), never a bare int.
         """
+        hashes, parent = self._hashes(hashes), _parent_arg(parent)
+        data = block_rows(data, len(hashes), self.block_bytes, "data")
         arena = self._need_arena()
         plan = self.prepare_store(hashes, parent=parent)
         self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
@@ -310,7 +327,11 @@ class BlockManager:
             BlockNotFoundError: a block is in neither the host nor the disk tier (nothing is
                 copied then), or failed verification on disk (counted; it is dropped).
             StateError: a block is still being stored.
+            InvalidArgumentError: malformed hashes, or ``out`` not writable buffers (or
+                :class:`kvbm.Pointer`) of ``len(hashes) * block_bytes`` bytes.
         """
+        hashes = self._hashes(hashes)
+        out = block_rows(out, len(hashes), self.block_bytes, "out", writable=True)
         arena = self._need_arena()
         if self._remote is not None:
             self._remote_fill(hashes)
@@ -340,8 +361,9 @@ class BlockManager:
         """
         from kvbm import copy as kvcopy
 
+        hashes, parent = self._hashes(hashes), _parent_arg(parent)
         arena = self._need_arena()
-        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        ids = block_ids_arg(block_ids)
         self._check_layout(layout, len(ids), hashes)
         plan = self.prepare_store(hashes, parent=parent)
         self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
@@ -371,10 +393,10 @@ class BlockManager:
         """
         from kvbm import copy as kvcopy
 
+        keys = normalize_hashes(self._hashes(hashes))
         arena = self._need_arena()
-        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
-        self._check_layout(layout, len(ids), hashes)
-        keys = [bytes(h) for h in hashes]
+        ids = block_ids_arg(block_ids)
+        self._check_layout(layout, len(ids), keys)
         if self._remote is not None:  # remote-only blocks come into host first: remote -> host -> GPU
             self._remote_fill(keys)
         # with a disk tier, disk-only blocks are promoted first: disk -> host -> GPU in one call
@@ -387,6 +409,10 @@ class BlockManager:
         return EngineTransfer(self, handle, keys, "load")
 
     def _check_layout(self, layout: Any, n_ids: int, hashes: HashesLike) -> None:
+        from kvbm.kv_layout import KvLayout
+
+        if not isinstance(layout, KvLayout):
+            raise InvalidArgumentError(f"layout: expected a kvbm.kv_layout.KvLayout, got {type(layout).__name__}")
         if layout.block_bytes != self.block_bytes:
             raise InvalidArgumentError(
                 f"layout.block_bytes is {layout.block_bytes} but this manager's block_bytes is {self.block_bytes}"
@@ -397,6 +423,7 @@ class BlockManager:
     # ---- split-process primitives -------------------------------------------------------------
     def prepare_store(self, hashes: HashesLike, *, parent: bytes | None = None, tier: Tier = Tier.HOST) -> StorePlan:
         """Reserve slots (state Storing) for the blocks not yet present; see :class:`StorePlan`."""
+        hashes, parent, tier = self._hashes(hashes), _parent_arg(parent), _tier_arg(tier)
         slots, evicted = self._index.prepare_store(int(tier), hashes, parent)
         return StorePlan(Tier(tier), slots, evicted)
 
@@ -408,15 +435,23 @@ class BlockManager:
         *,
         tier: Tier = Tier.HOST,
     ) -> None:
-        """Publish stored blocks (Storing -> Ready), or drop the ones whose ``ok`` flag is false."""
+        """Publish stored blocks (Storing -> Ready), or drop the ones whose ``ok`` flag is false.
+
+        ``ok``: one bool per hash (None: all ok); ``checksums``: one uint32 per hash or None.
+        """
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
+        ok = flags_arg(ok, len(hashes), "ok")
+        checksums = uint32_arg(checksums, len(hashes), "checksums")
         self._index.complete_store(int(tier), hashes, ok, checksums)
 
     def prepare_load(self, hashes: HashesLike, *, tier: Tier = Tier.HOST) -> np.ndarray:
         """Pin Ready blocks for reading and return their slots (int64)."""
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
         return self._index.prepare_load(int(tier), hashes)
 
     def complete_load(self, hashes: HashesLike, *, tier: Tier = Tier.HOST) -> None:
         """Unpin blocks pinned by :meth:`prepare_load`."""
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
         self._index.complete_load(int(tier), hashes)
 
     def touch(self, hashes: HashesLike) -> int:
@@ -425,9 +460,12 @@ class BlockManager:
 
     # ---- eviction -----------------------------------------------------------------------------
     def evict(self, count: int, *, tier: Tier = Tier.HOST) -> list[bytes]:
-        """Evict up to ``count`` blocks chosen by the policy; returns their hashes."""
-        if count < 0:
-            raise InvalidArgumentError(f"count: must be >= 0, got {count}")
+        """Evict up to ``count`` blocks chosen by the policy; returns their hashes.
+
+        Raises InvalidArgumentError / OutOfRangeError for a count that is not an int in 0..2**63-1.
+        """
+        self._check_open()
+        count, tier = int_arg(count, "count", 0, (1 << 63) - 1), _tier_arg(tier)
         if tier != Tier.HOST:
             return [e[0] for e in self._index.evict(int(tier), int(count))]
         # Note [Slot lifetime] in csrc/block_index.h: the slots stay draining (no store on another
@@ -441,13 +479,17 @@ class BlockManager:
 
     def remove(self, hashes: HashesLike, *, tier: Tier = Tier.HOST, ignore_missing: bool = False) -> int:
         """Drop blocks from a tier; raises StateError for pinned or in-flight ones."""
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
+        if not isinstance(ignore_missing, (bool, np.bool_)):
+            raise InvalidArgumentError(f"ignore_missing: expected a bool, got {type(ignore_missing).__name__}")
         if tier == Tier.DISK and self._disk is not None:
             return self._disk.remove(_hash_list(hashes))
         return len(self._index.remove(int(tier), hashes, ignore_missing))
 
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per-tier counters and occupancy, e.g. ``stats()["host"]["hits"]``."""
+        """Per-tier counters and occupancy, e.g. ``stats()["host"]["hits"]``. ClosedError after close."""
+        self._check_open()
         out: dict[str, dict[str, Any]] = {}
         for tier in Tier:
             info = self._index.tier_info(int(tier))
@@ -488,6 +530,17 @@ class BlockManager:
             self._disk.close()
             self._disk = None
         self._arena = None
+        self._shut = True
+
+    def _check_open(self) -> None:
+        if self._shut:
+            raise ClosedError("this BlockManager is closed")
+
+    def _hashes(self, hashes: Any, what: str = "hashes") -> Any:
+        """The entry-point check: open, and ``hashes`` well-formed (see kvbm.hashing.hashes_arg)."""
+        if self._shut:
+            raise ClosedError("this BlockManager is closed")
+        return hashes_arg(hashes, what)
 
     def __enter__(self) -> BlockManager:
         return self
@@ -578,6 +631,7 @@ class BlockManager:
         Synchronous :meth:`promote_async`. Raises CapacityError when the host tier has no
         evictable room.
         """
+        hashes = self._hashes(hashes)
         return self.promote_async(hashes).wait()
 
     def promote_async(self, hashes: HashesLike) -> PromoteHandle:
@@ -590,6 +644,7 @@ class BlockManager:
         reserved slots stay in flight). Blocks already in the host tier, or not on disk, are
         skipped. Raises CapacityError when the host tier has no evictable room.
         """
+        hashes = self._hashes(hashes)
         disk, arena = self._disk, self._need_arena()
         if disk is None:
             return PromoteHandle(self, [], None)
@@ -767,6 +822,8 @@ class BlockManager:
 
         Raises TransferTimeoutError when ``timeout`` (seconds) passes first.
         """
+        self._check_open()
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         from concurrent.futures import wait
 
         from kvbm.errors import TransferTimeoutError
@@ -789,7 +846,7 @@ class BlockManager:
         """
         from concurrent.futures import Future
 
-        keys = _hash_list(hashes)
+        keys = normalize_hashes(self._hashes(hashes))
         if self._remote is None or self._arena is None:
             f: Future = Future()
             f.set_result(0)
@@ -881,6 +938,7 @@ class PrefetchHandle:
 
         from kvbm.errors import TransferTimeoutError
 
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._count is not None:
             return self._count
         try:
@@ -915,6 +973,7 @@ class PromoteHandle:
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until done; returns the number of blocks onboarded. TransferTimeoutError after ``timeout`` s."""
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._count is None:
             self._h.wait(timeout)
             self._finish()
@@ -928,12 +987,15 @@ class PromoteHandle:
         self._count = int(ok.sum())
 
 
-def _hash_list(hashes: HashesLike) -> list[bytes]:
-    if isinstance(hashes, np.ndarray):
-        if hashes.ndim != 2:
-            raise InvalidArgumentError(f"hashes: expected an (n, 16) uint8 array, got shape {hashes.shape}")
-        return [bytes(r) for r in hashes]
-    return [bytes(h) for h in hashes]
+_hash_list = normalize_hashes  # the one hash normaliser (kvbm.hashing)
+
+
+def _parent_arg(parent: Any) -> bytes | None:
+    return None if parent is None else hash_key(parent, "parent")
+
+
+def _tier_arg(tier: Any) -> Tier:
+    return enum_arg(tier, Tier, "tier")
 
 
 def _rows(data: Any, n: int, block_bytes: int, writable: bool = False) -> list[Any]:

@@ -131,8 +131,11 @@ def load_trace(path: str | os.PathLike) -> Trace:
         where = f"{p}: line {lineno}"
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TraceFormatError(f"{where}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise TraceFormatError(f"{where}: JSON nests too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
+            msg = str(e) if len(str(e)) <= 200 else str(e)[:200] + "..."
+            raise TraceFormatError(f"{where}: not valid JSON ({msg})") from None
         if not isinstance(obj, dict):
             raise TraceFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if "hash_ids" not in obj:
@@ -144,9 +147,11 @@ def load_trace(path: str | os.PathLike) -> Trace:
         parent = -1
         for i, b in enumerate(ids):
             if isinstance(b, bool) or not isinstance(b, int):
-                raise TraceFormatError(f"{where}: hash_ids[{i}] must be an integer, got {b!r}")
+                got = repr(b) if len(repr(b)) <= 80 else f"a {type(b).__name__} value"
+                raise TraceFormatError(f"{where}: hash_ids[{i}] must be an integer, got {got}")
             if not 0 <= b <= _MAX_ID:
-                raise TraceFormatError(f"{where}: hash_ids[{i}] = {b} is outside 0..2**63-1")
+                shown = b if b.bit_length() <= 128 else f"an integer of {b.bit_length()} bits"
+                raise TraceFormatError(f"{where}: hash_ids[{i}] = {shown} is outside 0..2**63-1")
             r = row_of.get(b)
             if r is None:
                 r = len(parent_of)

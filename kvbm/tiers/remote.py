@@ -47,6 +47,7 @@ import numpy as np
 
 from kvbm import _native
 from kvbm.errors import ConfigError, InvalidArgumentError
+from kvbm.hashing import normalize_hashes as normalize_hashes  # the one hash normaliser, re-exported
 
 HASH_SIZE = 16
 RECORD_MAGIC = b"KVBR"
@@ -60,27 +61,6 @@ HashesLike = Sequence[bytes] | np.ndarray
 REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
 REMOTE_SCHEMES = (*REDIS_SCHEMES, "kvbm")
 """URL schemes :func:`open_remote_tier` accepts."""
-
-
-def normalize_hashes(hashes: HashesLike, what: str = "hashes") -> list[bytes]:
-    """Hashes as a list of 16-byte ``bytes``; raises InvalidArgumentError naming the bad one."""
-    if isinstance(hashes, np.ndarray):
-        if hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != HASH_SIZE:
-            raise InvalidArgumentError(
-                f"{what}: expected a (n, {HASH_SIZE}) uint8 array, got shape {hashes.shape} dtype {hashes.dtype}"
-            )
-        return [bytes(row) for row in hashes]
-    if isinstance(hashes, (bytes, bytearray, memoryview, str)):
-        raise InvalidArgumentError(f"{what}: expected a sequence of 16-byte hashes, got one {type(hashes).__name__}")
-    out: list[bytes] = []
-    for i, h in enumerate(hashes):
-        if not isinstance(h, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(f"{what}[{i}]: expected 16 bytes, got {type(h).__name__}")
-        b = bytes(h)
-        if len(b) != HASH_SIZE:
-            raise InvalidArgumentError(f"{what}[{i}]: expected {HASH_SIZE} bytes, got {len(b)}")
-        out.append(b)
-    return out
 
 
 def namespace_digest(namespace: Any) -> bytes:
