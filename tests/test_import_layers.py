@@ -60,3 +60,16 @@ def test_modules_below_the_top_layers_take_only_the_extension_from_the_root_pack
                 elif isinstance(node, ast.Import) and any(a.name == "kvbm" for a in node.names):
                     bad.append(f"{rel}:{node.lineno} import kvbm")
     assert not bad, "lower-layer modules import the kvbm facade (a cycle through kvbm/__init__):\n" + "\n".join(bad)
+
+
+def test_the_contract_catches_an_import_against_the_layers(tmp_path):
+    """Not vacuous: config importing a tier (the old cycle's first edge) breaks the contract."""
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    shutil.copytree(ROOT / "kvbm", tmp_path / "kvbm", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    cfg = tmp_path / "kvbm" / "config.py"
+    cfg.write_text(cfg.read_text(encoding="utf-8") + "\nfrom kvbm.tiers.remote import RemoteTier  # noqa\n",
+                   encoding="utf-8")
+    r = subprocess.run([exe, "--no-cache"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "kvbm.config is not allowed to import kvbm.tiers" in r.stdout, r.stdout[-3000:]
