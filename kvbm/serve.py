@@ -53,6 +53,7 @@ becomes visible. A malformed frame gets an ERR reply and the connection is close
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -99,7 +100,7 @@ from kvbm.serve_protocol import (
     send_frame,
 )
 from kvbm.serve_tenants import tenant_prefix
-from kvbm.tiers.remote import HASH_SIZE, HEADER_SIZE, check_record, parse_header
+from kvbm.tiers.remote import HASH_SIZE, HEADER_ID_SIZE, HEADER_SIZE, check_record, header_id
 
 log = logging.getLogger("kvbm.serve")
 
@@ -132,6 +133,10 @@ class StoreServer:
         )
         self._mgr = BlockManager(kc)
         self._arena = self._mgr.host_arena
+        # the whole arena as (slot, byte) rows, to check many slot headers in one numpy step
+        nbytes = self._arena.num_slots * self.slot_bytes
+        self._rows = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(self._arena.address(0)),
+                                   np.uint8).reshape(self._arena.num_slots, self.slot_bytes)
         self._lock = threading.Lock()  # makes multi-step index updates atomic; bytes move outside it
         self._stats_lock = threading.Lock()
         self._stats = dict.fromkeys(
@@ -541,24 +546,31 @@ class StoreServer:
         present = np.zeros(len(keys), np.uint8)
         pinned: list[bytes] = []
         slots: list[int] = []
-        bad = 0
         with self._lock:
             for i, k in enumerate(keys):
                 if self._mgr.contains(k) is None:
                     continue
                 try:
-                    s = int(self._mgr.prepare_load([k])[0])
+                    s = self._mgr.prepare_load([k])
                 except KvbmError:
-                    continue
-                if parse_header(self._arena.view(s)[:HEADER_SIZE]) != (sess.ns, hs[i], sess.block_bytes):
-                    self._mgr.complete_load([k])
-                    bad += 1
                     continue
                 present[i] = 1
                 pinned.append(k)
-                slots.append(s)
-        if bad:
-            self._count(record_mismatches=bad)
+                slots.append(int(s[0]))
+        if slots:  # pinned: the headers cannot change under us now
+            idx = np.flatnonzero(present)
+            want = b"".join(header_id(sess.ns, hs[i], sess.block_bytes) for i in idx)
+            got = self._rows[np.asarray(slots, np.int64), :HEADER_ID_SIZE]
+            bad = np.flatnonzero(~(got == np.frombuffer(want, np.uint8).reshape(len(idx), -1)).all(axis=1))
+            if len(bad):
+                with self._lock:
+                    self._mgr.complete_load([pinned[j] for j in bad])
+                present[idx[bad]] = 0
+                keep = np.ones(len(slots), bool)
+                keep[bad] = False
+                pinned = [k for k, ok in zip(pinned, keep) if ok]
+                slots = [s for s, ok in zip(slots, keep) if ok]
+                self._count(record_mismatches=len(bad))
         return present, pinned, slots
 
     def _release(self, sess: _Session) -> None:

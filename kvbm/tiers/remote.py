@@ -147,15 +147,15 @@ def encode_header(ns: bytes, block_hash: bytes, payload: Any) -> bytes:
     return _HEADER.pack(RECORD_MAGIC, RECORD_VERSION, HEADER_SIZE, ns, block_hash, mv.nbytes, _native.crc32c(mv), 0)
 
 
-def parse_header(header: Any) -> tuple[bytes, bytes, int] | None:
-    """(namespace digest, block hash, payload length) of a record header; None if it is not one."""
-    hb = memoryview(header).cast("B")
-    if hb.nbytes < HEADER_SIZE:
-        return None
-    magic, version, hlen, rns, rhash, length, _crc, _ = _HEADER.unpack_from(hb)
-    if magic != RECORD_MAGIC or version != RECORD_VERSION or hlen != HEADER_SIZE:
-        return None
-    return rns, rhash, int(length)
+_HEADER_ID = struct.Struct("<4sHH16s16sQ")
+HEADER_ID_SIZE = _HEADER_ID.size
+"""Leading bytes of a header that name the record (all but CRC32C and reserved)."""
+
+
+def header_id(ns: bytes, block_hash: bytes, length: int) -> bytes:
+    """The first :data:`HEADER_ID_SIZE` bytes a valid header of this record holds (magic,
+    version, size, namespace, hash, length): a reader that knows what it asked for compares them."""
+    return _HEADER_ID.pack(RECORD_MAGIC, RECORD_VERSION, HEADER_SIZE, ns, block_hash, length)
 
 
 def check_record(header: Any, payload: Any, ns: bytes, block_hash: bytes) -> str | None:
