@@ -305,7 +305,7 @@ class KvbmConfig:
 
     def validate(self) -> None:
         """Check every value; raise ConfigError naming the first bad key."""
-        from kvbm import eviction_policies
+        from kvbm import _native
 
         if not 0 < self.block_size <= MAX_BLOCK_SIZE:
             raise ConfigError(f"block_size: must be 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
@@ -319,10 +319,9 @@ class KvbmConfig:
             raise ConfigError(
                 f"host_capacity_bytes: {self.host_capacity_bytes} bytes hold no block of {self.block_bytes} bytes"
             )
-        if self.eviction_policy not in eviction_policies():
-            raise ConfigError(
-                f"eviction_policy: unknown policy {self.eviction_policy!r}; known: {', '.join(eviction_policies())}"
-            )
+        policies = list(_native.eviction_policy_names())
+        if self.eviction_policy not in policies:
+            raise ConfigError(f"eviction_policy: unknown policy {self.eviction_policy!r}; known: {', '.join(policies)}")
         if self.hash_algorithm not in ("sha256", "fast128"):
             raise ConfigError(f"hash_algorithm: must be 'sha256' or 'fast128', got {self.hash_algorithm!r}")
         if not 0 < self.index_initial_capacity <= MAX_INDEX_INITIAL_CAPACITY:
@@ -343,12 +342,9 @@ class KvbmConfig:
         if self.disk_io_threads <= 0 or self.disk_io_threads > 256:
             raise ConfigError(f"disk_io_threads: must be 1..256, got {self.disk_io_threads}")
         if self.remote_url is not None:
-            from kvbm.tiers.remote import REMOTE_SCHEMES
+            from kvbm.tier_registry import url_scheme
 
-            scheme = self.remote_url.split("://", 1)[0].lower() if "://" in self.remote_url else ""
-            if scheme not in REMOTE_SCHEMES:
-                known = ", ".join(s + "://" for s in REMOTE_SCHEMES)
-                raise ConfigError(f"remote_url: expected one of {known}, got {self.remote_url!r}")
+            url_scheme(self.remote_url)  # a registered scheme (no tier is imported)
         if self.remote_write_policy not in ("write_through", "write_behind", "read_only"):
             raise ConfigError(
                 "remote_write_policy: must be 'write_through', 'write_behind' or 'read_only', "
