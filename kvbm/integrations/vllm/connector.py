@@ -31,6 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvbm.integrations.vllm.common import geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
+from kvbm.integrations.vllm.logs import attach_to_vllm_logging
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata
 from kvbm.integrations.vllm.scheduler import KvbmScheduler
 from kvbm.integrations.vllm.worker import KvbmWorker
@@ -58,6 +59,7 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
+        attach_to_vllm_logging()
         super().__init__(vllm_config, role, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.cfg = ConnectorConfig.from_extra_config(extra, getattr(self._kv_transfer_config, "kv_role", None))
@@ -84,6 +86,32 @@ class KvbmConnector(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a dropped store is a future miss
+
+    # ---------------------------------------------------------------- early validation
+    # vLLM 0.32 builds the connector only once the model is loaded (it needs the KV cache config).
+    # These class hooks run earlier and carry the configuration: kvbm validates
+    # ``kv_connector_extra_config`` there so a typo stops the launch before the model loads.
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Called by ``VllmConfig`` in the launching process (with CUDA graphs on): validates the
+        extra config (raises ``ConfigError`` naming the key). kvbm needs no PIECEWISE mode: its
+        worker gates a full CUDA graph replay on the whole load instead."""
+        ConnectorConfig.from_extra_config(extra_config)
+        return False
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """Called in every worker while the model's attention layers are built (before the KV
+        cache exists): validates the extra config. kvbm reads any layout (returns None)."""
+        ktc = getattr(vllm_config, "kv_transfer_config", None)
+        if ktc is not None:
+            ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config, getattr(ktc, "kv_role", None))
+        return None
+
+    def has_pending_push_work(self) -> bool:
+        """Scheduler side: keep vLLM's engine stepping while disk writes await their workers'
+        reports (committed to the catalog only from those; see Note [Shutdown] in scheduler.py)."""
+        return self._sched is not None and self._sched.has_pending_work()
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
