@@ -228,6 +228,9 @@ class StoreServer:
         self._token = self.config.token.encode() if self.config.token else None
         self._engine: Any = None
         self._ucx_md = b""
+        # Persistence hook (kvbm.service): called with (keys, record views) of verified records
+        # while their slots are still reserved, i.e. before they are published and acknowledged.
+        self.on_records: Any = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> StoreServer:
@@ -300,6 +303,23 @@ class StoreServer:
     def request_stop(self) -> None:
         """Make :meth:`serve_forever` return (safe in a signal handler); then call :meth:`close`."""
         self._stop.set()
+
+    def restore(self, keys: Sequence[bytes], records: Sequence[Any]) -> int:
+        """Put records (index key, whole record) back into the host tier before :meth:`start`,
+        e.g. from a disk tier at restart; returns how many were stored (stops when full)."""
+        n = 0
+        for k, rec in zip(keys, records, strict=True):
+            rec = memoryview(rec).cast("B")
+            try:
+                slot = int(self._mgr.prepare_store([k]).slots[0])
+            except KvbmError:
+                break
+            if slot < 0:
+                continue
+            memoryview(self._arena.view(slot))[:rec.nbytes] = rec
+            self._mgr.complete_store([k])
+            n += 1
+        return n
 
     def stats(self) -> dict[str, Any]:
         """Server counters plus the host tier's occupancy."""
@@ -477,6 +497,10 @@ class StoreServer:
                         scratch = memoryview(bytearray(rb))
                     recv_exact_into(conn, scratch)
         finally:
+            if self.on_records is not None and good.any():
+                kept = [i for i in new if good[i]]
+                self.on_records([keys[i] for i in kept],
+                                [memoryview(self._arena.view(int(slots[i])))[:rb] for i in kept])
             with self._lock:
                 if new:
                     self._mgr.complete_store([keys[i] for i in new], good[new])
