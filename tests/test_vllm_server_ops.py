@@ -85,7 +85,7 @@ def test_default_shutdown_keeps_the_sessions_hit_counts_and_access_times(session
     # Flushed while the server ran (the last request finished), not at shutdown.
     assert session["hits_before_stop"] >= 1
     assert after["hits"] == session["hits_before_stop"]
-    assert after["last_access"] > after["newest_created"]
+    assert after["last_access"] >= after["newest_created"]
     assert after["lock_holder_pid"] is None  # nothing holds the disk tier after the stop
 
 
@@ -98,3 +98,41 @@ def test_kvbm_logs_through_vllms_logging(session: dict) -> None:
         disk_line
     rank_line = next((ln for ln in log.splitlines() if "kvbm: rank 0 registered" in ln), None)
     assert rank_line is not None and re.search(r"INFO \d\d-\d\d .*\[worker\.py:\d+\]", rank_line), rank_line
+
+
+def test_connector_counters_reach_vllms_metrics(session: dict) -> None:
+    from kvbm.integrations.vllm.stats import METRIC_NAMES
+
+    text = session["metrics"]
+    for name in METRIC_NAMES:
+        assert re.search(rf"^{name}\{{", text, re.M), f"{name} missing from vLLM's /metrics"
+    assert metric_sum(text, "kvbm_stores_total", tier="disk") == 12
+    assert metric_sum(text, "kvbm_hits_total", tier="disk") >= 1
+    assert metric_sum(text, "kvbm_hits_total", tier="host") + metric_sum(text, "kvbm_hits_total", tier="disk") == 12
+    assert metric_sum(text, "kvbm_bytes_stored_total", tier="disk") == 12 * 16384
+    assert metric_sum(text, "kvbm_capacity_blocks", tier="host") == 4
+    assert metric_sum(text, "kvbm_load_seconds_count") >= 1  # the second request's asynchronous load
+
+
+def test_bad_extra_config_stops_the_server_at_vllms_first_connector_hook(model: str, tmp_path: Path) -> None:
+    """On the CPU platform (no CUDA graphs) vLLM's first connector hook that carries the config is
+    the KV cache layout query, in the engine core before the KV cache is sized; the connector
+    itself is built only after that (see KvbmConnector's class hooks)."""
+    srv = VllmServer(model, tmp_path, kvbm_transfer_config(host_capacity_bytes="64KiB", hots_bytes=1))
+    srv.launch()
+    rc = srv.wait_exit(timeout=300)
+    log = srv.log()
+    assert rc != 0
+    err = log.find("ConfigError: kv_connector_extra_config: unknown key(s) 'hots_bytes'")
+    assert err >= 0, log[-3000:]
+    assert "get_required_kvcache_layout" in log[:err]
+    assert "KV cache" not in log[:err].split("Loading weights took")[-1]  # before any KV cache sizing
+
+
+def test_early_hooks_validate_the_extra_config() -> None:
+    from kvbm.errors import ConfigError
+    from kvbm.integrations.vllm import KvbmConnector
+
+    with pytest.raises(ConfigError, match="'hots_bytes'"):
+        KvbmConnector.requires_piecewise_for_cudagraph({"hots_bytes": 1})
+    assert KvbmConnector.requires_piecewise_for_cudagraph({"host_capacity_bytes": "1GiB"}) is False

@@ -34,6 +34,7 @@ from kvbm.integrations.vllm.config import ConnectorConfig
 from kvbm.integrations.vllm.logs import attach_to_vllm_logging
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata
 from kvbm.integrations.vllm.scheduler import KvbmScheduler
+from kvbm.integrations.vllm.stats import KvbmConnectorStats, KvbmPromMetrics, StatsTracker
 from kvbm.integrations.vllm.worker import KvbmWorker
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ class KvbmConnector(KVConnectorBase_V1):
         self._worker: KvbmWorker | None = None
         self._busy_ns = 0  # time spent inside this connector's methods (its overhead on vLLM)
         self._busy_calls = 0
+        self._stats = StatsTracker()
         if role == KVConnectorRole.SCHEDULER:
             self._sched = KvbmScheduler(self.cfg, self.geo)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
@@ -162,6 +164,7 @@ class KvbmConnector(KVConnectorBase_V1):
         t0 = time.perf_counter_ns()
         try:
             self._sched.update_connector_output(connector_output.kv_connector_worker_meta)
+            self._sched.loads_finished(connector_output.finished_recving)
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
             self._busy_calls += 1
@@ -189,6 +192,24 @@ class KvbmConnector(KVConnectorBase_V1):
             return self._sched.take_events()
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
+
+    # ---------------------------------------------------------------- vLLM's stats and /metrics
+    def get_kv_connector_stats(self) -> KvbmConnectorStats | None:
+        """Scheduler side, after every step: per-tier counters since the last call (vLLM ships
+        them to its front-end's logger and Prometheus metrics); None when nothing changed."""
+        if self._sched is None:
+            return None
+        return self._stats.take(*self._sched.prom_stats())
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmConnectorStats | None:
+        return KvbmConnectorStats(data=dict(data)) if data is not None else None
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KvbmPromMetrics:
+        """kvbm's per-tier families on vLLM's ``/metrics`` (see :mod:`kvbm.integrations.vllm.stats`)."""
+        return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def kvbm_stats(self) -> dict[str, Any]:
         """Scheduler-side counters (hits per tier, stores, evictions, lookup latency)."""

@@ -57,6 +57,7 @@ class IndexStats:
     evictions_disk: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
+    checksum_failures: int = 0
 
 
 @dataclass

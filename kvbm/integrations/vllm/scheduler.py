@@ -98,6 +98,8 @@ class KvbmScheduler:
         self._event_info: dict[bytes, tuple[bytes | None, list[int], str | None]] = {}
         self.lookup_stats = LookupStats()
         self._stall_warned = False
+        self._load_t0: dict[str, float] = {}  # request id -> when its asynchronous load was planned
+        self._load_samples: list[float] = []  # seconds per finished asynchronous load, until taken
         self.async_load_reqs = 0  # requests whose hit was loaded asynchronously
         self.async_load_blocks = 0
         self.pd = (PdScheduler(cfg.pd, self.index, geo.namespace.digest, self.bs, geo.tp_world, geo.slot_bytes)
@@ -192,6 +194,7 @@ class KvbmScheduler:
             self.pd.loaded(request.request_id, tiers.count("remote"))
         if self.cfg.async_load:
             # vLLM keeps the request in WAITING_FOR_REMOTE_KVS until the workers report it finished.
+            self._load_t0[request.request_id] = time.perf_counter()
             self.async_load_reqs += 1
             self.async_load_blocks += n
         st.hit_host_tokens = tiers.count("host") * self.bs
@@ -297,6 +300,7 @@ class KvbmScheduler:
             # The block failed verification (or could not be read) on some rank: forget it
             # everywhere (its catalog record is deleted), so it is recomputed and stored afresh.
             idx.drop(h, "checksum_failures" if h in meta.load_corrupt else "read_errors")
+            idx.stats.checksum_failures += h in meta.load_corrupt
             idx.stats.failed_loads += 1
             # vLLM recomputes the request from that block on (and the worker refused the stores of
             # its step): plan those blocks' stores again when they are computed.
@@ -316,6 +320,7 @@ class KvbmScheduler:
         # flight that still reads this request's vLLM blocks; vLLM itself keeps the blocks of a
         # request finished during an asynchronous load until the workers report that load done.
         st = self._reqs.pop(request.request_id, None)
+        self._load_t0.pop(request.request_id, None)
         self._maybe_flush()
         if self.pd is None:
             return None
@@ -326,6 +331,34 @@ class KvbmScheduler:
         if st is None or not self.pd.cfg.produce:
             return None
         return self.pd.request_finished(request, self._hashes(st, request.num_prompt_tokens // self.bs))
+
+    def loads_finished(self, req_ids: Any) -> None:
+        """Requests whose asynchronous loads every worker reported done (vLLM's ``finished_recving``)."""
+        now = time.perf_counter()
+        for r in req_ids or ():
+            t0 = self._load_t0.pop(r, None)
+            if t0 is not None and len(self._load_samples) < 10_000:
+                self._load_samples.append(now - t0)
+
+    def prom_stats(self) -> tuple[dict[str, float], dict[str, float], list[float]]:
+        """(cumulative counters, gauges, load-latency samples since the last call), keyed
+        ``"<family>|<tier>"`` as :mod:`kvbm.integrations.vllm.stats` exports them."""
+        s = self.index.stats
+        sb = self.geo.slot_bytes
+        host, disk_used = self.index.counts()
+        counters = {
+            "lookups|host": s.lookup_blocks, "hits|host": s.hit_blocks_host, "hits|disk": s.hit_blocks_disk,
+            "stores|host": s.stores_host, "stores|disk": s.stores_disk, "evictions|host": s.evictions_host,
+            "evictions|disk": s.evictions_disk, "store_failures|host": s.failed_stores,
+            "bytes_stored|host": s.stores_host * sb, "bytes_stored|disk": s.stores_disk * sb,
+            "bytes_loaded|host": s.hit_blocks_host * sb, "bytes_loaded|disk": s.hit_blocks_disk * sb,
+            "checksum_failures|disk": s.checksum_failures,
+        }
+        gauges = {"used_blocks|host": host, "capacity_blocks|host": self.index.num_host_slots,
+                  "used_blocks|disk": disk_used, "capacity_blocks|disk": self.index.disk_capacity_blocks,
+                  "write_queue_blocks|disk": self.index.disk_writes_pending}
+        samples, self._load_samples = self._load_samples, []
+        return counters, gauges, samples
 
     def _maybe_flush(self) -> None:
         """Write disk hits' access times and hit counts to the catalog when due (Note [Shutdown])."""
