@@ -33,6 +33,7 @@ _GAUGES = {
     "pinned_blocks": "Blocks pinned by loads in flight",
     "capacity_bytes": "Bytes this tier can hold",
     "used_bytes": "Bytes held",
+    "write_queue_blocks": "Blocks queued or in flight to be written to this tier",
 }
 
 

@@ -48,6 +48,8 @@ SERVE_COUNTERS = ("connections", "refused_auth", "refused_busy", "protocol_error
                   "blocks_stored", "blocks_rejected", "blocks_served", "block_misses", "bytes_in", "bytes_out")
 #: Gauges exported as ``kvbm_serve_<name>``.
 SERVE_GAUGES = ("active_connections", "write_behind_queue_blocks", "draining")
+#: Every sample name the service's /metrics writes besides :data:`kvbm.metrics.METRIC_NAMES`.
+SERVE_METRIC_NAMES = (*(f"kvbm_serve_{n}_total" for n in SERVE_COUNTERS), *(f"kvbm_serve_{n}" for n in SERVE_GAUGES))
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"
 
@@ -255,7 +257,8 @@ class Service:
                              "store_failures": self._wb.failed if self._wb else 0,
                              "checksum_failures": d.get("checksum_failures", 0), "evictions": d.get("evictions", 0),
                              "capacity_blocks": d.get("slots_total", 0), "used_blocks": d.get("blocks", 0),
-                             "capacity_bytes": d.get("capacity_bytes", 0), "used_bytes": d.get("bytes_used", 0)}
+                             "capacity_bytes": d.get("capacity_bytes", 0), "used_bytes": d.get("bytes_used", 0),
+                             "write_queue_blocks": gauges["write_behind_queue_blocks"]}
         return ("\n".join(lines) + "\n").encode() + render_stats(tiers)
 
 
