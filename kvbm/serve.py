@@ -497,16 +497,19 @@ class StoreServer:
                         scratch = memoryview(bytearray(rb))
                     recv_exact_into(conn, scratch)
         finally:
-            if self.on_records is not None and good.any():
-                kept = [i for i in new if good[i]]
-                self.on_records([keys[i] for i in kept],
-                                [memoryview(self._arena.view(int(slots[i])))[:rb] for i in kept])
+            self._persist(keys, slots, good, new, rb)
             with self._lock:
                 if new:
                     self._mgr.complete_store([keys[i] for i in new], good[new])
         # already present (-1) counts as stored; refused for capacity (-2) or bad record does not
         ok = (slots == -1) | (good.astype(bool) & (slots >= 0))
         return ok
+
+    def _persist(self, keys: list[bytes], slots: np.ndarray, good: np.ndarray, new: list[int], rb: int) -> None:
+        """Hand verified records, still reserved, to the ``on_records`` hook (before they publish)."""
+        if self.on_records is not None and good.any():
+            kept = [i for i in new if good[i]]
+            self.on_records([keys[i] for i in kept], [memoryview(self._arena.view(int(slots[i])))[:rb] for i in kept])
 
     def _get(self, conn: socket.socket, sess: _Session, op: int, keys: list[bytes]) -> None:
         present, pinned, slots = self._pin(keys)
@@ -556,6 +559,7 @@ class StoreServer:
                     view = memoryview(self._arena.view(int(slots[i])))[:rb]
                     good[i] = check_record(view[:HEADER_SIZE], view[HEADER_SIZE:], sess.ns, hs[i]) is None
             finally:
+                self._persist(keys, slots, good, new, rb)
                 with self._lock:
                     if new:
                         self._mgr.complete_store([keys[i] for i in new], good[new])

@@ -149,3 +149,37 @@ def test_bad_service_options_fail_naming_them(tmp_path: Path, bad: list[str]) ->
     p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     assert ("http_port" in p.stderr) or ("disk_capacity_bytes" in p.stderr), p.stderr
+
+
+@pytest.mark.parametrize("data_path", ["tcp", "ucx"])
+def test_restart_keeps_blocks_stored_over_either_data_path(tmp_path: Path, data_path: str) -> None:
+    from kvbm.serve import ServeConfig, StoreServer
+    from kvbm.service import Service, ServiceOptions
+    from kvbm.transfer import ucx_available
+
+    if data_path == "ucx" and not ucx_available()[0]:
+        pytest.skip(f"ucx data path: {ucx_available()[1]}")
+    opts = ServiceOptions(disk_path=str(tmp_path / "d"), disk_capacity_bytes=16 << 20)
+
+    def service() -> Service:
+        return Service(StoreServer(ServeConfig(capacity_bytes=4 << 20, max_block_bytes=BB, data_path=data_path)),
+                       opts).start()
+
+    hs = [os.urandom(16) for _ in range(64)]
+    data = np.stack([_block(h) for h in hs])
+    svc = service()
+    try:
+        with ServeClientTier(svc.server.url, block_bytes=BB, namespace="r", data_path=data_path) as t:
+            assert t.put(hs, data, chain=False).all()
+            assert t.using_ucx == (data_path == "ucx")
+    finally:
+        assert svc.shutdown()["drained"]
+    svc = service()
+    try:
+        assert svc.restored == 64
+        with ServeClientTier(svc.server.url, block_bytes=BB, namespace="r", data_path=data_path) as t:
+            out = np.zeros_like(data)
+            assert t.get(hs, out).all()
+            np.testing.assert_array_equal(out, data)
+    finally:
+        svc.shutdown()
