@@ -114,6 +114,7 @@ def test_connector_counters_reach_vllms_metrics(session: dict) -> None:
     assert metric_sum(text, "kvbm_load_seconds_count") >= 1  # the second request's asynchronous load
 
 
+@pytest.mark.slow  # one more server start (~50 s on 2 cores); the hooks themselves are tested below
 def test_bad_extra_config_stops_the_server_at_vllms_first_connector_hook(model: str, tmp_path: Path) -> None:
     """On the CPU platform (no CUDA graphs) vLLM's first connector hook that carries the config is
     the KV cache layout query, in the engine core before the KV cache is sized; the connector
@@ -136,3 +137,12 @@ def test_early_hooks_validate_the_extra_config() -> None:
     with pytest.raises(ConfigError, match="'hots_bytes'"):
         KvbmConnector.requires_piecewise_for_cudagraph({"hots_bytes": 1})
     assert KvbmConnector.requires_piecewise_for_cudagraph({"host_capacity_bytes": "1GiB"}) is False
+    from vllm.config import KVTransferConfig
+
+    class _Cfg:  # the one attribute the hook reads of a VllmConfig
+        kv_transfer_config = KVTransferConfig(**kvbm_transfer_config(host_capacity_bytes="1GiB", hots_bytes=1))
+
+    with pytest.raises(ConfigError, match="'hots_bytes'"):
+        KvbmConnector.get_required_kvcache_layout(_Cfg())
+    _Cfg.kv_transfer_config = KVTransferConfig(**kvbm_transfer_config(host_capacity_bytes="1GiB"))
+    assert KvbmConnector.get_required_kvcache_layout(_Cfg()) is None
