@@ -62,6 +62,7 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -156,6 +157,9 @@ class StoreServer:
         self._tenants = self.config.tenant_table()
         self._engine: Any = None
         self._ucx_md = b""
+        # Persistence hook (kvbm.service): called with (keys, record views) of verified records
+        # while their slots are still reserved, i.e. before they are published and acknowledged.
+        self.on_records: Any = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> StoreServer:
@@ -228,6 +232,23 @@ class StoreServer:
     def request_stop(self) -> None:
         """Make :meth:`serve_forever` return (safe in a signal handler); then call :meth:`close`."""
         self._stop.set()
+
+    def restore(self, keys: Sequence[bytes], records: Sequence[Any]) -> int:
+        """Put records (index key, whole record) back into the host tier before :meth:`start`,
+        e.g. from a disk tier at restart; returns how many were stored (stops when full)."""
+        n = 0
+        for k, rec in zip(keys, records, strict=True):
+            rec = memoryview(rec).cast("B")
+            try:
+                slot = int(self._mgr.prepare_store([k]).slots[0])
+            except KvbmError:
+                break
+            if slot < 0:
+                continue
+            memoryview(self._arena.view(slot))[:rec.nbytes] = rec
+            self._mgr.complete_store([k])
+            n += 1
+        return n
 
     def stats(self) -> dict[str, Any]:
         """Server counters plus the host tier's occupancy."""
@@ -454,6 +475,7 @@ class StoreServer:
                             scratch = memoryview(bytearray(rb))
                         recv_exact_into(conn, scratch, deadline)
             finally:
+                self._persist(wk, slots, good, new, rb)
                 with self._lock:
                     if new:
                         self._mgr.complete_store([wk[i] for i in new], good[new])
@@ -461,6 +483,12 @@ class StoreServer:
             ok[a:a + len(wk)] = (slots == -1) | (good.astype(bool) & (slots >= 0))
             parent = wk[-1] if chain else None
         return ok
+
+    def _persist(self, keys: list[bytes], slots: np.ndarray, good: np.ndarray, new: list[int], rb: int) -> None:
+        """Hand verified records, still reserved, to the ``on_records`` hook (before they publish)."""
+        if self.on_records is not None and good.any():
+            kept = [i for i in new if good[i]]
+            self.on_records([keys[i] for i in kept], [memoryview(self._arena.view(int(slots[i])))[:rb] for i in kept])
 
     def _get(self, conn: socket.socket, sess: _Session, op: int, hs: list[bytes], keys: list[bytes]) -> None:
         present, pinned, slots = self._pin(sess, hs, keys)
@@ -512,6 +540,7 @@ class StoreServer:
                     view = memoryview(self._arena.view(int(slots[i])))[:rb]
                     good[i] = check_record(view[:HEADER_SIZE], view[HEADER_SIZE:], sess.ns, hs[i]) is None
             finally:
+                self._persist(keys, slots, good, new, rb)
                 with self._lock:
                     if new:
                         self._mgr.complete_store([keys[i] for i in new], good[new])

@@ -20,6 +20,8 @@ fi
 
 # A real redis-server for the Redis tier tests (Debian package).
 bash scripts/install_redis.sh
+# valkey-server (Debian package) for the Valkey and Valkey Cluster tests.
+bash scripts/install_valkey.sh
 
 # UCX first, so that the build finds its headers (KVBM_UCX_ROOT) and compiles the transfer engine.
 # Editable install: tests that start `python -c "import kvbm"` subprocesses from the repo root

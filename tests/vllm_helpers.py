@@ -78,7 +78,7 @@ def run_engine(spec: dict[str, Any], *, multiprocess: bool = False, timeout: flo
         raise RuntimeError(f"engine process failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
                            f"{proc.stderr[-8000:]}")
     result = json.loads(Path(spec["out"]).read_text())
-    result["log"] = proc.stderr[-20000:]
+    result["log"] = (proc.stdout[-20000:] + proc.stderr[-20000:])  # vLLM (and kvbm inside it) log to stdout
     return result
 
 

@@ -5,14 +5,16 @@ Binds 127.0.0.1 by default. Credentials come from ``--token-file`` (one line per
 shared secret) or the ``KVBM_SERVE_TOKEN`` environment variable (one shared secret), never the
 command line, where ``ps`` shows it. Without either the server is loopback-only and
 single-tenant. Prints ``kvbm serve listening on kvbm://HOST:PORT`` once ready, with who may
-connect; SIGINT/SIGTERM stop it.
+connect; SIGINT/SIGTERM stop it gracefully (health turns 503, connections close, the write-behind
+disk queue is drained, the catalog closed). ``--http-port`` serves ``GET /health`` and
+``GET /metrics``; ``--disk-path`` keeps blocks across restarts (see Note [Serve service] in
+:mod:`kvbm.service`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,15 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data-path", choices=("tcp", "ucx"), default="tcp",
                    help="also offer the UCX transfer-engine data path (ucx), or TCP only (default)")
     p.add_argument("--port-file", help="write the bound port to this file once listening")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve GET /health and /metrics (Prometheus) on this port (0: any free port)")
+    p.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP endpoint (default 127.0.0.1)")
+    p.add_argument("--http-port-file", help="write the HTTP endpoint's port to this file once listening")
+    p.add_argument("--disk-path", help="directory of a write-behind disk tier that survives restarts")
+    p.add_argument("--disk-capacity", default="0", help="disk tier capacity, e.g. 100GiB (needed with --disk-path)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds SIGTERM waits for the write-behind queue (default 60)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines on stderr")
     p.set_defaults(func=run)
 
 
@@ -73,21 +84,24 @@ def run(args: argparse.Namespace) -> int:
         hello_timeout_s=args.hello_timeout, put_reserve_bytes=_size(args.put_reserve, "--put-reserve"),
         put_timeout_s=args.put_timeout, data_path=args.data_path,
     )
-    server = StoreServer(cfg).start()
+    from kvbm.service import Service, ServiceOptions, setup_logging
 
-    def stop(_sig: int, _frame: Any) -> None:
-        server.request_stop()
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    setup_logging(args.log_format)
+    service = Service(StoreServer(cfg), ServiceOptions(
+        http_host=args.http_host, http_port=args.http_port, disk_path=args.disk_path,
+        disk_capacity_bytes=_size(args.disk_capacity, "--disk-capacity"), drain_timeout_s=args.drain_timeout))
+    service.install_signal_handlers()
+    server = service.start().server
     if args.port_file:
         Path(args.port_file).write_text(f"{server.address[1]}\n")
+    if args.http_port_file and service.http_address is not None:
+        Path(args.http_port_file).write_text(f"{service.http_address[1]}\n")
     print(f"kvbm serve listening on {server.url} ({cfg.capacity_bytes} bytes, "
           f"{server.stats()['capacity_blocks']} blocks of up to {cfg.max_block_bytes} bytes, "
           f"{cfg.describe_tenancy()}, data path {cfg.data_path})", flush=True)
     try:
-        server.serve_forever()
+        service.wait()
     finally:
-        server.close()
+        service.shutdown()
         print("kvbm serve stopped", file=sys.stderr, flush=True)
     return 0

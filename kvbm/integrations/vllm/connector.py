@@ -31,8 +31,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvbm.integrations.vllm.common import geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
+from kvbm.integrations.vllm.logs import attach_to_vllm_logging
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata
 from kvbm.integrations.vllm.scheduler import KvbmScheduler
+from kvbm.integrations.vllm.stats import KvbmConnectorStats, KvbmPromMetrics, StatsTracker
 from kvbm.integrations.vllm.worker import KvbmWorker
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
+        attach_to_vllm_logging()
         super().__init__(vllm_config, role, kv_cache_config)
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.cfg = ConnectorConfig.from_extra_config(extra, getattr(self._kv_transfer_config, "kv_role", None))
@@ -71,6 +74,7 @@ class KvbmConnector(KVConnectorBase_V1):
         self._worker: KvbmWorker | None = None
         self._busy_ns = 0  # time spent inside this connector's methods (its overhead on vLLM)
         self._busy_calls = 0
+        self._stats = StatsTracker()
         if role == KVConnectorRole.SCHEDULER:
             self._sched = KvbmScheduler(self.cfg, self.geo)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
@@ -84,6 +88,32 @@ class KvbmConnector(KVConnectorBase_V1):
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a dropped store is a future miss
+
+    # ---------------------------------------------------------------- early validation
+    # vLLM 0.32 builds the connector only once the model is loaded (it needs the KV cache config).
+    # These class hooks run earlier and carry the configuration: kvbm validates
+    # ``kv_connector_extra_config`` there so a typo stops the launch before the model loads.
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Called by ``VllmConfig`` in the launching process (with CUDA graphs on): validates the
+        extra config (raises ``ConfigError`` naming the key). kvbm needs no PIECEWISE mode: its
+        worker gates a full CUDA graph replay on the whole load instead."""
+        ConnectorConfig.from_extra_config(extra_config)
+        return False
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """Called in every worker while the model's attention layers are built (before the KV
+        cache exists): validates the extra config. kvbm reads any layout (returns None)."""
+        ktc = getattr(vllm_config, "kv_transfer_config", None)
+        if ktc is not None:
+            ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config, getattr(ktc, "kv_role", None))
+        return None
+
+    def has_pending_push_work(self) -> bool:
+        """Scheduler side: keep vLLM's engine stepping while disk writes await their workers'
+        reports (committed to the catalog only from those; see Note [Shutdown] in scheduler.py)."""
+        return self._sched is not None and self._sched.has_pending_work()
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -134,6 +164,7 @@ class KvbmConnector(KVConnectorBase_V1):
         t0 = time.perf_counter_ns()
         try:
             self._sched.update_connector_output(connector_output.kv_connector_worker_meta)
+            self._sched.loads_finished(connector_output.finished_recving)
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
             self._busy_calls += 1
@@ -161,6 +192,24 @@ class KvbmConnector(KVConnectorBase_V1):
             return self._sched.take_events()
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
+
+    # ---------------------------------------------------------------- vLLM's stats and /metrics
+    def get_kv_connector_stats(self) -> KvbmConnectorStats | None:
+        """Scheduler side, after every step: per-tier counters since the last call (vLLM ships
+        them to its front-end's logger and Prometheus metrics); None when nothing changed."""
+        if self._sched is None:
+            return None
+        return self._stats.take(*self._sched.prom_stats())
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmConnectorStats | None:
+        return KvbmConnectorStats(data=dict(data)) if data is not None else None
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KvbmPromMetrics:
+        """kvbm's per-tier families on vLLM's ``/metrics`` (see :mod:`kvbm.integrations.vllm.stats`)."""
+        return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def kvbm_stats(self) -> dict[str, Any]:
         """Scheduler-side counters (hits per tier, stores, evictions, lookup latency)."""
