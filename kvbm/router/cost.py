@@ -13,8 +13,8 @@ is the best tier of block j on *i*, a shared REMOTE tier counting for every inst
 have not produced their first token yet, plus what *i* reports waiting; ``active_i`` the requests
 in flight. GPU blocks cost nothing. A tier slower than recomputing (its load time per block
 above ``block_size / prefill_rate``) is counted as recompute: a slow disk never attracts traffic.
-The instance with the least expected TTFT wins; ties go to the least loaded, then the one sent
-fewest requests so far, then the lowest slot (deterministic).
+The instance with the least expected TTFT wins; estimates within 10% of the best are ties (rates
+are noisy), settled by fewer active requests, fewer requests routed so far, the lower slot.
 
 ``prefill_rate`` (tokens/s) and ``decode_step_s`` come from a start-up probe (one request of
 random tokens, so nothing is cached) and are refreshed from the instance's ``/metrics``
@@ -101,10 +101,18 @@ def estimate(slot: int, num_tokens: int, block_size: int, tiers: Sequence[int], 
     return Estimate(slot, queue + uncached / rate + load_s, cached, uncached, tuple(counted))
 
 
-def choose(estimates: Sequence[Estimate], loads: dict[int, Load]) -> Estimate:
-    """The estimate with the least TTFT (ties: fewer active requests, fewer routed so far, lower slot)."""
+def choose(estimates: Sequence[Estimate], loads: dict[int, Load], tie: float = 0.1) -> Estimate:
+    """The estimate with the least TTFT; estimates within ``tie`` (relative, plus 1 ms) of the best
+    are ties — measured rates are noisy — settled by fewer active requests, then fewer requests
+    routed so far, then the lower slot (deterministic).
+
+    Raises:
+        kvbm.errors.StateError: no estimate (no healthy instance).
+    """
     if not estimates:
         from kvbm.errors import StateError
 
         raise StateError("no healthy instance to route to")
-    return min(estimates, key=lambda e: (round(e.ttft_s, 9), loads[e.slot].active, loads[e.slot].routed, e.slot))
+    best = min(e.ttft_s for e in estimates)
+    close = [e for e in estimates if e.ttft_s <= best * (1 + tie) + 1e-3]
+    return min(close, key=lambda e: (loads[e.slot].active, loads[e.slot].routed, e.slot))

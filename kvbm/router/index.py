@@ -50,8 +50,9 @@ def chain_keys(tokens: Sequence[int], block_size: int, extra: Any = None, parent
         n = min(n, limit)
     out: list[int] = []
     k = parent if parent is not None else hash((block_size, extra)) & _MASK64
-    for i in range(n):
-        k = hash((k, tuple(tokens[i * block_size:(i + 1) * block_size]))) & _MASK64
+    tt = tokens if isinstance(tokens, tuple) else tuple(tokens[:n * block_size])
+    for i in range(0, n * block_size, block_size):
+        k = hash((k, tt[i:i + block_size])) & _MASK64
         out.append(k)
     return out
 
@@ -133,10 +134,15 @@ class BlockIndex:
             if k is None:
                 self.stats.unresolved += 1
                 continue
+            if h in emap:
+                emap.move_to_end(h)
             emap[h] = k
-            emap.move_to_end(h)
-            m = blocks.pop(k, 0)
-            blocks[k] = m | bit
+            m = blocks.get(k)
+            if m is None:
+                blocks[k] = bit
+            else:
+                blocks[k] = m | bit
+                blocks.move_to_end(k)
         self.stats.stored += len(keys)
         self._bound(emap)
 
