@@ -98,7 +98,13 @@ def test_cost_model_prefers_cached_but_not_slow_tiers_or_busy_instances() -> Non
     loads = {0: Load(), 1: busy}
     best = choose([cold, estimate(1, n, BS, [GPU] * 10, fast, busy)], loads)
     assert best.slot == 0
-    # Ties go to the instance sent fewer requests.
+    # Estimates within 10% are ties (rates are noisy), settled by fewer requests routed so far;
+    # a clearly faster instance wins regardless.
+    a, b = Rates(prefill_tokens_per_s=1000.0), Rates(prefill_tokens_per_s=1050.0)
+    loads = {0: Load(routed=1), 1: Load(routed=5)}
+    assert choose([estimate(0, n, BS, [], a, loads[0]), estimate(1, n, BS, [], b, loads[1])], loads).slot == 0
+    b.prefill_tokens_per_s = 3000.0
+    assert choose([estimate(0, n, BS, [], a, loads[0]), estimate(1, n, BS, [], b, loads[1])], loads).slot == 1
     loads = {0: Load(routed=3), 1: Load(routed=1)}
     assert choose([estimate(0, n, BS, [], fast, loads[0]), estimate(1, n, BS, [], fast, loads[1])], loads).slot == 1
 
