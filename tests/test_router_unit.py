@@ -202,7 +202,14 @@ def test_publisher_subscriber_replay_recovers_missed_batches() -> None:
         assert sub.streams[0].replayed >= 20 and sub.decode_errors == 0
         # The publisher restarts: its seq starts at 0 again; the subscriber drops what it reported.
         pub.close()
-        pub = KvEventPublisher(f"tcp://*:{p1}", f"tcp://127.0.0.1:{p2}")
+        deadline = time.time() + 10
+        while True:  # ZeroMQ releases a closed socket's port asynchronously
+            try:
+                pub = KvEventPublisher(f"tcp://*:{p1}", f"tcp://127.0.0.1:{p2}")
+                break
+            except ConfigError:
+                assert time.time() < deadline, "port not released"
+                time.sleep(0.1)
         time.sleep(0.5)
         pub.publish([_stored([b"new"], t[:BS], None, "CPU")])
         wait_for(lambda: sub.streams[0].restarts == 1, "restart not detected")
@@ -216,3 +223,15 @@ def test_publisher_subscriber_replay_recovers_missed_batches() -> None:
 def test_publisher_rejects_a_bad_endpoint() -> None:
     with pytest.raises(ConfigError, match="endpoint"):
         KvEventPublisher("tcp://*:notaport")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_connector_event_keys_are_validated() -> None:
+    from kvbm.integrations.vllm.config import ConnectorConfig
+
+    cfg = ConnectorConfig.from_extra_config({"events_endpoint": "tcp://*:5567", "events_replay_endpoint": "tcp://*:5568"})
+    assert (cfg.events_endpoint, cfg.events_replay_endpoint) == ("tcp://*:5567", "tcp://*:5568")
+    with pytest.raises(ConfigError, match="events_endpoint"):
+        ConnectorConfig.from_extra_config({"events_endpoint": 5567})
+    with pytest.raises(ConfigError, match="needs 'events_endpoint'"):
+        ConnectorConfig.from_extra_config({"events_replay_endpoint": "tcp://*:5568"})
