@@ -89,9 +89,13 @@ def _turn(router: str, model: str, prompt: list[int], max_tokens: int) -> tuple[
 
 def run_policy(policy: str, servers: list[dict], model: str, a: argparse.Namespace, seed: int) -> dict:
     rport = _port()
-    cmd = [sys.executable, "-m", "kvbm", "router", "--port", str(rport), "--policy", policy]
-    for s in servers:
-        cmd += ["--instance", f"{s['url']},events=tcp://127.0.0.1:{s['ev']},replay=tcp://127.0.0.1:{s['rep']}"]
+    if policy == "sglang_cache_aware":  # the peer: sglang-router's cache-aware policy (text radix tree)
+        cmd = [a.sglang_python, "-m", "sglang_router.launch_router", "--port", str(rport), "--host", "127.0.0.1",
+               "--policy", "cache_aware", "--worker-urls", *[s["url"] for s in servers]]
+    else:
+        cmd = [sys.executable, "-m", "kvbm", "router", "--port", str(rport), "--policy", policy]
+        for s in servers:
+            cmd += ["--instance", f"{s['url']},events=tcp://127.0.0.1:{s['ev']},replay=tcp://127.0.0.1:{s['rep']}"]
     log = open(Path(a.logdir) / f"router_{policy}_{seed}.log", "w")  # noqa: SIM115
     router = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{rport}"
@@ -100,7 +104,7 @@ def run_policy(policy: str, servers: list[dict], model: str, a: argparse.Namespa
         while True:
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if json.loads(r.read())["healthy_instances"] == len(servers):
+                    if policy.startswith("sglang") or json.loads(r.read())["healthy_instances"] == len(servers):
                         break
             except OSError:
                 pass
@@ -135,7 +139,8 @@ def run_policy(policy: str, servers: list[dict], model: str, a: argparse.Namespa
         hits = sum(x[0] - y[0] for x, y in zip(after, before))
         qs = sum(x[1] - y[1] for x, y in zip(after, before))
         ttfts.sort()
-        state = json.loads(urllib.request.urlopen(url + "/debug/state", timeout=10).read())
+        state = ({"instances": []} if policy.startswith("sglang") else
+                 json.loads(urllib.request.urlopen(url + "/debug/state", timeout=10).read()))
         return {"policy": policy, "seed": seed, "requests": len(ttfts), "prefix_hit_ratio": hits / qs if qs else 0.0,
                 "ttft_p50_s": statistics.median(ttfts),
                 "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
@@ -157,6 +162,8 @@ def main() -> None:
     ap.add_argument("--kv-mib", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sglang-python", default=None,
+                    help="a python with sglang-router installed: also run its cache_aware policy")
     ap.add_argument("--logdir", default=tempfile.mkdtemp(prefix="kvbm_router_bench_"))
     a = ap.parse_args()
     model = build_tiny_llama(Path(a.logdir) / "model")
@@ -179,9 +186,14 @@ def main() -> None:
             _wait(s["url"] + "/health", p)
         results = []
         for rep in range(a.repeat):
-            order = ["kv", "round_robin"] if rep % 2 == 0 else ["round_robin", "kv"]
+            order = ["kv", "round_robin"] + (["sglang_cache_aware"] if a.sglang_python else [])
+            if rep % 2:
+                order.reverse()
             for k, policy in enumerate(order):
-                results.append(run_policy(policy, servers, model, a, seed=1 + 2 * rep + k))
+                try:
+                    results.append(run_policy(policy, servers, model, a, seed=1 + len(order) * rep + k))
+                except Exception as e:  # noqa: BLE001 - the peer may not front vLLM: say so
+                    results.append({"policy": policy, "error": f"{type(e).__name__}: {e}"})
                 print(json.dumps(results[-1]), flush=True)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=HERE).stdout.strip()

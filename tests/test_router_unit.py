@@ -66,6 +66,9 @@ def test_remote_blocks_count_for_every_instance_and_extra_keys_separate() -> Non
     keys = chain_keys(t, BS)
     assert idx.overlap(keys, [0, 1]) == {0: [GPU, REMOTE, REMOTE], 1: [REMOTE] * 3}
     assert chain_keys(t, BS, extra="lora-a") != keys  # a LoRA's blocks are other blocks
+    idx.apply(1, [BlockStored(block_hashes=[50], parent_block_hash=None, token_ids=t[:BS], block_size=BS,
+                              medium="GPU", lora_id=1, lora_name="lora-a")])
+    assert idx.overlap(chain_keys(t, BS, extra="lora-a"), [1]) == {1: [GPU]}
     assert chain_keys(t, 2 * BS) != keys[:1]
 
 

@@ -35,7 +35,7 @@ async def _proxy(router: Router, request: Any, path: str) -> Any:
     tried: set[int] = set()
     last_error = "no healthy instance"
     while True:
-        ranked = router.rank(tokens, tried)
+        ranked = router.rank(tokens, tried, body.get("model") if isinstance(body.get("model"), str) else None)
         if not ranked:
             return _err(503, f"kvbm router: no instance could serve the request ({last_error})")
         est = ranked[0]

@@ -203,8 +203,10 @@ class Router:
             await asyncio.sleep(self.cfg.health_interval_s)
 
     # -- placement ---------------------------------------------------------------------------
-    def rank(self, tokens: list[int] | None, exclude: set[int]) -> list[Estimate]:
-        """Healthy instances not in ``exclude``, best first."""
+    def rank(self, tokens: list[int] | None, exclude: set[int], model: str | None = None) -> list[Estimate]:
+        """Healthy instances not in ``exclude``, best first. A ``model`` that is not an instance's base
+        model is a LoRA adapter (vLLM serves adapters under their name): its blocks are keyed apart,
+        as vLLM's events name them (``lora_name``)."""
         live = [i for i in self.instances if i.healthy and i.slot not in exclude]
         if not live:
             return []
@@ -216,9 +218,10 @@ class Router:
         by_bs: dict[int, list[Instance]] = {}
         for i in live:
             by_bs.setdefault(i.block_size, []).append(i)
+        extra = model if model is not None and model not in {i.model for i in live} else None
         with self.lock:
             for bs, group in by_bs.items():
-                keys = chain_keys(tokens, bs)
+                keys = chain_keys(tokens, bs, extra)
                 over = self.index.overlap(keys, [i.slot for i in group])
                 for i in group:
                     ests.append(estimate(i.slot, len(tokens), bs, over[i.slot], i.rates, i.load))
