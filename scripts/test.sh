@@ -28,7 +28,7 @@ bash scripts/install_valkey.sh
 # then import the built package, not a source tree without its extension.
 python -m pip install -q "libucx-cu13<1.22" "libucxx-cu13==0.52.*" "ucxx-cu13==0.52.*"
 KVBM_UCX=ON KVBM_UCX_ROOT="$(python -c 'import libucx, os; print(os.path.dirname(libucx.__file__))')" \
-  python -m pip install -q -e ".[test,ucx]"
+  python -m pip install -q -e ".[test,ucx,router]"
 export UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n  # loopback only (../shared/UCX.md)
 
 # The native core once more with AddressSanitizer + UBSan, in its own package copy.

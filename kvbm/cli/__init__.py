@@ -14,7 +14,7 @@ import sys
 
 from kvbm.errors import KvbmError
 
-_SUBCOMMANDS = ["info", "replay", "bench", "inspect", "serve"]
+_SUBCOMMANDS = ["info", "replay", "bench", "inspect", "serve", "router"]
 
 
 def build_parser() -> argparse.ArgumentParser:

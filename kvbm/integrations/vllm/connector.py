@@ -75,8 +75,13 @@ class KvbmConnector(KVConnectorBase_V1):
         self._busy_ns = 0  # time spent inside this connector's methods (its overhead on vLLM)
         self._busy_calls = 0
         self._stats = StatsTracker()
+        self._events = None  # kvbm's own KV-event publisher (events_endpoint), scheduler side
         if role == KVConnectorRole.SCHEDULER:
             self._sched = KvbmScheduler(self.cfg, self.geo)
+            if self.cfg.events_endpoint:
+                from kvbm.events import KvEventPublisher
+
+                self._events = KvEventPublisher(self.cfg.events_endpoint, self.cfg.events_replay_endpoint)
             if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
                 logger.warning("kvbm: kv_load_failure_policy is %r: a block that fails its checksum will "
                                "fail its request; set \"kv_load_failure_policy\": \"recompute\" to have "
@@ -189,7 +194,10 @@ class KvbmConnector(KVConnectorBase_V1):
             return ()
         t0 = time.perf_counter_ns()
         try:
-            return self._sched.take_events()
+            events = self._sched.take_events()
+            if self._events is not None:
+                self._events.publish(events)
+            return events
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
 
@@ -319,3 +327,5 @@ class KvbmConnector(KVConnectorBase_V1):
             self._worker.shutdown()
         if self._sched is not None:
             self._sched.shutdown()
+        if self._events is not None:
+            self._events.close()
