@@ -53,7 +53,7 @@ import torch
 
 from kvbm.copy import TransferHandle, gather, scatter, slot_addresses
 from kvbm.errors import InternalError, KvbmError, UnsupportedError
-from kvbm.integrations.vllm import disk
+from kvbm.integrations.vllm import compat, disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, LoadOp, StoreOp
@@ -120,14 +120,6 @@ class _SavePlan:
     layers_done: set[int] = field(default_factory=set)
     demoted: tuple[list[StoreOp], Any] | None = None  # write-behind: (ops, copies of their host slots)
 
-def _tp_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        return int(get_tensor_model_parallel_rank())
-    except Exception:
-        return 0
-
 
 class KvbmWorker:
     """Host arena + disk slab files of one tensor-parallel rank."""
@@ -136,7 +128,7 @@ class KvbmWorker:
         self.cfg = cfg
         self.geo = geo
         self.num_blocks = num_blocks
-        self.rank = _tp_rank()
+        self.rank = compat.tp_rank()
         self.ns_digest = geo.rank_namespace(self.rank).digest  # this rank's shard namespace
         self.layout: KvLayout | None = None
         self._cuda = False
