@@ -1,4 +1,5 @@
-"""``KvbmConnector``: kvbm as a vLLM v1 KV connector (``KVConnectorBase_V1``, vLLM 0.32+).
+"""``KvbmConnector``: kvbm as a vLLM v1 KV connector (``KVConnectorBase_V1``, vLLM 0.26 to 0.34;
+the differences between releases live in :mod:`kvbm.integrations.vllm.compat`).
 
 Load it with::
 
@@ -29,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from kvbm.integrations.vllm import compat
 from kvbm.integrations.vllm.common import geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
 from kvbm.integrations.vllm.logs import attach_to_vllm_logging
@@ -62,12 +64,13 @@ class KvbmConnector(KVConnectorBase_V1):
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         attach_to_vllm_logging()
         super().__init__(vllm_config, role, kv_cache_config)
+        compat.warn_if_unsupported()
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.cfg = ConnectorConfig.from_extra_config(extra, getattr(self._kv_transfer_config, "kv_role", None))
         if kv_cache_config is None:
             from kvbm.errors import UnsupportedError
 
-            raise UnsupportedError("the kvbm connector needs vLLM >= 0.32 (kv_cache_config is passed to "
+            raise UnsupportedError("the kvbm connector needs vLLM >= 0.26 (kv_cache_config is passed to "
                                    "connectors)")
         self.geo = geometry(vllm_config, kv_cache_config, self.cfg)
         self._sched: KvbmScheduler | None = None
@@ -82,11 +85,11 @@ class KvbmConnector(KVConnectorBase_V1):
                 from kvbm.events import KvEventPublisher
 
                 self._events = KvEventPublisher(self.cfg.events_endpoint, self.cfg.events_replay_endpoint)
-            if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+            policy = compat.load_failure_policy(self._kv_transfer_config)
+            if policy not in (None, "recompute"):
                 logger.warning("kvbm: kv_load_failure_policy is %r: a block that fails its checksum will "
                                "fail its request; set \"kv_load_failure_policy\": \"recompute\" to have "
-                               "vLLM recompute it instead",
-                               self._kv_transfer_config.kv_load_failure_policy)
+                               "vLLM recompute it instead", policy)
         else:
             self._worker = KvbmWorker(self.cfg, self.geo, kv_cache_config.num_blocks)
 
@@ -141,19 +144,11 @@ class KvbmConnector(KVConnectorBase_V1):
             self._busy_calls += 1
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
-        from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
+        """Tokens loaded per source (vLLM 0.32+ asks; see compat.cache_hit_sources)."""
         if num_external_tokens == 0 or self._sched is None:
             return {}
         host, disk = self._sched.hit_sources(request)
-        if host + disk != num_external_tokens:
-            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
-        out = {}
-        if host:
-            out[CacheHitSource.HOST] = host
-        if disk:
-            out[CacheHitSource.DISK] = disk
-        return out
+        return compat.cache_hit_sources(num_external_tokens, host, disk)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._sched is not None
@@ -168,7 +163,7 @@ class KvbmConnector(KVConnectorBase_V1):
         assert self._sched is not None
         t0 = time.perf_counter_ns()
         try:
-            self._sched.update_connector_output(connector_output.kv_connector_worker_meta)
+            self._sched.update_connector_output(compat.worker_meta(connector_output))
             self._sched.loads_finished(connector_output.finished_recving)
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
@@ -240,8 +235,7 @@ class KvbmConnector(KVConnectorBase_V1):
         assert isinstance(meta, KvbmConnectorMetadata)
         # vLLM calls wait_for_layer_load only where attention runs eagerly with metadata: not in a
         # replayed full CUDA graph (uniform decode batches, e.g. a new request with a one-token tail).
-        mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", "NONE")
-        hooks_run = getattr(forward_context, "attn_metadata", None) is not None and mode != "FULL"
+        hooks_run = compat.forward_hooks_run(forward_context)
         t0 = time.perf_counter_ns()
         try:
             self._worker.start_load_kv(meta, hooks_run=hooks_run)
