@@ -106,7 +106,7 @@ def _kv_transfer_config(c: dict) -> dict:
 
 def test_vllm_deployment_configures_the_connector() -> None:
     docs = _docs("vllm.yaml")
-    dep = _kind(docs, "Deployment", "vllm-kvbm")
+    dep = _kind(docs, "StatefulSet", "vllm-kvbm")
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     ktc = _kv_transfer_config(c)
@@ -119,7 +119,17 @@ def test_vllm_deployment_configures_the_connector() -> None:
     port = int(next(a for a in c["args"] if a.startswith("--port=")).split("=")[1])
     assert _port(c, c["readinessProbe"]["httpGet"]["port"]) == port
     svc = _kind(docs, "Service", "vllm-kvbm")
-    assert svc["spec"]["ports"][0]["targetPort"] in [p["name"] for p in c["ports"]]
+    assert dep["spec"]["serviceName"] == svc["metadata"]["name"] and svc["spec"]["clusterIP"] == "None"
+    for sp in svc["spec"]["ports"]:
+        assert sp["targetPort"] in [p["name"] for p in c["ports"]]
+        assert _port(c, sp["targetPort"]) == sp["port"]
+    # vLLM's KV events and the connector's own are bound on the ports the container exposes.
+    ev = json.loads(next(a for a in c["args"] if a.startswith("--kv-events-config=")).split("=", 1)[1])
+    assert ev["enable_kv_cache_events"] and ev["publisher"] == "zmq"
+    assert int(ev["endpoint"].rsplit(":", 1)[1]) == _port(c, "events")
+    assert int(ev["replay_endpoint"].rsplit(":", 1)[1]) == _port(c, "replay")
+    assert int(cfg.events_endpoint.rsplit(":", 1)[1]) == _port(c, "kvbm-events")
+    assert int(cfg.events_replay_endpoint.rsplit(":", 1)[1]) == _port(c, "kvbm-replay")
     # The BlockManager client configuration is a valid KvbmConfig pointing at the kvbm serve Service.
     cm = _kind(docs, "ConfigMap", "kvbm-client-config")
     kc = KvbmConfig.from_dict(yaml.safe_load(cm["data"]["kvbm.yaml"]))
@@ -127,6 +137,46 @@ def test_vllm_deployment_configures_the_connector() -> None:
     host, _, port_s = kc.remote_url.removeprefix("kvbm://").partition(":")
     assert host.split(".")[1] == serve["metadata"]["name"]
     assert int(port_s) in [p["port"] for p in serve["spec"]["ports"]]
+
+
+def test_router_addresses_every_vllm_instance() -> None:
+    pytest.importorskip("aiohttp")
+    from kvbm.router.config import load_yaml
+
+    docs = _docs("router.yaml")
+    cm = _kind(docs, "ConfigMap", "kvbm-router-config")
+    dep = _kind(docs, "Deployment", "kvbm-router")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    args = build_parser().parse_args(c["args"])  # kvbm router's own parser
+    assert args.command == "router"
+    m = _mount_of(c, args.config)
+    vol = next(v for v in pod["volumes"] if v["name"] == m["name"])
+    assert vol["configMap"]["name"] == cm["metadata"]["name"]
+    key = args.config[len(m["mountPath"]) + 1:]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / key
+        f.write_text(cm["data"][key])
+        rc = load_yaml(f, host=args.host, port=args.port)  # every key accepted by the router
+    assert rc.port == _port(c, "http")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health" and _port(c, c[probe]["httpGet"]["port"]) == args.port
+    svc = _kind(docs, "Service", "kvbm-router")
+    assert svc["spec"]["ports"][0]["targetPort"] in [p["name"] for p in c["ports"]]
+    # One instance per vLLM replica, by its stable StatefulSet name, on the ports vllm.yaml binds.
+    vdocs = _docs("vllm.yaml")
+    sts = _kind(vdocs, "StatefulSet", "vllm-kvbm")
+    (vc,) = sts["spec"]["template"]["spec"]["containers"]
+    want = {f"vllm-kvbm-{i}.{sts['spec']['serviceName']}" for i in range(sts["spec"]["replicas"])}
+    assert {i.url.split("//")[1].split(":")[0] for i in rc.instances} == want
+    for i in rc.instances:
+        host = i.url.split("//")[1].split(":")[0]
+        assert int(i.url.rsplit(":", 1)[1]) == _port(vc, "http")
+        for ep, port in ((i.events, "events"), (i.replay, "replay"), (i.kvbm_events, "kvbm-events"),
+                         (i.kvbm_replay, "kvbm-replay")):
+            assert ep == f"tcp://{host}:{_port(vc, port)}", (ep, port)
 
 
 def test_dockerfiles_install_this_repository() -> None:

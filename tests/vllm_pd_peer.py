@@ -54,6 +54,9 @@ class Instance:
                 if line.startswith("@@ "):
                     box.append(line[3:])
                     return
+                # vLLM (and kvbm inside it, through vLLM's handler) log to stdout: keep it in the log
+                self._err.write(line)
+                self._err.flush()
 
         t = threading.Thread(target=rd, daemon=True)
         t.start()
