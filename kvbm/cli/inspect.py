@@ -196,16 +196,20 @@ def _shard_crcs(cat_dir: str, keys: list[bytes], shards: int) -> np.ndarray:
     import lmdb
 
     out = np.zeros((len(keys), shards), np.uint32)
-    env = lmdb.open(cat_dir, readonly=True, lock=False, max_dbs=4, subdir=True)
     try:
-        with env.begin() as txn:
-            db = env.open_db(b"shards", txn=txn, create=False)
-            for i, k in enumerate(keys):
-                v = txn.get(k, db=db)
-                if v is not None and len(v) == 4 * shards:
-                    out[i] = np.frombuffer(v, "<u4")
-    finally:
-        env.close()
+        env = lmdb.open(cat_dir, readonly=True, lock=False, max_dbs=4, subdir=True)
+        try:
+            with env.begin() as txn:
+                db = env.open_db(b"shards", txn=txn, create=False)
+                for i, k in enumerate(keys):
+                    v = txn.get(k, db=db)
+                    if v is not None and len(v) == 4 * shards:
+                        out[i] = np.frombuffer(v, "<u4")
+        finally:
+            env.close()
+    except lmdb.Error as e:
+        raise StorageIOError(f"the disk catalog {cat_dir} is damaged (shard CRCs): {type(e).__name__}: {e} (the "
+                             "tier moves it aside and rebuilds it from the slab records at its next start)") from e
     return out
 
 

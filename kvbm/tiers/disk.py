@@ -447,10 +447,20 @@ class DiskCatalog:
             raise CatalogDamagedError(f"cannot open the disk catalog in {self.path}: {e}") from e
         self.env.reader_check()
         with self.env.begin(write=True) as txn:
-            self._db_meta = self.env.open_db(b"meta", txn=txn)
-            self._db_blocks = self.env.open_db(b"blocks", txn=txn)
-            self._db_stats = self.env.open_db(b"stats", txn=txn)
-            self._db_shards = self.env.open_db(b"shards", txn=txn) if self.shards > 1 else None
+            try:
+                self._db_meta = self.env.open_db(b"meta", txn=txn, create=False)
+                existing = True
+            except lmdb.NotFoundError:
+                self._db_meta = self.env.open_db(b"meta", txn=txn)
+                existing = False
+
+            def open_db(name: bytes) -> Any:
+                try:  # an existing catalog lacking one of its databases is damaged (a name flipped)
+                    return self.env.open_db(name, txn=txn, create=not existing)
+                except lmdb.NotFoundError:
+                    raise CatalogDamagedError(f"the catalog lacks its {name.decode()!r} database") from None
+
+            self._db_blocks, self._db_stats = open_db(b"blocks"), open_db(b"stats")
             fmt = txn.get(b"format", db=self._db_meta)
             geo_raw = txn.get(b"geometry", db=self._db_meta)
             if fmt is not None and fmt != FORMAT:
@@ -477,6 +487,7 @@ class DiskCatalog:
                 if self.slab_dirs != [self.path]:
                     g["shard_dirs"] = [os.path.relpath(d, self.path) for d in self.slab_dirs]
                 txn.put(b"geometry", json.dumps(g).encode(), db=self._db_meta)
+            self._db_shards = open_db(b"shards") if self.shards > 1 else None  # after the shards check
             raw_stats = txn.get(b"counters", db=self._db_stats)
         self._fresh = fmt is None
         self.geometry = DiskGeometry(slot_bytes, slots_per_slab, num_slots)
