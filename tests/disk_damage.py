@@ -407,10 +407,12 @@ def damage(d: str, layout: str, kind: str, rng: random.Random) -> None:
         raise ValueError(kind)
 
 
-KINDS = ("catalog_truncate", "catalog_key_flip", "catalog_value_flip", "catalog_random_flips", "catalog_zero_page",
-         "catalog_garbage", "catalog_old_format", "catalog_deleted", "lock_garbage", "record_wrong_version", "record_bad_length", "record_malformed",
-         "slab_header_flip", "slab_header_version", "slab_payload_flip", "slab_truncate", "slab_zero_page",
-         "slab_deleted", "slab_records_swapped", "slab_record_copied")
+KINDS = (
+    "catalog_truncate", "catalog_key_flip", "catalog_value_flip", "catalog_random_flips", "catalog_zero_page",
+    "catalog_garbage", "catalog_old_format", "catalog_deleted", "lock_garbage", "record_wrong_version",
+    "record_bad_length", "record_malformed", "slab_header_flip", "slab_header_version", "slab_payload_flip",
+    "slab_truncate", "slab_zero_page", "slab_deleted", "slab_records_swapped", "slab_record_copied",
+)
 
 
 def campaign(root: str, layout: str, trials_per_kind: int, seed: int = 12) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
                 f"{path} is a vLLM connector disk_path with {len(subs)} disk tiers (one per model and geometry); "
                 f"inspect one of them: " + ", ".join(f"kvbm inspect {d}" for d in subs))
         raise ConfigError(f"{path} holds no kvbm disk tier (no {CATALOG_SUBDIR}/ directory)")
-    problem = lmdb_file_problem(cat_dir)  # Note [No SIGBUS] in kvbm.tiers.disk
+    problem = lmdb_file_problem(cat_dir)  # Note [No SIGBUS] in kvbm.tiers.disk_recovery
     if problem:
         raise StorageIOError(f"the disk catalog {cat_dir} is damaged: {problem} (the tier moves it aside and "
                              "rebuilds it from the slab records at its next start)")

@@ -65,7 +65,7 @@ value that is not 56 bytes) is dropped the same way.
 A catalog that cannot be used at all (a ``data.mdb`` shorter than its meta pages say, which would
 SIGBUS on mapping; LMDB refusing it; a damaged meta DB) is moved aside to
 ``catalog.damaged-<time>-<pid>`` (one log line names it) and rebuilt from the slab record headers;
-so is a missing catalog next to existing slabs (Note [Damaged catalog], DiskCatalog.__init__).
+so is a missing catalog next to existing slabs (Note [Damaged catalog] in kvbm.tiers.disk_recovery).
 
 Last-access times and hit counts are kept in memory and written with the next catalog txn (and
 at close): after a crash they may be slightly stale; they never affect correctness.
@@ -102,6 +102,14 @@ import lmdb
 import numpy as np
 
 from kvbm.errors import ConfigError, InvalidArgumentError, StorageIOError
+from kvbm.tiers.disk_recovery import (
+    CATALOG_DAMAGE,
+    CatalogDamagedError,
+    has_slabs,
+    lmdb_file_problem,
+    quarantine,
+    slab_records,
+)
 
 log = logging.getLogger("kvbm.disk")
 
@@ -146,58 +154,6 @@ PERSISTED_COUNTERS = (
 )
 
 HashLike = "bytes | int"
-
-
-class CatalogDamagedError(StorageIOError):
-    """The disk catalog cannot be used as it is (damaged, truncated, foreign format).
-
-    Raised inside :class:`DiskCatalog`'s open, which answers it by quarantining the catalog and
-    rebuilding it from the slab record headers; ``kvbm inspect`` reports it.
-    """
-
-
-_LMDB_MAGIC = 0xBEEFC0DE
-_P_INVALID = 0xFFFF_FFFF_FFFF_FFFF
-
-
-def lmdb_file_problem(cat_dir: str) -> str | None:
-    """Why ``cat_dir/data.mdb`` is not safe to map, or None (absent, or its meta pages agree with its size).
-
-    Note [No SIGBUS]: LMDB maps the data file and reads pages up to the last page its meta page
-    names; a file shorter than that (truncated) kills the process with SIGBUS on the first touch.
-    So both meta pages (64-bit layout: magic at byte 16, page size at 40, the two DB roots at 80
-    and 128, last page at 136, txn id at 144) are checked against the file size before mapping.
-    Pages the B-tree names beyond the last page are refused by LMDB itself (MDB_PAGE_NOTFOUND).
-    """
-    path = os.path.join(cat_dir, "data.mdb")
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(2 * 65536)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return f"cannot read {path}: {e.strerror}"
-    if size < 2 * 4096:
-        return f"{path} is {size} bytes, shorter than its two meta pages"
-    psize = struct.unpack_from("<I", head, 40)[0]
-    if psize < 4096 or psize > 65536 or psize & (psize - 1) or size < 2 * psize:
-        return f"{path}: bad page size {psize} in meta page 0"
-    for i in (0, 1):
-        off = i * psize
-        magic, version = struct.unpack_from("<II", head, off + 16)
-        if magic != _LMDB_MAGIC or version != 1:
-            return f"{path}: meta page {i} is damaged (magic {magic:#x}, version {version})"
-        if struct.unpack_from("<I", head, off + 40)[0] != psize:
-            return f"{path}: meta pages disagree on the page size"
-        last = struct.unpack_from("<Q", head, off + 136)[0]
-        if last < 1 or (last + 1) * psize > size:
-            return f"{path} is {size} bytes but meta page {i} names page {last} (truncated?)"
-        for root_off in (80, 128):
-            root = struct.unpack_from("<Q", head, off + root_off)[0]
-            if root != _P_INVALID and (root < 2 or root > last):
-                return f"{path}: meta page {i} names root page {root} beyond its last page {last}"
-    return None
 
 
 def hash_key(h: bytes | bytearray | memoryview | int | np.integer) -> bytes:
@@ -328,12 +284,12 @@ class DiskCatalog:
                 self._open(slot_bytes, num_slots, slab_bytes, eviction)
             except ConfigError:
                 raise  # the configuration disagrees with an intact catalog: the user must choose
-            except _DAMAGE as e:
-                # Note [Damaged catalog]: the catalog is an index over self-describing slab
+            except CATALOG_DAMAGE as e:
+                # Note [Damaged catalog] (disk_recovery): the catalog is an index over self-describing slab
                 # records, so a catalog LMDB refuses (or that fails our pre-map check) is moved
                 # aside and rebuilt from the record headers; the engine never stops for it.
                 self._close_env()
-                moved = self._quarantine()
+                moved = quarantine(os.path.join(self.path, CATALOG_SUBDIR))
                 self._open(slot_bytes, num_slots, slab_bytes, eviction)
                 n = self._recover_from_slabs()
                 self._count("catalog_rebuilds")
@@ -342,7 +298,7 @@ class DiskCatalog:
                             "rebuilt from the slab record headers: %d blocks recovered",
                             self.path, type(e).__name__, e, moved, n)  # fmt: skip
             else:
-                if self._fresh and any(_has_slabs(d) for d in self.slab_dirs):
+                if self._fresh and any(has_slabs(d) for d in self.slab_dirs):
                     # A new catalog over existing slabs (the catalog was deleted): rebuild it.
                     n = self._recover_from_slabs()
                     self._count("catalog_rebuilds")
@@ -364,60 +320,18 @@ class DiskCatalog:
                 env.close()
             self.env = None
 
-    def _quarantine(self) -> str:
-        src = os.path.join(self.path, CATALOG_SUBDIR)
-        dst = f"{src}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        i = 0
-        while os.path.exists(dst + (f".{i}" if i else "")):
-            i += 1
-        dst += f".{i}" if i else ""
-        try:
-            os.rename(src, dst)
-        except OSError as e:
-            raise StorageIOError(f"disk tier {self.path}: the catalog is damaged and cannot be moved aside: "
-                                 f"{e.strerror}") from e
-        return dst
-
     def _recover_from_slabs(self) -> int:
-        """Insert a record for every slot whose header is valid in every shard's slab; returns how many."""
+        """Insert a record for every block whose slab record header is valid (in every shard); returns
+        how many blocks the catalog then holds."""
         if self._slab_ns is None or len(self._slab_ns) != len(self.slab_dirs):
             return 0
-        from kvbm import _native
-
-        geo = self.geometry
-        per_dir: list[dict[int, tuple[bytes, int, int, int]]] = []
-        for d, ns in zip(self.slab_dirs, self._slab_ns, strict=True):
-            if not os.path.isdir(d):
-                return 0
-            try:
-                st = _native.DiskStore(d, geo.slot_bytes, geo.num_slots, geo.slots_per_slab, 1, False, True, False,
-                                       namespace=ns)
-            except Exception as e:  # noqa: BLE001 - any failure: nothing recoverable there
-                log.warning("disk tier %s: cannot scan slabs in %s: %s", self.path, d, e)
-                return 0
-            try:
-                found, _ = st.scan_headers()
-            finally:
-                st.close()
-            per_dir.append({int(r[0]): (bytes(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in found})
-        best: dict[bytes, tuple[int, int, list[int], int]] = {}  # key -> (slot, length, crcs, written)
-        for slot, (key, length, crc, written) in per_dir[0].items():
-            crcs = [crc]
-            for other in per_dir[1:]:
-                o = other.get(slot)
-                if o is None or o[0] != key or o[1] != length:
-                    break
-                crcs.append(o[2])
-            if len(crcs) != len(per_dir):
-                continue
-            if key not in best or best[key][3] < written:
-                best[key] = (slot, length, crcs, written)
-        if not best:
+        found = slab_records(self.slab_dirs, self._slab_ns, self.geometry)
+        if not found:
             return 0
         ns = self._record_ns if self._record_ns is not None else int.from_bytes(self._slab_ns[0][:8], "little")
         with self.env.begin(write=True) as txn:
-            for key, (slot, length, crcs, written) in best.items():
-                us = written // 1 if written else _now_us()
+            for key, (slot, length, crcs, written) in found.items():
+                us = written or _now_us()
                 txn.put(key, RECORD.pack(1, 0, 0, crcs[0], slot, length, ns, us, us, 0), db=self._db_blocks)
                 if self._db_shards is not None:
                     txn.put(key, np.asarray(crcs, "<u4").tobytes(), db=self._db_shards)
@@ -941,17 +855,6 @@ class DiskCatalog:
         finally:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-def _has_slabs(d: str) -> bool:
-    try:
-        return any(n.startswith("slab-") and n.endswith(".kvbm") for n in os.listdir(d))
-    except OSError:
-        return False
-
-
-# What a damaged catalog raises while it is opened and read (see Note [Damaged catalog]).
-_DAMAGE = (lmdb.Error, CatalogDamagedError, ValueError, KeyError, TypeError, AttributeError, OverflowError)
 
 
 def _is_space_error(e: BaseException) -> bool:
