@@ -222,3 +222,15 @@ def test_get_same_key_twice_with_different_sizes_pins_nothing(tmp_path: Path) ->
         assert t.put([5, 6, 7, 8], [content(k) for k in (5, 6, 7, 8)]) == [True] * 4
         for k in (5, 6, 7, 8):
             assert np.array_equal(load(t, k), content(k))
+
+
+def test_a_bad_argument_at_open_is_not_taken_for_damage(tmp_path: Path) -> None:
+    """An InvalidArgumentError (also a ValueError) raised while an intact catalog opens propagates: the
+    catalog is not moved aside."""
+    with tier(tmp_path) as t:
+        t.put([1], [content(1)])
+    with pytest.raises(InvalidArgumentError, match="eviction policy"):
+        tier(tmp_path, eviction="no-such-policy")
+    assert not [n for n in os.listdir(tmp_path) if ".damaged-" in n]
+    with tier(tmp_path) as t:
+        assert t.stats()["totals"]["catalog_rebuilds"] == 0 and np.array_equal(load(t, 1), content(1))

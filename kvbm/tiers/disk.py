@@ -104,8 +104,10 @@ import numpy as np
 from kvbm.errors import ConfigError, InvalidArgumentError, StorageIOError
 from kvbm.tiers.disk_recovery import (
     CATALOG_DAMAGE,
+    LMDB_ENVIRONMENT_ERRORS,
     CatalogDamagedError,
     has_slabs,
+    is_catalog_damage,
     lmdb_file_problem,
     quarantine,
     slab_records,
@@ -282,9 +284,9 @@ class DiskCatalog:
         try:
             try:
                 self._open(slot_bytes, num_slots, slab_bytes, eviction)
-            except ConfigError:
-                raise  # the configuration disagrees with an intact catalog: the user must choose
             except CATALOG_DAMAGE as e:
+                if not is_catalog_damage(e):
+                    raise  # e.g. a ConfigError: the configuration disagrees with an intact catalog
                 # Note [Damaged catalog] (disk_recovery): the catalog is an index over self-describing slab
                 # records, so a catalog LMDB refuses (or that fails our pre-map check) is moved
                 # aside and rebuilt from the record headers; the engine never stops for it.
@@ -357,6 +359,8 @@ class DiskCatalog:
                 readahead=False,
                 lock=True,
             )
+        except LMDB_ENVIRONMENT_ERRORS as e:
+            raise StorageIOError(f"cannot open the disk catalog in {self.path}: {e}") from e
         except lmdb.Error as e:
             raise CatalogDamagedError(f"cannot open the disk catalog in {self.path}: {e}") from e
         self.env.reader_check()

@@ -93,8 +93,26 @@ def lmdb_file_problem(cat_dir: str) -> str | None:
     return None
 
 
-# What a damaged catalog raises while it is opened and read (see Note [Damaged catalog]).
+# LMDB errors that say something about the machine, not the catalog: never a reason to move it aside.
+LMDB_ENVIRONMENT_ERRORS = (lmdb.ReadonlyError, lmdb.LockError, lmdb.MemoryError, lmdb.MapFullError,
+                           lmdb.ReadersFullError, lmdb.TlsFullError, lmdb.DbsFullError, lmdb.TxnFullError,
+                           lmdb.CursorFullError, lmdb.DiskError)  # fmt: skip
+
+# What a damaged catalog raises while it is opened and read (see Note [Damaged catalog]): any other
+# LMDB error (Corrupted, Invalid, PageNotFound, Panic, ...) and what parsing damaged values raises.
+# A KvbmError other than CatalogDamagedError (e.g. InvalidArgumentError, a ValueError) is not damage.
 CATALOG_DAMAGE = (lmdb.Error, CatalogDamagedError, ValueError, KeyError, TypeError, OverflowError)
+
+
+def is_catalog_damage(e: BaseException) -> bool:
+    """Whether ``e``, raised while a catalog was opened and read, means the catalog is damaged."""
+    from kvbm.errors import KvbmError
+
+    if isinstance(e, LMDB_ENVIRONMENT_ERRORS):
+        return False
+    if isinstance(e, KvbmError):
+        return isinstance(e, CatalogDamagedError)
+    return isinstance(e, CATALOG_DAMAGE)
 
 
 def has_slabs(d: str) -> bool:
