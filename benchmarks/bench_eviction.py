@@ -29,12 +29,13 @@ import numpy as np
 
 import kvbm
 from kvbm.bench.provenance import git_commit
+from kvbm.data import mooncake_conversation
 from kvbm.replay import load_trace, replay
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACE = ROOT.parent / "shared/data/traces/mooncake_conversation.jsonl"
+DEFAULT_TRACE = mooncake_conversation()  # bundled in kvbm/data/ (KVBM_TRACE overrides)
 CAPACITIES = [0.05, 0.10, 0.25]
-# From shared/data/traces/README.md (not measured here).
+# From the trace's reference figures (kvbm/data/README.md history; not measured here).
 README_REFERENCE = {
     0.05: {"lru": 0.195, "belady": 0.366},
     0.10: {"lru": 0.278, "belady": 0.366},
@@ -253,7 +254,7 @@ NOTES = """## Notes
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=os.environ.get("KVBM_TRACE", str(DEFAULT_TRACE)))
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument(
         "--no-bound",

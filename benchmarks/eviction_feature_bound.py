@@ -27,15 +27,14 @@ Run:  python benchmarks/eviction_feature_bound.py [--trace PATH] [--sets count,h
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
+from kvbm.data import mooncake_conversation
 from kvbm.replay import load_trace
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared/data/traces/mooncake_conversation.jsonl"
+DEFAULT_TRACE = mooncake_conversation()  # bundled in kvbm/data/ (KVBM_TRACE overrides)
 SETS = ["count", "position", "hit", "length", "gap", "start", "oracle"]
 CAPACITIES = [0.05, 0.10, 0.25]
 _NEVER = 1 << 40
@@ -139,7 +138,7 @@ def bound(gaps: dict[tuple, np.ndarray], stored: int, slots: float, blocks: int)
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=os.environ.get("KVBM_TRACE", str(DEFAULT_TRACE)))
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--sets", default=",".join(SETS), help="comma-separated feature sets: " + ", ".join(SETS))
     args = ap.parse_args(argv)
     sets = args.sets.split(",")

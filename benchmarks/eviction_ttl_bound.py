@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from kvbm.data import mooncake_conversation
 from kvbm.replay import load_trace
 
-DEFAULT_TRACE = Path(__file__).resolve().parents[2] / "shared/data/traces/mooncake_conversation.jsonl"
+DEFAULT_TRACE = mooncake_conversation()  # bundled in kvbm/data/ (KVBM_TRACE overrides)
 
 
 def reuse_class(n: int) -> int:
@@ -92,7 +92,7 @@ def bound(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default=os.environ.get("KVBM_TRACE", str(DEFAULT_TRACE)))
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     args = ap.parse_args()
     iv, inserts, blocks = intervals(Path(args.trace))
     distinct = inserts

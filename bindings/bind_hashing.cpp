@@ -61,6 +61,7 @@ struct Tokens {
   HeldBuffer buffer;
   std::vector<uint32_t> narrow;    // list/tuple input whose items are all small non-negative ints
   std::vector<int64_t> converted;  // any other list/tuple input
+  py::object keep;                 // a slice the span may point into
 };
 
 // Value of an exact int that fits one internal digit, read without a call (token ids almost
@@ -79,10 +80,20 @@ inline bool compact_long(PyObject* o, long long* out) {
 #endif
 }
 
-void tokens_from_sequence(py::handle obj, Tokens& t) {
+// [start, stop) of a sequence of `len` items, checked; stop < 0 means "to the end".
+void check_range(long long len, long long start, long long* stop) {
+  if (*stop < 0) *stop = len;
+  if (start < 0 || start > *stop || *stop > len)
+    fail(Code::kInvalidArgument, "token range [" + std::to_string(start) + ", " + std::to_string(*stop) +
+                                     ") is not within the " + std::to_string(len) + " token ids");
+}
+
+// Items [start, stop) of a list/tuple, read in place: no slice, no Python call per token.
+void tokens_from_sequence(py::handle obj, Tokens& t, long long start = 0, long long stop = -1) {
   PyObject* seq = obj.ptr();
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  PyObject** items = PySequence_Fast_ITEMS(seq);
+  check_range(PySequence_Fast_GET_SIZE(seq), start, &stop);
+  const Py_ssize_t n = static_cast<Py_ssize_t>(stop - start);
+  PyObject** items = PySequence_Fast_ITEMS(seq) + start;
   // Common case first: every item an exact int of one internal digit (< 2^30) and >= 0, which
   // converts straight to uint32. Anything else restarts on the general path below.
   t.narrow.resize(static_cast<size_t>(n));
@@ -107,16 +118,16 @@ void tokens_from_sequence(py::handle obj, Tokens& t) {
       continue;
     }
     if (PyBool_Check(it))
-      fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i) + "] is a bool, not an integer token id");
+      fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i + start) + "] is a bool, not an integer token id");
     py::object owned;
     if (!PyLong_Check(it)) {
       if (!PyIndex_Check(it))
-        fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i) + "] is " +
+        fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i + start) + "] is " +
                                          type_name(it) + ", not an integer token id");
       PyObject* idx = PyNumber_Index(it);
       if (!idx) {
         PyErr_Clear();
-        fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i) + "] is " + type_name(it) +
+        fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i + start) + "] is " + type_name(it) +
                                          ", not an integer token id");
       }
       owned = py::reinterpret_steal<py::object>(idx);
@@ -125,7 +136,7 @@ void tokens_from_sequence(py::handle obj, Tokens& t) {
     int overflow = 0;
     const long long v = PyLong_AsLongLongAndOverflow(it, &overflow);
     if (overflow != 0)
-      fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i) + "] = " + std::string(py::str(it)) +
+      fail(Code::kInvalidArgument, "token_ids[" + std::to_string(i + start) + "] = " + std::string(py::str(it)) +
                                        " is out of range: token ids must satisfy 0 <= t < 2**32");
     t.converted[static_cast<size_t>(i)] = v;
   }
@@ -171,18 +182,35 @@ void tokens_from_buffer(Tokens& t) {
                      swap && b.itemsize > 1};
 }
 
-void get_tokens(py::handle obj, Tokens& t) {
+// token_ids[start:stop] (stop < 0: to the end) without copying a slice of the input.
+void get_tokens(py::handle obj, Tokens& t, long long start = 0, long long stop = -1) {
   if (PyBytes_Check(obj.ptr()) || PyByteArray_Check(obj.ptr()) || PyUnicode_Check(obj.ptr()))
     fail(Code::kInvalidArgument, "token_ids must be a sequence of ints or a 1-D integer array, got " +
                                      type_name(obj));
   if (PyList_Check(obj.ptr()) || PyTuple_Check(obj.ptr())) {
-    tokens_from_sequence(obj, t);
+    tokens_from_sequence(obj, t, start, stop);
+    t.span.index_base = static_cast<size_t>(start);
     return;
   }
   if (PyObject_CheckBuffer(obj.ptr())) {
     if (!t.buffer.acquire_records(obj))
       fail(Code::kInvalidArgument, "token_ids: could not read the array's buffer (" + type_name(obj) + ")");
     tokens_from_buffer(t);
+    check_range(static_cast<long long>(t.span.count), start, &stop);
+    t.span.data = static_cast<const uint8_t*>(t.span.data) + start * t.span.stride;
+    t.span.count = static_cast<size_t>(stop - start);
+    t.span.index_base = static_cast<size_t>(start);
+    return;
+  }
+  if (start != 0 || stop >= 0) {  // other sequences (vLLM's ConstantList, range ...): slice once
+    py::object part = py::reinterpret_borrow<py::object>(obj)[py::slice(
+        py::int_(start), stop < 0 ? py::object(py::none()) : py::object(py::int_(stop)), py::none())];
+    if (PyList_Check(part.ptr()) || PyTuple_Check(part.ptr()))
+      tokens_from_sequence(part, t);
+    else
+      get_tokens(part, t);
+    t.keep = std::move(part);
+    t.span.index_base = static_cast<size_t>(start);
     return;
   }
   // Other sequences (range, ...): materialize once as a list.
@@ -318,7 +346,11 @@ KVBM_BINDINGS(hashing, 10) {
   m.def(
       "block_hashes",
       [](py::handle token_ids, long long block_size, py::handle ns_digest, const std::string& algorithm,
-         py::handle extra, py::handle parent, const std::string& sha256_impl, bool as_list) -> py::object {
+         py::handle extra, py::handle parent, const std::string& sha256_impl, bool as_list, long long start,
+         py::object stop_obj) -> py::object {
+        const long long stop = stop_obj.is_none() ? -1 : stop_obj.cast<long long>();
+        if (!stop_obj.is_none() && stop < 0)
+          fail(Code::kInvalidArgument, "stop = " + std::to_string(stop) + " must be >= 0 (or None)");
         if (block_size <= 0)
           fail(Code::kInvalidArgument, "block_size = " + std::to_string(block_size) + " must be > 0");
         BlockHashParams params;
@@ -333,7 +365,7 @@ KVBM_BINDINGS(hashing, 10) {
           params.parent = par;
         }
         Tokens tokens;
-        get_tokens(token_ids, tokens);
+        get_tokens(token_ids, tokens, start, stop);
         Extras extras;
         get_extras(extra, extras);
         params.extras = extras.keys.data();
@@ -368,8 +400,8 @@ KVBM_BINDINGS(hashing, 10) {
       },
       py::arg("token_ids"), py::arg("block_size"), py::arg("ns_digest"), py::arg("algorithm") = "sha256",
       py::arg("extra") = py::none(), py::arg("parent") = py::none(), py::arg("sha256_impl") = "auto",
-      py::arg("as_list") = false,
-      "Chained 16-byte hashes of the full blocks of token_ids as a uint8 array of shape (n, 16), or as a\n"
-      "list of 16-byte bytes objects with as_list=True.\n"
+      py::arg("as_list") = false, py::arg("start") = 0, py::arg("stop") = py::none(),
+      "Chained 16-byte hashes of the full blocks of token_ids[start:stop] as a uint8 array of shape (n, 16),\n"
+      "or as a list of 16-byte bytes objects with as_list=True. The range is read in place (no slice copy).\n"
       "Use kvbm.block_hashes / kvbm.hashing.block_hashes_array rather than this directly.");
 }

@@ -162,12 +162,29 @@ KVBM_BINDINGS(index, 10) {
            },
            py::arg("tier"), py::arg("hashes"), py::arg("ignore_missing") = false)
       .def("evict",
-           [](BlockIndex& self, int tier, size_t count) {
+           [](BlockIndex& self, int tier, size_t count, bool hold) {
              std::vector<EvictedBlock> ev;
-             self.evict(tier_arg(tier), count, &ev);
+             self.evict(tier_arg(tier), count, &ev, hold);
              return evicted_list(ev);
            },
-           py::arg("tier"), py::arg("count"))
+           py::arg("tier"), py::arg("count"), py::arg("hold") = false,
+           "Evict up to count blocks. hold=True keeps their slots draining (not reusable) until "
+           "release_slots() says the copies out of them are done (Note [Slot lifetime]).")
+      .def("release_slots",
+           [](BlockIndex& self, int tier, py::handle slots) {
+             auto a = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(slots);
+             if (!a || a.ndim() != 1) fail(Code::kInvalidArgument, "release_slots: slots must be a 1-d sequence of ints");
+             std::vector<uint32_t> v(static_cast<size_t>(a.size()));
+             for (size_t i = 0; i < v.size(); ++i) {
+               int64_t s = a.data()[i];
+               if (s < 0 || s >= static_cast<int64_t>(kNoSlot))
+                 fail(Code::kInvalidArgument, "release_slots: slot " + std::to_string(s) + " is out of range");
+               v[i] = static_cast<uint32_t>(s);
+             }
+             check(self.release_slots(tier_arg(tier), v.data(), v.size()));
+           },
+           py::arg("tier"), py::arg("slots"),
+           "Return draining slots (from evict(hold=True)) to the free list once copies out of them ended.")
       .def("set_checksum",
            [](BlockIndex& self, py::handle key, uint32_t crc) { check(self.set_checksum(get_key(key, "hash"), crc)); },
            py::arg("hash"), py::arg("checksum"))
@@ -205,6 +222,7 @@ KVBM_BINDINGS(index, 10) {
              d["slot_bytes"] = i.slot_bytes;
              d["used_slots"] = i.used_slots;
              d["pinned_slots"] = i.pinned_slots;
+             d["draining_slots"] = i.draining_slots;
              d["policy"] = i.policy;
              return d;
            },

@@ -80,7 +80,7 @@ Status validate_typed(const TokenSpan& s) {
     if (bad) {
       const std::string value =
           std::is_signed_v<T> ? std::to_string(static_cast<int64_t>(v)) : std::to_string(static_cast<uint64_t>(v));
-      return InvalidArgument("token_ids[" + std::to_string(i) + "] = " + value +
+      return InvalidArgument("token_ids[" + std::to_string(i + s.index_base) + "] = " + value +
                              " is out of range: token ids must satisfy 0 <= t < 2**32");
     }
   }

@@ -48,6 +48,7 @@ struct TokenSpan {
   ptrdiff_t stride = 0;   // bytes from one element to the next (may be negative)
   TokenType type = TokenType::kUInt32;
   bool byteswap = false;  // elements are stored in the byte order opposite to the host's
+  size_t index_base = 0;  // index of data[0] in the caller's sequence (error messages only)
 };
 
 // One extra key (LoRA name, cache salt, multimodal hash ...) as opaque bytes.

@@ -81,6 +81,7 @@ Status BlockIndex::configure_tier(TierId tier, uint32_t num_slots, uint64_t slot
   tb.num_slots = num_slots;
   tb.slot_bytes = slot_bytes;
   tb.slot_entry.assign(num_slots, kNoEntry);
+  tb.readers.assign(num_slots, 0);
   tb.free_slots.resize(num_slots);
   for (uint32_t i = 0; i < num_slots; ++i) tb.free_slots[i] = num_slots - 1 - i;  // pop gives 0,1,2...
   tb.enabled = true;
@@ -111,7 +112,7 @@ uint32_t BlockIndex::alloc_entry() {
 }
 
 void BlockIndex::grow_table() {
-  std::vector<Bucket> old;
+  decltype(table_) old;
   old.swap(table_);
   table_.assign(old.size() * 2, Bucket{kNoEntry, 0});
   mask_ = table_.size() - 1;
@@ -183,14 +184,20 @@ int64_t BlockIndex::parent_slot(const Entry& e, int t) const {
   return entries_[pid].slot[t];
 }
 
-void BlockIndex::evict_slot(TierBook& tb, int t, uint32_t slot, std::vector<EvictedBlock>* out, bool is_eviction) {
+void BlockIndex::evict_slot(TierBook& tb, int t, uint32_t slot, std::vector<EvictedBlock>* out, bool is_eviction,
+                            bool hold) {
   uint32_t id = tb.slot_entry[slot];
   Entry& e = entries_[id];
   if (out) out->push_back(EvictedBlock{e.key, e.parent, slot, e.checksum, e.has_checksum != 0});
   e.state[t] = kAbsent;
   e.slot[t] = kNoSlot;
   tb.slot_entry[slot] = kNoEntry;
-  tb.free_slots.push_back(slot);
+  if (hold) {  // Note [Slot lifetime]: reusable only after release_slots()
+    tb.readers[slot] = 1;
+    tb.draining++;
+  } else {
+    tb.free_slots.push_back(slot);
+  }
   tb.ready--;
   tb.policy->remove(slot);
   if (is_eviction)
@@ -202,22 +209,47 @@ void BlockIndex::evict_slot(TierBook& tb, int t, uint32_t slot, std::vector<Evic
 
 // ---- lookups ----------------------------------------------------------------------------------
 
+// Note [Chain lookup pipeline]
+// A chain lookup knows every key up front, so it does not resolve them one miss at a time:
+// key i+kBucketAhead's home bucket is prefetched (stage 1); key i+kEntryAhead's probe run,
+// whose line has arrived by then, is scanned for a matching 32-bit tag and that entry's first
+// 64 bytes (two lines at a 72-byte stride) are prefetched for writing (stage 2,
+// probe_ahead); key i is then checked against the full key in its entry, which has arrived
+// too (stage 3). About three lines per block (bucket, entry, and the policy's metadata, which
+// touch_many prefetches the same way), all with a dozen or more misses in flight. Stage 2's
+// answer is final unless a tag matched a different key (about 1 in 2^32 per probe): then the
+// plain find() decides. The table cannot change under the mutex, so what stage 2 saw is what
+// stage 3 sees.
+uint32_t BlockIndex::probe_ahead(Hash128 key) const {
+  const uint32_t tag = static_cast<uint32_t>(key.hi >> 32);
+  uint64_t i = key.lo & mask_;
+  for (;;) {
+    const Bucket& b = table_[i];
+    if (b.entry == kNoEntry) return kNoEntry;
+    if (b.tag == tag) {
+      const char* e = reinterpret_cast<const char*>(&entries_[b.entry]);
+      __builtin_prefetch(e, 1, 3);
+      __builtin_prefetch(e + 63, 1, 3);
+      return b.entry;
+    }
+    i = (i + 1) & mask_;
+  }
+}
+
 size_t BlockIndex::lookup(const Hash128* keys, size_t n, uint8_t* tiers_out) {
   std::lock_guard<std::mutex> g(mu_);
   std::fill(tiers_out, tiers_out + n, kNoTier);
-  // Software pipeline: bucket of key i+16 and entry of key i+8 are prefetched while key i is
-  // resolved, so at 10M blocks several cache misses are in flight at once.
-  constexpr size_t kBucketAhead = 16, kEntryAhead = 8;
+  constexpr size_t kBucketAhead = 48, kEntryAhead = 24, kRing = 32;  // kRing > kEntryAhead, a power of 2
+  uint32_t ahead[kRing];
   for (size_t i = 0; i < std::min(kBucketAhead, n); ++i) prefetch(&table_[keys[i].lo & mask_]);
+  for (size_t i = 0; i < std::min(kEntryAhead, n); ++i) ahead[i] = probe_ahead(keys[i]);
   for (auto& v : touch_scratch_) v.clear();
   size_t hits = 0;
   for (size_t i = 0; i < n; ++i) {
     if (i + kBucketAhead < n) prefetch(&table_[keys[i + kBucketAhead].lo & mask_]);
-    if (i + kEntryAhead < n) {
-      const Bucket& b = table_[keys[i + kEntryAhead].lo & mask_];
-      if (b.entry != kNoEntry) prefetch(&entries_[b.entry]);
-    }
-    uint32_t id = find(keys[i]);
+    if (i + kEntryAhead < n) ahead[(i + kEntryAhead) % kRing] = probe_ahead(keys[i + kEntryAhead]);
+    uint32_t id = ahead[i % kRing];
+    if (id != kNoEntry && entries_[id].key != keys[i]) id = find(keys[i]);  // a tag collision
     int found = -1;
     for (int t = 0; t < kNumTiers; ++t) {
       TierBook& tb = tiers_[t];
@@ -269,7 +301,7 @@ Status BlockIndex::prepare_store(TierId tier, const Hash128* keys, size_t n, Has
   if (tb.free_dirty) {
     tb.free_slots.clear();
     for (uint32_t s = tb.num_slots; s-- > 0;)
-      if (tb.slot_entry[s] == kNoEntry) tb.free_slots.push_back(s);
+      if (tb.slot_entry[s] == kNoEntry && tb.readers[s] == 0) tb.free_slots.push_back(s);
     tb.free_dirty = false;
   }
   // Pass 1: what needs a slot; the batch's own present blocks are pinned (once the store is
@@ -295,7 +327,8 @@ Status BlockIndex::prepare_store(TierId tier, const Hash128* keys, size_t n, Has
     return CapacityExceeded(std::string("tier '") + tier_name(tier) + "': " + std::to_string(need) +
                             " blocks need slots but only " + std::to_string(tb.free_slots.size()) + " are free and " +
                             std::to_string(evictable) + " evictable (" + std::to_string(tb.pinned) +
-                            " pinned, " + std::to_string(tb.storing) + " in flight)");
+                            " pinned, " + std::to_string(tb.storing) + " in flight, " +
+                            std::to_string(tb.draining) + " draining)");
   }
   for (uint32_t s : temp_pinned) tb.policy->set_pinned(s, true);
   // Pass 2: allocate, evicting as needed.
@@ -382,7 +415,7 @@ Status BlockIndex::restore(TierId tier, Hash128 key, Hash128 parent, uint32_t sl
   TierBook& tb = tiers_[t];
   if (slot >= tb.num_slots)
     return OutOfRange("restore: slot " + std::to_string(slot) + " >= " + std::to_string(tb.num_slots) + " slots");
-  if (tb.slot_entry[slot] != kNoEntry)
+  if (tb.slot_entry[slot] != kNoEntry || tb.readers[slot] != 0)
     return AlreadyExists("restore: slot " + std::to_string(slot) + " is already occupied");
   bool inserted;
   uint32_t id = find_or_insert(key, parent, &inserted);
@@ -489,7 +522,7 @@ Status BlockIndex::remove(TierId tier, const Hash128* keys, size_t n, bool ignor
   return Status::Ok();
 }
 
-size_t BlockIndex::evict(TierId tier, size_t count, std::vector<EvictedBlock>* evicted) {
+size_t BlockIndex::evict(TierId tier, size_t count, std::vector<EvictedBlock>* evicted, bool hold) {
   std::lock_guard<std::mutex> g(mu_);
   if (!check_tier(tier).ok()) return 0;
   const int t = static_cast<int>(tier);
@@ -498,10 +531,33 @@ size_t BlockIndex::evict(TierId tier, size_t count, std::vector<EvictedBlock>* e
   while (done < count) {
     int64_t v = tb.policy->victim();
     if (v < 0) break;
-    evict_slot(tb, t, static_cast<uint32_t>(v), evicted, true);
+    evict_slot(tb, t, static_cast<uint32_t>(v), evicted, true, hold);
     ++done;
   }
   return done;
+}
+
+Status BlockIndex::release_slots(TierId tier, const uint32_t* slots, size_t n) {
+  std::lock_guard<std::mutex> g(mu_);
+  KVBM_RETURN_IF_ERROR(check_tier(tier));
+  TierBook& tb = tiers_[static_cast<int>(tier)];
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t s = slots[i];
+    size_t times = 0;  // a slot listed twice needs two pending readers
+    for (size_t k = 0; k < n && n <= 64; ++k) times += slots[k] == s;
+    if (s >= tb.num_slots || tb.readers[s] < std::max<size_t>(times, 1))
+      return IllegalTransition("release_slots: slot " + std::to_string(s) + " of tier '" + tier_name(tier) +
+                               "' is not draining (release without a held eviction)");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t s = slots[i];
+    if (tb.readers[s] == 0) continue;  // over-release in a big batch: ignored, never double-freed
+    if (--tb.readers[s] == 0) {
+      tb.draining--;
+      tb.free_slots.push_back(s);
+    }
+  }
+  return Status::Ok();
 }
 
 Status BlockIndex::set_checksum(Hash128 key, uint32_t checksum) {
@@ -553,6 +609,7 @@ TierInfo BlockIndex::tier_info(TierId tier) const {
   info.slot_bytes = tb.slot_bytes;
   info.used_slots = tb.ready + tb.storing;
   info.pinned_slots = tb.pinned;
+  info.draining_slots = tb.draining;
   info.policy = tb.policy->name();
   return info;
 }
@@ -579,7 +636,8 @@ size_t BlockIndex::memory_bytes() const {
   size_t b = entries_.capacity() * sizeof(Entry) + table_.capacity() * sizeof(Bucket);
   for (const TierBook& tb : tiers_) {
     if (!tb.enabled) continue;
-    b += tb.slot_entry.capacity() * 4 + tb.free_slots.capacity() * 4 + tb.policy->memory_bytes();
+    b += tb.slot_entry.capacity() * 4 + tb.free_slots.capacity() * 4 + tb.readers.capacity() * 2 +
+         tb.policy->memory_bytes();
   }
   return b;
 }
@@ -614,9 +672,13 @@ Status BlockIndex::validate() const {
   for (int t = 0; t < kNumTiers; ++t) {
     const TierBook& tb = tiers_[t];
     if (!tb.enabled) continue;
-    uint32_t used = 0, ready = 0, storing = 0, pinned = 0;
+    uint32_t used = 0, ready = 0, storing = 0, pinned = 0, draining = 0;
     for (uint32_t s = 0; s < tb.num_slots; ++s) {
       uint32_t id = tb.slot_entry[s];
+      if (tb.readers[s] != 0) {
+        ++draining;
+        if (id != kNoEntry) return Internal("slot " + std::to_string(s) + " is draining but holds a block");
+      }
       if (id == kNoEntry) continue;
       ++used;
       const Entry& e = entries_[id];
@@ -630,7 +692,9 @@ Status BlockIndex::validate() const {
     if (tb.policy->size() != tb.ready)
       return Internal(std::string("tier ") + tier_name(TierId(t)) + " policy holds " +
                       std::to_string(tb.policy->size()) + " ids, tier has " + std::to_string(tb.ready) + " ready");
-    if (!tb.free_dirty && tb.free_slots.size() + used != tb.num_slots)
+    if (draining != tb.draining)
+      return Internal(std::string("tier ") + tier_name(TierId(t)) + " draining count disagrees with slots");
+    if (!tb.free_dirty && tb.free_slots.size() + used + draining != tb.num_slots)
       return Internal(std::string("tier ") + tier_name(TierId(t)) + " free list size is wrong");
     if (used > tb.num_slots) return Internal("capacity exceeded");
   }

@@ -11,18 +11,33 @@
 //
 // Only Ready blocks are visible to lookups and loadable. Loads pin a Ready block
 // (prepare_load / complete_load); a pinned or Storing block is never evicted, so a slot is
-// never reused while bytes are moving in or out of it. Any other transition (completing a
+// never reused while bytes are moving in or out of it. See Note [Slot lifetime] for the bytes
+// of a block that has just left its slot. Any other transition (completing a
 // store that was never prepared, loading a Storing block, removing a pinned one, unpinning an
 // unpinned one) fails with Code::kIllegalTransition and changes nothing.
 //
 // Note [Index layout]
-// Entries (64 bytes) live in one array addressed by 32-bit ids; a free list threads the unused
-// ones. The hash table is open addressing with linear probing over 8-byte buckets holding the
+// Entries (72 bytes) live in one array addressed by 32-bit ids; a free list threads the unused
+// ones. Everything a lookup reads or writes (key, slots, last_access, hits, state) is in an
+// entry's first 64 bytes. The hash table is open addressing with linear probing over 8-byte buckets holding the
 // entry id and 32 more bits of the key (so a probe rarely touches an entry it does not want),
 // with backward-shift deletion (no tombstones, probe lengths stay short under churn). It
-// grows by doubling at 3/4 load. Chain lookups prefetch buckets and entries a few keys ahead,
-// so at 10M blocks they run at memory-level parallelism instead of one miss at a time.
+// grows by doubling at 3/4 load. Chain lookups probe the table for keys a dozen places ahead
+// of the one they resolve and prefetch what they will need (Note [Chain lookup pipeline] in
+// block_index.cpp), so at 10M blocks they run at memory-level parallelism instead of one miss
+// at a time; the big arrays sit on huge pages (Note [Huge pages for the index]).
 // Nothing allocates on the lookup path.
+//
+// Note [Slot lifetime]
+// A slot is handed out again only after every copy out of it has finished. While its block is
+// Ready, readers pin it (prepare_load). When a block leaves a slot whose bytes are still to be
+// copied out (a demotion to a slower tier, a write-behind), evict(..., hold=true) does not put
+// the slot on the free list: it enters a draining state with one pending reader, and only
+// release_slots() — called once the copy is done — returns it to the free list. prepare_store
+// never hands out a draining slot (it evicts another block or reports kCapacityExceeded). A
+// slot that prepare_store itself evicts goes straight to one of that call's own new blocks,
+// whose only writer is the caller: the caller copies the evicted bytes out (StorePlan.evicted)
+// before writing the new ones in.
 //
 // Thread safety: every public method takes the index mutex; callers move bytes outside it,
 // which the Storing state and pins make safe.
@@ -37,6 +52,7 @@
 
 #include "csrc/eviction.h"
 #include "csrc/hash128.h"
+#include "csrc/huge_alloc.h"
 #include "csrc/status.h"
 
 namespace kvbm {
@@ -86,6 +102,7 @@ struct TierInfo {
   uint64_t slot_bytes = 0;
   uint32_t used_slots = 0;     // Storing + Ready
   uint32_t pinned_slots = 0;
+  uint32_t draining_slots = 0;  // evicted, a copy out of them still running (Note [Slot lifetime])
   std::string policy;
 };
 
@@ -142,8 +159,12 @@ class BlockIndex {
   Status complete_load(TierId tier, const Hash128* keys, size_t n);
   // Ready (unpinned) -> Absent. Missing keys are ignored when `ignore_missing`.
   Status remove(TierId tier, const Hash128* keys, size_t n, bool ignore_missing, std::vector<EvictedBlock>* removed);
-  // Evict up to `count` blocks chosen by the policy.
-  size_t evict(TierId tier, size_t count, std::vector<EvictedBlock>* evicted);
+  // Evict up to `count` blocks chosen by the policy. With `hold`, their slots stay draining
+  // (not reusable) until release_slots() says the copies out of them are done.
+  size_t evict(TierId tier, size_t count, std::vector<EvictedBlock>* evicted, bool hold = false);
+  // Draining slots whose copies out finished go back to the free list. A slot listed that is
+  // not draining is kIllegalTransition and nothing changes.
+  Status release_slots(TierId tier, const uint32_t* slots, size_t n);
   // Record a checksum for a Ready/Storing block (e.g. computed lazily before demotion).
   Status set_checksum(Hash128 key, uint32_t checksum);
   // Count a verification failure against `tier` (the caller also removes the block).
@@ -169,6 +190,8 @@ class BlockIndex {
     uint64_t slot_bytes = 0;
     std::vector<uint32_t> slot_entry;   // slot -> entry id (kNoEntry when free)
     std::vector<uint32_t> free_slots;   // stack
+    std::vector<uint16_t> readers;      // per slot: copies out still running after its block left
+    uint32_t draining = 0;              // slots with readers > 0 (neither free nor used)
     bool free_dirty = false;            // restore() ran: rebuild free_slots before allocating
     uint32_t ready = 0;
     uint32_t storing = 0;
@@ -178,19 +201,21 @@ class BlockIndex {
   };
 
   uint32_t find(Hash128 key) const;                 // entry id or kNoEntry
+  uint32_t probe_ahead(Hash128 key) const;          // lookup pipeline stage 2 (Note [Chain lookup pipeline])
   uint32_t find_or_insert(Hash128 key, Hash128 parent, bool* inserted);
   void erase_entry(uint32_t id);                    // removes from table, frees id
   void maybe_release(uint32_t id);                  // erase if absent in every tier
   void grow_table();
   uint32_t alloc_entry();
   int64_t parent_slot(const Entry& e, int t) const;
-  void evict_slot(TierBook& tb, int t, uint32_t slot, std::vector<EvictedBlock>* out, bool is_eviction);
+  void evict_slot(TierBook& tb, int t, uint32_t slot, std::vector<EvictedBlock>* out, bool is_eviction,
+                  bool hold = false);
   Status check_tier(TierId tier) const;
 
   mutable std::mutex mu_;
-  std::vector<Entry> entries_;
+  std::vector<Entry, HugePageAllocator<Entry>> entries_;    // Note [Huge pages for the index]
   uint32_t free_entry_head_ = kNoEntry;
-  std::vector<Bucket> table_;
+  std::vector<Bucket, HugePageAllocator<Bucket>> table_;
   uint64_t mask_ = 0;
   size_t size_ = 0;
   uint32_t clock_ = 0;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "csrc/huge_alloc.h"
+
 namespace kvbm {
 
 namespace {
@@ -42,61 +44,65 @@ StatusOr<std::unique_ptr<EvictionPolicy>> make_policy(const std::string& name, u
 
 // ---------------------------------------------------------------------------------------------
 // LRU: one intrusive doubly-linked list over slot ids with a sentinel at index `capacity`.
-// Pinned ids are unlinked (kept off the list) and relinked as most recent on unpin.
+// Pinned ids are unlinked (kept off the list) and relinked as most recent on unpin. An id's
+// state lives in its own link (prev == kMark: not on the list; next == kMark too: absent,
+// else pinned), so a touch reads one 8-byte record and its two neighbours, nothing else.
 namespace {
 
 class LruPolicy final : public EvictionPolicy {
  public:
-  explicit LruPolicy(uint32_t capacity) : cap_(capacity), link_(capacity + 1), state_(capacity, kAbsent) {
+  explicit LruPolicy(uint32_t capacity) : cap_(capacity), link_(capacity + 1, Link{kMark, kMark}) {
     link_[cap_] = Link{cap_, cap_};
   }
   const char* name() const override { return "lru"; }
 
   void insert(uint32_t id, int64_t /*parent*/, uint64_t /*fingerprint*/) override {
-    state_[id] = kLinked;
     ++size_;
     push_front(id);
   }
   void touch(uint32_t id) override {
-    if (state_[id] != kLinked) return;
+    if (!linked(id)) return;
     unlink(id);
     push_front(id);
   }
   void touch_many(const uint32_t* ids, size_t n) override {
-    constexpr size_t kAhead = 8;
+    constexpr size_t kAhead = 32;
     for (size_t i = 0; i < n; ++i) {
       if (i + kAhead < n) __builtin_prefetch(&link_[ids[i + kAhead]], 1, 1);
       if (i + kAhead / 2 < n) {  // neighbours of an id a few steps ahead (its links are in cache by now)
         const Link& l = link_[ids[i + kAhead / 2]];
-        __builtin_prefetch(&link_[l.prev], 1, 1);
-        __builtin_prefetch(&link_[l.next], 1, 1);
+        if (l.prev != kMark) {
+          __builtin_prefetch(&link_[l.prev], 1, 1);
+          __builtin_prefetch(&link_[l.next], 1, 1);
+        }
       }
       touch(ids[i]);
     }
   }
   void remove(uint32_t id) override {
-    if (state_[id] == kLinked) unlink(id);
-    if (state_[id] != kAbsent) --size_;
-    state_[id] = kAbsent;
+    if (linked(id)) unlink(id);
+    if (!absent(id)) --size_;
+    link_[id] = Link{kMark, kMark};
   }
   void set_pinned(uint32_t id, bool pinned) override {
-    if (pinned && state_[id] == kLinked) {
+    if (pinned && linked(id)) {
       unlink(id);
-      state_[id] = kPinned;
-    } else if (!pinned && state_[id] == kPinned) {
-      state_[id] = kLinked;
+      link_[id] = Link{kMark, 0};
+    } else if (!pinned && !linked(id) && !absent(id)) {
       push_front(id);
     }
   }
   int64_t victim() override { return link_[cap_].prev == cap_ ? -1 : static_cast<int64_t>(link_[cap_].prev); }
   size_t size() const override { return size_; }
-  size_t memory_bytes() const override { return link_.capacity() * sizeof(Link) + state_.capacity(); }
+  size_t memory_bytes() const override { return link_.capacity() * sizeof(Link); }
 
  private:
-  enum : uint8_t { kAbsent = 0, kLinked = 1, kPinned = 2 };
+  static constexpr uint32_t kMark = 0xFFFFFFFFu;  // never an index: ids < capacity <= 2^32 - 2
   struct Link {
     uint32_t prev, next;
   };
+  bool linked(uint32_t id) const { return link_[id].prev != kMark; }
+  bool absent(uint32_t id) const { return link_[id].prev == kMark && link_[id].next == kMark; }
   void push_front(uint32_t id) {
     uint32_t first = link_[cap_].next;
     link_[id] = Link{cap_, first};
@@ -109,8 +115,7 @@ class LruPolicy final : public EvictionPolicy {
     link_[l.next].prev = l.prev;
   }
   uint32_t cap_;
-  std::vector<Link> link_;  // prev/next side by side: one cache line per touch, not two
-  std::vector<uint8_t> state_;
+  std::vector<Link, HugePageAllocator<Link>> link_;  // prev/next side by side: one cache line per touch, not two
   size_t size_ = 0;
 };
 

@@ -113,6 +113,7 @@
 #include <vector>
 
 #include "csrc/eviction.h"
+#include "csrc/huge_alloc.h"
 
 namespace kvbm {
 namespace {
@@ -380,7 +381,7 @@ class PrefixPolicy final : public EvictionPolicy {
 
   bool history_;
   uint32_t cap_;
-  std::vector<Node> n_;  // cap_ slots, then one sentinel per list
+  std::vector<Node, HugePageAllocator<Node>> n_;  // cap_ slots, then one sentinel per list
   std::vector<uint16_t> ghost_;
   uint64_t set_mask_ = 0;
   uint64_t clock_ = 0;

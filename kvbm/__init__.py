@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from kvbm import _native
 from kvbm._version import __version__
+from kvbm.args import Pointer
 from kvbm.errors import *
 from kvbm.errors import KvbmError
 from kvbm.hashing import Namespace, block_hashes
@@ -39,6 +40,7 @@ __all__ = [
     "KvbmError",
     "LookupResult",
     "Namespace",
+    "Pointer",
     "StorePlan",
     "Tier",
     "__version__",

@@ -27,8 +27,10 @@ class BlockIndex:
         ...
     def counters(self, tier: typing.SupportsInt | typing.SupportsIndex) -> dict:
         ...
-    def evict(self, tier: typing.SupportsInt | typing.SupportsIndex, count: typing.SupportsInt | typing.SupportsIndex) -> list:
-        ...
+    def evict(self, tier: typing.SupportsInt | typing.SupportsIndex, count: typing.SupportsInt | typing.SupportsIndex, hold: bool = False) -> list:
+        """
+        Evict up to count blocks. hold=True keeps their slots draining (not reusable) until release_slots() says the copies out of them are done (Note [Slot lifetime]).
+        """
     def get(self, hash: typing.Any) -> typing.Any:
         ...
     def lookup(self, hashes: typing.Any) -> tuple[int, numpy.typing.NDArray[numpy.uint8]]:
@@ -43,6 +45,10 @@ class BlockIndex:
         ...
     def prepare_store(self, tier: typing.SupportsInt | typing.SupportsIndex, hashes: typing.Any, parent: typing.Any = None) -> tuple[numpy.typing.NDArray[numpy.int64], list]:
         ...
+    def release_slots(self, tier: typing.SupportsInt | typing.SupportsIndex, slots: typing.Any) -> None:
+        """
+        Return draining slots (from evict(hold=True)) to the free list once copies out of them ended.
+        """
     def remove(self, tier: typing.SupportsInt | typing.SupportsIndex, hashes: typing.Any, ignore_missing: bool = False) -> list:
         ...
     def restore(self, tier: typing.SupportsInt | typing.SupportsIndex, hash: typing.Any, parent: typing.Any, slot: typing.SupportsInt | typing.SupportsIndex, checksum: typing.Any = None) -> None:

@@ -30,19 +30,62 @@ _SIZE_UNITS = {
 }
 
 
+MAX_SIZE_BYTES = 1 << 60
+"""Largest byte size a config key accepts (1 EiB): bigger ones are typos, and would overflow."""
+
+_MAX_DIGITS = 30  # a size string longer than this is refused before any arithmetic
+
+
 def parse_size(value: int | str, key: str = "size") -> int:
-    """Parse a byte size (``1048576``, ``"1MiB"``, ``"1.5GB"``); raise ConfigError naming ``key``."""
+    """Parse a byte size (``1048576``, ``"1MiB"``, ``"1.5GB"``); raise ConfigError naming ``key``.
+
+    Sizes are exact (no float rounding) and at most :data:`MAX_SIZE_BYTES`; negative ints are
+    returned as they are (the validation of each key says what it allows).
+    """
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a byte size, got {value!r}")
     if isinstance(value, int):
-        return value
+        return _bounded_size(value, key)
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        return _bounded_size(int(value), key)
     if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and (m.group(2) or "").lower() in _SIZE_UNITS:
-            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
-    raise ConfigError(f"{key}: expected a byte size such as 1073741824 or '1GiB', got {value!r}")
+        m = _SIZE_RE.match(value) if len(value) <= 64 else None
+        if m and (m.group(2) or "").lower() in _SIZE_UNITS and len(m.group(1)) <= _MAX_DIGITS:
+            whole, _, frac = m.group(1).partition(".")
+            unit = _SIZE_UNITS[(m.group(2) or "").lower()]
+            scaled = int(whole + frac) * unit // 10 ** len(frac)  # exact: no float
+            return _bounded_size(scaled, key)
+    raise ConfigError(f"{key}: expected a byte size such as 1073741824 or '1GiB', got {_shown(value)}")
+
+
+MAX_YAML_NESTING = 64
+"""Deepest ``[``/``{`` nesting a YAML config may have (a kvbm config needs 1; deep ones are slow to parse)."""
+
+
+def _flow_depth(text: str) -> int:
+    """Upper bound of the flow-collection nesting of a YAML text (brackets inside strings count too)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
+
+def _bounded_size(v: int, key: str) -> int:
+    if v > MAX_SIZE_BYTES:
+        raise ConfigError(f"{key}: {_shown(v)} is more than the 2**60 bytes (1 EiB) kvbm accepts")
+    return v
+
+
+def _shown(v: object) -> str:
+    """A value for an error message, cut short (a 5,000-digit int or string stays readable)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 128:
+        return f"an integer of {len(str(abs(v))) if v.bit_length() < 10000 else 'over 3000'} digits"
+    r = repr(v)
+    return r if len(r) <= 80 else r[:60] + f"... ({len(r)} characters)"
 
 
 def _default_eviction_policy() -> str:
@@ -50,6 +93,15 @@ def _default_eviction_policy() -> str:
 
     return str(_native.eviction_policy_names()[0])
 
+
+MAX_BLOCK_SIZE = 1 << 24
+"""Largest block_size (tokens per block); equals ``kvbm.hashing.MAX_BLOCK_SIZE`` (config imports no hashing)."""
+
+MAX_BLOCK_BYTES = 1 << 36
+"""Largest block_bytes accepted (64 GiB per block)."""
+
+MAX_INDEX_INITIAL_CAPACITY = 1 << 22
+"""Largest index_initial_capacity accepted: what the index reserves up front (it grows past it)."""
 
 _SIZE_FIELDS = {"host_capacity_bytes", "block_bytes", "disk_capacity_bytes"}
 
@@ -140,18 +192,38 @@ class KvbmConfig:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> KvbmConfig:
         """Build from a YAML file holding a mapping of config keys."""
-        import yaml
-
         p = Path(path)
         try:
-            text = p.read_text()
+            raw = p.read_bytes()
         except OSError as e:
-            raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror}") from None
+            raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
+        except ValueError as e:  # e.g. an embedded NUL in the path
+            raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
         try:
-            data = yaml.safe_load(text) or {}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        return cls.from_yaml_text(text, source=str(p))
+
+    @classmethod
+    def from_yaml_text(cls, text: str, *, source: str = "yaml") -> KvbmConfig:
+        """Build from YAML text holding a mapping of config keys.
+
+        Raises ConfigError for YAML that does not parse, nests too deeply or holds no mapping.
+        """
+        import yaml
+
+        if _flow_depth(text) > MAX_YAML_NESTING:
+            raise ConfigError(f"config file {source!r} nests more than {MAX_YAML_NESTING} levels deep")
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        return cls.from_dict(data, source=str(p))
+            raise ConfigError(f"config file {source!r} is not valid YAML: {_shown(str(e))}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {source!r} nests too deeply to be a kvbm config") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise ConfigError(f"config file {source!r} holds a value kvbm cannot read: {_shown(str(e))}") from None
+        return cls.from_dict({} if data is None else data, source=source)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> KvbmConfig:
@@ -203,46 +275,60 @@ class KvbmConfig:
             elif base is int:
                 if isinstance(v, str):
                     try:
-                        v = int(v.strip())
+                        v = int(v.strip()) if len(v) <= 64 else None
                     except ValueError:
-                        raise ConfigError(f"{f.name}: expected an integer, got {v!r}") from None
+                        v = None
+                    if v is None:
+                        raise ConfigError(f"{f.name}: expected an integer, got {_shown(getattr(self, f.name))}")
                 if isinstance(v, bool) or not isinstance(v, int):
-                    raise ConfigError(f"{f.name}: expected an integer, got {v!r}")
+                    raise ConfigError(f"{f.name}: expected an integer, got {_shown(v)}")
+                if not -MAX_SIZE_BYTES <= v <= MAX_SIZE_BYTES:
+                    raise ConfigError(f"{f.name}: {_shown(v)} is out of range")
                 setattr(self, f.name, v)
             elif base is float:
                 if isinstance(v, str):
                     try:
-                        v = float(v.strip())
+                        v = float(v.strip()) if len(v) <= 64 else None
                     except ValueError:
-                        raise ConfigError(f"{f.name}: expected a number, got {v!r}") from None
+                        v = None
+                    if v is None:
+                        raise ConfigError(f"{f.name}: expected a number, got {_shown(getattr(self, f.name))}")
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise ConfigError(f"{f.name}: expected a number, got {v!r}")
+                    raise ConfigError(f"{f.name}: expected a number, got {_shown(v)}")
+                if isinstance(v, int) and abs(v) > MAX_SIZE_BYTES:
+                    raise ConfigError(f"{f.name}: {_shown(v)} is out of range")
+                if v != v:  # NaN compares false with every bound: refuse it by name
+                    raise ConfigError(f"{f.name}: expected a number, got nan")
                 setattr(self, f.name, float(v))
             elif base is str and not isinstance(v, str):
-                raise ConfigError(f"{f.name}: expected a string, got {v!r}")
+                raise ConfigError(f"{f.name}: expected a string, got {_shown(v)}")
 
     def validate(self) -> None:
         """Check every value; raise ConfigError naming the first bad key."""
-        from kvbm import eviction_policies
+        from kvbm import _native
 
-        if self.block_size <= 0:
-            raise ConfigError(f"block_size: must be positive, got {self.block_size}")
-        if self.block_bytes < 0:
-            raise ConfigError(f"block_bytes: must be >= 0 (0 = set by the engine), got {self.block_bytes}")
+        if not 0 < self.block_size <= MAX_BLOCK_SIZE:
+            raise ConfigError(f"block_size: must be 1..{MAX_BLOCK_SIZE}, got {self.block_size}")
+        if not 0 <= self.block_bytes <= MAX_BLOCK_BYTES:
+            raise ConfigError(
+                f"block_bytes: must be 0..{MAX_BLOCK_BYTES} (0 = set by the engine), got {self.block_bytes}"
+            )
         if self.host_capacity_bytes <= 0:
             raise ConfigError(f"host_capacity_bytes: must be positive, got {self.host_capacity_bytes}")
         if self.block_bytes and self.host_capacity_bytes < self.block_bytes:
             raise ConfigError(
                 f"host_capacity_bytes: {self.host_capacity_bytes} bytes hold no block of {self.block_bytes} bytes"
             )
-        if self.eviction_policy not in eviction_policies():
-            raise ConfigError(
-                f"eviction_policy: unknown policy {self.eviction_policy!r}; known: {', '.join(eviction_policies())}"
-            )
+        policies = list(_native.eviction_policy_names())
+        if self.eviction_policy not in policies:
+            raise ConfigError(f"eviction_policy: unknown policy {self.eviction_policy!r}; known: {', '.join(policies)}")
         if self.hash_algorithm not in ("sha256", "fast128"):
             raise ConfigError(f"hash_algorithm: must be 'sha256' or 'fast128', got {self.hash_algorithm!r}")
-        if self.index_initial_capacity <= 0:
-            raise ConfigError(f"index_initial_capacity: must be positive, got {self.index_initial_capacity}")
+        if not 0 < self.index_initial_capacity <= MAX_INDEX_INITIAL_CAPACITY:
+            raise ConfigError(
+                f"index_initial_capacity: must be 1..{MAX_INDEX_INITIAL_CAPACITY} (the index grows as needed), "
+                f"got {self.index_initial_capacity}"
+            )
         if self.metrics_port is not None and not (0 <= self.metrics_port <= 65535):
             raise ConfigError(f"metrics_port: must be 0..65535, got {self.metrics_port}")
         if self.disk_capacity_bytes < 0:
@@ -256,12 +342,9 @@ class KvbmConfig:
         if self.disk_io_threads <= 0 or self.disk_io_threads > 256:
             raise ConfigError(f"disk_io_threads: must be 1..256, got {self.disk_io_threads}")
         if self.remote_url is not None:
-            from kvbm.tiers.remote import REMOTE_SCHEMES
+            from kvbm.tier_registry import url_scheme
 
-            scheme = self.remote_url.split("://", 1)[0].lower() if "://" in self.remote_url else ""
-            if scheme not in REMOTE_SCHEMES:
-                known = ", ".join(s + "://" for s in REMOTE_SCHEMES)
-                raise ConfigError(f"remote_url: expected one of {known}, got {self.remote_url!r}")
+            url_scheme(self.remote_url)  # a registered scheme (no tier is imported)
         if self.remote_write_policy not in ("write_through", "write_behind", "read_only"):
             raise ConfigError(
                 "remote_write_policy: must be 'write_through', 'write_behind' or 'read_only', "

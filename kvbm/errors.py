@@ -72,6 +72,10 @@ class PeerError(KvbmError, ConnectionError):
     """A remote peer failed, refused, or vanished."""
 
 
+class ClosedError(KvbmError):
+    """The object was closed (``BlockManager.close()``); every later call raises this."""
+
+
 class UnsupportedError(KvbmError, NotImplementedError):
     """A valid request this build or tier cannot perform."""
 

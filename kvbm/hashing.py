@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +129,43 @@ class Namespace:
         return hashlib.sha256(self._encode()).digest()[:BLOCK_HASH_SIZE]
 
 
+TIER_NAMESPACE_TAG = b"kvbm-tier-namespace-v1"
+
+
+def tier_namespace_digest(namespace: Namespace | bytes | None, block_bytes: int, tenant: str = "") -> bytes:
+    """The one 16-byte namespace digest a BlockManager gives every tier below the host.
+
+    Disk records and remote keys/records are stamped with it, and a block stamped otherwise is
+    a miss. It binds everything that makes the bytes stored under one hash differ: the user's
+    :class:`Namespace` (its :attr:`Namespace.digest`, or a 16-byte digest; ``None`` for raw
+    hashes), the block size in bytes and the tenant name (``remote_namespace``). Built like
+    :attr:`Namespace.digest`: the first half of SHA-256 over a length-prefixed encoding.
+
+    Raises InvalidArgumentError for a namespace that is neither, a block size < 1 or a
+    tenant that is not a str.
+    """
+    if namespace is None:
+        ns = bytes(BLOCK_HASH_SIZE)
+    elif isinstance(namespace, Namespace):
+        ns = namespace.digest
+    elif isinstance(namespace, (bytes, bytearray, memoryview)) and len(bytes(namespace)) == BLOCK_HASH_SIZE:
+        ns = bytes(namespace)
+    else:
+        raise InvalidArgumentError(
+            f"namespace: expected a kvbm.Namespace, its {BLOCK_HASH_SIZE}-byte digest or None, "
+            f"got {type(namespace).__name__}"
+        )
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, (int, np.integer)) or block_bytes < 1:
+        raise InvalidArgumentError(f"block_bytes: must be a positive int, got {block_bytes!r}")
+    if not isinstance(tenant, str):
+        raise InvalidArgumentError(f"tenant: must be a str, got {type(tenant).__name__}")
+    t = tenant.encode("utf-8")
+    enc = b"".join(
+        struct.pack("<I", len(f)) + f for f in (TIER_NAMESPACE_TAG, ns, struct.pack("<Q", int(block_bytes)), t)
+    )
+    return hashlib.sha256(enc).digest()[:BLOCK_HASH_SIZE]
+
+
 def _resolve(block_size: object, namespace: object) -> tuple[int, bytes, str]:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise InvalidArgumentError(f"block_size must be an int, got {type(block_size).__name__}")
@@ -209,12 +246,116 @@ def block_hashes(
     return _native.block_hashes(token_ids, bs, ns_digest, algo, extra, parent, as_list=True)
 
 
+# ---- the one hash normaliser ---------------------------------------------------------------
+# Every public entry point that takes block hashes (BlockManager, the disk tier, the remote
+# tiers) goes through the three functions below, so one set of forms is accepted and one set of
+# errors is raised everywhere:
+#   * one hash: 16 bytes (bytes, bytearray, memoryview, a (16,) uint8 array) or an int in
+#     0 .. 2**128-1 (16 big-endian bytes);
+#   * many: a sequence of those, or a C-contiguous (n, 16) uint8 array.
+# Anything else -- None, bools, floats, str, negative or too-large ints, other lengths or
+# dtypes -- is an InvalidArgumentError naming the argument (and the index within it).
+
+_HASH_INT_LIMIT = 1 << (8 * BLOCK_HASH_SIZE)
+
+
+def hash_key(h: object, what: str = "hash", *, variable_length: bool = False) -> bytes:
+    """One block hash as 16 ``bytes``.
+
+    Accepts 16 bytes (``bytes``, ``bytearray``, ``memoryview``, a ``(16,)`` uint8 array) or an
+    int in ``0 .. 2**128-1`` (encoded big-endian). With ``variable_length`` (the disk tier's
+    catalog keys) bytes of 1..256 bytes are kept as they are and ints up to ``2**256-1`` become
+    32 bytes when they do not fit 16.
+
+    Raises:
+        InvalidArgumentError: anything else (None, bool, float, str, an int out of range, a
+            buffer of another length or dtype); the message names ``what``.
+    """
+    if type(h) is bytes and len(h) == BLOCK_HASH_SIZE:
+        return h
+    if isinstance(h, bool) or h is None:
+        raise InvalidArgumentError(f"{what}: expected a {BLOCK_HASH_SIZE}-byte block hash, got {h!r}")
+    if isinstance(h, (int, np.integer)):
+        v = int(h)
+        limit = _HASH_INT_LIMIT**2 if variable_length else _HASH_INT_LIMIT
+        if not 0 <= v < limit:
+            bound = "2**256-1" if variable_length else "2**128-1"
+            raise InvalidArgumentError(f"{what}: an int block hash must be in 0..{bound}, got {_short(v)}")
+        return v.to_bytes(BLOCK_HASH_SIZE if v < _HASH_INT_LIMIT else 2 * BLOCK_HASH_SIZE, "big")
+    if isinstance(h, np.ndarray):
+        if h.dtype != np.uint8 or h.ndim != 1 or (h.shape[0] != BLOCK_HASH_SIZE and not variable_length):
+            raise InvalidArgumentError(
+                f"{what}: expected a ({BLOCK_HASH_SIZE},) uint8 array, got shape {h.shape} dtype {h.dtype}"
+            )
+        b = h.tobytes()
+    elif isinstance(h, (bytes, bytearray, memoryview)):
+        mv = memoryview(h)
+        if mv.itemsize != 1:
+            raise InvalidArgumentError(f"{what}: a block hash is bytes, got a buffer of item size {mv.itemsize}")
+        b = mv.tobytes()
+    else:
+        raise InvalidArgumentError(f"{what}: expected a {BLOCK_HASH_SIZE}-byte block hash, got {type(h).__name__}")
+    if variable_length:
+        if not 0 < len(b) <= 256:
+            raise InvalidArgumentError(f"{what}: a block hash must be 1..256 bytes, got {len(b)}")
+    elif len(b) != BLOCK_HASH_SIZE:
+        raise InvalidArgumentError(f"{what}: a block hash is {BLOCK_HASH_SIZE} bytes, got {len(b)}")
+    return b
+
+
+def _short(v: int) -> str:
+    return str(v) if v.bit_length() <= 256 else f"an int of {v.bit_length()} bits"
+
+
+def hashes_arg(hashes: object, what: str = "hashes") -> np.ndarray | list[bytes]:
+    """Validate many block hashes; returns them in a form the native core takes without copying.
+
+    A C-contiguous ``(n, 16)`` uint8 array is returned as is; a sequence becomes a list of
+    16-byte ``bytes`` (each element as :func:`hash_key` accepts).
+
+    Raises:
+        InvalidArgumentError: not a sequence of hashes (None, one bytes object, str, a set or
+            mapping), an array of another dtype or shape, or a bad element (named by index).
+    """
+    if isinstance(hashes, np.ndarray):
+        if hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != BLOCK_HASH_SIZE:
+            raise InvalidArgumentError(
+                f"{what}: expected an (n, {BLOCK_HASH_SIZE}) uint8 array, got shape {hashes.shape} dtype {hashes.dtype}"
+            )
+        return hashes if hashes.flags.c_contiguous else np.ascontiguousarray(hashes)
+    if isinstance(hashes, list) and all(type(h) is bytes and len(h) == BLOCK_HASH_SIZE for h in hashes):
+        return hashes  # the common case, checked without building a new list
+    if hashes is None or isinstance(hashes, (bytes, bytearray, memoryview, str, Mapping, Set)):
+        raise InvalidArgumentError(
+            f"{what}: expected a sequence of {BLOCK_HASH_SIZE}-byte hashes or an (n, {BLOCK_HASH_SIZE}) uint8 "
+            f"array, got {type(hashes).__name__}"
+        )
+    try:
+        items = list(hashes)  # type: ignore[call-overload]
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{what}: expected a sequence of {BLOCK_HASH_SIZE}-byte hashes, got {type(hashes).__name__}"
+        ) from None
+    return [hash_key(h, f"{what}[{i}]") for i, h in enumerate(items)]
+
+
+def normalize_hashes(hashes: object, what: str = "hashes") -> list[bytes]:
+    """Many block hashes as a list of 16-byte ``bytes`` (same forms and errors as :func:`hashes_arg`)."""
+    h = hashes_arg(hashes, what)
+    return [bytes(r) for r in h] if isinstance(h, np.ndarray) else list(h)
+
+
 __all__ = [
     "BLOCK_HASH_SIZE",
     "HASH_ALGORITHMS",
     "MAX_BLOCK_SIZE",
     "NAMESPACE_TAG",
+    "TIER_NAMESPACE_TAG",
     "Namespace",
     "block_hashes",
     "block_hashes_array",
+    "hash_key",
+    "hashes_arg",
+    "normalize_hashes",
+    "tier_namespace_digest",
 ]

@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvbm import _native
+from kvbm.args import block_ids_arg, block_rows, enum_arg, flags_arg, float_arg, int_arg, tiers_out_arg, uint32_arg
 from kvbm.config import KvbmConfig
-from kvbm.errors import ConfigError, InvalidArgumentError
+from kvbm.errors import ClosedError, ConfigError, InvalidArgumentError
+from kvbm.hashing import Namespace, hash_key, hashes_arg, normalize_hashes, tier_namespace_digest
 
 if TYPE_CHECKING:
     from kvbm.tiers.disk import DiskTier
@@ -91,11 +93,14 @@ class EngineTransfer:
     """An offload or onboard in flight; finishing it (``wait``/``poll``) publishes the stored
     blocks or unpins the loaded ones. Exactly once, whatever the outcome."""
 
-    def __init__(self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str) -> None:
+    def __init__(
+        self, manager: BlockManager, handle: Any, keys: list[bytes], kind: str, slots: np.ndarray | None = None
+    ) -> None:
         self._manager = manager
         self._handle = handle
         self._keys = keys
         self._kind = kind
+        self._slots = slots  # store: the host slots being filled (Storing until finished)
         self._done = handle is None
 
     @property
@@ -110,10 +115,11 @@ class EngineTransfer:
         ix = self._manager.index
         if self._kind == "store":
             flags = np.full(len(self._keys), 1 if ok else 0, np.uint8)
-            ix.complete_store(int(Tier.HOST), self._keys, flags)
-            if ok:
-                self._manager._write_through_from_host(self._keys)  # disk tier, write_through only
-                self._manager._remote_write_through(self._keys)  # remote tier, write_through only
+            try:
+                if ok and self._slots is not None:  # copied out while Storing: not evictable yet
+                    self._manager._write_through_storing(self._keys, self._slots)
+            finally:
+                ix.complete_store(int(Tier.HOST), self._keys, flags)
         else:
             ix.complete_load(int(Tier.HOST), self._keys)
 
@@ -132,6 +138,7 @@ class EngineTransfer:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` s (None: forever); True when finished. Raises the copy's error."""
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._done:
             return True
         try:
@@ -153,9 +160,14 @@ class BlockManager:
         block_bytes: overrides ``config.block_bytes`` (engines learn it from their layout).
         allocate_memory: False makes a bookkeeping-only manager (no host memory), for an
             engine's scheduler process whose workers hold the bytes.
+        namespace: the :class:`kvbm.Namespace` (or its 16-byte digest) the block hashes were
+            made under. With ``block_bytes`` and ``config.remote_namespace`` it forms the one
+            namespace digest (:func:`kvbm.hashing.tier_namespace_digest`) stamped on disk
+            and remote blocks: blocks stored under another digest are misses.
 
     Raises:
         ConfigError: block_bytes unset or capacity too small for one block.
+        InvalidArgumentError: ``namespace`` is neither a Namespace nor a 16-byte digest.
         CudaError / CapacityError: host memory could not be allocated (or pinned when
             ``host_pinned=True``).
     """
@@ -166,12 +178,17 @@ class BlockManager:
         *,
         block_bytes: int | None = None,
         allocate_memory: bool = True,
+        namespace: Namespace | bytes | None = None,
     ) -> None:
+        self._shut = False  # set when close() has finished: every public call raises ClosedError
+        if config is not None and not isinstance(config, KvbmConfig):
+            raise ConfigError(f"config: expected a KvbmConfig, got {type(config).__name__}")
         self.config = config if config is not None else KvbmConfig()
-        bb = int(block_bytes if block_bytes is not None else self.config.block_bytes)
+        bb = self.config.block_bytes if block_bytes is None else int_arg(block_bytes, "block_bytes", 0, 1 << 40)
         if bb <= 0:
             raise ConfigError("block_bytes: must be positive (set it in KvbmConfig or pass block_bytes=)")
         self.block_bytes = bb
+        self.namespace_digest = tier_namespace_digest(namespace, bb, self.config.remote_namespace)
         num_slots = self.config.host_capacity_bytes // bb
         if num_slots <= 0:
             raise ConfigError(
@@ -228,8 +245,9 @@ class BlockManager:
         """Longest cached prefix of ``hashes`` and the tier of each hit block.
 
         Hit blocks count as used (recency/frequency for eviction). Raises InvalidArgumentError
-        for malformed hashes.
+        for malformed hashes; ClosedError after :meth:`close`.
         """
+        hashes = self._hashes(hashes)
         n, tiers = self._index.lookup(hashes)
         if self._disk is not None and n < len(tiers):
             n = self._disk_extend_lookup(hashes, int(n), tiers)
@@ -238,7 +256,13 @@ class BlockManager:
         return LookupResult(int(n), tiers)
 
     def lookup_into(self, hashes: HashesLike, tiers_out: np.ndarray) -> int:
-        """Like :meth:`lookup` but writes tiers into a caller-owned uint8 array (no allocation)."""
+        """Like :meth:`lookup` but writes tiers into a caller-owned uint8 array (no allocation).
+
+        Raises InvalidArgumentError when ``tiers_out`` is not a writable, C-contiguous 1-D
+        uint8 array of at least ``len(hashes)`` elements.
+        """
+        hashes = self._hashes(hashes)
+        tiers_out_arg(tiers_out, len(hashes))
         n = int(self._index.lookup_into(hashes, tiers_out))
         if self._disk is not None and n < len(hashes):
             n = self._disk_extend_lookup(hashes, n, tiers_out)
@@ -248,6 +272,8 @@ class BlockManager:
 
     def contains(self, block_hash: bytes) -> Tier | None:
         """The fastest tier holding the block (no recency update), or None."""
+        self._check_open()
+        block_hash = hash_key(block_hash, "block_hash")
         n, tiers = self._index.peek([block_hash])
         if n:
             return Tier(int(tiers[0]))
@@ -267,8 +293,11 @@ class BlockManager:
             CapacityError: not enough evictable room (everything pinned or in flight); nothing
                 is stored then.
             InvalidArgumentError: wrong buffer sizes, malformed hashes or a first block that is
-                its own ``parent``; nothing is stored.
+                its own ``parent``; nothing is stored. ``data`` must be buffers (or
+                :class:`kvbm.Pointer`), never a bare int.
         """
+        hashes, parent = self._hashes(hashes), _parent_arg(parent)
+        data = block_rows(data, len(hashes), self.block_bytes, "data")
         arena = self._need_arena()
         if parent is not None and len(hashes) and bytes(parent) == bytes(hashes[0]):
             raise InvalidArgumentError(f"parent: block {bytes(parent).hex()} cannot be its own parent")
@@ -277,6 +306,9 @@ class BlockManager:
         new = plan.new_hashes(hashes)
         try:
             arena.write(plan.slots, data)
+            if self._remote is not None and new and self.config.remote_write_policy == "write_through":
+                # staged while the slots are still Storing: once published they may be evicted and reused
+                self._remote_write(new, plan.slots[plan.slots >= 0])
         except BaseException:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
@@ -284,8 +316,6 @@ class BlockManager:
         if self._disk is not None and self.config.disk_write_policy == "write_through":
             keys = _hash_list(hashes)
             self._disk.put(keys, _rows(data, len(keys), self.block_bytes), parents=_chain_parents(keys, parent))
-        if self._remote is not None and new and self.config.remote_write_policy == "write_through":
-            self._remote_write(new, plan.slots[plan.slots >= 0])
         return len(new)
 
     def load(self, hashes: HashesLike, out: Any) -> None:
@@ -300,7 +330,11 @@ class BlockManager:
             BlockNotFoundError: a block is in neither the host nor the disk tier (nothing is
                 copied then), or failed verification on disk (counted; it is dropped).
             StateError: a block is still being stored.
+            InvalidArgumentError: malformed hashes, or ``out`` not writable buffers (or
+                :class:`kvbm.Pointer`) of ``len(hashes) * block_bytes`` bytes.
         """
+        hashes = self._hashes(hashes)
+        out = block_rows(out, len(hashes), self.block_bytes, "out", writable=True)
         arena = self._need_arena()
         if self._remote is not None:
             self._remote_fill(hashes)
@@ -330,8 +364,9 @@ class BlockManager:
         """
         from kvbm import copy as kvcopy
 
+        hashes, parent = self._hashes(hashes), _parent_arg(parent)
         arena = self._need_arena()
-        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        ids = block_ids_arg(block_ids)
         self._check_layout(layout, len(ids), hashes)
         plan = self.prepare_store(hashes, parent=parent)
         self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
@@ -345,7 +380,7 @@ class BlockManager:
         except BaseException:
             self._index.complete_store(int(Tier.HOST), new, np.zeros(len(new), np.uint8))
             raise
-        return EngineTransfer(self, handle, new, "store")
+        return EngineTransfer(self, handle, new, "store", plan.slots[new_idx])
 
     def onboard(
         self, layout: Any, block_ids: Sequence[int] | np.ndarray, hashes: HashesLike, *, stream: Any = None
@@ -361,10 +396,10 @@ class BlockManager:
         """
         from kvbm import copy as kvcopy
 
+        keys = normalize_hashes(self._hashes(hashes))
         arena = self._need_arena()
-        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
-        self._check_layout(layout, len(ids), hashes)
-        keys = [bytes(h) for h in hashes]
+        ids = block_ids_arg(block_ids)
+        self._check_layout(layout, len(ids), keys)
         if self._remote is not None:  # remote-only blocks come into host first: remote -> host -> GPU
             self._remote_fill(keys)
         # with a disk tier, disk-only blocks are promoted first: disk -> host -> GPU in one call
@@ -377,6 +412,10 @@ class BlockManager:
         return EngineTransfer(self, handle, keys, "load")
 
     def _check_layout(self, layout: Any, n_ids: int, hashes: HashesLike) -> None:
+        from kvbm.kv_layout import KvLayout
+
+        if not isinstance(layout, KvLayout):
+            raise InvalidArgumentError(f"layout: expected a kvbm.kv_layout.KvLayout, got {type(layout).__name__}")
         if layout.block_bytes != self.block_bytes:
             raise InvalidArgumentError(
                 f"layout.block_bytes is {layout.block_bytes} but this manager's block_bytes is {self.block_bytes}"
@@ -387,6 +426,7 @@ class BlockManager:
     # ---- split-process primitives -------------------------------------------------------------
     def prepare_store(self, hashes: HashesLike, *, parent: bytes | None = None, tier: Tier = Tier.HOST) -> StorePlan:
         """Reserve slots (state Storing) for the blocks not yet present; see :class:`StorePlan`."""
+        hashes, parent, tier = self._hashes(hashes), _parent_arg(parent), _tier_arg(tier)
         slots, evicted = self._index.prepare_store(int(tier), hashes, parent)
         return StorePlan(Tier(tier), slots, evicted)
 
@@ -398,15 +438,23 @@ class BlockManager:
         *,
         tier: Tier = Tier.HOST,
     ) -> None:
-        """Publish stored blocks (Storing -> Ready), or drop the ones whose ``ok`` flag is false."""
+        """Publish stored blocks (Storing -> Ready), or drop the ones whose ``ok`` flag is false.
+
+        ``ok``: one bool per hash (None: all ok); ``checksums``: one uint32 per hash or None.
+        """
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
+        ok = flags_arg(ok, len(hashes), "ok")
+        checksums = uint32_arg(checksums, len(hashes), "checksums")
         self._index.complete_store(int(tier), hashes, ok, checksums)
 
     def prepare_load(self, hashes: HashesLike, *, tier: Tier = Tier.HOST) -> np.ndarray:
         """Pin Ready blocks for reading and return their slots (int64)."""
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
         return self._index.prepare_load(int(tier), hashes)
 
     def complete_load(self, hashes: HashesLike, *, tier: Tier = Tier.HOST) -> None:
         """Unpin blocks pinned by :meth:`prepare_load`."""
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
         self._index.complete_load(int(tier), hashes)
 
     def touch(self, hashes: HashesLike) -> int:
@@ -415,23 +463,36 @@ class BlockManager:
 
     # ---- eviction -----------------------------------------------------------------------------
     def evict(self, count: int, *, tier: Tier = Tier.HOST) -> list[bytes]:
-        """Evict up to ``count`` blocks chosen by the policy; returns their hashes."""
-        if count < 0:
-            raise InvalidArgumentError(f"count: must be >= 0, got {count}")
-        ev = self._index.evict(int(tier), int(count))
-        if tier == Tier.HOST:
+        """Evict up to ``count`` blocks chosen by the policy; returns their hashes.
+
+        Raises InvalidArgumentError / OutOfRangeError for a count that is not an int in 0..2**63-1.
+        """
+        self._check_open()
+        count, tier = int_arg(count, "count", 0, (1 << 63) - 1), _tier_arg(tier)
+        if tier != Tier.HOST:
+            return [e[0] for e in self._index.evict(int(tier), int(count))]
+        # Note [Slot lifetime] in csrc/block_index.h: the slots stay draining (no store on another
+        # thread, nor the remote prefetch thread, gets them) until their bytes were copied out.
+        ev = self._index.evict(int(Tier.HOST), int(count), hold=True)
+        try:
             self._demote(ev)
+        finally:
+            self._index.release_slots(int(Tier.HOST), [e[2] for e in ev])
         return [e[0] for e in ev]
 
     def remove(self, hashes: HashesLike, *, tier: Tier = Tier.HOST, ignore_missing: bool = False) -> int:
         """Drop blocks from a tier; raises StateError for pinned or in-flight ones."""
+        hashes, tier = self._hashes(hashes), _tier_arg(tier)
+        if not isinstance(ignore_missing, (bool, np.bool_)):
+            raise InvalidArgumentError(f"ignore_missing: expected a bool, got {type(ignore_missing).__name__}")
         if tier == Tier.DISK and self._disk is not None:
             return self._disk.remove(_hash_list(hashes))
         return len(self._index.remove(int(tier), hashes, ignore_missing))
 
     # ---- stats --------------------------------------------------------------------------------
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per-tier counters and occupancy, e.g. ``stats()["host"]["hits"]``."""
+        """Per-tier counters and occupancy, e.g. ``stats()["host"]["hits"]``. ClosedError after close."""
+        self._check_open()
         out: dict[str, dict[str, Any]] = {}
         for tier in Tier:
             info = self._index.tier_info(int(tier))
@@ -472,6 +533,17 @@ class BlockManager:
             self._disk.close()
             self._disk = None
         self._arena = None
+        self._shut = True
+
+    def _check_open(self) -> None:
+        if self._shut:
+            raise ClosedError("this BlockManager is closed")
+
+    def _hashes(self, hashes: Any, what: str = "hashes") -> Any:
+        """The entry-point check: open, and ``hashes`` well-formed (see kvbm.hashing.hashes_arg)."""
+        if self._shut:
+            raise ClosedError("this BlockManager is closed")
+        return hashes_arg(hashes, what)
 
     def __enter__(self) -> BlockManager:
         return self
@@ -488,14 +560,14 @@ class BlockManager:
         c = self.config
         if not c.disk_path:
             return None
-        from kvbm.tiers.disk import ALIGNMENT, DiskTier, namespace_fingerprint
+        from kvbm.tiers.disk import ALIGNMENT, DiskTier
 
         slot = -(-self.block_bytes // ALIGNMENT) * ALIGNMENT
         return DiskTier(
             c.disk_path,
             slot_bytes=slot,
             capacity_bytes=c.disk_capacity_bytes,
-            namespace=namespace_fingerprint(f"kvbm-block-bytes:{self.block_bytes}"),
+            namespace=self.namespace_digest,  # the one digest (remote gets the same)
             io_threads=c.disk_io_threads,
             o_direct=c.disk_o_direct,
             durability=c.disk_durability,
@@ -503,22 +575,24 @@ class BlockManager:
             eviction=c.eviction_policy,
         )
 
-    def _write_through_from_host(self, keys: list[bytes]) -> None:
-        """With disk_write_policy write_through: queue host blocks ``keys`` for the disk tier.
+    def _write_through_storing(self, keys: list[bytes], slots: np.ndarray) -> None:
+        """Engine offloads with a write_through disk or remote tier: queue host blocks ``keys``.
 
-        Used by the engine path once an offload completes; the disk writes are asynchronous (the
-        bytes are copied out of the host slots first, so those may be evicted meanwhile).
+        Called while ``slots`` are still Storing (before complete_store), so no other thread can
+        evict and refill them first (Note [Slot lifetime]); the bytes are copied out once, then
+        the disk and remote writes run asynchronously from that copy.
         """
-        disk = self._disk
-        if disk is None or self.config.disk_write_policy != "write_through" or not keys or self._arena is None:
+        disk_wt = self._disk is not None and self.config.disk_write_policy == "write_through"
+        remote_wt = self._remote is not None and self.config.remote_write_policy == "write_through"
+        if not (disk_wt or remote_wt) or not keys or self._arena is None:
             return
-        slots = self._index.prepare_load(int(Tier.HOST), keys)
-        try:
-            staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
-            self._arena.read(slots, staging)
-        finally:
-            self._index.complete_load(int(Tier.HOST), keys)
-        disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+        staging = np.empty((len(keys), self.block_bytes), dtype=np.uint8)
+        self._arena.read(np.asarray(slots, np.int64), staging)
+        if disk_wt:
+            assert self._disk is not None
+            self._disk.put_async(keys, list(staging), parents=_chain_parents(keys, None))
+        if remote_wt:
+            self._track(self._remote_pool.submit(self._remote.put, keys, staging))
 
     def _disk_extend_lookup(self, hashes: HashesLike, n: int, tiers: np.ndarray) -> int:
         """Continue a lookup past the index's prefix: blocks on disk (or back in the index)."""
@@ -560,6 +634,7 @@ class BlockManager:
         Synchronous :meth:`promote_async`. Raises CapacityError when the host tier has no
         evictable room.
         """
+        hashes = self._hashes(hashes)
         return self.promote_async(hashes).wait()
 
     def promote_async(self, hashes: HashesLike) -> PromoteHandle:
@@ -572,6 +647,7 @@ class BlockManager:
         reserved slots stay in flight). Blocks already in the host tier, or not on disk, are
         skipped. Raises CapacityError when the host tier has no evictable room.
         """
+        hashes = self._hashes(hashes)
         disk, arena = self._disk, self._need_arena()
         if disk is None:
             return PromoteHandle(self, [], None)
@@ -689,7 +765,7 @@ class BlockManager:
         self._remote = open_remote_tier(
             c.remote_url,
             block_bytes=self.block_bytes,
-            namespace=f"{c.remote_namespace}\0block_bytes={self.block_bytes}",
+            namespace=self.namespace_digest,  # binds the Namespace, block_bytes and the tenant
             token=c.remote_token,
             timeout_s=c.remote_timeout_s,
         )
@@ -735,16 +811,6 @@ class BlockManager:
         self._arena.read(slots, staging)
         self._track(self._remote_pool.submit(self._remote.put, keys, staging))
 
-    def _remote_write_through(self, keys: list[bytes]) -> None:
-        """With remote_write_policy write_through: put host blocks ``keys`` (engine offloads)."""
-        if self._remote is None or self.config.remote_write_policy != "write_through" or not keys:
-            return
-        slots = self._index.prepare_load(int(Tier.HOST), keys)
-        try:
-            self._remote_write(keys, slots)
-        finally:
-            self._index.complete_load(int(Tier.HOST), keys)
-
     def _track(self, fut: Any, prefetch: bool = False) -> Any:
         with self._lock:
             self._remote_pending = [f for f in self._remote_pending if not f.done()]
@@ -759,6 +825,8 @@ class BlockManager:
 
         Raises TransferTimeoutError when ``timeout`` (seconds) passes first.
         """
+        self._check_open()
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         from concurrent.futures import wait
 
         from kvbm.errors import TransferTimeoutError
@@ -781,7 +849,7 @@ class BlockManager:
         """
         from concurrent.futures import Future
 
-        keys = _hash_list(hashes)
+        keys = normalize_hashes(self._hashes(hashes))
         if self._remote is None or self._arena is None:
             f: Future = Future()
             f.set_result(0)
@@ -873,6 +941,7 @@ class PrefetchHandle:
 
         from kvbm.errors import TransferTimeoutError
 
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._count is not None:
             return self._count
         try:
@@ -907,6 +976,7 @@ class PromoteHandle:
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until done; returns the number of blocks onboarded. TransferTimeoutError after ``timeout`` s."""
+        timeout = float_arg(timeout, "timeout", 0.0, 1e9, allow_none=True)
         if self._count is None:
             self._h.wait(timeout)
             self._finish()
@@ -920,12 +990,15 @@ class PromoteHandle:
         self._count = int(ok.sum())
 
 
-def _hash_list(hashes: HashesLike) -> list[bytes]:
-    if isinstance(hashes, np.ndarray):
-        if hashes.ndim != 2:
-            raise InvalidArgumentError(f"hashes: expected an (n, 16) uint8 array, got shape {hashes.shape}")
-        return [bytes(r) for r in hashes]
-    return [bytes(h) for h in hashes]
+_hash_list = normalize_hashes  # the one hash normaliser (kvbm.hashing)
+
+
+def _parent_arg(parent: Any) -> bytes | None:
+    return None if parent is None else hash_key(parent, "parent")
+
+
+def _tier_arg(tier: Any) -> Tier:
+    return enum_arg(tier, Tier, "tier")
 
 
 def _rows(data: Any, n: int, block_bytes: int, writable: bool = False) -> list[Any]:

@@ -33,6 +33,7 @@ _GAUGES = {
     "pinned_blocks": "Blocks pinned by loads in flight",
     "capacity_bytes": "Bytes this tier can hold",
     "used_bytes": "Bytes held",
+    "write_queue_blocks": "Blocks queued or in flight to be written to this tier",
 }
 
 
@@ -46,10 +47,24 @@ def _require_prometheus() -> Any:
     return prometheus_client
 
 
-class KvbmCollector:
-    """A prometheus_client collector over one BlockManager's stats."""
+#: Every metric family the exporters write, as Prometheus sample names (counters get ``_total``).
+METRIC_NAMES = (*(f"kvbm_{n}_total" for n in _COUNTERS), *(f"kvbm_{n}" for n in _GAUGES),
+                "kvbm_index_blocks", "kvbm_index_memory_bytes")
 
-    def __init__(self, manager: BlockManager, prefix: str = "kvbm") -> None:
+
+class _Stats:
+    def __init__(self, stats: dict[str, Any]) -> None:
+        self._stats = stats
+
+    def stats(self) -> dict[str, Any]:
+        return self._stats
+
+
+class KvbmCollector:
+    """A prometheus_client collector over one BlockManager's stats (or anything with a
+    ``stats()`` of the same shape: ``{tier: {counter: value}}``, optionally ``"index"``)."""
+
+    def __init__(self, manager: BlockManager | Any, prefix: str = "kvbm") -> None:
         self._manager = manager
         self._prefix = prefix
 
@@ -57,7 +72,7 @@ class KvbmCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         stats = self._manager.stats()
-        tiers = {k: v for k, v in stats.items() if k != "index"}
+        tiers = {k: v for k, v in stats.items() if k != "index" and isinstance(v, dict)}
         for name, doc in _COUNTERS.items():
             fam = CounterMetricFamily(f"{self._prefix}_{name}", doc, labels=["tier"])
             for tier, d in tiers.items():
@@ -70,10 +85,11 @@ class KvbmCollector:
                 if name in d:
                     fam.add_metric([tier], float(d[name]))
             yield fam
-        yield GaugeMetricFamily(f"{self._prefix}_index_blocks", "Blocks in the index", value=stats["index"]["blocks"])
-        yield GaugeMetricFamily(
-            f"{self._prefix}_index_memory_bytes", "Bytes of index metadata", value=stats["index"]["memory_bytes"]
-        )
+        if "index" in stats:
+            yield GaugeMetricFamily(f"{self._prefix}_index_blocks", "Blocks in the index",
+                                    value=stats["index"]["blocks"])
+            yield GaugeMetricFamily(f"{self._prefix}_index_memory_bytes", "Bytes of index metadata",
+                                    value=stats["index"]["memory_bytes"])
 
 
 def make_registry(manager: BlockManager) -> Any:
@@ -88,6 +104,14 @@ def render(manager: BlockManager) -> bytes:
     """The manager's metrics in the Prometheus text exposition format."""
     prom = _require_prometheus()
     return prom.generate_latest(make_registry(manager))
+
+
+def render_stats(stats: dict[str, Any]) -> bytes:
+    """Per-tier stats (``{tier: {counter: value}}``) in the exposition format of :func:`render`."""
+    prom = _require_prometheus()
+    reg = prom.CollectorRegistry(auto_describe=False)
+    reg.register(KvbmCollector(_Stats(stats)))
+    return prom.generate_latest(reg)
 
 
 def start_metrics_server(manager: BlockManager, port: int, addr: str = "127.0.0.1") -> Any:

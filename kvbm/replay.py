@@ -4,7 +4,7 @@ The trace is JSON Lines in the Mooncake format: one object per request whose ``h
 holds the chained block ids of the prompt (a shared prefix shows as a shared leading run of ids;
 other keys such as ``timestamp`` or ``input_length`` are ignored). Blank lines are skipped.
 
-Semantics (those of ``shared/data/traces/README.md``): one host tier of
+Semantics (those of the trace's reference figures, ``kvbm/data/README.md``): one host tier of
 ``round(capacity * distinct_blocks)`` slots is configured in a :class:`kvbm._native.BlockIndex`
 with the chosen policy. For each request, in file order:
 
@@ -84,8 +84,31 @@ class ReplayResult:
         return asdict(self)
 
 
+def _read_lines(p: Path) -> list[bytes]:
+    """The file's lines; ``.xz`` and ``.gz`` files are decompressed on the fly.
+
+    Raises:
+        InvalidArgumentError: unreadable, or not a valid/complete compressed file.
+    """
+    import gzip
+    import lzma
+
+    try:
+        if p.suffix == ".xz":
+            with lzma.open(p, "rb") as f:
+                return f.read().splitlines()
+        if p.suffix == ".gz":
+            with gzip.open(p, "rb") as f:
+                return f.read().splitlines()
+        return p.read_bytes().splitlines()
+    except (lzma.LZMAError, EOFError) as e:
+        raise InvalidArgumentError(f"trace {str(p)!r}: cannot read: not a complete {p.suffix} file ({e})") from None
+    except OSError as e:  # gzip.BadGzipFile is an OSError without strerror
+        raise InvalidArgumentError(f"trace {str(p)!r}: cannot read: {e.strerror or e}") from None
+
+
 def load_trace(path: str | os.PathLike) -> Trace:
-    """Read and check a Mooncake-format JSONL trace.
+    """Read and check a Mooncake-format JSONL trace (plain, ``.xz`` or ``.gz``).
 
     Every non-blank line must be a JSON object with a ``hash_ids`` list of integers in
     0..2**63-1, and ids must be chained consistently: an id is always preceded by the same id
@@ -96,10 +119,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
         InvalidArgumentError: the file cannot be read.
     """
     p = Path(path)
-    try:
-        lines = p.read_bytes().splitlines()
-    except OSError as e:
-        raise InvalidArgumentError(f"trace {str(p)!r}: cannot read: {e.strerror}") from None
+    lines = _read_lines(p)
     row_of: dict[int, int] = {}
     parent_of: list[int] = []  # row -> parent row (-1 = chain root)
     seen_at: list[int] = []  # row -> line first seen
@@ -111,8 +131,11 @@ def load_trace(path: str | os.PathLike) -> Trace:
         where = f"{p}: line {lineno}"
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TraceFormatError(f"{where}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise TraceFormatError(f"{where}: JSON nests too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
+            msg = str(e) if len(str(e)) <= 200 else str(e)[:200] + "..."
+            raise TraceFormatError(f"{where}: not valid JSON ({msg})") from None
         if not isinstance(obj, dict):
             raise TraceFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         if "hash_ids" not in obj:
@@ -124,9 +147,11 @@ def load_trace(path: str | os.PathLike) -> Trace:
         parent = -1
         for i, b in enumerate(ids):
             if isinstance(b, bool) or not isinstance(b, int):
-                raise TraceFormatError(f"{where}: hash_ids[{i}] must be an integer, got {b!r}")
+                got = repr(b) if len(repr(b)) <= 80 else f"a {type(b).__name__} value"
+                raise TraceFormatError(f"{where}: hash_ids[{i}] must be an integer, got {got}")
             if not 0 <= b <= _MAX_ID:
-                raise TraceFormatError(f"{where}: hash_ids[{i}] = {b} is outside 0..2**63-1")
+                shown = b if b.bit_length() <= 128 else f"an integer of {b.bit_length()} bits"
+                raise TraceFormatError(f"{where}: hash_ids[{i}] = {shown} is outside 0..2**63-1")
             r = row_of.get(b)
             if r is None:
                 r = len(parent_of)

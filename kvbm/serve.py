@@ -3,47 +3,47 @@
 The server holds blocks in its own host tier (a :class:`kvbm.BlockManager`: block index,
 eviction policy, host arena) and answers LOOKUP, PUT and GET requests from clients
 (:class:`kvbm.tiers.serve_client.ServeClientTier`) over TCP. It binds to 127.0.0.1 unless told
-otherwise; an optional shared-secret token is checked at HELLO; every connection names a
-namespace, and blocks of different namespaces never meet (the index key of a block is
-``BLAKE2b-128(namespace || block hash)``).
+otherwise. Credentials are per tenant: a token file maps each token to the namespaces it may read
+and write (:mod:`kvbm.serve_tenants`); a connection's namespace comes from its credential, and
+blocks of different namespaces never meet. Without tokens the server is loopback-only and
+single-tenant.
 
 Design note — control plane and data path.
-    Every request and reply is a frame: ``op u8, status u8, reserved u16, body_len u32`` (little
-    endian, 8 bytes) and a body. The control fields (counts, hashes, flags) always travel in
-    the body; the *data path* is where record bytes go. Here they travel in the same TCP
-    stream, straight between the socket and the server's arena slots (``recv_into`` a reserved
-    slot, ``sendmsg`` from pinned slots, so the server copies nothing in user space). A slot
-    holds the whole record (56-byte header, then the payload), so what a client wrote is
-    exactly what a later GET sends back, and the client verifies it end to end. A one-sided
-    transfer-engine path (server registers its arena, client gets its remote key and
+    Every request and reply is a frame (:mod:`kvbm.serve_protocol`). The control fields (counts,
+    hashes, flags) always travel in the body; the *data path* is where record bytes go. Here
+    they travel in the same TCP stream, straight between the socket and the server's arena slots
+    (``recv_into`` a reserved slot, ``sendmsg`` from pinned slots, so the server copies nothing
+    in user space). A slot holds the whole record (56-byte header, then the payload), so what a
+    client wrote is exactly what a later GET sends back, and the client verifies it end to end.
+    A one-sided transfer-engine path (server registers its arena, client gets its remote key and
     puts/gets into slot addresses) replaces only those record loops: with ``data_path="ucx"``
-    the server registers its whole arena with a :class:`kvbm.transfer.TransferEngine` and
-    offers it at HELLO; a client that takes it asks for the slot addresses of a batch
-    (PUT_PREP / GET_PIN), moves the records with one batched one-sided put or get, and closes
-    the batch (PUT_COMMIT: verify and publish; GET_DONE: unpin). Reserved and pinned slots
-    belong to the connection: if it drops, its reservations are dropped and its pins released.
-    The TCP control connection is also how a dead client is noticed, so UCX may run with
-    endpoint error handling off (what shared memory between processes needs).
+    the server registers its whole arena with a :class:`kvbm.transfer.TransferEngine` and offers
+    it at HELLO; a client that takes it asks for the slot addresses of a batch (PUT_PREP /
+    GET_PIN), moves the records with one batched one-sided put or get, and closes the batch
+    (PUT_COMMIT: verify and publish; GET_DONE: unpin). Reserved and pinned slots belong to the
+    connection: if it drops, its reservations are dropped and its pins released. The TCP control
+    connection is also how a dead client is noticed, so UCX may run with endpoint error handling
+    off (what shared memory between processes needs).
     Limit: a remote key covers the whole registered arena, so the ucx path trusts every
-    authenticated client with every slot (namespaces then separate cooperating tenants only);
-    per-slot keys or a server-side copy would be needed against hostile tenants.
+    authenticated client with every slot; the server therefore refuses ``data_path="ucx"`` when
+    its credentials grant more than one namespace (per-slot keys or a server-side copy would be
+    needed against hostile tenants).
 
-Protocol (version 1). ``n`` is at most the ``max_batch`` the server announced.
+Protocol: :mod:`kvbm.serve_protocol` (imported by the server and the client alike). Tenants and
+the token file: :mod:`kvbm.serve_tenants`.
 
-    HELLO   -> b"KVBS" u16 version, u16 token_len, u64 block_bytes, 16s namespace, token
-            <- OK: u16 version, u32 max_batch, u64 max_block_bytes | ERR: UTF-8 reason, closed
-    LOOKUP  -> u32 n, n*16 hashes                   <- u32 leading blocks present
-    PUT     -> u32 n, u32 flags (1 = chain), n*16 hashes, n records
-            <- n bytes: 1 stored (or already there), 0 not stored
-    GET     -> u32 n, n*16 hashes                   <- n bytes present flags, then the present records
-    STATS   -> (empty)                              <- UTF-8 JSON
-    UCX_META -> (empty)                             <- the server's transfer-engine metadata
-    PUT_PREP -> u32 n, u32 flags, n*16 hashes       <- n bytes (0 refused, 1 present, 2 write), n*u64 slot addresses
-    PUT_COMMIT -> (empty)                           <- n bytes: 1 stored (or already there), 0 not
-    GET_PIN -> u32 n, n*16 hashes                   <- n bytes present flags, n*u64 addresses (0 if absent)
-    GET_DONE -> (empty)                             (no reply: unpins the last GET_PIN)
-
-HELLO_OK's ``features`` bit 0 says the UCX ops are offered.
+Design note — limits against clients that do not play along.
+    A connection that has not finished HELLO holds no client slot: it waits in a small pool of
+    ``max_handshakes`` and must finish HELLO within ``hello_timeout_s`` (a deadline for the whole
+    HELLO, however slowly it trickles); when the pool is full the oldest waiting connection is
+    closed for the newcomer, so idle sockets cannot lock clients out. ``max_clients_per_peer``
+    caps the connections of one address. A PUT reserves slots for at most
+    ``put_reserve_bytes`` of records at a time, just before they arrive (a PUT header for 1,024
+    blocks and no data holds one window, evicting nothing more), and every request body, PUT
+    records included, and every PUT_PREP's commit must arrive within ``put_timeout_s``; else the
+    connection is dropped and its reservations with it. A GET sends exactly the stored record:
+    the server checks the slot's header (magic, namespace, hash, length) before sending it, a
+    mismatch is a counted miss (``record_mismatches``), and no byte past the record leaves a slot.
 
 A record is ``56 + block_bytes`` bytes (header as in :mod:`kvbm.tiers.remote`). The server checks
 each PUT record's header and CRC32C before publishing it; a bad one is answered 0 and never
@@ -53,139 +53,59 @@ becomes visible. A malformed frame gets an ERR reply and the connection is close
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
-import hmac
 import json
 import logging
 import socket
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from kvbm.config import KvbmConfig
-from kvbm.errors import CapacityError, ConfigError, KvbmError
-from kvbm.tiers.remote import HASH_SIZE, HEADER_SIZE, check_record
+from kvbm.errors import CapacityError, KvbmError
+from kvbm.serve_config import ServeConfig
+from kvbm.serve_protocol import (
+    FEATURE_UCX,
+    FRAME,
+    HELLO,
+    HELLO_MAGIC,
+    HELLO_OK,
+    MAX_TENANT,
+    MAX_TOKEN,
+    OP_GET,
+    OP_GET_DONE,
+    OP_GET_PIN,
+    OP_HELLO,
+    OP_LOOKUP,
+    OP_PUT,
+    OP_PUT_COMMIT,
+    OP_PUT_PREP,
+    OP_STATS,
+    OP_UCX_META,
+    PROTOCOL_VERSION,
+    PUT_CHAIN,
+    PUT_HEAD,
+    ST_AUTH,
+    ST_BUSY,
+    ST_ERR,
+    ST_OK,
+    U32,
+    recv_exact,
+    recv_exact_into,
+    send_frame,
+)
+from kvbm.serve_tenants import tenant_prefix
+from kvbm.tiers.remote import HASH_SIZE, HEADER_ID_SIZE, HEADER_SIZE, check_record, header_id
 
 log = logging.getLogger("kvbm.serve")
 
-PROTOCOL_VERSION = 1
-HELLO_MAGIC = b"KVBS"
-FRAME = struct.Struct("<BBHI")
-HELLO = struct.Struct("<4sHHQ16s")
-HELLO_OK = struct.Struct("<HIQI")
-U32 = struct.Struct("<I")
-PUT_HEAD = struct.Struct("<II")
-
-OP_HELLO, OP_LOOKUP, OP_PUT, OP_GET, OP_STATS = 1, 2, 3, 4, 5
-OP_UCX_META, OP_PUT_PREP, OP_PUT_COMMIT, OP_GET_PIN, OP_GET_DONE = 6, 7, 8, 9, 10
-FEATURE_UCX = 1
-ST_OK, ST_ERR, ST_AUTH, ST_BUSY = 0, 1, 2, 3
-PUT_CHAIN = 1
-MAX_TOKEN = 4096
-_IOV_MAX = 512
-
-
-def recv_exact_into(sock: socket.socket, buf: memoryview) -> None:
-    """Fill ``buf`` from ``sock``; raises ConnectionError when the peer closes first."""
-    got, n = 0, buf.nbytes
-    while got < n:
-        k = sock.recv_into(buf[got:])
-        if k == 0:
-            raise ConnectionError("peer closed the connection")
-        got += k
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    recv_exact_into(sock, memoryview(buf))
-    return bytes(buf)
-
-
-def sendmsg_all(sock: socket.socket, bufs: Sequence[Any]) -> None:
-    """Send every buffer in order (scatter-gather, no joining copy), handling partial sends."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    views = [v for v in views if v.nbytes]
-    i = 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i:i + _IOV_MAX])
-        while sent and i < len(views):
-            if sent >= views[i].nbytes:
-                sent -= views[i].nbytes
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
-
-
-def send_frame(sock: socket.socket, op: int, status: int, *body: Any) -> None:
-    n = sum(memoryview(b).nbytes for b in body)
-    sendmsg_all(sock, [FRAME.pack(op, status, 0, n), *body])
-
-
-@dataclass
-class ServeConfig:
-    """Settings of a store server (what ``kvbm serve`` takes on its command line).
-
-    Attributes:
-        host: address to bind; 127.0.0.1 by default. Anything else needs ``token``.
-        port: TCP port (0 = any free port; see :attr:`StoreServer.address`).
-        capacity_bytes: bytes of host memory for blocks (records, headers included).
-        max_block_bytes: the largest block a client may declare at HELLO.
-        token: shared secret clients must present (None: no check; loopback only).
-        eviction_policy: the host tier's policy (``kvbm.eviction_policies()``).
-        max_batch: most blocks per request.
-        max_clients: most connections at once; more are refused with BUSY.
-        idle_timeout_s: a connection silent this long is closed.
-        pinned: pin the arena (None: when a GPU is present).
-        data_path: ``"tcp"`` (records in the TCP stream only) or ``"ucx"`` (also offer the
-            transfer-engine data path; needs UCX, else UnsupportedError at start). Clients
-            that do not take it keep using TCP.
-        ucx_transports: UCX transports for the ucx data path (``"sm,tcp"``: shared memory
-            between processes of one host, with endpoint error handling off).
-        ucx_net_devices: UCX network devices (``"lo"``: loopback only).
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    capacity_bytes: int = 1 << 30
-    max_block_bytes: int = 4 << 20
-    token: str | None = None
-    eviction_policy: str = "lru"
-    max_batch: int = 1024
-    max_clients: int = 64
-    idle_timeout_s: float = 300.0
-    pinned: bool | None = False
-    data_path: str = "tcp"
-    ucx_transports: str = "sm,tcp"
-    ucx_net_devices: str = "lo"
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first bad field."""
-        if self.max_block_bytes <= 0:
-            raise ConfigError(f"max_block_bytes: must be positive, got {self.max_block_bytes}")
-        if self.capacity_bytes < self.max_block_bytes + HEADER_SIZE:
-            raise ConfigError(
-                f"capacity_bytes: {self.capacity_bytes} bytes hold no record of {self.max_block_bytes + HEADER_SIZE}"
-            )
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port: must be 0..65535, got {self.port}")
-        if not 1 <= self.max_batch <= 1 << 16:
-            raise ConfigError(f"max_batch: must be 1..65536, got {self.max_batch}")
-        if not 1 <= self.max_clients <= 4096:
-            raise ConfigError(f"max_clients: must be 1..4096, got {self.max_clients}")
-        if self.idle_timeout_s <= 0:
-            raise ConfigError(f"idle_timeout_s: must be > 0, got {self.idle_timeout_s}")
-        if self.token is not None and not 0 < len(self.token.encode()) <= MAX_TOKEN:
-            raise ConfigError(f"token: must be 1..{MAX_TOKEN} bytes")
-        if self.data_path not in ("tcp", "ucx"):
-            raise ConfigError(f"data_path: must be 'tcp' or 'ucx', got {self.data_path!r}")
-        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.token:
-            raise ConfigError(f"host: binding {self.host!r} (not loopback) requires a token")
+__all__ = ["ServeConfig", "StoreServer"]
 
 
 class _ProtocolError(Exception):
@@ -214,20 +134,32 @@ class StoreServer:
         )
         self._mgr = BlockManager(kc)
         self._arena = self._mgr.host_arena
+        # the whole arena as (slot, byte) rows, to check many slot headers in one numpy step
+        nbytes = self._arena.num_slots * self.slot_bytes
+        self._rows = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(self._arena.address(0)),
+                                   np.uint8).reshape(self._arena.num_slots, self.slot_bytes)
         self._lock = threading.Lock()  # makes multi-step index updates atomic; bytes move outside it
         self._stats_lock = threading.Lock()
         self._stats = dict.fromkeys(
-            ("connections", "refused_auth", "refused_busy", "protocol_errors", "lookups", "puts", "gets",
-             "blocks_stored", "blocks_rejected", "blocks_served", "block_misses", "bytes_in", "bytes_out"), 0)
+            ("connections", "refused_auth", "refused_busy", "refused_peer", "handshake_timeouts", "handshakes_dropped",
+             "protocol_errors", "request_timeouts", "lookups", "puts", "gets", "blocks_stored", "blocks_rejected",
+             "blocks_served", "block_misses", "record_mismatches", "bytes_in", "bytes_out"), 0)
         self._sock: socket.socket | None = None
         self._threads: set[threading.Thread] = set()
-        self._conns: set[socket.socket] = set()
+        self._conns: set[socket.socket] = set()  # every open connection (for close())
+        self._pending: dict[socket.socket, str] = {}  # waiting for HELLO, oldest first -> peer address
+        self._active: set[socket.socket] = set()  # HELLO'd: these hold the max_clients slots
+        self._per_peer: Counter[str] = Counter()
+        self._put_window = max(1, min(self.config.max_batch, self.config.put_reserve_bytes // self.slot_bytes))
         self._closing = threading.Event()
         self._stop = threading.Event()
         self._accept_thread: threading.Thread | None = None
-        self._token = self.config.token.encode() if self.config.token else None
+        self._tenants = self.config.tenant_table()
         self._engine: Any = None
         self._ucx_md = b""
+        # Persistence hook (kvbm.service): called with (keys, record views) of verified records
+        # while their slots are still reserved, i.e. before they are published and acknowledged.
+        self.on_records: Any = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> StoreServer:
@@ -301,6 +233,23 @@ class StoreServer:
         """Make :meth:`serve_forever` return (safe in a signal handler); then call :meth:`close`."""
         self._stop.set()
 
+    def restore(self, keys: Sequence[bytes], records: Sequence[Any]) -> int:
+        """Put records (index key, whole record) back into the host tier before :meth:`start`,
+        e.g. from a disk tier at restart; returns how many were stored (stops when full)."""
+        n = 0
+        for k, rec in zip(keys, records, strict=True):
+            rec = memoryview(rec).cast("B")
+            try:
+                slot = int(self._mgr.prepare_store([k]).slots[0])
+            except KvbmError:
+                break
+            if slot < 0:
+                continue
+            memoryview(self._arena.view(slot))[:rec.nbytes] = rec
+            self._mgr.complete_store([k])
+            n += 1
+        return n
+
     def stats(self) -> dict[str, Any]:
         """Server counters plus the host tier's occupancy."""
         with self._stats_lock:
@@ -308,7 +257,8 @@ class StoreServer:
         host = self._mgr.stats().get("host", {})
         d.update(
             capacity_blocks=host.get("capacity_blocks"), used_blocks=host.get("used_blocks"),
-            evictions=host.get("evictions"), slot_bytes=self.slot_bytes, active_connections=len(self._conns),
+            evictions=host.get("evictions"), slot_bytes=self.slot_bytes, active_connections=len(self._active),
+            pending_handshakes=len(self._pending), put_window=self._put_window,
         )
         return d
 
@@ -320,9 +270,10 @@ class StoreServer:
     # ---- connections --------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        c = self.config
         while not self._closing.is_set():
             try:
-                conn, _ = self._sock.accept()
+                conn, addr = self._sock.accept()
             except TimeoutError:
                 continue
             except OSError:
@@ -331,39 +282,53 @@ class StoreServer:
                 time.sleep(0.05)
                 continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = str(addr[0])
             with self._lock:
-                busy = len(self._conns) >= self.config.max_clients
-                if not busy:
+                refused = self._per_peer[peer] >= c.max_clients_per_peer
+                if not refused:
+                    if len(self._pending) >= c.max_handshakes:  # make room: the oldest waiter goes
+                        victim = next(iter(self._pending))
+                        del self._pending[victim]
+                        self._count(handshakes_dropped=1)
+                        with contextlib.suppress(OSError):
+                            victim.shutdown(socket.SHUT_RDWR)
+                    self._pending[conn] = peer
+                    self._per_peer[peer] += 1
                     self._conns.add(conn)
-            if busy:
-                self._count(refused_busy=1)
+            if refused:
+                self._count(refused_peer=1)
                 with contextlib.suppress(OSError):
                     conn.settimeout(1.0)
-                    send_frame(conn, OP_HELLO, ST_BUSY, b"server busy: max_clients connections open")
+                    send_frame(conn, OP_HELLO, ST_BUSY, f"server full for {peer}: max_clients_per_peer "
+                               f"({c.max_clients_per_peer}) connections from this address are open".encode())
                 conn.close()
                 continue
-            t = threading.Thread(target=self._serve_conn, args=(conn,), name="kvbm-serve-conn", daemon=True)
+            t = threading.Thread(target=self._serve_conn, args=(conn, peer), name="kvbm-serve-conn", daemon=True)
             self._threads.add(t)
             t.start()
 
-    def _serve_conn(self, conn: socket.socket) -> None:
+    def _serve_conn(self, conn: socket.socket, peer: str) -> None:
         self._count(connections=1)
         sess: _Session | None = None
         try:
-            conn.settimeout(self.config.idle_timeout_s)
             sess = self._hello(conn)
             if sess is None:
                 return
             head = bytearray(FRAME.size)
+            c = self.config
             while not self._closing.is_set():
+                # an open ucx batch holds slots: its commit / done must come within put_timeout_s
+                conn.settimeout(c.put_timeout_s if (sess.put is not None or sess.pins) else c.idle_timeout_s)
                 recv_exact_into(conn, memoryview(head))
                 op, _st, _r, blen = FRAME.unpack(head)
                 try:
-                    self._dispatch(conn, sess, op, blen)
+                    self._dispatch(conn, sess, op, blen, time.monotonic() + c.put_timeout_s)
                 except _ProtocolError as e:
                     self._count(protocol_errors=1)
                     send_frame(conn, op, ST_ERR, str(e).encode())
                     return
+        except TimeoutError:
+            self._count(**{"handshake_timeouts" if sess is None else "request_timeouts": 1})
         except (OSError, ConnectionError):
             pass  # the client went away (or close() shut us down); nothing is half-published
         except Exception:  # a bug: log it, drop only this connection
@@ -373,68 +338,96 @@ class StoreServer:
                 self._release(sess)
             with self._lock:
                 self._conns.discard(conn)
+                self._pending.pop(conn, None)
+                self._active.discard(conn)
+                self._per_peer[peer] -= 1
+                if self._per_peer[peer] <= 0:
+                    del self._per_peer[peer]
             conn.close()
             self._threads.discard(threading.current_thread())
 
     def _hello(self, conn: socket.socket) -> _Session | None:
-        op, _st, _r, blen = FRAME.unpack(recv_exact(conn, FRAME.size))
-        if op != OP_HELLO or not HELLO.size <= blen <= HELLO.size + MAX_TOKEN:
+        """Read and answer HELLO (within ``hello_timeout_s``); the session, or None when refused."""
+        deadline = time.monotonic() + self.config.hello_timeout_s
+        op, _st, _r, blen = FRAME.unpack(recv_exact(conn, FRAME.size, deadline))
+        if op != OP_HELLO or not HELLO.size <= blen <= HELLO.size + MAX_TOKEN + MAX_TENANT:
             self._count(protocol_errors=1)
             send_frame(conn, OP_HELLO, ST_ERR, b"expected HELLO")
             return None
-        body = recv_exact(conn, blen)
-        magic, version, tlen, block_bytes, ns = HELLO.unpack_from(body)
-        token = body[HELLO.size:]
-        if magic != HELLO_MAGIC or version != PROTOCOL_VERSION or tlen != len(token):
+        body = recv_exact(conn, blen, deadline)
+        magic, version, tlen, block_bytes, ns, nlen = HELLO.unpack_from(body)
+        token, tenant_raw = body[HELLO.size:HELLO.size + tlen], body[HELLO.size + tlen:]
+        if magic != HELLO_MAGIC or version != PROTOCOL_VERSION or HELLO.size + tlen + nlen != blen:
             self._count(protocol_errors=1)
-            send_frame(conn, OP_HELLO, ST_ERR, f"unsupported protocol (magic {magic!r}, version {version})".encode())
+            send_frame(conn, OP_HELLO, ST_ERR,
+                       f"unsupported protocol (magic {magic!r}, version {version}; this server speaks "
+                       f"version {PROTOCOL_VERSION})".encode())
             return None
-        if self._token is not None and not hmac.compare_digest(token, self._token):
+        try:
+            requested = tenant_raw.decode("utf-8")
+        except UnicodeDecodeError:
+            requested = "\ufffd"  # never a granted name
+        tenant = self._tenants.resolve(token, requested)
+        if tenant is None:
             self._count(refused_auth=1)
-            send_frame(conn, OP_HELLO, ST_AUTH, b"token refused")
+            why = "token refused" if requested == "" or self._tenants.resolve(token, "") is None else (
+                f"token refused for namespace {requested!r}")
+            send_frame(conn, OP_HELLO, ST_AUTH, why.encode())
             return None
         if not 0 < block_bytes <= self.config.max_block_bytes:
             send_frame(conn, OP_HELLO, ST_ERR,
                        f"block_bytes {block_bytes} is outside 1..{self.config.max_block_bytes} (server's max)".encode())
             return None
+        with self._lock:
+            full = len(self._active) >= self.config.max_clients
+            if not full and self._pending.pop(conn, None) is not None:
+                self._active.add(conn)
+            elif not full:
+                return None  # dropped from the waiting pool for a newer connection meanwhile
+        if full:
+            self._count(refused_busy=1)
+            send_frame(conn, OP_HELLO, ST_BUSY,
+                       f"server full: all {self.config.max_clients} client connections (max_clients) are in use"
+                       .encode())
+            return None
         features = FEATURE_UCX if self._engine is not None else 0
-        send_frame(conn, OP_HELLO, ST_OK,
-                   HELLO_OK.pack(PROTOCOL_VERSION, self.config.max_batch, self.config.max_block_bytes, features))
-        return _Session(ns, int(block_bytes))
+        send_frame(conn, OP_HELLO, ST_OK, HELLO_OK.pack(PROTOCOL_VERSION, self.config.max_batch,
+                                                       self.config.max_block_bytes, features, self._put_window))
+        return _Session(tenant, ns, int(block_bytes))
 
     # ---- requests -----------------------------------------------------------------------------
     def _read_hashes(self, conn: socket.socket, sess: _Session, blen: int, per_block: int,
-                     head: struct.Struct) -> tuple[tuple[int, ...], list[bytes], list[bytes]]:
+                     head: struct.Struct, deadline: float) -> tuple[tuple[int, ...], list[bytes], list[bytes]]:
         if blen < head.size:
             raise _ProtocolError(f"body of {blen} bytes is shorter than its {head.size}-byte head")
-        fields = head.unpack(recv_exact(conn, head.size))
+        fields = head.unpack(recv_exact(conn, head.size, deadline))
         n = fields[0]
         if n > self.config.max_batch:
             raise _ProtocolError(f"batch of {n} blocks exceeds max_batch {self.config.max_batch}")
         if blen != head.size + n * (HASH_SIZE + per_block):
             raise _ProtocolError(f"body length {blen} does not match {n} blocks")
-        raw = recv_exact(conn, n * HASH_SIZE)
+        raw = recv_exact(conn, n * HASH_SIZE, deadline)
         hs = [raw[i * HASH_SIZE:(i + 1) * HASH_SIZE] for i in range(n)]
         keys = [sess.key(h) for h in hs]
         return fields, hs, keys
 
-    def _dispatch(self, conn: socket.socket, sess: _Session, op: int, blen: int) -> None:
+    def _dispatch(self, conn: socket.socket, sess: _Session, op: int, blen: int, deadline: float) -> None:
         if op == OP_LOOKUP:
-            _f, _hs, keys = self._read_hashes(conn, sess, blen, 0, U32)
+            _f, _hs, keys = self._read_hashes(conn, sess, blen, 0, U32, deadline)
             n = self._mgr.lookup(keys).num_hits if keys else 0
             self._count(lookups=1)
             send_frame(conn, op, ST_OK, U32.pack(n))
         elif op == OP_PUT:
-            (_n, flags), hs, keys = self._read_hashes(conn, sess, blen, sess.record_bytes, PUT_HEAD)
-            ok = self._put(conn, sess, hs, keys, bool(flags & PUT_CHAIN))
+            (_n, flags), hs, keys = self._read_hashes(conn, sess, blen, sess.record_bytes, PUT_HEAD, deadline)
+            ok = self._put(conn, sess, hs, keys, bool(flags & PUT_CHAIN), deadline)
             self._count(puts=1, blocks_stored=int(ok.sum()), blocks_rejected=int(len(ok) - ok.sum()),
                         bytes_in=len(hs) * sess.record_bytes)
             send_frame(conn, op, ST_OK, ok.astype(np.uint8))
         elif op == OP_GET:
-            _f, hs, keys = self._read_hashes(conn, sess, blen, 0, U32)
-            self._get(conn, sess, op, keys)
+            _f, hs, keys = self._read_hashes(conn, sess, blen, 0, U32, deadline)
+            self._get(conn, sess, op, hs, keys)
         elif op in (OP_UCX_META, OP_PUT_PREP, OP_PUT_COMMIT, OP_GET_PIN, OP_GET_DONE):
-            self._dispatch_ucx(conn, sess, op, blen)
+            self._dispatch_ucx(conn, sess, op, blen, deadline)
         elif op == OP_STATS:
             if blen:
                 raise _ProtocolError("STATS takes no body")
@@ -442,13 +435,13 @@ class StoreServer:
         else:
             raise _ProtocolError(f"unknown op {op}")
 
-    def _prepare_store(self, keys: list[bytes], chain: bool) -> np.ndarray:
-        """Reserve slots (-1: present already or could not be stored)."""
+    def _prepare_store(self, keys: list[bytes], chain: bool, parent: bytes | None = None) -> np.ndarray:
+        """Reserve slots (-1: present already, -2: could not be stored)."""
         slots = np.full(len(keys), -1, np.int64)
         with self._lock:
             if chain:
                 try:
-                    return self._mgr.prepare_store(keys).slots
+                    return self._mgr.prepare_store(keys, parent=parent).slots
                 except (CapacityError, KvbmError):
                     pass  # e.g. everything pinned: store what fits, one by one
             for i, k in enumerate(keys):
@@ -459,36 +452,50 @@ class StoreServer:
         return slots
 
     def _put(self, conn: socket.socket, sess: _Session, hs: list[bytes], keys: list[bytes],
-             chain: bool) -> np.ndarray:
-        slots = self._prepare_store(keys, chain)
+             chain: bool, deadline: float) -> np.ndarray:
+        """Receive and publish a PUT's records, reserving one window of slots at a time."""
         rb = sess.record_bytes
         scratch = None
-        good = np.zeros(len(keys), np.uint8)
-        new = [i for i in range(len(keys)) if slots[i] >= 0]
-        try:
-            # data path (TCP): each record goes straight from the socket into its reserved slot
-            for i in range(len(keys)):
-                if slots[i] >= 0:
-                    view = memoryview(self._arena.view(int(slots[i])))[:rb]
-                    recv_exact_into(conn, view)
-                    good[i] = check_record(view[:HEADER_SIZE], view[HEADER_SIZE:], sess.ns, hs[i]) is None
-                else:
-                    if scratch is None:
-                        scratch = memoryview(bytearray(rb))
-                    recv_exact_into(conn, scratch)
-        finally:
-            with self._lock:
-                if new:
-                    self._mgr.complete_store([keys[i] for i in new], good[new])
-        # already present (-1) counts as stored; refused for capacity (-2) or bad record does not
-        ok = (slots == -1) | (good.astype(bool) & (slots >= 0))
+        ok = np.zeros(len(keys), bool)
+        parent = None
+        for a in range(0, len(keys), self._put_window):
+            wk = keys[a:a + self._put_window]
+            slots = self._prepare_store(wk, chain, parent)
+            good = np.zeros(len(wk), np.uint8)
+            new = [i for i in range(len(wk)) if slots[i] >= 0]
+            try:
+                # data path (TCP): each record goes straight from the socket into its reserved slot
+                for i in range(len(wk)):
+                    if slots[i] >= 0:
+                        view = memoryview(self._arena.view(int(slots[i])))[:rb]
+                        recv_exact_into(conn, view, deadline)
+                        good[i] = check_record(view[:HEADER_SIZE], view[HEADER_SIZE:], sess.ns, hs[a + i]) is None
+                    else:
+                        if scratch is None:
+                            scratch = memoryview(bytearray(rb))
+                        recv_exact_into(conn, scratch, deadline)
+            finally:
+                self._persist(wk, slots, good, new, rb)
+                with self._lock:
+                    if new:
+                        self._mgr.complete_store([wk[i] for i in new], good[new])
+            # already present (-1) counts as stored; refused for capacity (-2) or bad record does not
+            ok[a:a + len(wk)] = (slots == -1) | (good.astype(bool) & (slots >= 0))
+            parent = wk[-1] if chain else None
         return ok
 
-    def _get(self, conn: socket.socket, sess: _Session, op: int, keys: list[bytes]) -> None:
-        present, pinned, slots = self._pin(keys)
+    def _persist(self, keys: list[bytes], slots: np.ndarray, good: np.ndarray, new: list[int], rb: int) -> None:
+        """Hand verified records, still reserved, to the ``on_records`` hook (before they publish)."""
+        if self.on_records is not None and good.any():
+            kept = [i for i in new if good[i]]
+            self.on_records([keys[i] for i in kept], [memoryview(self._arena.view(int(slots[i])))[:rb] for i in kept])
+
+    def _get(self, conn: socket.socket, sess: _Session, op: int, hs: list[bytes], keys: list[bytes]) -> None:
+        present, pinned, slots = self._pin(sess, hs, keys)
         try:
             rb = sess.record_bytes
-            # data path (TCP): records go from the pinned slots to the socket, no copy
+            # data path (TCP): exactly the stored records (checked by _pin) go from the pinned slots
+            # to the socket, no copy
             bufs: list[Any] = [present]
             bufs += [memoryview(self._arena.view(s))[:rb] for s in slots]
             send_frame(conn, op, ST_OK, *bufs)
@@ -499,9 +506,8 @@ class StoreServer:
         self._count(gets=1, blocks_served=len(slots), block_misses=len(keys) - len(slots),
                     bytes_out=len(slots) * sess.record_bytes)
 
-
     # ---- the transfer-engine data path --------------------------------------------------------
-    def _dispatch_ucx(self, conn: socket.socket, sess: _Session, op: int, blen: int) -> None:
+    def _dispatch_ucx(self, conn: socket.socket, sess: _Session, op: int, blen: int, deadline: float) -> None:
         if self._engine is None:
             raise _ProtocolError("this server does not offer the ucx data path")
         if op == OP_UCX_META:
@@ -511,7 +517,9 @@ class StoreServer:
         elif op == OP_PUT_PREP:
             if sess.put is not None or sess.pins:
                 raise _ProtocolError("PUT_PREP while a batch is open")
-            (_n, flags), hs, keys = self._read_hashes(conn, sess, blen, 0, PUT_HEAD)
+            (_n, flags), hs, keys = self._read_hashes(conn, sess, blen, 0, PUT_HEAD, deadline)
+            if len(keys) > self._put_window:
+                raise _ProtocolError(f"PUT_PREP of {len(keys)} blocks exceeds put_window {self._put_window}")
             slots = self._prepare_store(keys, bool(flags & PUT_CHAIN))
             sess.put = (hs, keys, slots)
             state = np.where(slots >= 0, 2, np.where(slots == -1, 1, 0)).astype(np.uint8)
@@ -532,6 +540,7 @@ class StoreServer:
                     view = memoryview(self._arena.view(int(slots[i])))[:rb]
                     good[i] = check_record(view[:HEADER_SIZE], view[HEADER_SIZE:], sess.ns, hs[i]) is None
             finally:
+                self._persist(keys, slots, good, new, rb)
                 with self._lock:
                     if new:
                         self._mgr.complete_store([keys[i] for i in new], good[new])
@@ -542,8 +551,8 @@ class StoreServer:
         elif op == OP_GET_PIN:
             if sess.put is not None or sess.pins:
                 raise _ProtocolError("GET_PIN while a batch is open")
-            _f, _hs, keys = self._read_hashes(conn, sess, blen, 0, U32)
-            present, pinned, slots = self._pin(keys)
+            _f, hs, keys = self._read_hashes(conn, sess, blen, 0, U32, deadline)
+            present, pinned, slots = self._pin(sess, hs, keys)
             sess.pins = pinned
             addrs = np.zeros(len(keys), np.uint64)
             idx = np.flatnonzero(present)
@@ -556,7 +565,13 @@ class StoreServer:
                 raise _ProtocolError("GET_DONE takes no body")
             self._release(sess)
 
-    def _pin(self, keys: list[bytes]) -> tuple[np.ndarray, list[bytes], list[int]]:
+    def _pin(self, sess: _Session, hs: list[bytes], keys: list[bytes]) -> tuple[np.ndarray, list[bytes], list[int]]:
+        """Pin the present blocks whose slot holds exactly the record asked for.
+
+        A slot's header must name this session's namespace digest, the block's hash and its
+        ``block_bytes``; anything else (which the keys make impossible unless memory was damaged)
+        is a counted miss and is never sent.
+        """
         present = np.zeros(len(keys), np.uint8)
         pinned: list[bytes] = []
         slots: list[int] = []
@@ -571,6 +586,20 @@ class StoreServer:
                 present[i] = 1
                 pinned.append(k)
                 slots.append(int(s[0]))
+        if slots:  # pinned: the headers cannot change under us now
+            idx = np.flatnonzero(present)
+            want = b"".join(header_id(sess.ns, hs[i], sess.block_bytes) for i in idx)
+            got = self._rows[np.asarray(slots, np.int64), :HEADER_ID_SIZE]
+            bad = np.flatnonzero(~(got == np.frombuffer(want, np.uint8).reshape(len(idx), -1)).all(axis=1))
+            if len(bad):
+                with self._lock:
+                    self._mgr.complete_load([pinned[j] for j in bad])
+                present[idx[bad]] = 0
+                keep = np.ones(len(slots), bool)
+                keep[bad] = False
+                pinned = [k for k, ok in zip(pinned, keep) if ok]
+                slots = [s for s, ok in zip(slots, keep) if ok]
+                self._count(record_mismatches=len(bad))
         return present, pinned, slots
 
     def _release(self, sess: _Session) -> None:
@@ -588,16 +617,19 @@ class StoreServer:
 
 
 class _Session:
-    """One HELLO'd connection: its namespace, record size and open ucx batch."""
+    """One HELLO'd connection: its tenant namespace, client namespace, record size, open ucx batch."""
 
-    __slots__ = ("block_bytes", "ns", "pins", "put", "record_bytes")
+    __slots__ = ("block_bytes", "ns", "pins", "prefix", "put", "record_bytes", "tenant")
 
-    def __init__(self, ns: bytes, block_bytes: int) -> None:
+    def __init__(self, tenant: str, ns: bytes, block_bytes: int) -> None:
+        self.tenant = tenant
         self.ns = ns
         self.block_bytes = block_bytes
         self.record_bytes = block_bytes + HEADER_SIZE
+        # the key binds the credential's namespace, the client's digest and the record size
+        self.prefix = tenant_prefix(tenant) + ns + block_bytes.to_bytes(8, "little")
         self.pins: list[bytes] = []
         self.put: tuple[list[bytes], list[bytes], np.ndarray] | None = None
 
     def key(self, h: bytes) -> bytes:
-        return hashlib.blake2b(self.ns + h, digest_size=HASH_SIZE).digest()
+        return hashlib.blake2b(self.prefix + h, digest_size=HASH_SIZE).digest()

@@ -8,6 +8,18 @@
 #                                         # vLLM-layout worker path
 #   bash scripts/gpu_all.sh host-transfer # host->host transfer engine vs ucx_perftest and NIXL on this
 #                                         # machine's idle cores (needs nixl.tgz + ucx_perftest in $UCXDIR)
+#   bash scripts/gpu_all.sh vllm          # build (CUDA+UCX), then kvbm's connector inside real vLLM 0.26.0
+#                                         # (tests/test_vllm_real_gpu.py) -> $OUT/vllm_gpu.json + logs
+# vLLM on the GPU machine: ../shared/tools/pack_vllm_for_device.sh makes the bundles (under .vb/, with
+# the vllm tarball split so that each call's carry stays under 64 MiB); earlier back-to-back calls
+# (a warm machine keeps /opt and /tmp) unpack vLLM into /opt/v and its Python deps into /tmp/site:
+#   carry .vb/v1: mkdir -p /opt/vb && cp .vb/v1/vllm.tar.xz.part00 /opt/vb/
+#   carry .vb/v3: cat /opt/vb/vllm.tar.xz.part00 .vb/v3/vllm.tar.xz.part01 > /opt/vb/vllm.tar.xz; mkdir -p /opt/v
+#                 python3 -c "import tarfile; tarfile.open('/opt/vb/vllm.tar.xz').extractall('/opt/v')"
+#                 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.vb/v3/fa3.so.xz'),
+#                   open('/opt/v/vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so','wb'))"; mkdir -p /opt/vwhl; cp .vb/v3/*.whl /opt/vwhl/
+#   carry .vb/v2: python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .vb/v2/*.whl /opt/vwhl/*.whl
+#   carry the tree (+ .vb/v4, the wheels that did not fit): VB_EXTRA=../.vb/v4 bash scripts/gpu_all.sh vllm
 # The UCX stack comes as ../.ucx/ucx_stack.tgz (../shared/tools/pack_ucx_for_device.sh), carried
 # with the tree. Logs and results go to $OUT.
 set -uo pipefail
@@ -86,6 +98,24 @@ PY
     step "vLLM connector worker: layer-wise vs whole-block copies around a forward"
     timeout 150 python3 benchmarks/bench_vllm_layerwise_gpu.py --out "$OUT/vllm_layerwise_gpu" 2>&1 | tail -14 || status=1
   fi
+  ;;
+vllm)
+  # vLLM 0.26.0 (CUDA 13, torch 2.11: the GPU machine's) from /opt/v; its deps in /tmp/site (see the header).
+  export PYTHONPATH=/opt/v:$PYTHONPATH NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  [ -d /opt/v/vllm ] || { echo "vLLM is not unpacked in /opt/v: run the unpack calls of this script's header first"; exit 2; }
+  if [ -n "${VB_EXTRA:-}" ] && [ -d "$VB_EXTRA" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$VB_EXTRA"/*.whl || exit 1
+  fi
+  build
+  python3 -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)" | tee -a "$OUT/device.txt" || exit 1
+  step "kvbm's connector inside real vLLM (tests/test_vllm_real_gpu.py)"
+  rm -rf /tmp/vllm_gpu_logs
+  KVBM_VLLM_GPU_REPORT="$OUT/vllm_gpu.json" KVBM_VLLM_GPU_LOGDIR=/tmp/vllm_gpu_logs \
+    timeout $(( ${VLLM_DEADLINE_S:-575} - SECONDS )) python3 -m pytest -v -rfEs -p no:cacheprovider \
+    tests/test_vllm_real_gpu.py >"$OUT/vllm_gpu_tests.log" 2>&1 || status=1
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_gpu_tests.log" | head -40
+  [ -d /tmp/vllm_gpu_logs ] && tar czf "$OUT/vllm_gpu_logs.tgz" -C /tmp vllm_gpu_logs
+  [ -f "$OUT/vllm_gpu.json" ] && python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:6000])" "$OUT/vllm_gpu.json"
   ;;
 host-transfer)
   # NIXL (trimmed wheel: core, UCX plugin and the libraries they need) and ucx_perftest are carried

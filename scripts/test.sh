@@ -20,13 +20,15 @@ fi
 
 # A real redis-server for the Redis tier tests (Debian package).
 bash scripts/install_redis.sh
+# valkey-server (Debian package) for the Valkey and Valkey Cluster tests.
+bash scripts/install_valkey.sh
 
 # UCX first, so that the build finds its headers (KVBM_UCX_ROOT) and compiles the transfer engine.
 # Editable install: tests that start `python -c "import kvbm"` subprocesses from the repo root
 # then import the built package, not a source tree without its extension.
 python -m pip install -q "libucx-cu13<1.22" "libucxx-cu13==0.52.*" "ucxx-cu13==0.52.*"
 KVBM_UCX=ON KVBM_UCX_ROOT="$(python -c 'import libucx, os; print(os.path.dirname(libucx.__file__))')" \
-  python -m pip install -q -e ".[test,ucx]"
+  python -m pip install -q -e ".[test,ucx,router]"
 export UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n  # loopback only (../shared/UCX.md)
 
 # The native core once more with AddressSanitizer + UBSan, in its own package copy.

@@ -518,3 +518,38 @@ def test_deterministic_across_processes_with_different_hash_seeds():
     toks = list(range(1000, 1000 + 16 * 12 + 3))
     ns = Namespace("org/model", "float16", "NHD", 16, tp_rank=1, tp_size=4, revision="abc")
     assert outs[0]["sha"] == [h.hex() for h in ref_block_hashes(toks, 16, ns.digest, "sha256", b"salt")]
+
+
+# ---- token ranges read in place (start/stop) -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["list", "tuple", "int32", "int64", "strided", "range"])
+def test_token_range_equals_hashing_the_slice(kind: str) -> None:
+    toks = list(range(7, 7 + 16 * 9 + 5))
+    ns = Namespace(model_id="m", dtype="bf16", kv_layout="x", block_size=16).digest
+    src: object = {
+        "list": toks, "tuple": tuple(toks), "int32": np.array(toks, np.int32), "int64": np.array(toks, np.int64),
+        "strided": np.repeat(np.array(toks, np.int64), 2)[::2], "range": range(7, 7 + len(toks)),
+    }[kind]
+    parent = bytes(range(16))
+    for lo, hi in [(0, None), (16, 80), (32, len(toks)), (48, 48), (16, 90)]:
+        want = _native.block_hashes(toks[lo:hi], 16, ns, "sha256", None, parent)
+        got = _native.block_hashes(src, 16, ns, "sha256", None, parent, start=lo, stop=hi)
+        assert got.shape == want.shape and (got == want).all(), (kind, lo, hi)
+
+
+def test_token_range_errors_name_the_absolute_index() -> None:
+    ns = bytes(16)
+    toks = list(range(100))
+    with pytest.raises(InvalidArgumentError, match=r"token range \[16, 200\) is not within the 100"):
+        _native.block_hashes(toks, 16, ns, start=16, stop=200)
+    with pytest.raises(InvalidArgumentError, match=r"token range \[-1, "):
+        _native.block_hashes(toks, 16, ns, start=-1)
+    with pytest.raises(InvalidArgumentError, match=r"stop = -3"):
+        _native.block_hashes(toks, 16, ns, stop=-3)
+    bad = toks[:40] + [-1] + toks[41:]
+    for src in (bad, np.array(bad, np.int64)):
+        with pytest.raises(InvalidArgumentError, match=r"token_ids\[40\] = -1 is out of range"):
+            _native.block_hashes(src, 16, ns, start=32, stop=64)
+    with pytest.raises(InvalidArgumentError, match=r"token_ids\[41\] is str"):
+        _native.block_hashes(toks[:41] + ["x"] + toks[42:], 16, ns, start=32, stop=64)

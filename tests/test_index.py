@@ -215,3 +215,33 @@ def test_table_growth_and_deletion_churn() -> None:
     ix.validate()
     present = sum(ix.peek([k])[0] for k in pool)
     assert present == len(ix) <= 5000
+
+
+def test_held_evictions_drain_before_their_slots_are_reused() -> None:
+    """Note [Slot lifetime]: evict(hold=True) keeps slots out of the free list until released."""
+    ix = make_index(4)
+    ks = keys(6)
+    slots, _ = ix.prepare_store(HOST, ks[:4])
+    ix.complete_store(HOST, ks[:4])
+    ev = ix.evict(HOST, 2, hold=True)
+    held = sorted(e[2] for e in ev)
+    assert len(held) == 2 and ix.tier_info(HOST)["draining_slots"] == 2
+    ix.validate()
+    # two free-looking slots, but both are still being copied out of: no store may have them
+    with pytest.raises(CapacityError, match="2 draining"):
+        ix.prepare_store(HOST, ks[4:6] + keys(2))
+    got, ev2 = ix.prepare_store(HOST, ks[4:5])  # room only by evicting a Ready block
+    assert int(got[0]) not in held and len(ev2) == 1
+    ix.complete_store(HOST, ks[4:5])
+    with pytest.raises(StateError):
+        ix.release_slots(HOST, [int(got[0])])  # not draining: refused, nothing changes
+    ix.release_slots(HOST, held)
+    assert ix.tier_info(HOST)["draining_slots"] == 0
+    ix.validate()
+    again, _ = ix.prepare_store(HOST, ks[5:6])
+    assert int(again[0]) in held
+    with pytest.raises(StateError):
+        ix.release_slots(HOST, held)  # twice: refused
+    with pytest.raises(InvalidArgumentError):
+        ix.release_slots(HOST, [-1])
+    ix.validate()

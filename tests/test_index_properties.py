@@ -51,6 +51,7 @@ def index_machine(policy: str) -> type[RuleBasedStateMachine]:
             self.ix.configure_tier(HOST, slots, 8, policy)
             self.state: dict[int, str] = {}  # key -> "storing" | "ready" (absent = missing)
             self.pins: dict[int, int] = {}
+            self.draining: set[int] = set()  # slots of held evictions (Note [Slot lifetime])
 
         # ---- helpers -----------------------------------------------------------------------
         def snapshot(self) -> tuple:
@@ -78,13 +79,13 @@ def index_machine(policy: str) -> type[RuleBasedStateMachine]:
         def prepare_store(self, chain: list[int]) -> None:
             batch = set(chain)
             need = [i for i in chain if i not in self.state]
-            free = self.slots - len(self.state)
+            free = self.slots - len(self.state) - len(self.draining)
             if len(need) > free + len(self.evictable(batch)):
                 self.expect_unchanged(CapacityError, self.ix.prepare_store, HOST, [k(i) for i in chain])
                 return
             slots, evicted = self.ix.prepare_store(HOST, [k(i) for i in chain])
             assert [s >= 0 for s in slots.tolist()] == [i not in self.state for i in chain]
-            assert all(0 <= s < self.slots for s in slots.tolist() if s >= 0)
+            assert all(0 <= s < self.slots and s not in self.draining for s in slots.tolist() if s >= 0)
             assert len(evicted) == max(0, len(need) - free)  # evict only what the store needs
             self.check_evicted(evicted, batch)
             for i in need:
@@ -154,12 +155,25 @@ def index_machine(policy: str) -> type[RuleBasedStateMachine]:
             for i in chain:
                 self.state.pop(i, None)
 
-        @rule(count=st.integers(0, 4))
-        def evict(self, count: int) -> None:
+        @rule(count=st.integers(0, 4), hold=st.booleans())
+        def evict(self, count: int, hold: bool) -> None:
             expected = min(count, len(self.evictable()))
-            evicted = self.ix.evict(HOST, count)
+            evicted = self.ix.evict(HOST, count, hold=hold)
             assert len(evicted) == expected
             self.check_evicted(evicted)
+            if hold:
+                self.draining |= {int(e[2]) for e in evicted}
+
+        @rule(data=st.data())
+        def release_slots(self, data: st.DataObject) -> None:
+            if self.draining and data.draw(st.booleans()):
+                chosen = data.draw(st.lists(st.sampled_from(sorted(self.draining)), min_size=1, unique=True))
+                self.ix.release_slots(HOST, chosen)
+                self.draining -= set(chosen)
+                return
+            s = data.draw(st.integers(0, self.slots - 1))
+            if s not in self.draining:
+                self.expect_unchanged(StateError, self.ix.release_slots, HOST, [s])
 
         # ---- lookups -----------------------------------------------------------------------
         @rule(chain=st.lists(keys_st, min_size=1, max_size=8))
@@ -178,6 +192,7 @@ def index_machine(policy: str) -> type[RuleBasedStateMachine]:
             info = self.ix.tier_info(HOST)
             assert info["used_slots"] == len(self.state) <= self.slots
             assert info["pinned_slots"] == len(self.pins)
+            assert info["draining_slots"] == len(self.draining)
             assert len(self.ix) == len(self.state)
             for i in range(N_KEYS):
                 e = self.ix.get(k(i))

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from kvbm.errors import ConfigError, PeerError
-from kvbm.serve import FRAME, OP_GET, OP_HELLO, ST_AUTH, ST_ERR, ST_OK, ServeConfig, StoreServer
+from kvbm.serve import ServeConfig, StoreServer
+from kvbm.serve_protocol import FRAME, OP_GET, OP_HELLO, ST_AUTH, ST_ERR, ST_OK
 from kvbm.tiers import open_remote_tier
 from kvbm.tiers import serve_client as sc
 from kvbm.tiers.serve_client import ServeClientTier
@@ -183,10 +184,10 @@ def test_unreachable_server_at_start_is_a_degraded_tier_not_an_error():
 
 
 def _raw_hello(port: int, token: bytes = b"sesame") -> socket.socket:
-    from kvbm.serve import HELLO, HELLO_MAGIC, PROTOCOL_VERSION
+    from kvbm.serve_protocol import hello_body
 
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    body = HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, len(token), 4096, b"n" * 16) + token
+    body = hello_body(token, 4096, b"n" * 16, b"")
     s.sendall(FRAME.pack(OP_HELLO, 0, 0, len(body)) + body)
     op, st, _, blen = FRAME.unpack(s.recv(FRAME.size, socket.MSG_WAITALL))
     s.recv(blen, socket.MSG_WAITALL)
@@ -293,7 +294,7 @@ def test_cli_serve_with_8_client_processes(tmp_path, data_path):
 def test_ucx_client_vanishing_mid_batch_releases_its_slots():
     if _ucx_skip():
         pytest.skip(f"ucx data path: {_ucx_skip()}")
-    from kvbm.serve import OP_GET_PIN, OP_PUT_PREP, PUT_HEAD, U32
+    from kvbm.serve_protocol import OP_GET_PIN, OP_PUT_PREP, PUT_HEAD, U32
 
     with StoreServer(ServeConfig(capacity_bytes=1 << 20, max_block_bytes=4096, token="sesame",
                                  data_path="ucx")) as srv:

@@ -276,3 +276,57 @@ def test_blocks_recomputed_after_a_failed_synchronous_load_are_stored_again() ->
     m = sched.build_connector_meta(out(cached=[("b", 2 * bs)], sched_tokens={"b": 4 * bs + 1}))
     assert [op.block_id for op in m.stores] == [12, 14, 15]
     assert [op.block_hash for op in m.stores] == [h[2], h[4], h[5]]
+
+
+def test_scheduler_hashes_each_block_once_per_request_and_matches_kvbm_hashing(monkeypatch) -> None:
+    """Note [Per-request hash cache]: a request asked about again, or grown by a few blocks,
+    only hashes its new blocks; the rows equal kvbm.block_hashes of the whole token list (list,
+    numpy and ConstantList-like inputs alike), and the cache goes when the request finishes."""
+    from types import SimpleNamespace as NS
+
+    from kvbm.hashing import Namespace, block_hashes
+    from kvbm.integrations.vllm import scheduler as sm
+    from kvbm.integrations.vllm.common import Geometry
+    from kvbm.integrations.vllm.config import ConnectorConfig
+
+    bs = 16
+    ns = Namespace(model_id="t", dtype="bfloat16", kv_layout="x", block_size=bs)
+    geo = Geometry(block_size=bs, slot_bytes=64, num_host_slots=64, disk_capacity_blocks=0, tp_world=1, namespace=ns)
+    sched = sm.KvbmScheduler(ConnectorConfig.from_extra_config({"host_capacity_bytes": 64 * 64}), geo)
+    hashed: list[int] = []
+    real = sm._native.block_hashes
+
+    def counting(*a, **k):
+        out = real(*a, **k)
+        hashed.append(len(out))
+        return out
+
+    monkeypatch.setattr(sm._native, "block_hashes", counting)
+
+    class Constant:  # vLLM's ConstantList: a Sequence, not a list
+        def __init__(self, x: list[int]) -> None:
+            self._x = x
+
+        def __getitem__(self, i):
+            return self._x[i]
+
+        def __len__(self) -> int:
+            return len(self._x)
+
+    toks = list(range(500, 500 + 40 * bs))
+    for prompt in (toks[:20 * bs], np.array(toks[:20 * bs], np.int32), None):
+        hashed.clear()
+        all_toks = list(toks[:20 * bs])
+        r = NS(request_id="r", prompt_token_ids=prompt, all_token_ids=Constant(all_toks), num_tokens=len(all_toks),
+               num_prompt_tokens=20 * bs, lora_request=None, cache_salt=None, mm_features=None, prompt_embeds=None)
+        assert sched.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert sched.get_num_new_matched_tokens(r, 0) == (0, False)
+        assert hashed == [19]  # (num_tokens - 1) // bs blocks, once
+        all_toks.extend(toks[20 * bs:30 * bs])  # the request grows (outputs past the prompt)
+        r.num_tokens = len(all_toks)
+        st = sched._reqs["r"]
+        got = sched._hashes(st, 30)
+        assert hashed == [19, 11]
+        assert got == block_hashes(toks[:30 * bs], bs, ns)
+        sched.request_finished(r)
+        assert "r" not in sched._reqs

@@ -209,8 +209,10 @@ def test_async_loads_are_polled_not_waited_and_slots_are_not_overwritten_early(t
         time.sleep(0.005)
     w.build_worker_meta()
     buf.view(torch.int16)[:, 10:13].fill_(0x7BAD)
-    # Hold kvbm's load stream (as a long copy would) so the loads are still in flight below.
-    with torch.cuda.stream(w._load_stream):
+    # Hold kvbm's asynchronous load stream (as a long copy would) so the loads are still in flight
+    # below. (Asynchronous loads run on _async_stream, not on _load_stream: holding the latter held
+    # nothing, and the store into slot 0 below was not ordered against anything in flight.)
+    with torch.cuda.stream(w._async_stream):
         torch.cuda._sleep(400_000_000)  # a few hundred ms
     t0 = time.perf_counter()
     w.start_load_kv(KvbmConnectorMetadata(loads=[

@@ -78,7 +78,7 @@ def run_engine(spec: dict[str, Any], *, multiprocess: bool = False, timeout: flo
         raise RuntimeError(f"engine process failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
                            f"{proc.stderr[-8000:]}")
     result = json.loads(Path(spec["out"]).read_text())
-    result["log"] = proc.stderr[-20000:]
+    result["log"] = (proc.stdout[-20000:] + proc.stderr[-20000:])  # vLLM (and kvbm inside it) log to stdout
     return result
 
 
@@ -95,6 +95,18 @@ def _scheduler_connector(llm: Any) -> Any:
         return llm.llm_engine.engine_core.engine_core.scheduler.connector
     except AttributeError:
         return None
+
+
+def _worker_copy_stats() -> dict[str, Any] | None:
+    """The worker half's copy counters (``KvbmWorker.copy_stats``) when it lives in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), else None."""
+    try:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        worker = getattr(get_kv_transfer_group(), "_worker", None) if has_kv_transfer_group() else None
+    except Exception:  # noqa: BLE001 - no kv transfer group in this process
+        return None
+    return worker.copy_stats() if worker is not None and hasattr(worker, "copy_stats") else None
 
 
 def _main(spec_path: str) -> None:
@@ -147,7 +159,21 @@ def _main(spec_path: str) -> None:
             "external_hits": _external_hits(llm) - before,
             "seconds": dt,
             "kvbm": conn.kvbm_stats() if conn is not None and hasattr(conn, "kvbm_stats") else None,
+            "worker": _worker_copy_stats(),
         })
+    import vllm
+
+    result["vllm_version"] = vllm.__version__
+    cc = getattr(getattr(llm.llm_engine, "vllm_config", None), "compilation_config", None)
+    result["cudagraph_mode"] = str(getattr(getattr(cc, "cudagraph_mode", None), "name", None))
+    conn = _scheduler_connector(llm)
+    if spec.get("hash_prompts") and conn is not None:  # kvbm's block hashes (disk catalog keys) of prompts
+        from kvbm.hashing import block_hashes
+
+        geo = conn._sched.geo
+        result["hashes"] = [[h.hex() for h in block_hashes(p[:len(p) // geo.block_size * geo.block_size],
+                                                           geo.block_size, geo.namespace, None)]
+                            for p in spec["hash_prompts"]]
     Path(spec["out"]).write_text(json.dumps(result))
     del llm
 

@@ -1,35 +1,26 @@
 """Prefix-hit ratio of each eviction policy on the Mooncake conversation trace at 5/10/25%
-capacity, next to LRU measured in the same run. The trace is found through KVBM_TRACE, or
-../shared/data/traces/ from the current directory or from the source checkout."""
+capacity, next to LRU measured in the same run. The trace ships in the package
+(:func:`kvbm.data.mooncake_conversation`; ``KVBM_TRACE`` overrides it)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from kvbm import eviction_policies
 from kvbm.bench import Context, Row
 
-_NAME = "mooncake_conversation.jsonl"
 
+def find_trace() -> Path:
+    """The trace to replay: ``KVBM_TRACE`` or the bundled Mooncake conversation trace."""
+    from kvbm.data import mooncake_conversation
 
-def find_trace() -> Path | None:
-    if os.environ.get("KVBM_TRACE"):
-        return Path(os.environ["KVBM_TRACE"])
-    here = Path(__file__).resolve()
-    for base in (Path.cwd(), *Path.cwd().parents[:2], *here.parents[:5]):
-        p = base / "shared" / "data" / "traces" / _NAME
-        if p.is_file():
-            return p
-    return None
+    return mooncake_conversation()
 
 
 def run(ctx: Context) -> list[Row]:
     from kvbm.replay import load_trace, replay
 
     path = find_trace()
-    if path is None:
-        return ctx.skip("eviction", f"trace {_NAME} not found (set KVBM_TRACE)")
     trace = load_trace(path)
     rows: list[Row] = []
     for cap in ctx.progress([0.05, 0.10, 0.25], "eviction replay"):

@@ -23,12 +23,23 @@ import numpy as np
 from kvbm.errors import ConfigError, StorageIOError
 
 
+def _count(text: str) -> int:
+    """argparse type of --list: an int in 0..10**9 (argparse reports anything else as a usage error)."""
+    try:
+        v = int(text) if len(text) <= 12 else -1
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 10**9:
+        raise argparse.ArgumentTypeError(f"expected a count in 0..1000000000, got {text[:40]!r}")
+    return v
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show what a disk tier directory holds (read-only)")
     p.add_argument("dir", help="the disk tier directory (disk_path)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="read every block and check its CRC32C")
-    p.add_argument("--list", type=int, default=0, metavar="N", help="also list the N most recently used blocks")
+    p.add_argument("--list", type=_count, default=0, metavar="N", help="also list the N most recently used blocks")
     p.set_defaults(func=run)
 
 

@@ -102,6 +102,7 @@ import lmdb
 import numpy as np
 
 from kvbm.errors import ConfigError, InvalidArgumentError, StorageIOError
+from kvbm.hashing import hash_key as _hash_key  # the one hash normaliser
 from kvbm.tiers.disk_recovery import (
     CATALOG_DAMAGE,
     LMDB_ENVIRONMENT_ERRORS,
@@ -159,23 +160,9 @@ HashLike = "bytes | int"
 
 
 def hash_key(h: bytes | bytearray | memoryview | int | np.integer) -> bytes:
-    """The catalog key of a block hash: bytes as given, an int as 16 (or 32) big-endian bytes.
-
-    Raises InvalidArgumentError for negative ints, empty or over-long (> 256 byte) hashes.
-    """
-    if isinstance(h, (bytes, bytearray, memoryview)):
-        b = bytes(h)
-        if not 0 < len(b) <= 256:
-            raise InvalidArgumentError(f"block hash must be 1..256 bytes, got {len(b)}")
-        return b
-    if isinstance(h, (int, np.integer)):
-        v = int(h)
-        if v < 0:
-            raise InvalidArgumentError(f"block hash must be non-negative, got {v}")
-        if v >= 1 << 256:
-            raise InvalidArgumentError("block hash int needs more than 256 bits")
-        return v.to_bytes(16 if v < 1 << 128 else 32, "big")
-    raise InvalidArgumentError(f"block hash must be bytes or int, got {type(h).__name__}")
+    """The catalog key of a block hash: :func:`kvbm.hashing.hash_key` with 1..256-byte keys
+    kept as given and ints as 16 (or 32) big-endian bytes. Raises InvalidArgumentError."""
+    return _hash_key(h, "block hash", variable_length=True)
 
 
 def namespace_digest(namespace: int | bytes | str) -> bytes:

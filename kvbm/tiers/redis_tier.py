@@ -73,8 +73,9 @@ class RedisTier(RemoteTier):
         max_batch: blocks per pipelined round trip (bigger requests are split).
 
     Raises:
-        ConfigError: malformed URL or arguments, or redis-py missing. Nothing is raised when the
-            server is unreachable: calls degrade to misses and count ``errors``.
+        ConfigError: malformed URL or arguments, or redis-py missing; the message names the
+            URL. Nothing is raised when the server is unreachable or misbehaves: calls degrade
+            to misses and count ``errors`` (see :meth:`_store_errors`).
     """
 
     def __init__(
@@ -91,15 +92,20 @@ class RedisTier(RemoteTier):
     ) -> None:
         redis = _import_redis()
         self._redis = redis
+        if not isinstance(url, str):
+            raise ConfigError(f"remote_url: expected a URL string, got {type(url).__name__}")
+        shown = _url_for_errors(url)
+        for name, val, lo in (("remote_timeout_s", timeout_s, 1e-6), ("retry_interval_s", retry_interval_s, 0.0)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not lo <= val <= 3600:
+                raise ConfigError(f"{name}: must be a number in [{lo}, 3600] for {shown}, got {val!r}")
+        ttl_ok = ttl_s is None or (not isinstance(ttl_s, bool) and isinstance(ttl_s, (int, float)) and 0 < ttl_s < 1e9)
+        if not ttl_ok:
+            raise ConfigError(f"ttl_s: must be > 0 or None for {shown}, got {ttl_s!r}")
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
             raise ConfigError(f"block_bytes: must be a positive int, got {block_bytes!r}")
         if not isinstance(chunk_bytes, int) or chunk_bytes < 4096:
             raise ConfigError(f"chunk_bytes: must be an int >= 4096, got {chunk_bytes!r}")
-        if timeout_s <= 0:
-            raise ConfigError(f"remote_timeout_s: must be > 0, got {timeout_s!r}")
-        if ttl_s is not None and ttl_s <= 0:
-            raise ConfigError(f"ttl_s: must be > 0 or None, got {ttl_s!r}")
-        if not isinstance(max_batch, int) or max_batch <= 0:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch <= 0:
             raise ConfigError(f"max_batch: must be a positive int, got {max_batch!r}")
         self.block_bytes = int(block_bytes)
         self.namespace = namespace_digest(namespace)
@@ -113,8 +119,15 @@ class RedisTier(RemoteTier):
         self._avail = Availability(retry_interval_s)
         self._closed = False
 
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
+        try:
+            parts = urlsplit(url)
+            scheme = parts.scheme.lower()
+            _ = parts.port  # a malformed port raises ValueError here, not at the first request
+            db = parts.path.strip("/")
+            if scheme != "unix" and db and not (db.isascii() and db.isdigit()):
+                raise ValueError(f"the database must be a number, got {db[:40]!r}")
+        except ValueError as e:
+            raise ConfigError(f"remote_url: cannot use {shown}: {e}") from None
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
@@ -135,9 +148,12 @@ class RedisTier(RemoteTier):
                     url = urlunsplit((scheme.replace("valkey", "redis"),) + tuple(parts[1:]))
                 self._client = redis.Redis.from_url(url, **common)
         except (ValueError, TypeError) as e:
-            raise ConfigError(f"remote_url: cannot use {self.url!r}: {e}") from None
+            raise ConfigError(f"remote_url: cannot use {shown}: {e}") from None
         except redis.exceptions.RedisError as e:  # a cluster seed that cannot be reached
-            raise ConfigError(f"remote_url: cannot reach the Redis Cluster seed {self.url!r}: {e}") from None
+            raise ConfigError(f"remote_url: cannot reach the Redis Cluster seed {shown}: {e}") from None
+        except Exception as e:  # anything else redis-py raises while setting up: name the URL
+            msg = f"remote_url: cannot set up a Redis client for {shown}: {type(e).__name__}: {e}"
+            raise ConfigError(msg) from None
 
     # ---- keys ---------------------------------------------------------------------------------
     def _key(self, h: bytes, chunk: int = 0) -> bytes:
@@ -151,10 +167,18 @@ class RedisTier(RemoteTier):
         self._avail.failed(e)
         self._counters.add(errors=1)
 
-    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+    def _store_errors(self) -> tuple[type[BaseException], ...]:
+        """What a misbehaving store can make redis-py raise; each one is a counted miss / failure.
+
+        Not only connection loss: ``redis://host/99`` fails with ``ResponseError`` (no such
+        database) on the first command, a peer that is not Redis makes the parser raise
+        ``InvalidResponse``, ``ValueError`` or (deeply nested replies) ``RecursionError``.
+        Whatever the store sends, ``lookup_prefix`` / ``get`` / ``put`` report misses, count
+        ``errors`` and keep ``last_error``; the circuit breaker then spares the store for
+        ``retry_interval_s``.
+        """
         ex = self._redis.exceptions
-        return (ex.ConnectionError, ex.TimeoutError, ex.ClusterError, OSError) if self.cluster else (
-            ex.ConnectionError, ex.TimeoutError, OSError)
+        return (ex.RedisError, OSError, RecursionError, ValueError, TypeError, IndexError, UnicodeError)
 
     # ---- RemoteTier ---------------------------------------------------------------------------
     def lookup_prefix(self, hashes: HashesLike) -> int:
@@ -186,7 +210,7 @@ class RedisTier(RemoteTier):
                         break
                 if stop:
                     break
-        except self._connection_errors() as e:
+        except self._store_errors() as e:
             self._fail(e)
             self._counters.add(misses=len(hs))
             return 0
@@ -234,7 +258,7 @@ class RedisTier(RemoteTier):
                         ok[i] = True
                     else:
                         bad += 1
-        except self._connection_errors() as e:
+        except self._store_errors() as e:
             self._fail(e)
             ok[:] = False
             self._counters.add(get_misses=len(hs))
@@ -273,7 +297,7 @@ class RedisTier(RemoteTier):
                 res = pipe.execute(raise_on_error=False)
                 for j in range(len(part)):
                     ok[start + j] = all(r is True for r in res[j * nc:(j + 1) * nc])
-        except self._connection_errors() as e:
+        except self._store_errors() as e:
             self._fail(e)
             self._counters.add(store_failures=len(hs))
             return np.zeros(len(hs), bool)
@@ -294,3 +318,16 @@ class RedisTier(RemoteTier):
         self._closed = True
         with contextlib.suppress(Exception):  # closing a dead connection must not fail the caller
             self._client.close()
+
+
+def _url_for_errors(url: str) -> str:
+    """The URL for an error message, with any password replaced by ``***`` and cut short."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            host = parts.netloc.rsplit("@", 1)[-1]
+            user = parts.username or ""
+            url = urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    except ValueError:
+        pass
+    return repr(url if len(url) <= 200 else url[:200] + "...")

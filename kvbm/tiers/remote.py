@@ -41,12 +41,13 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from kvbm import _native
-from kvbm.errors import ConfigError, InvalidArgumentError
+from kvbm.errors import InvalidArgumentError
+from kvbm.hashing import normalize_hashes as normalize_hashes  # the one hash normaliser, re-exported
+from kvbm.tier_registry import remote_tier_class
 
 HASH_SIZE = 16
 RECORD_MAGIC = b"KVBR"
@@ -57,30 +58,6 @@ assert HEADER_SIZE == 56
 
 HashesLike = Sequence[bytes] | np.ndarray
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
-REMOTE_SCHEMES = (*REDIS_SCHEMES, "kvbm")
-"""URL schemes :func:`open_remote_tier` accepts."""
-
-
-def normalize_hashes(hashes: HashesLike, what: str = "hashes") -> list[bytes]:
-    """Hashes as a list of 16-byte ``bytes``; raises InvalidArgumentError naming the bad one."""
-    if isinstance(hashes, np.ndarray):
-        if hashes.dtype != np.uint8 or hashes.ndim != 2 or hashes.shape[1] != HASH_SIZE:
-            raise InvalidArgumentError(
-                f"{what}: expected a (n, {HASH_SIZE}) uint8 array, got shape {hashes.shape} dtype {hashes.dtype}"
-            )
-        return [bytes(row) for row in hashes]
-    if isinstance(hashes, (bytes, bytearray, memoryview, str)):
-        raise InvalidArgumentError(f"{what}: expected a sequence of 16-byte hashes, got one {type(hashes).__name__}")
-    out: list[bytes] = []
-    for i, h in enumerate(hashes):
-        if not isinstance(h, (bytes, bytearray, memoryview)):
-            raise InvalidArgumentError(f"{what}[{i}]: expected 16 bytes, got {type(h).__name__}")
-        b = bytes(h)
-        if len(b) != HASH_SIZE:
-            raise InvalidArgumentError(f"{what}[{i}]: expected {HASH_SIZE} bytes, got {len(b)}")
-        out.append(b)
-    return out
 
 
 def namespace_digest(namespace: Any) -> bytes:
@@ -150,6 +127,17 @@ def encode_header(ns: bytes, block_hash: bytes, payload: Any) -> bytes:
     return _HEADER.pack(RECORD_MAGIC, RECORD_VERSION, HEADER_SIZE, ns, block_hash, mv.nbytes, _native.crc32c(mv), 0)
 
 
+_HEADER_ID = struct.Struct("<4sHH16s16sQ")
+HEADER_ID_SIZE = _HEADER_ID.size
+"""Leading bytes of a header that name the record (all but CRC32C and reserved)."""
+
+
+def header_id(ns: bytes, block_hash: bytes, length: int) -> bytes:
+    """The first :data:`HEADER_ID_SIZE` bytes a valid header of this record holds (magic,
+    version, size, namespace, hash, length): a reader that knows what it asked for compares them."""
+    return _HEADER_ID.pack(RECORD_MAGIC, RECORD_VERSION, HEADER_SIZE, ns, block_hash, length)
+
+
 def check_record(header: Any, payload: Any, ns: bytes, block_hash: bytes) -> str | None:
     """None when ``header`` describes ``payload`` for (ns, block_hash); else why not (for logs/tests)."""
     hb = memoryview(header).cast("B")
@@ -178,7 +166,7 @@ class Counters:
     NAMES = (
         "lookups", "lookup_blocks", "hits", "misses", "gets", "get_blocks", "get_hits", "get_misses",
         "puts", "put_blocks", "stored", "store_failures", "bytes_stored", "bytes_loaded",
-        "checksum_failures", "errors", "skipped_unavailable",
+        "checksum_failures", "errors", "protocol_errors", "skipped_unavailable",
     )
 
     def __init__(self) -> None:
@@ -232,6 +220,8 @@ class RemoteTier(abc.ABC):
 
     block_bytes: int
     namespace: bytes
+    accepts_token: bool = False
+    """Whether the tier takes a ``token=`` credential (``remote_token``)."""
 
     @abc.abstractmethod
     def lookup_prefix(self, hashes: HashesLike) -> int:
@@ -276,24 +266,15 @@ def open_remote_tier(
 
     ``redis://host:port/db``, ``rediss://...``, ``unix:///path`` and ``valkey://host:port/db`` open a
     :class:`~kvbm.tiers.redis_tier.RedisTier`; ``redis+cluster://host:port`` a Redis Cluster one;
-    ``kvbm://host:port`` a :class:`~kvbm.tiers.serve_client.ServeClientTier` (``token`` is its
-    shared secret). Extra keyword arguments go to the tier's constructor.
+    ``kvbm://host:port[/namespace]`` a :class:`~kvbm.tiers.serve_client.ServeClientTier` (``token``
+    is its credential). Schemes are looked up in :mod:`kvbm.tier_registry`, which imports the
+    tier's module only now. Extra keyword arguments go to the tier's constructor.
 
     Raises:
         ConfigError: unknown scheme or malformed URL.
         PeerError: a ``kvbm serve`` server refused the connection (wrong token, block size).
     """
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"remote_url: expected a URL such as redis://127.0.0.1:6379/0, got {url!r}")
-    scheme = urlsplit(url).scheme.lower()
-    if scheme in REDIS_SCHEMES:
-        from kvbm.tiers.redis_tier import RedisTier
-
-        return RedisTier(url, block_bytes=block_bytes, namespace=namespace, timeout_s=timeout_s, **kwargs)
-    if scheme == "kvbm":
-        from kvbm.tiers.serve_client import ServeClientTier
-
-        return ServeClientTier(
-            url, block_bytes=block_bytes, namespace=namespace, token=token, timeout_s=timeout_s, **kwargs
-        )
-    raise ConfigError(f"remote_url: unknown scheme {scheme!r} in {url!r}; expected redis://, redis+cluster:// or kvbm://")
+    cls = remote_tier_class(url)  # ConfigError for a malformed URL or an unknown scheme
+    if token is not None and getattr(cls, "accepts_token", False):
+        kwargs["token"] = token  # tiers without credentials (Redis: a password in the URL) ignore it
+    return cls(url, block_bytes=block_bytes, namespace=namespace, timeout_s=timeout_s, **kwargs)

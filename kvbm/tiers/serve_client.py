@@ -1,4 +1,4 @@
-"""A remote tier on a ``kvbm serve`` store server (protocol: :mod:`kvbm.serve`).
+"""A remote tier on a ``kvbm serve`` store server (protocol: :mod:`kvbm.serve_protocol`).
 
 The client keeps a small pool of TCP connections (one request in flight per connection, so
 threads of one process — e.g. a prefetch pool — run requests in parallel). Records are sent
@@ -13,8 +13,17 @@ Each pooled connection has its own UCX endpoint and registered staging buffer; r
 staged there (one copy on each side of the wire).
 
 A server that is down or restarting degrades the tier to misses, like :class:`RedisTier`; a
-server that *refuses* us (wrong token, block size it cannot hold) raises
-:class:`~kvbm.errors.PeerError` when the tier is created, because that is a configuration error.
+server that *refuses* us (wrong token, block size it cannot hold), is full, or does not speak
+the protocol raises :class:`~kvbm.errors.PeerError` when the tier is created, saying which.
+
+Design note — the store is not trusted.
+    Every reply field is checked before it is used: frame op and status, body lengths against
+    what the request implies, flag values, counts (a LOOKUP cannot report more hits than asked),
+    HELLO's version, ``max_batch`` and ``put_window`` ranges, reason and STATS sizes. Anything
+    malformed raises :class:`MalformedReply` (a :class:`~kvbm.errors.PeerError`) inside the
+    tier, the connection is dropped, and the request degrades to misses counted in
+    ``stats()["errors"]`` and ``stats()["protocol_errors"]``, like a store that went away;
+    records themselves are verified (namespace, hash, length, CRC32C) as for every remote tier.
 """
 
 from __future__ import annotations
@@ -30,12 +39,13 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from kvbm.errors import ConfigError, KvbmError, PeerError
-from kvbm.serve import (
+from kvbm.serve_protocol import (
     FEATURE_UCX,
     FRAME,
-    HELLO,
-    HELLO_MAGIC,
     HELLO_OK,
+    MAX_REASON,
+    MAX_STATS,
+    MAX_TENANT,
     MAX_TOKEN,
     OP_GET,
     OP_GET_DONE,
@@ -51,8 +61,10 @@ from kvbm.serve import (
     PUT_CHAIN,
     PUT_HEAD,
     ST_AUTH,
+    ST_BUSY,
     ST_OK,
     U32,
+    hello_body,
     recv_exact,
     recv_exact_into,
     sendmsg_all,
@@ -77,14 +89,28 @@ class _Refused(PeerError):
     """The server answered HELLO with a refusal."""
 
 
+class ServerFullError(_Refused):
+    """The server has no free client connection (its ``max_clients``) for us; try again later."""
+
+
+class MalformedReply(PeerError):
+    """A reply that breaks the protocol (wrong sizes, values out of range, unknown status)."""
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise MalformedReply(f"malformed reply from kvbm serve: {what}")
+
+
 class ServeClientTier(RemoteTier):
     """Blocks on a ``kvbm serve`` server, bound to one namespace.
 
     Args:
-        url: ``kvbm://host:port``.
+        url: ``kvbm://host:port``, or ``kvbm://host:port/NAME`` to use the tenant namespace NAME
+            of the credential (else its first, default namespace; see :mod:`kvbm.serve_tenants`).
         block_bytes: bytes per block (the server must accept it: at most its ``max_block_bytes``).
         namespace: a :class:`kvbm.Namespace`, its 16-byte digest, or a tenant name.
-        token: the server's shared secret, if it has one.
+        token: the credential (a token of the server's token file, or its shared secret).
         timeout_s: connect timeout and per-request socket timeout.
         connections: most pooled connections (parallel requests from threads).
         retry_interval_s: after a connection failure, report misses for this long, then retry.
@@ -94,9 +120,12 @@ class ServeClientTier(RemoteTier):
 
     Raises:
         ConfigError: malformed URL or arguments.
-        PeerError: the server refused the HELLO (wrong token, unsupported block size/protocol).
+        PeerError: the server refused the HELLO (wrong token or namespace, unsupported block
+            size/protocol), is full (:class:`ServerFullError`), or its reply is malformed.
             An unreachable server does not raise: the tier starts degraded and retries.
     """
+
+    accepts_token = True
 
     def __init__(
         self,
@@ -112,12 +141,19 @@ class ServeClientTier(RemoteTier):
         ucx_transports: str = "sm,tcp",
         ucx_staging_bytes: int = 64 << 20,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "kvbm" or not parts.hostname or parts.port is None:
-            raise ConfigError(f"remote_url: expected kvbm://host:port, got {url!r}")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except (ValueError, TypeError, AttributeError):
+            raise ConfigError(f"remote_url: expected kvbm://host:port[/namespace], got {url!r}") from None
+        tenant = parts.path.strip("/") if parts.path else ""
+        if (parts.scheme != "kvbm" or not parts.hostname or port is None or parts.query or parts.fragment
+                or "/" in tenant or any(c.isspace() for c in tenant) or len(tenant.encode()) > MAX_TENANT):
+            raise ConfigError(f"remote_url: expected kvbm://host:port[/namespace], got {url!r}")
+        self.tenant = tenant
         if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes <= 0:
             raise ConfigError(f"block_bytes: must be a positive int, got {block_bytes!r}")
-        if timeout_s <= 0:
+        if not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 3600:
             raise ConfigError(f"remote_timeout_s: must be > 0, got {timeout_s!r}")
         if not isinstance(connections, int) or not 1 <= connections <= 256:
             raise ConfigError(f"connections: must be 1..256, got {connections!r}")
@@ -141,12 +177,13 @@ class ServeClientTier(RemoteTier):
         if len(tok) > MAX_TOKEN:
             raise ConfigError(f"remote_token: longer than {MAX_TOKEN} bytes")
         self.url = url
-        self.address = (parts.hostname, parts.port)
+        self.address = (parts.hostname, port)
         self.block_bytes = int(block_bytes)
         self.record_bytes = self.block_bytes + HEADER_SIZE
         self.namespace = namespace_digest(namespace)
         self.timeout_s = float(timeout_s)
         self.max_batch = 1
+        self.put_window = 1
         self._token = tok
         self._idle: list[socket.socket] = []
         self._open = 0
@@ -158,7 +195,7 @@ class ServeClientTier(RemoteTier):
         try:
             with self._conn() as _:
                 pass
-        except _Refused:
+        except PeerError:  # refused, full or not a kvbm server: say so now
             raise
         except (OSError, ConnectionError) as e:
             self._avail.failed(e)
@@ -170,16 +207,28 @@ class ServeClientTier(RemoteTier):
         s = socket.create_connection(self.address, timeout=self.timeout_s)
         try:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            body = HELLO.pack(HELLO_MAGIC, PROTOCOL_VERSION, len(self._token), self.block_bytes, self.namespace)
-            sendmsg_all(s, [FRAME.pack(OP_HELLO, 0, 0, len(body) + len(self._token)), body, self._token])
+            body = hello_body(self._token, self.block_bytes, self.namespace, self.tenant.encode())
+            sendmsg_all(s, [FRAME.pack(OP_HELLO, 0, 0, len(body)), body])
             op, st, _r, blen = FRAME.unpack(recv_exact(s, FRAME.size))
-            reply = recv_exact(s, blen) if blen <= 1 << 16 else b""
+            _need(op == OP_HELLO, f"HELLO answered with op {op}")
             if st != ST_OK:
-                reason = reply.decode("utf-8", "replace")
-                raise _Refused(f"kvbm serve at {self.url} refused the connection: "
-                               f"{'token refused' if st == ST_AUTH else reason}")
-            _ver, max_batch, _max_bb, features = HELLO_OK.unpack_from(reply)
+                _need(blen <= MAX_REASON, f"refusal reason of {blen} bytes")
+                reason = recv_exact(s, blen).decode("utf-8", "replace")
+                if st == ST_BUSY:
+                    raise ServerFullError(f"kvbm serve at {self.url} is full, try again later or raise its "
+                                          f"--max-clients: {reason}")
+                if st == ST_AUTH:
+                    raise _Refused(f"kvbm serve at {self.url} refused the connection: {reason or 'token refused'}")
+                raise _Refused(f"kvbm serve at {self.url} refused the connection: {reason}")
+            _need(blen == HELLO_OK.size, f"HELLO_OK of {blen} bytes (expected {HELLO_OK.size}; not a kvbm serve "
+                  f"server of protocol version {PROTOCOL_VERSION}?)")
+            ver, max_batch, max_bb, features, put_window = HELLO_OK.unpack(recv_exact(s, blen))
+            _need(ver == PROTOCOL_VERSION, f"protocol version {ver}")
+            _need(1 <= max_batch <= 1 << 16, f"max_batch {max_batch}")
+            _need(1 <= put_window <= max_batch, f"put_window {put_window} (max_batch {max_batch})")
+            _need(self.block_bytes <= max_bb, f"max_block_bytes {max_bb} below our accepted {self.block_bytes}")
             self.max_batch = int(max_batch)
+            self.put_window = int(put_window)
             self.ucx_offered = bool(features & FEATURE_UCX)
             if self._want_ucx():
                 try:
@@ -270,8 +319,9 @@ class ServeClientTier(RemoteTier):
                     error_handling="sm" not in self._ucx_transports.split(","))
         sendmsg_all(s, [FRAME.pack(OP_UCX_META, 0, 0, 0)])
         blen = self._reply(s, OP_UCX_META)
+        _need(blen <= MAX_STATS, f"UCX_META of {blen} bytes")
         peer = self._engine.add_peer(recv_exact(s, blen))
-        rows = max(1, min(self.max_batch, self._ucx_staging_bytes // self.record_bytes))
+        rows = max(1, min(self.put_window, self._ucx_staging_bytes // self.record_bytes))
         staging = np.zeros((rows, self.record_bytes), np.uint8)
         region = self._engine.register(staging)
         return _UcxConn(peer, staging, region)
@@ -290,10 +340,10 @@ class ServeClientTier(RemoteTier):
         n = len(part)
         sendmsg_all(s, [FRAME.pack(OP_PUT_PREP, 0, 0, PUT_HEAD.size + 16 * n),
                         PUT_HEAD.pack(n, PUT_CHAIN if chain else 0), *part])
-        if self._reply(s, OP_PUT_PREP) != 9 * n:
-            raise ConnectionError("PUT_PREP reply has the wrong size")
+        _need(self._reply(s, OP_PUT_PREP) == 9 * n, f"PUT_PREP reply size for {n} blocks")
         body = recv_exact(s, 9 * n)
         state = np.frombuffer(body, np.uint8, n)
+        _need(bool((state <= 2).all()), "PUT_PREP state outside 0..2")
         addrs = np.frombuffer(body, np.uint64, n, offset=n) if n else np.zeros(0, np.uint64)
         sel = np.flatnonzero(state == 2)
         for j in sel:
@@ -303,18 +353,17 @@ class ServeClientTier(RemoteTier):
             local = np.uint64(u.region.addr) + sel.astype(np.uint64) * np.uint64(self.record_bytes)
             u.peer.put(local, addrs[sel], self.record_bytes).wait(self.timeout_s)
         sendmsg_all(s, [FRAME.pack(OP_PUT_COMMIT, 0, 0, 0)])
-        if self._reply(s, OP_PUT_COMMIT) != n:
-            raise ConnectionError("PUT_COMMIT reply has the wrong size")
-        return np.frombuffer(recv_exact(s, n), np.uint8) == 1
+        _need(self._reply(s, OP_PUT_COMMIT) == n, f"PUT_COMMIT reply size for {n} blocks")
+        return self._flags(recv_exact(s, n), "PUT_COMMIT") & (state > 0)
 
     def _ucx_get(self, s: socket.socket, u: _UcxConn, part: list[bytes], rows: np.ndarray,
                  ok: np.ndarray) -> int:
         n = len(part)
         sendmsg_all(s, [FRAME.pack(OP_GET_PIN, 0, 0, 4 + 16 * n), U32.pack(n), *part])
-        if self._reply(s, OP_GET_PIN) != 9 * n:
-            raise ConnectionError("GET_PIN reply has the wrong size")
+        _need(self._reply(s, OP_GET_PIN) == 9 * n, f"GET_PIN reply size for {n} blocks")
         body = recv_exact(s, 9 * n)
         present = np.frombuffer(body, np.uint8, n)
+        _need(bool((present <= 1).all()), "GET_PIN present flag outside 0..1")
         addrs = np.frombuffer(body, np.uint64, n, offset=n) if n else np.zeros(0, np.uint64)
         sel = np.flatnonzero(present)
         try:
@@ -334,11 +383,21 @@ class ServeClientTier(RemoteTier):
         return bad
 
     def _reply(self, s: socket.socket, op: int) -> int:
+        """Read a reply frame to ``op``: its body length (an error reply raises, reason read)."""
         rop, st, _r, blen = FRAME.unpack(recv_exact(s, FRAME.size))
-        if rop != op or st != ST_OK:
-            msg = recv_exact(s, min(blen, 1 << 16)).decode("utf-8", "replace")
+        _need(rop == op, f"op {rop} in reply to op {op}")
+        if st != ST_OK:
+            _need(blen <= MAX_REASON, f"error reason of {blen} bytes")
+            msg = recv_exact(s, blen).decode("utf-8", "replace")
             raise ConnectionError(f"kvbm serve answered op {rop} status {st}: {msg}")
         return blen
+
+    @staticmethod
+    def _flags(body: bytes, what: str) -> np.ndarray:
+        """A reply's per-block 0/1 flags as bools; MalformedReply for any other value."""
+        f = np.frombuffer(body, np.uint8)
+        _need(bool((f <= 1).all()), f"{what} flag outside 0..1")
+        return f == 1
 
     def _usable(self, n: int, miss_key: str) -> bool:
         if self._closed or not self._avail.ok():
@@ -348,7 +407,9 @@ class ServeClientTier(RemoteTier):
 
     def _fail(self, e: BaseException) -> None:
         self._avail.failed(e)
-        self._counters.add(errors=1)
+        self._counters.add(errors=1, protocol_errors=int(isinstance(e, MalformedReply)))
+        if isinstance(e, PeerError):
+            log.warning("kvbm serve at %s: %s", self.url, e)
 
     # ---- RemoteTier ---------------------------------------------------------------------------
     def lookup_prefix(self, hashes: HashesLike) -> int:
@@ -362,13 +423,13 @@ class ServeClientTier(RemoteTier):
                 for start in range(0, len(hs), self.max_batch):
                     part = hs[start:start + self.max_batch]
                     sendmsg_all(s, [FRAME.pack(OP_LOOKUP, 0, 0, 4 + 16 * len(part)), U32.pack(len(part)), *part])
-                    if self._reply(s, OP_LOOKUP) != 4:
-                        raise ConnectionError("LOOKUP reply has the wrong size")
+                    _need(self._reply(s, OP_LOOKUP) == 4, "LOOKUP reply size")
                     (k,) = U32.unpack(recv_exact(s, 4))
+                    _need(k <= len(part), f"LOOKUP of {len(part)} blocks answered {k} hits")
                     total += k
                     if k < len(part):
                         break
-        except (OSError, ConnectionError) as e:
+        except (OSError, ConnectionError, KvbmError) as e:
             self._fail(e)
             self._counters.add(misses=len(hs))
             return 0
@@ -402,10 +463,9 @@ class ServeClientTier(RemoteTier):
                         row = rows[start + j]
                         bufs += [encode_header(self.namespace, part[j], row), row]
                     sendmsg_all(s, bufs)
-                    if self._reply(s, OP_PUT) != n:
-                        raise ConnectionError("PUT reply has the wrong size")
-                    ok[start:start + n] = np.frombuffer(recv_exact(s, n), np.uint8) == 1
-        except (OSError, ConnectionError) as e:
+                    _need(self._reply(s, OP_PUT) == n, f"PUT reply size for {n} blocks")
+                    ok[start:start + n] = self._flags(recv_exact(s, n), "PUT")
+        except (OSError, ConnectionError, KvbmError) as e:
             self._fail(e)
             self._counters.add(store_failures=len(hs))
             return np.zeros(len(hs), bool)
@@ -436,9 +496,9 @@ class ServeClientTier(RemoteTier):
                         continue
                     sendmsg_all(s, [FRAME.pack(OP_GET, 0, 0, 4 + 16 * n), U32.pack(n), *part])
                     blen = self._reply(s, OP_GET)
-                    present = np.frombuffer(recv_exact(s, n), np.uint8)
-                    if blen != n + int(present.sum()) * self.record_bytes:
-                        raise ConnectionError("GET reply has the wrong size")
+                    _need(blen >= n, f"GET reply of {blen} bytes for {n} blocks")
+                    present = self._flags(recv_exact(s, n), "GET present")
+                    _need(blen == n + int(present.sum()) * self.record_bytes, "GET reply size")
                     for j in np.flatnonzero(present):
                         i = start + int(j)
                         row = memoryview(rows[i])
@@ -448,7 +508,7 @@ class ServeClientTier(RemoteTier):
                             ok[i] = True
                         else:
                             bad += 1
-        except (OSError, ConnectionError) as e:
+        except (OSError, ConnectionError, KvbmError) as e:
             self._fail(e)
             self._counters.add(get_misses=len(hs))
             return np.zeros(len(hs), bool)
@@ -466,9 +526,19 @@ class ServeClientTier(RemoteTier):
             with self._conn() as s:
                 sendmsg_all(s, [FRAME.pack(OP_STATS, 0, 0, 0)])
                 blen = self._reply(s, OP_STATS)
-                return json.loads(recv_exact(s, blen))
+                _need(blen <= MAX_STATS, f"STATS of {blen} bytes")
+                body = recv_exact(s, blen)
+        except PeerError:
+            raise
         except (OSError, ConnectionError) as e:
             raise PeerError(f"kvbm serve at {self.url}: {e}") from None
+        try:
+            d = json.loads(body)
+        except (ValueError, RecursionError):
+            d = None
+        if not isinstance(d, dict):
+            raise MalformedReply(f"malformed reply from kvbm serve at {self.url}: STATS is not a JSON object")
+        return d
 
     def stats(self) -> dict[str, Any]:
         d: dict[str, Any] = self._counters.snapshot()

@@ -45,6 +45,11 @@ class ConnectorConfig:
             path. Set it when the same weights are served from different paths.
         store_decode_blocks: also offload full blocks produced during decode (not only prompt).
         min_hit_blocks: ignore external hits shorter than this many blocks.
+        events_endpoint: also publish kvbm's tier events (vLLM's KV-event format, see
+            :mod:`kvbm.events`) on this ZeroMQ PUB endpoint (bound when it holds ``*``); None: they
+            go only to vLLM (``take_events``), which publishes them with its own KV events.
+        events_replay_endpoint: the ROUTER endpoint that replays missed batches (needs
+            ``events_endpoint``).
         pd: prefill/decode settings (``pd``, ``pd_host``, ``pd_port``, ``pd_lease_s``,
             ``pd_timeout_s``; see :class:`kvbm.integrations.vllm.pd.PdConfig`), None when off.
         async_load: load hits asynchronously (vLLM's ``load_kv_async``): the request waits in
@@ -64,6 +69,8 @@ class ConnectorConfig:
     async_load: bool = True
     layerwise: bool = True
     pd: PdConfig | None = None
+    events_endpoint: str | None = None
+    events_replay_endpoint: str | None = None
 
     @property
     def disk_path(self) -> str | None:
@@ -81,7 +88,8 @@ class ConnectorConfig:
         if extra is not None and not isinstance(extra, Mapping):
             raise ConfigError(f"{SOURCE}: expected a mapping, got {type(extra).__name__}")
         data = dict(extra or {})
-        own = ("model_id", "store_decode_blocks", "min_hit_blocks", "async_load", "layerwise", *PD_KEYS)
+        own = ("model_id", "store_decode_blocks", "min_hit_blocks", "async_load", "layerwise",
+               "events_endpoint", "events_replay_endpoint", *PD_KEYS)
         for key in data:
             if key in NOT_HERE:
                 raise ConfigError(f"{SOURCE}[{key!r}]: not used by the vLLM connector ({NOT_HERE[key]})")
@@ -108,6 +116,13 @@ class ConnectorConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{SOURCE}['min_hit_blocks']: expected an int >= 1, got {v!r}")
             kw["min_hit_blocks"] = v
+        for name in ("events_endpoint", "events_replay_endpoint"):
+            v = data.pop(name, None)
+            if v is not None and not (isinstance(v, str) and "://" in v):
+                raise ConfigError(f"{SOURCE}[{name!r}]: expected a ZeroMQ endpoint like 'tcp://*:5560', got {v!r}")
+            kw[name] = v
+        if kw["events_replay_endpoint"] and not kw["events_endpoint"]:
+            raise ConfigError(f"{SOURCE}['events_replay_endpoint']: needs 'events_endpoint'")
         kw["pd"] = PdConfig.parse(data, kv_role, SOURCE)
         data.setdefault("disk_write_policy", "write_through")
         try:

@@ -1,4 +1,5 @@
-"""``KvbmConnector``: kvbm as a vLLM v1 KV connector (``KVConnectorBase_V1``, vLLM 0.32+).
+"""``KvbmConnector``: kvbm as a vLLM v1 KV connector (``KVConnectorBase_V1``, vLLM 0.26 to 0.34;
+the differences between releases live in :mod:`kvbm.integrations.vllm.compat`).
 
 Load it with::
 
@@ -29,10 +30,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
+from kvbm.integrations.vllm import compat
 from kvbm.integrations.vllm.common import geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
+from kvbm.integrations.vllm.logs import attach_to_vllm_logging
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata
 from kvbm.integrations.vllm.scheduler import KvbmScheduler
+from kvbm.integrations.vllm.stats import KvbmConnectorStats, KvbmPromMetrics, StatsTracker
 from kvbm.integrations.vllm.worker import KvbmWorker
 
 if TYPE_CHECKING:
@@ -58,32 +62,66 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
+        attach_to_vllm_logging()
         super().__init__(vllm_config, role, kv_cache_config)
+        compat.warn_if_unsupported()
         extra = self._kv_transfer_config.kv_connector_extra_config
         self.cfg = ConnectorConfig.from_extra_config(extra, getattr(self._kv_transfer_config, "kv_role", None))
         if kv_cache_config is None:
             from kvbm.errors import UnsupportedError
 
-            raise UnsupportedError("the kvbm connector needs vLLM >= 0.32 (kv_cache_config is passed to "
+            raise UnsupportedError("the kvbm connector needs vLLM >= 0.26 (kv_cache_config is passed to "
                                    "connectors)")
         self.geo = geometry(vllm_config, kv_cache_config, self.cfg)
         self._sched: KvbmScheduler | None = None
         self._worker: KvbmWorker | None = None
         self._busy_ns = 0  # time spent inside this connector's methods (its overhead on vLLM)
         self._busy_calls = 0
+        self._stats = StatsTracker()
+        self._events = None  # kvbm's own KV-event publisher (events_endpoint), scheduler side
         if role == KVConnectorRole.SCHEDULER:
             self._sched = KvbmScheduler(self.cfg, self.geo)
-            if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
+            if self.cfg.events_endpoint:
+                from kvbm.events import KvEventPublisher
+
+                self._events = KvEventPublisher(self.cfg.events_endpoint, self.cfg.events_replay_endpoint)
+            policy = compat.load_failure_policy(self._kv_transfer_config)
+            if policy not in (None, "recompute"):
                 logger.warning("kvbm: kv_load_failure_policy is %r: a block that fails its checksum will "
                                "fail its request; set \"kv_load_failure_policy\": \"recompute\" to have "
-                               "vLLM recompute it instead",
-                               self._kv_transfer_config.kv_load_failure_policy)
+                               "vLLM recompute it instead", policy)
         else:
             self._worker = KvbmWorker(self.cfg, self.geo, kv_cache_config.num_blocks)
 
     @property
     def requires_kv_delivery(self) -> bool:
         return False  # a cache: a dropped store is a future miss
+
+    # ---------------------------------------------------------------- early validation
+    # vLLM 0.32 builds the connector only once the model is loaded (it needs the KV cache config).
+    # These class hooks run earlier and carry the configuration: kvbm validates
+    # ``kv_connector_extra_config`` there so a typo stops the launch before the model loads.
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Called by ``VllmConfig`` in the launching process (with CUDA graphs on): validates the
+        extra config (raises ``ConfigError`` naming the key). kvbm needs no PIECEWISE mode: its
+        worker gates a full CUDA graph replay on the whole load instead."""
+        ConnectorConfig.from_extra_config(extra_config)
+        return False
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """Called in every worker while the model's attention layers are built (before the KV
+        cache exists): validates the extra config. kvbm reads any layout (returns None)."""
+        ktc = getattr(vllm_config, "kv_transfer_config", None)
+        if ktc is not None:
+            ConnectorConfig.from_extra_config(ktc.kv_connector_extra_config, getattr(ktc, "kv_role", None))
+        return None
+
+    def has_pending_push_work(self) -> bool:
+        """Scheduler side: keep vLLM's engine stepping while disk writes await their workers'
+        reports (committed to the catalog only from those; see Note [Shutdown] in scheduler.py)."""
+        return self._sched is not None and self._sched.has_pending_work()
 
     # ---------------------------------------------------------------- scheduler side
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -106,19 +144,11 @@ class KvbmConnector(KVConnectorBase_V1):
             self._busy_calls += 1
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict:
-        from vllm.v1.metrics.cache_hit_source import CacheHitSource
-
+        """Tokens loaded per source (vLLM 0.32+ asks; see compat.cache_hit_sources)."""
         if num_external_tokens == 0 or self._sched is None:
             return {}
         host, disk = self._sched.hit_sources(request)
-        if host + disk != num_external_tokens:
-            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
-        out = {}
-        if host:
-            out[CacheHitSource.HOST] = host
-        if disk:
-            out[CacheHitSource.DISK] = disk
-        return out
+        return compat.cache_hit_sources(num_external_tokens, host, disk)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._sched is not None
@@ -133,7 +163,8 @@ class KvbmConnector(KVConnectorBase_V1):
         assert self._sched is not None
         t0 = time.perf_counter_ns()
         try:
-            self._sched.update_connector_output(connector_output.kv_connector_worker_meta)
+            self._sched.update_connector_output(compat.worker_meta(connector_output))
+            self._sched.loads_finished(connector_output.finished_recving)
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
             self._busy_calls += 1
@@ -158,9 +189,30 @@ class KvbmConnector(KVConnectorBase_V1):
             return ()
         t0 = time.perf_counter_ns()
         try:
-            return self._sched.take_events()
+            events = self._sched.take_events()
+            if self._events is not None:
+                self._events.publish(events)
+            return events
         finally:
             self._busy_ns += time.perf_counter_ns() - t0
+
+    # ---------------------------------------------------------------- vLLM's stats and /metrics
+    def get_kv_connector_stats(self) -> KvbmConnectorStats | None:
+        """Scheduler side, after every step: per-tier counters since the last call (vLLM ships
+        them to its front-end's logger and Prometheus metrics); None when nothing changed."""
+        if self._sched is None:
+            return None
+        return self._stats.take(*self._sched.prom_stats())
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmConnectorStats | None:
+        return KvbmConnectorStats(data=dict(data)) if data is not None else None
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> KvbmPromMetrics:
+        """kvbm's per-tier families on vLLM's ``/metrics`` (see :mod:`kvbm.integrations.vllm.stats`)."""
+        return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def kvbm_stats(self) -> dict[str, Any]:
         """Scheduler-side counters (hits per tier, stores, evictions, lookup latency)."""
@@ -183,8 +235,7 @@ class KvbmConnector(KVConnectorBase_V1):
         assert isinstance(meta, KvbmConnectorMetadata)
         # vLLM calls wait_for_layer_load only where attention runs eagerly with metadata: not in a
         # replayed full CUDA graph (uniform decode batches, e.g. a new request with a one-token tail).
-        mode = getattr(getattr(forward_context, "cudagraph_runtime_mode", None), "name", "NONE")
-        hooks_run = getattr(forward_context, "attn_metadata", None) is not None and mode != "FULL"
+        hooks_run = compat.forward_hooks_run(forward_context)
         t0 = time.perf_counter_ns()
         try:
             self._worker.start_load_kv(meta, hooks_run=hooks_run)
@@ -270,3 +321,5 @@ class KvbmConnector(KVConnectorBase_V1):
             self._worker.shutdown()
         if self._sched is not None:
             self._sched.shutdown()
+        if self._events is not None:
+            self._events.close()

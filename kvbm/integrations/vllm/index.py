@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class IndexStats:
     evictions_disk: int = 0
     failed_loads: int = 0
     failed_stores: int = 0
+    checksum_failures: int = 0
 
 
 @dataclass
@@ -102,6 +104,9 @@ class TierIndex:
         self.added_disk: list[bytes] = []
         self.keep_host_victims = False  # write-behind: collect host victims (hash, parent, slot) to demote
         self.host_victims: list[tuple[bytes, bytes | None, int]] = []
+        self.unflushed_hits = 0  # disk hits (access time, hit count) not yet written to the catalog
+        self.last_flush = time.monotonic()
+        self.last_report = time.monotonic()  # last worker report of a finished disk write
         if disk is not None:
             self.idx.configure_tier(DISK, self.disk_capacity_blocks, slot_bytes, config.eviction_policy)
             self._mirror_catalog()
@@ -121,16 +126,20 @@ class TierIndex:
             self.disk.drop(bad)
 
     # -- lookups ---------------------------------------------------------------------------
-    def lookup(self, hashes: list[bytes]) -> list[str]:
-        """Tiers (``"host"``/``"disk"``) of the longest prefix of ``hashes`` that is Ready."""
+    def lookup(self, hashes: list[bytes] | np.ndarray) -> list[str]:
+        """Tiers (``"host"``/``"disk"``) of the longest prefix of ``hashes`` (a list of 16-byte
+        hashes or an ``(n, 16)`` uint8 array) that is Ready."""
         self.stats.lookups += 1
         self.stats.lookup_blocks += len(hashes)
-        if not hashes:
+        if len(hashes) == 0:
             return []
         if len(self._tiers) < len(hashes):
             self._tiers = np.empty(2 * len(hashes), dtype=np.uint8)
         n = self.mgr.lookup_into(hashes, self._tiers)
-        return ["host" if t == HOST else "disk" for t in self._tiers[:n].tolist()]
+        got = self._tiers[:n]
+        if n and (got == got[0]).all():  # one tier for the whole hit: no per-block Python work
+            return ["host" if got[0] == HOST else "disk"] * n
+        return ["host" if t == HOST else "disk" for t in got.tolist()]
 
     def host_slot(self, h: bytes) -> int:
         return int(self.idx.get(h)["slot"][HOST])
@@ -164,6 +173,8 @@ class TierIndex:
         """
         if self.disk is None or not items:
             return [-1] * len(items)
+        if not self._pending_disk:
+            self.last_report = time.monotonic()  # the stall clock of has_pending_work starts now
         victims: list[bytes] = []
         slots = self.disk.reserve([h for h, _ in items], victims)
         for v in victims:
@@ -207,6 +218,8 @@ class TierIndex:
         when all succeeded, their slots released otherwise."""
         if self.disk is None:
             return
+        if written or failed:
+            self.last_report = time.monotonic()
         for reports, ok in ((written, True), (failed, False)):
             for h, n in reports.items():
                 w = self._pending_disk.get(h)
@@ -227,6 +240,7 @@ class TierIndex:
         stored = self.disk.commit(done, [w.slot for w in ws], [self.slot_bytes] * len(ws), [c[0] for c in shard],
                                   oks, self.disk_ns, [w.parent for w in ws],
                                   shard if self.disk.shards > 1 else None)
+        self.unflushed_hits = 0  # the commit txn wrote them
         for h, w, ok in zip(done, ws, stored, strict=True):
             if ok:
                 try:
@@ -250,6 +264,7 @@ class TierIndex:
         assert self.disk is not None
         slot = self.disk.slot_of(h)
         self.disk.record_hit(slot)
+        self.unflushed_hits += 1
         return slot, tuple(self.disk.shard_crcs(slot))
 
     # -- failures --------------------------------------------------------------------------
@@ -276,7 +291,20 @@ class TierIndex:
         disk = len(self.disk) + self.disk.reserved if self.disk is not None else 0
         return int(host), int(disk)
 
+    @property
+    def disk_writes_pending(self) -> int:
+        """Disk writes planned whose rank reports have not all arrived (not committed yet)."""
+        return len(self._pending_disk)
+
+    def flush_metadata(self) -> None:
+        """Write the catalog's pending access times, hit counts and counters (one txn)."""
+        if self.disk is not None:
+            self.disk.flush()
+        self.unflushed_hits = 0
+        self.last_flush = time.monotonic()
+
     def close(self) -> None:
         """Write the catalog's access times and counters and release its lock. Idempotent."""
         if self.disk is not None:
             self.disk.close()
+        self.unflushed_hits = 0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvbm.hashing import block_hashes
+import numpy as np
+
+from kvbm import _native
 from kvbm.integrations.vllm import disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
@@ -19,13 +22,40 @@ from kvbm.integrations.vllm.pd import PdScheduler
 logger = logging.getLogger("kvbm.vllm")
 
 _MAX_PENDING_EVENTS = 1 << 16
+#: Disk hits (access time, hit count) are written to the catalog at most this often while requests
+#: run, and at once when the last running request finishes (see Note [Shutdown] below).
+METADATA_FLUSH_S = 1.0
+#: Keep vLLM's engine stepping for disk writes in flight at most this long without a report.
+PENDING_STALL_S = 30.0
+
+# Note [Shutdown]
+# ---------------
+# vLLM's default ``--shutdown-timeout 0`` sends the engine core SIGTERM and then SIGKILL at once:
+# nothing the connector does at shutdown can be relied on. So nothing is left for shutdown:
+# * Disk writes are committed as the workers report them, and the workers report only inside
+#   engine steps. After the last request finished, ``has_pending_work`` (vLLM's
+#   ``has_pending_push_work`` hook) keeps the engine stepping (empty steps, no forward) until every
+#   planned disk write was reported and committed, or no report came for ``PENDING_STALL_S``.
+# * Access times and hit counts of disk hits are written at most ``METADATA_FLUSH_S`` apart while
+#   requests run, and as soon as no request is left (the engine is about to go idle).
+# * The graceful paths flush the rest: vLLM's shutdown (``KvbmConnector.shutdown``, run on SIGTERM
+#   when the engine core gets the time, e.g. ``--shutdown-timeout 20``) and ``atexit`` (the
+#   in-process engine, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). kvbm installs no signal handler of
+#   its own: vLLM owns SIGTERM in its processes, and a handler that interrupted a catalog txn on
+#   the main thread could not safely open another.
 
 
 @dataclass
 class _Req:
     request: Any
     extra: bytes | None  # per-request keys folded into every block hash (LoRA, salt, mm)
+    # Note [Per-request hash cache]: every block is hashed once per request, into `arr` (rows
+    # 0..num_hashed, capacity doubling); `hashes` holds the first rows as bytes objects, made
+    # only for blocks something needs one for (a hit being loaded, a store, an event), so a
+    # lookup creates no Python object per block. Both go when the request finishes.
     hashes: list[bytes] = field(default_factory=list)
+    arr: np.ndarray = field(default_factory=lambda: np.empty((0, 16), np.uint8))
+    num_hashed: int = 0
     block_ids: list[int] = field(default_factory=list)
     stored_upto: int = 0  # blocks below this index were stored or skipped
     local_blocks: int = 0  # vLLM's own prefix-cache hit, in blocks, at the last lookup
@@ -59,6 +89,8 @@ class KvbmScheduler:
         self.cfg = cfg
         self.geo = geo
         self.bs = geo.block_size
+        self._ns_digest = geo.namespace.digest  # what kvbm.hashing.block_hashes resolves, once
+        self._hash_algo = geo.namespace.hash_algorithm
         catalog = None
         if cfg.disk_path:
             k = cfg.kvbm
@@ -75,11 +107,15 @@ class KvbmScheduler:
         self._loads: list[LoadOp] = []
         self._event_info: dict[bytes, tuple[bytes | None, list[int], str | None]] = {}
         self.lookup_stats = LookupStats()
+        self._stall_warned = False
+        self._load_t0: dict[str, float] = {}  # request id -> when its asynchronous load was planned
+        self._load_samples: list[float] = []  # seconds per finished asynchronous load, until taken
         self.async_load_reqs = 0  # requests whose hit was loaded asynchronously
         self.async_load_blocks = 0
         self.pd = (PdScheduler(cfg.pd, self.index, geo.namespace.digest, self.bs, geo.tp_world, geo.slot_bytes)
                    if cfg.pd is not None else None)
         if catalog is not None:
+            atexit.register(self.shutdown)
             logger.info("kvbm: disk tier %s holds %d blocks of this namespace (catalog reopened in %.3f s, "
                         "%d records dropped at open)", catalog.path, len(catalog), catalog.rebuild_seconds,
                         catalog.counters["dropped_at_open"])
@@ -105,13 +141,35 @@ class KvbmScheduler:
         self._reqs[request.request_id] = st
         return st
 
+    def _hash_rows(self, st: _Req, num_blocks: int) -> np.ndarray:
+        """The request's first ``num_blocks`` chained hashes as a ``(num_blocks, 16)`` view;
+        only blocks not hashed before are hashed (Note [Per-request hash cache])."""
+        have = st.num_hashed
+        if have < num_blocks:
+            req = st.request
+            lo, hi = have * self.bs, num_blocks * self.bs
+            # The prompt is a plain list (or an integer array), read in place by the binding;
+            # tokens past it (a preempted request's outputs) come from all_token_ids (vLLM's
+            # ConstantList, sliced once).
+            toks = getattr(req, "prompt_token_ids", None)
+            if not isinstance(toks, (list, np.ndarray)) or hi > len(toks):
+                toks = req.all_token_ids
+            new = _native.block_hashes(toks, self.bs, self._ns_digest, self._hash_algo, st.extra,
+                                       bytes(st.arr[have - 1]) if have else None, start=lo, stop=hi)
+            if len(st.arr) < num_blocks:
+                grown = np.empty((max(num_blocks, 2 * len(st.arr)), 16), np.uint8)
+                grown[:have] = st.arr[:have]
+                st.arr = grown
+            st.arr[have:num_blocks] = new
+            st.num_hashed = num_blocks
+        return st.arr[:num_blocks]
+
     def _hashes(self, st: _Req, num_blocks: int) -> list[bytes]:
-        if len(st.hashes) < num_blocks:
-            toks = st.request.all_token_ids
-            have = len(st.hashes)
-            st.hashes.extend(block_hashes(list(toks[have * self.bs:num_blocks * self.bs]), self.bs,
-                                          self.geo.namespace, st.extra,
-                                          parent=st.hashes[-1] if have else None))
+        """The request's first ``num_blocks`` chained hashes as bytes objects."""
+        have = len(st.hashes)
+        if have < num_blocks:
+            raw = self._hash_rows(st, num_blocks)[have:].tobytes()
+            st.hashes.extend([raw[i:i + 16] for i in range(0, len(raw), 16)])
         return st.hashes[:num_blocks]
 
     # -- vLLM scheduler API ----------------------------------------------------------------
@@ -130,10 +188,10 @@ class KvbmScheduler:
             if self.pd is not None:
                 self.pd.unneeded(request)
             return 0, False
-        hashes = self._hashes(st, max_blocks)
-        tiers = self.index.lookup(hashes[start:])
+        rows = self._hash_rows(st, max_blocks)
+        tiers = self.index.lookup(rows[start:])
         if self.pd is not None:  # prefill/decode: blocks a producer offered in kv_transfer_params
-            tiers = self.pd.match(request, hashes, start, tiers)
+            tiers = self.pd.match(request, self._hashes(st, max_blocks), start, tiers)
         self.lookup_stats.add(time.perf_counter_ns() - t0)
         if len(tiers) < self.cfg.min_hit_blocks:
             if self.pd is not None:
@@ -149,7 +207,7 @@ class KvbmScheduler:
         block_ids = blocks.get_block_ids()[0]
         n = num_external_tokens // self.bs
         tiers = st.hit_tiers[:n]
-        hashes = st.hashes[st.local_blocks:st.local_blocks + n]
+        hashes = self._hashes(st, st.local_blocks + n)[st.local_blocks:]
         assert len(tiers) == n == len(hashes), "external hit changed between lookup and allocation"
         for i, (h, tier) in enumerate(zip(hashes, tiers)):
             crcs: tuple[int, ...] = ()
@@ -168,6 +226,7 @@ class KvbmScheduler:
             self.pd.loaded(request.request_id, tiers.count("remote"))
         if self.cfg.async_load:
             # vLLM keeps the request in WAITING_FOR_REMOTE_KVS until the workers report it finished.
+            self._load_t0[request.request_id] = time.perf_counter()
             self.async_load_reqs += 1
             self.async_load_blocks += n
         st.hit_host_tokens = tiers.count("host") * self.bs
@@ -273,6 +332,7 @@ class KvbmScheduler:
             # The block failed verification (or could not be read) on some rank: forget it
             # everywhere (its catalog record is deleted), so it is recomputed and stored afresh.
             idx.drop(h, "checksum_failures" if h in meta.load_corrupt else "read_errors")
+            idx.stats.checksum_failures += h in meta.load_corrupt
             idx.stats.failed_loads += 1
             # vLLM recomputes the request from that block on (and the worker refused the stores of
             # its step): plan those blocks' stores again when they are computed.
@@ -280,6 +340,7 @@ class KvbmScheduler:
                 i = st.loaded_at.get(h)
                 if i is not None:
                     st.stored_upto = min(st.stored_upto, i)
+        self._maybe_flush()
         if self.pd is not None:
             self.pd.on_stores_reported()
             self.pd.on_released(meta.pd_released)
@@ -291,6 +352,8 @@ class KvbmScheduler:
         # flight that still reads this request's vLLM blocks; vLLM itself keeps the blocks of a
         # request finished during an asynchronous load until the workers report that load done.
         st = self._reqs.pop(request.request_id, None)
+        self._load_t0.pop(request.request_id, None)
+        self._maybe_flush()
         if self.pd is None:
             return None
         # A consumer request that never pulled its offer (aborted before it was scheduled, or
@@ -301,8 +364,56 @@ class KvbmScheduler:
             return None
         return self.pd.request_finished(request, self._hashes(st, request.num_prompt_tokens // self.bs))
 
+    def loads_finished(self, req_ids: Any) -> None:
+        """Requests whose asynchronous loads every worker reported done (vLLM's ``finished_recving``)."""
+        now = time.perf_counter()
+        for r in req_ids or ():
+            t0 = self._load_t0.pop(r, None)
+            if t0 is not None and len(self._load_samples) < 10_000:
+                self._load_samples.append(now - t0)
+
+    def prom_stats(self) -> tuple[dict[str, float], dict[str, float], list[float]]:
+        """(cumulative counters, gauges, load-latency samples since the last call), keyed
+        ``"<family>|<tier>"`` as :mod:`kvbm.integrations.vllm.stats` exports them."""
+        s = self.index.stats
+        sb = self.geo.slot_bytes
+        host, disk_used = self.index.counts()
+        counters = {
+            "lookups|host": s.lookup_blocks, "hits|host": s.hit_blocks_host, "hits|disk": s.hit_blocks_disk,
+            "stores|host": s.stores_host, "stores|disk": s.stores_disk, "evictions|host": s.evictions_host,
+            "evictions|disk": s.evictions_disk, "store_failures|host": s.failed_stores,
+            "bytes_stored|host": s.stores_host * sb, "bytes_stored|disk": s.stores_disk * sb,
+            "bytes_loaded|host": s.hit_blocks_host * sb, "bytes_loaded|disk": s.hit_blocks_disk * sb,
+            "checksum_failures|disk": s.checksum_failures,
+        }
+        gauges = {"used_blocks|host": host, "capacity_blocks|host": self.index.num_host_slots,
+                  "used_blocks|disk": disk_used, "capacity_blocks|disk": self.index.disk_capacity_blocks,
+                  "write_queue_blocks|disk": self.index.disk_writes_pending}
+        samples, self._load_samples = self._load_samples, []
+        return counters, gauges, samples
+
+    def _maybe_flush(self) -> None:
+        """Write disk hits' access times and hit counts to the catalog when due (Note [Shutdown])."""
+        idx = self.index
+        if idx.unflushed_hits and (not self._reqs or time.monotonic() - idx.last_flush >= METADATA_FLUSH_S):
+            idx.flush_metadata()
+
+    def has_pending_work(self) -> bool:
+        """Whether vLLM should keep stepping the engine: disk writes planned but not yet reported
+        by every rank (they are committed to the catalog only from those reports)."""
+        idx = self.index
+        if not idx.disk_writes_pending:
+            return False
+        if time.monotonic() - idx.last_report < PENDING_STALL_S:
+            return True
+        if not self._stall_warned:
+            self._stall_warned = True
+            logger.warning("kvbm: %d disk writes not reported for %.0f s: no longer keeping the engine awake "
+                           "for them", idx.disk_writes_pending, PENDING_STALL_S)
+        return False
+
     def shutdown(self) -> None:
-        """Close the disk catalog (access times and counters written, lock released)."""
+        """Close the disk catalog (access times and counters written, lock released). Idempotent."""
         self.index.close()
 
     def take_events(self) -> Iterable[Any]:

