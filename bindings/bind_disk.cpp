@@ -16,6 +16,7 @@ namespace {
 struct PyDiskIoHandle {
   std::shared_ptr<DiskIoBatch> batch;
   std::vector<py::object> owners;
+  std::vector<std::string> keys;  // block hashes the ops point into
   ~PyDiskIoHandle() {
     if (batch && !batch->done()) {
       py::gil_scoped_release nogil;
@@ -26,7 +27,8 @@ struct PyDiskIoHandle {
 
 std::vector<DiskOp> make_ops(const std::vector<uint64_t>& slots, const py::sequence& buffers,
                              const std::vector<uint64_t>& lengths, const std::vector<uint32_t>* crcs,
-                             bool writable, std::vector<py::object>* owners) {
+                             bool writable, std::vector<py::object>* owners,
+                             const std::vector<std::string>* keys) {
   const size_t n = slots.size();
   if (static_cast<size_t>(py::len(buffers)) != n)
     fail(Code::kInvalidArgument, "buffers: " + std::to_string(py::len(buffers)) + " given for " +
@@ -37,6 +39,9 @@ std::vector<DiskOp> make_ops(const std::vector<uint64_t>& slots, const py::seque
   if (crcs && crcs->size() != n)
     fail(Code::kInvalidArgument, "expected_crcs: " + std::to_string(crcs->size()) + " given for " +
                                      std::to_string(n) + " slots");
+  if (keys && !keys->empty() && keys->size() != n)
+    fail(Code::kInvalidArgument, "keys: " + std::to_string(keys->size()) + " given for " + std::to_string(n) +
+                                     " slots");
   std::vector<DiskOp> ops(n);
   owners->reserve(n);
   for (size_t i = 0; i < n; ++i) {
@@ -51,6 +56,14 @@ std::vector<DiskOp> make_ops(const std::vector<uint64_t>& slots, const py::seque
     ops[i].buf = v.data;
     ops[i].length = want ? want : v.size;
     ops[i].expected_crc = crcs ? (*crcs)[i] : 0;
+    if (keys && !keys->empty()) {
+      const std::string& k = (*keys)[i];
+      if (k.empty() || k.size() > kMaxKeyBytes)
+        fail(Code::kInvalidArgument, "keys[" + std::to_string(i) + "]: a block hash of " + std::to_string(k.size()) +
+                                         " bytes (1.." + std::to_string(kMaxKeyBytes) + ")");
+      ops[i].key = reinterpret_cast<const uint8_t*>(k.data());
+      ops[i].key_len = static_cast<uint32_t>(k.size());
+    }
     owners->push_back(std::move(v.owner));
   }
   return ops;
@@ -67,6 +80,7 @@ py::dict stats_dict(const DiskStoreStats& s) {
   d["enospc"] = s.enospc;
   d["checksum_failures"] = s.checksum_failures;
   d["syncs"] = s.syncs;
+  d["record_mismatches"] = s.record_mismatches;
   return d;
 }
 
@@ -78,6 +92,9 @@ KVBM_BINDINGS(disk, 20) {
   using namespace kvbm::bind;
 
   m.attr("DISK_ALIGNMENT") = kDiskAlignment;
+  m.attr("DISK_RECORD_HEADER") = kRecordHeader;
+  m.attr("DISK_RECORD_VERSION") = kRecordVersion;
+  m.attr("DISK_MAX_KEY_BYTES") = kMaxKeyBytes;
   // Status codes DiskIoHandle.results() reports per op (0 = ok).
   m.attr("DISK_CODE_IO") = static_cast<int>(Code::kIo);
   m.attr("DISK_CODE_CHECKSUM") = static_cast<int>(Code::kChecksum);
@@ -127,7 +144,7 @@ KVBM_BINDINGS(disk, 20) {
                         "Fixed-size slots in slab files with O_DIRECT IO on a thread pool (no catalog: "
                         "see kvbm.tiers.disk).")
       .def(py::init([](const std::string& dir, uint64_t slot_size, uint64_t num_slots, uint64_t slots_per_slab,
-                       int io_threads, bool o_direct, bool read_only, bool preallocate) {
+                       int io_threads, bool o_direct, bool read_only, bool preallocate, const py::bytes& ns) {
              DiskStoreConfig c;
              c.dir = dir;
              c.slot_size = slot_size;
@@ -137,40 +154,67 @@ KVBM_BINDINGS(disk, 20) {
              c.o_direct = o_direct;
              c.read_only = read_only;
              c.preallocate = preallocate;
+             c.ns = std::string(ns);
              py::gil_scoped_release nogil;
              return check(DiskStore::open(c));
            }),
            py::arg("dir"), py::arg("slot_size"), py::arg("num_slots"), py::arg("slots_per_slab") = 0,
            py::arg("io_threads") = 4, py::arg("o_direct") = true, py::arg("read_only") = false,
-           py::arg("preallocate") = true)
+           py::arg("preallocate") = true, py::arg("namespace") = py::bytes(""))
       .def(
           "write",
           [](DiskStore& s, const std::vector<uint64_t>& slots, const py::sequence& buffers,
-             const std::vector<uint64_t>& lengths, int sync) {
+             const std::vector<uint64_t>& lengths, int sync, const std::vector<std::string>& keys) {
             if (sync < 0 || sync > 2) fail(Code::kInvalidArgument, "sync: must be 0 (none), 1 (batch) or 2 (each), got " + std::to_string(sync));
             auto h = std::make_shared<PyDiskIoHandle>();
-            auto ops = make_ops(slots, buffers, lengths, nullptr, false, &h->owners);
+            h->keys = keys;
+            auto ops = make_ops(slots, buffers, lengths, nullptr, false, &h->owners, &h->keys);
             h->batch = check(s.submit_write(std::move(ops), static_cast<DiskSync>(sync)));
             return h;
           },
           py::arg("slots"), py::arg("buffers"), py::arg("lengths") = std::vector<uint64_t>{},
-          py::arg("sync") = 0,
+          py::arg("sync") = 0, py::arg("keys") = std::vector<std::string>{},
           "Queue writes of buffers[i] (lengths[i] bytes, default its size) to slots[i]; returns a "
           "DiskIoHandle. sync: 0 none, 1 fdatasync each slab touched before done, 2 fdatasync after "
-          "every op. results() crcs are CRC32C of the bytes written.")
+          "every op. keys[i]: the block hash written into the record header (required). results() crcs are "
+          "CRC32C of the bytes written.")
       .def(
           "read",
           [](DiskStore& s, const std::vector<uint64_t>& slots, const py::sequence& buffers,
-             const std::vector<uint64_t>& lengths, const std::vector<uint32_t>& expected_crcs, bool verify) {
+             const std::vector<uint64_t>& lengths, const std::vector<uint32_t>& expected_crcs, bool verify,
+             const std::vector<std::string>& keys) {
             auto h = std::make_shared<PyDiskIoHandle>();
-            auto ops = make_ops(slots, buffers, lengths, verify ? &expected_crcs : nullptr, true, &h->owners);
+            h->keys = keys;
+            auto ops = make_ops(slots, buffers, lengths, verify ? &expected_crcs : nullptr, true, &h->owners, &h->keys);
             h->batch = check(s.submit_read(std::move(ops), verify));
             return h;
           },
           py::arg("slots"), py::arg("buffers"), py::arg("lengths") = std::vector<uint64_t>{},
           py::arg("expected_crcs") = std::vector<uint32_t>{}, py::arg("verify") = true,
-          "Queue reads of slots[i] into buffers[i]; with verify, an op whose CRC32C differs from "
-          "expected_crcs[i] fails with the checksum code (its buffer then holds garbage).")
+          py::arg("keys") = std::vector<std::string>{},
+          "Queue reads of slots[i] into buffers[i]. The record header must name the slot, the store's "
+          "namespace, lengths[i] and (when keys are given) keys[i]; with verify, its CRC and the bytes' "
+          "CRC32C must equal expected_crcs[i]. An op that fails a check fails with the checksum code "
+          "(its buffer then holds garbage).")
+      .def(
+          "scan_headers",
+          [](const DiskStore& s, uint64_t first, uint64_t count) {
+            std::vector<RecordHeaderInfo> recs;
+            uint64_t invalid = 0;
+            {
+              py::gil_scoped_release nogil;
+              check(s.scan_headers(first, count, &recs, &invalid));
+            }
+            py::list out;
+            for (const auto& r : recs)
+              out.append(py::make_tuple(r.slot, py::bytes(r.key), r.length, r.crc, r.written_us));
+            return py::make_tuple(out, invalid);
+          },
+          py::arg("first") = 0, py::arg("count") = UINT64_MAX,
+          "Valid record headers of slots [first, first + count): ([(slot, key, length, crc, written_us)], "
+          "number of damaged or foreign headers).")
+      .def_property_readonly("slot_stride", &DiskStore::slot_stride,
+                             "Bytes a slot occupies in its slab (record header + slot_size).")
       .def("sync", [](DiskStore& s) { check(s.sync_all()); }, py::call_guard<py::gil_scoped_release>(),
            "fdatasync every slab file.")
       .def("close", &DiskStore::close, py::call_guard<py::gil_scoped_release>(),

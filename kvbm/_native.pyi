@@ -8,7 +8,7 @@ import typing
 import numpy
 import numpy.typing
 
-__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'crc32c', 'crc32c_impl', 'crc32c_rows', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
+__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DISK_MAX_KEY_BYTES', 'DISK_RECORD_HEADER', 'DISK_RECORD_VERSION', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'crc32c', 'crc32c_impl', 'crc32c_rows', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
 class BlockIndex:
     """
     Hash -> block entry index with per-tier slot bookkeeping.
@@ -209,16 +209,18 @@ class DiskStore:
     """
     Fixed-size slots in slab files with O_DIRECT IO on a thread pool (no catalog: see kvbm.tiers.disk).
     """
-    def __init__(self, dir: str, slot_size: typing.SupportsInt | typing.SupportsIndex, num_slots: typing.SupportsInt | typing.SupportsIndex, slots_per_slab: typing.SupportsInt | typing.SupportsIndex = 0, io_threads: typing.SupportsInt | typing.SupportsIndex = 4, o_direct: bool = True, read_only: bool = False, preallocate: bool = True) -> None:
+    def __init__(self, dir: str, slot_size: typing.SupportsInt | typing.SupportsIndex, num_slots: typing.SupportsInt | typing.SupportsIndex, slots_per_slab: typing.SupportsInt | typing.SupportsIndex = 0, io_threads: typing.SupportsInt | typing.SupportsIndex = 4, o_direct: bool = True, read_only: bool = False, preallocate: bool = True, namespace: bytes = b'') -> None:
         ...
     def close(self) -> None:
         """
         Finish queued IO, stop the threads, close the files. Idempotent.
         """
-    def read(self, slots: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], buffers: collections.abc.Sequence, lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], expected_crcs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], verify: bool = True) -> DiskIoHandle:
+    def read(self, slots: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], buffers: collections.abc.Sequence, lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], expected_crcs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], verify: bool = True, keys: collections.abc.Sequence[str | bytes] = []) -> DiskIoHandle:
         """
         Queue reads of slots[i] into buffers[i]; with verify, an op whose CRC32C differs from expected_crcs[i] fails with the checksum code (its buffer then holds garbage).
         """
+    def scan_headers(self, first: typing.SupportsInt | typing.SupportsIndex = 0, count: typing.SupportsInt | typing.SupportsIndex = ...) -> tuple[list[tuple[int, bytes, int, int, int]], int]:
+        ...
     def slab_path(self, slab: typing.SupportsInt | typing.SupportsIndex) -> str:
         ...
     def stats(self) -> dict:
@@ -227,7 +229,7 @@ class DiskStore:
         """
         fdatasync every slab file.
         """
-    def write(self, slots: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], buffers: collections.abc.Sequence, lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], sync: typing.SupportsInt | typing.SupportsIndex = 0) -> DiskIoHandle:
+    def write(self, slots: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], buffers: collections.abc.Sequence, lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], sync: typing.SupportsInt | typing.SupportsIndex = 0, keys: collections.abc.Sequence[str | bytes] = []) -> DiskIoHandle:
         """
         Queue writes of buffers[i] (lengths[i] bytes, default its size) to slots[i]; returns a DiskIoHandle. sync: 0 none, 1 fdatasync each slab touched before done, 2 fdatasync after every op. results() crcs are CRC32C of the bytes written.
         """
@@ -253,6 +255,9 @@ class DiskStore:
         ...
     @property
     def slots_per_slab(self) -> int:
+        ...
+    @property
+    def slot_stride(self) -> int:
         ...
 class GpuArena:
     """
@@ -442,5 +447,8 @@ def sha256_impl() -> str:
 DISK_ALIGNMENT: int = 4096
 DISK_CODE_CHECKSUM: int = 8
 DISK_CODE_IO: int = 7
+DISK_MAX_KEY_BYTES: int = 256
+DISK_RECORD_HEADER: int = 4096
+DISK_RECORD_VERSION: int = 1
 NO_TIER: int = 255
 ucx_compiled: bool = True

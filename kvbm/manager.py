@@ -292,12 +292,15 @@ class BlockManager:
         Raises:
             CapacityError: not enough evictable room (everything pinned or in flight); nothing
                 is stored then.
-            InvalidArgumentError: wrong buffer sizes or malformed hashes; nothing is stored.
-                ``data`` must be buffers (or :class:`kvbm.Pointer`), never a bare int.
+            InvalidArgumentError: wrong buffer sizes, malformed hashes or a first block that is
+                its own ``parent``; nothing is stored. ``data`` must be buffers (or
+                :class:`kvbm.Pointer`), never a bare int.
         """
         hashes, parent = self._hashes(hashes), _parent_arg(parent)
         data = block_rows(data, len(hashes), self.block_bytes, "data")
         arena = self._need_arena()
+        if parent is not None and len(hashes) and bytes(parent) == bytes(hashes[0]):
+            raise InvalidArgumentError(f"parent: block {bytes(parent).hex()} cannot be its own parent")
         plan = self.prepare_store(hashes, parent=parent)
         self._demote(plan.evicted)  # disk tier write-behind: evicted bytes leave before being overwritten
         new = plan.new_hashes(hashes)
@@ -621,7 +624,7 @@ class BlockManager:
             return
         staging = np.empty((len(todo), self.block_bytes), dtype=np.uint8)
         self._arena.read(np.array([e[2] for e in todo], dtype=np.int64), staging)
-        parents = [None if e[1] == _NO_PARENT else e[1] for e in todo]
+        parents = [None if e[1] == _NO_PARENT or e[1] == e[0] else e[1] for e in todo]  # never its own parent
         # The handle keeps `staging` alive; the tier commits it when done (reaped on later calls).
         disk.put_async([e[0] for e in todo], list(staging), parents=parents)
 

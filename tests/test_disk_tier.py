@@ -17,9 +17,10 @@ import pytest
 
 from kvbm import _native
 from kvbm.errors import ConfigError, InvalidArgumentError, KvbmError, StorageIOError
-from kvbm.tiers.disk import RECORD, DiskTier, hash_key, slab_path
+from kvbm.tiers.disk import RECORD, RECORD_HEADER, DiskTier, hash_key, slab_path
 
 SLOT = 16384
+STRIDE = SLOT + RECORD_HEADER  # a slot in its slab: record header page + data
 NEUTRAL_CWD = "/"
 
 
@@ -306,7 +307,7 @@ def test_open_drops_impossible_records(tmp_path: Path, preallocate: bool) -> Non
         s1, s2 = t.catalog.slot_of(hash_key(1)), t.catalog.slot_of(hash_key(2))
         assert t.store.prealloc_error == ""
     size = os.path.getsize(slab_path(str(tmp_path), 0))
-    assert size == 16 * SLOT if preallocate else 2 * SLOT < size <= 3 * SLOT
+    assert size == 16 * STRIDE if preallocate else 2 * STRIDE < size <= 3 * STRIDE
     _add_bad_records(tmp_path, s1)
     with tier(tmp_path, slots=16, preallocate=preallocate) as t:
         if preallocate:
@@ -338,7 +339,7 @@ def test_flipped_bytes_are_detected_counted_and_dropped(tmp_path: Path) -> None:
     victims = [int(k) for k in rng.choice(keys, 8, replace=False)]
     for k in victims:
         s = slots[k]
-        pos = (s % spp) * SLOT + int(rng.integers(0, len(content(k))))
+        pos = (s % spp) * STRIDE + RECORD_HEADER + int(rng.integers(0, len(content(k))))
         with open(slab_path(str(tmp_path), s // spp), "r+b") as f:
             f.seek(pos)
             b = f.read(1)
@@ -365,7 +366,7 @@ def test_corruption_while_open_is_detected(tmp_path: Path) -> None:
         t.put([1, 2], [content(1), content(2)])
         s = t.catalog.slot_of(hash_key(1))
         with open(slab_path(str(tmp_path), 0), "r+b") as f:
-            f.seek(s * SLOT + 10)
+            f.seek(s * STRIDE + RECORD_HEADER + 10)
             f.write(b"\xff\x00\xff\x00")
             f.flush()
             os.fsync(f.fileno())
@@ -380,15 +381,16 @@ def test_truncated_slab(tmp_path: Path) -> None:
         t.put(keys, [content(k) for k in keys])
         slot = {k: t.catalog.slot_of(hash_key(k)) for k in keys}
         # truncated while open: a short read on load
-        os.truncate(slab_path(str(tmp_path), 1), 3 * SLOT)
+        os.truncate(slab_path(str(tmp_path), 1), 3 * STRIDE)
         lost_now = [k for k in keys if slot[k] >= 8 + 3]
         for k in lost_now:
             assert load_one(t, k) is None
         assert t.stats()["short_reads"] == len(lost_now)
     # truncated while closed: dropped at open
-    os.truncate(slab_path(str(tmp_path), 0), 2 * SLOT + 100)
+    os.truncate(slab_path(str(tmp_path), 0), 2 * STRIDE + 100)
     with tier(tmp_path, slab_bytes=SLOT * 8) as t:
-        gone = [k for k in keys if slot[k] < 8 and slot[k] * SLOT + len(content(k)) > 2 * SLOT + 100]
+        end = {k: slot[k] * STRIDE + RECORD_HEADER + len(content(k)) for k in keys}
+        gone = [k for k in keys if slot[k] < 8 and end[k] > 2 * STRIDE + 100]
         assert len(gone) >= 5
         s = t.stats()
         assert s["dropped_at_open"] == len(gone)
@@ -458,14 +460,16 @@ def test_full_disk_rlimit_fsize(tmp_path: Path) -> None:
     r = run_py(ENOSPC_SCRIPT, str(tmp_path))
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["first"] == [True] * 64 + [False] * 36  # slots past 4 MiB cannot be written
+    fit = (4 << 20) // (65536 + RECORD_HEADER)  # whole records (header + data) below 4 MiB
+    assert out["first"] == [True] * fit + [False] * (100 - fit)  # slots past 4 MiB cannot be written
     assert out["more"] == [False] * 20
-    assert out["reads_ok"] == [True] * 64
+    assert out["reads_ok"] == [True] * fit
     assert out["after_remove"] == [True, True]  # freed slots below the limit are reused
     assert out["new_read"]
     st = out["stats"]
-    assert st["store_failures"] == 56 and st["enospc"] == 56 and st["io_errors"] == 56
-    assert st["blocks"] == 64
+    n = 120 - fit
+    assert st["store_failures"] == n and st["enospc"] == n and st["io_errors"] == n
+    assert st["blocks"] == fit
     assert "not stored" in r.stderr  # the log line
 
 
@@ -559,24 +563,33 @@ def test_unwritable_dir(tmp_path: Path) -> None:
 def test_native_store_read_only_and_errors(tmp_path: Path) -> None:
     st = _native.DiskStore(str(tmp_path), 4096, 8, 4, 2)
     buf = np.arange(4096, dtype=np.uint8)
-    h = st.write([0], [buf], [], 1)
+    with pytest.raises(KvbmError, match="needs the block hash"):  # records name themselves
+        st.write([0], [buf], [], 1)
+    h = st.write([0], [buf], [], 1, [b"block-0"])
     h.wait()
     codes, crcs, _errnos, _msgs = h.results()
     assert codes.tolist() == [0] and crcs[0] == _native.crc32c(buf)
     with pytest.raises(KvbmError, match="slot 8 >= num_slots 8"):
-        st.write([8], [buf])
+        st.write([8], [buf], keys=[b"k"])
     with pytest.raises(KvbmError, match="length"):
-        st.write([0], [np.zeros(8192, np.uint8)])
+        st.write([0], [np.zeros(8192, np.uint8)], keys=[b"k"])
     st.close()
     with pytest.raises(KvbmError, match="closed"):
-        st.write([0], [buf])
+        st.write([0], [buf], keys=[b"k"])
     ro = _native.DiskStore(str(tmp_path), 4096, 8, 4, 2, True, True)
     out = np.empty(4096, np.uint8)
     h = ro.read([0], [out], [], [int(crcs[0])], True)
     h.wait()
     assert h.results()[0].tolist() == [0] and np.array_equal(out, buf)
+    h = ro.read([0], [out], [], [int(crcs[0])], True, [b"block-0"])
+    h.wait()
+    assert h.results()[0].tolist() == [0] and np.array_equal(out, buf)
+    h = ro.read([0], [out], [], [int(crcs[0])], True, [b"block-1"])  # the record names another block
+    h.wait()
+    codes, _, _, msgs = h.results()
+    assert codes.tolist() == [_native.DISK_CODE_CHECKSUM] and "another block hash" in msgs[0]
     with pytest.raises(KvbmError, match="read-only"):
-        ro.write([1], [buf])
+        ro.write([1], [buf], keys=[b"k"])
     ro.close()
 
 
@@ -629,14 +642,15 @@ def test_inspect_text_verify_and_errors(tmp_path: Path, capsys: pytest.CaptureFi
         t.put(list(range(1, 11)), [content(k) for k in range(1, 11)])
         s3 = t.catalog.slot_of(hash_key(3))
     with open(slab_path(str(tmp_path), 0), "r+b") as f:
-        f.seek(s3 * SLOT + 1)
+        f.seek(s3 * STRIDE + RECORD_HEADER + 1)
         f.write(b"\x55\xaa")
     assert main(["inspect", str(tmp_path), "--verify", "--list", "2"]) == 0
     out = capsys.readouterr().out
     assert "blocks         10" in out and "1 checksum failures" in out and "no running process" in out
     assert main(["inspect", str(tmp_path), "--verify", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["verify"] == {"checked": 10, "ok": 9, "checksum_failures": 1, "short_or_missing": 0, "io_errors": 0}
+    assert info["verify"] == {"checked": 10, "ok": 9, "bad": 1, "invalid_records": 0, "record_mismatches": 0,
+                              "checksum_failures": 1, "short_or_missing": 0, "io_errors": 0}
     assert list(info["namespaces"].values()) == [10]
     with tier(tmp_path, namespace="m") as t:  # inspect changed nothing: the tier finds it on read
         assert len(t) == 10 and load_one(t, 3) is None and t.stats()["checksum_failures"] == 1

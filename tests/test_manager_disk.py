@@ -11,7 +11,7 @@ import pytest
 
 from kvbm import BlockManager, KvbmConfig, Tier
 from kvbm.errors import BlockNotFoundError, ConfigError
-from kvbm.tiers.disk import hash_key, slab_path
+from kvbm.tiers.disk import RECORD_HEADER, hash_key, slab_path
 
 BB = 8192
 
@@ -82,7 +82,7 @@ def test_corrupt_disk_block_is_a_counted_miss(tmp_path: Path) -> None:
         slot = m.disk.catalog.slot_of(hs[0])
         spp = m.disk.catalog.geometry.slots_per_slab
         with open(slab_path(str(tmp_path), slot // spp), "r+b") as f:
-            f.seek((slot % spp) * BB + 100)
+            f.seek(m.disk.catalog.geometry.slot_offset(slot)[1] + RECORD_HEADER + 100)  # in the data
             f.write(b"\x00\xff\x00\xff")
             f.flush()
             os.fsync(f.fileno())

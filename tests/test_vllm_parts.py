@@ -186,8 +186,11 @@ def test_rank_disk_roundtrip_and_corruption(tmp_path) -> None:
     res = rd.read([3, 7], [written[_h(1)], written[_h(2)]], out)
     assert res.ok == [True, True]
     assert np.array_equal(out[:, :5000], data[:, :5000])
-    res = rd.read([7], [written[_h(2)] ^ 1], out)
-    assert res.ok == [False] and res.checksum_failed == [True] and "CRC32C mismatch" in res.messages[0]
+    res = rd.read([7], [written[_h(2)] ^ 1], out)  # the record header's CRC differs from the expected one
+    assert res.ok == [False] and res.checksum_failed == [True] and "CRC differs" in res.messages[0]
+    res = rd.read([3, 7], [written[_h(1)], written[_h(2)]], out, [_h(1), _h(3)])  # slot 7 holds h2, not h3
+    assert res.ok == [True, False] and res.checksum_failed == [False, True]
+    assert "another block hash" in res.messages[0]
     rd.verify = False  # verification off: the bytes come back
     assert rd.read([7], [0], out).ok == [True]
     rd.close()

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -71,6 +72,87 @@ int pread_all(int fd, uint8_t* p, uint64_t n, uint64_t off, uint64_t* got) {
   return 0;
 }
 
+// Full pwritev/preadv of a header page plus a data part at `off`. Returns 0 or errno; for reads
+// *got receives the bytes read (stops at end of file).
+int pv_all(bool write, int fd, uint8_t* hdr, uint8_t* data, uint64_t data_len, uint64_t off, uint64_t* got) {
+  struct iovec iov[2] = {{hdr, kRecordHeader}, {data, data_len}};
+  int idx = 0;
+  uint64_t total = 0;
+  while (idx < 2) {
+    ssize_t r = write ? ::pwritev(fd, iov + idx, 2 - idx, static_cast<off_t>(off + total))
+                      : ::preadv(fd, iov + idx, 2 - idx, static_cast<off_t>(off + total));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (r == 0) {
+      if (write) return EIO;
+      break;
+    }
+    total += static_cast<uint64_t>(r);
+    uint64_t left = static_cast<uint64_t>(r);
+    while (idx < 2 && left >= iov[idx].iov_len) {
+      left -= iov[idx].iov_len;
+      ++idx;
+    }
+    if (idx < 2) {
+      iov[idx].iov_base = static_cast<uint8_t*>(iov[idx].iov_base) + left;
+      iov[idx].iov_len -= left;
+    }
+  }
+  if (got) *got = total;
+  return 0;
+}
+
+uint64_t now_us() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch())
+                                   .count());
+}
+
+constexpr char kMagic[8] = {'K', 'V', 'B', 'M', 'R', 'E', 'C', '1'};
+
+template <class T>
+T get_le(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+template <class T>
+void put_le(uint8_t* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+
+void build_header(uint8_t* h, uint64_t slot, uint64_t length, uint32_t crc, const uint8_t* key, uint32_t key_len,
+                  const std::string& ns) {
+  std::memset(h, 0, kRecordHeader);
+  std::memcpy(h, kMagic, 8);
+  put_le<uint32_t>(h + 8, kRecordVersion);
+  put_le<uint64_t>(h + 16, slot);
+  put_le<uint64_t>(h + 24, length);
+  put_le<uint32_t>(h + 32, crc);
+  put_le<uint32_t>(h + 36, key_len);
+  put_le<uint64_t>(h + 40, now_us());
+  std::memcpy(h + 48, ns.data(), kNamespaceBytes);
+  std::memcpy(h + 64, key, key_len);
+  put_le<uint32_t>(h + 12, crc32c(h + 16, 48 + key_len));
+}
+
+// Empty when the header is a well-formed record of `slot` in namespace `ns`; else why not.
+std::string header_problem(const uint8_t* h, uint64_t slot, const std::string& ns) {
+  if (std::memcmp(h, kMagic, 8) != 0) return "no record header (bad magic)";
+  uint32_t ver = get_le<uint32_t>(h + 8);
+  if (ver != kRecordVersion) return "record format version " + std::to_string(ver) + " (this kvbm reads " +
+                                    std::to_string(kRecordVersion) + ")";
+  uint32_t kl = get_le<uint32_t>(h + 36);
+  if (kl == 0 || kl > kMaxKeyBytes) return "record key length " + std::to_string(kl) + " out of range";
+  if (get_le<uint32_t>(h + 12) != crc32c(h + 16, 48 + kl)) return "record header CRC mismatch";
+  if (get_le<uint64_t>(h + 16) != slot)
+    return "record of slot " + std::to_string(get_le<uint64_t>(h + 16)) + " found in slot " + std::to_string(slot);
+  if (std::memcmp(h + 48, ns.data(), kNamespaceBytes) != 0) return "record of another namespace";
+  return std::string();
+}
+
 std::string errno_text(int e) { return std::string(std::strerror(e)) + " (errno " + std::to_string(e) + ")"; }
 
 }  // namespace
@@ -123,6 +205,10 @@ StatusOr<std::unique_ptr<DiskStore>> DiskStore::open(const DiskStoreConfig& cfg_
   if (cfg.slots_per_slab == 0) cfg.slots_per_slab = cfg.num_slots;
   if (cfg.io_threads < 1 || cfg.io_threads > 256)
     return ConfigError("disk io_threads " + std::to_string(cfg.io_threads) + " must be in [1, 256]");
+  if (cfg.ns.empty()) cfg.ns.assign(kNamespaceBytes, '\0');
+  if (cfg.ns.size() != kNamespaceBytes)
+    return ConfigError("disk namespace digest must be " + std::to_string(kNamespaceBytes) + " bytes, got " +
+                       std::to_string(cfg.ns.size()));
   if (cfg.slot_size > (uint64_t{1} << 40)) return ConfigError("disk slot_size " + std::to_string(cfg.slot_size) + " is absurdly large (> 1 TiB)");
 
   std::unique_ptr<DiskStore> s(new DiskStore(cfg));
@@ -186,7 +272,7 @@ void DiskStore::preallocate() {
   if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) limit = rl.rlim_cur;
   for (uint64_t i = 0; i < fds_.size(); ++i) {
     uint64_t slots = std::min(cfg_.slots_per_slab, cfg_.num_slots - i * cfg_.slots_per_slab);
-    uint64_t want = slots * cfg_.slot_size;
+    uint64_t want = slots * slot_stride();
     struct stat st;
     if (::fstat(fds_[i], &st) == 0 && static_cast<uint64_t>(st.st_size) >= want) continue;
     if (want > limit) {  // past RLIMIT_FSIZE fallocate would raise SIGXFSZ
@@ -212,6 +298,9 @@ Status DiskStore::validate_ops(const std::vector<DiskOp>& ops) const {
       return InvalidArgument("op " + std::to_string(i) + ": length " + std::to_string(op.length) +
                              " must be in [1, slot_size=" + std::to_string(cfg_.slot_size) + "]");
     if (op.buf == nullptr) return InvalidArgument("op " + std::to_string(i) + ": null buffer");
+    if (op.key_len > kMaxKeyBytes || (op.key_len > 0 && op.key == nullptr))
+      return InvalidArgument("op " + std::to_string(i) + ": block hash of " + std::to_string(op.key_len) +
+                             " bytes (1.." + std::to_string(kMaxKeyBytes) + ")");
   }
   return Status::Ok();
 }
@@ -233,6 +322,9 @@ StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit(DiskIoKind kind, std::v
 }
 
 StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit_write(std::vector<DiskOp> ops, DiskSync sync) {
+  for (size_t i = 0; i < ops.size(); ++i)
+    if (ops[i].key_len == 0)
+      return InvalidArgument("op " + std::to_string(i) + ": a write needs the block hash (records name themselves)");
   if (cfg_.read_only) return IllegalTransition("disk store at " + cfg_.dir + " was opened read-only");
   return submit(DiskIoKind::kWrite, std::move(ops), static_cast<int>(sync));
 }
@@ -242,7 +334,7 @@ StatusOr<std::shared_ptr<DiskIoBatch>> DiskStore::submit_read(std::vector<DiskOp
 }
 
 void DiskStore::worker_loop() {
-  AlignedBuf bounce(cfg_.slot_size);
+  AlignedBuf bounce(cfg_.slot_size + kRecordHeader);
   for (;;) {
     Task t;
     {
@@ -256,17 +348,17 @@ void DiskStore::worker_loop() {
       t.batch->results_[t.index].status = Internal("cannot allocate a " + std::to_string(cfg_.slot_size) +
                                                    " byte aligned bounce buffer");
     } else {
-      run_op(t.batch.get(), t.index, bounce.p);
+      run_op(t.batch.get(), t.index, bounce.p + kRecordHeader, bounce.p);
     }
     finish_op(t.batch);
   }
 }
 
-void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce) {
+void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce, uint8_t* hdr) {
   const DiskOp& op = b->ops_[i];
   DiskOpResult& res = b->results_[i];
   const uint64_t slab = op.slot / cfg_.slots_per_slab;
-  const uint64_t off = (op.slot % cfg_.slots_per_slab) * cfg_.slot_size;
+  const uint64_t off = (op.slot % cfg_.slots_per_slab) * slot_stride();
   const int fd = fds_[slab];
   const bool direct = o_direct_active_;
   const bool in_place = !direct || (is_aligned(op.buf, kDiskAlignment) && op.length % kDiskAlignment == 0);
@@ -277,13 +369,14 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce) {
 
   if (b->kind_ == DiskIoKind::kWrite) {
     res.crc = crc32c(op.buf, op.length);
-    const uint8_t* src = op.buf;
+    uint8_t* src = op.buf;
     if (!in_place) {
       std::memcpy(bounce, op.buf, op.length);
       std::memset(bounce + op.length, 0, io_len - op.length);
       src = bounce;
     }
-    int e = pwrite_all(fd, src, io_len, off);
+    build_header(hdr, op.slot, op.length, res.crc, op.key, op.key_len, cfg_.ns);
+    int e = pv_all(true, fd, hdr, src, io_len, off, nullptr);
     if (e == 0 && b->flag_ == static_cast<int>(DiskSync::kEach)) {
       ctr_.syncs.fetch_add(1, std::memory_order_relaxed);
       if (::fdatasync(fd) != 0) e = errno;
@@ -309,13 +402,28 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce) {
   }
   uint8_t* dst = in_place ? op.buf : bounce;
   uint64_t got = 0;
-  int e = pread_all(fd, dst, io_len, off, &got);
-  if (e != 0 || got < op.length) {
+  int e = pv_all(false, fd, hdr, dst, io_len, off, &got);
+  if (e != 0 || got < kRecordHeader + op.length) {
     res.sys_errno = e;
     res.status = IoError(e != 0 ? "read of " + where() + " failed: " + errno_text(e)
-                                : "short read of " + where() + ": expected " + std::to_string(op.length) +
-                                      " bytes, got " + std::to_string(got) + " (slab truncated?)");
+                                : "short read of " + where() + ": expected " +
+                                      std::to_string(kRecordHeader + op.length) + " bytes, got " +
+                                      std::to_string(got) + " (slab truncated?)");
     ctr_.read_errors.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  std::string why = header_problem(hdr, op.slot, cfg_.ns);
+  if (why.empty() && get_le<uint64_t>(hdr + 24) != op.length)
+    why = "record holds " + std::to_string(get_le<uint64_t>(hdr + 24)) + " bytes, expected " +
+          std::to_string(op.length);
+  if (why.empty() && op.key_len > 0 &&
+      (get_le<uint32_t>(hdr + 36) != op.key_len || std::memcmp(hdr + 64, op.key, op.key_len) != 0))
+    why = "record of another block hash";
+  if (why.empty() && b->flag_ && get_le<uint32_t>(hdr + 32) != op.expected_crc)
+    why = "record CRC differs from the catalog's";
+  if (!why.empty()) {
+    res.status = ChecksumError(why + " at " + where());
+    ctr_.record_mismatches.fetch_add(1, std::memory_order_relaxed);
     return;
   }
   if (!in_place) std::memcpy(op.buf, bounce, op.length);
@@ -329,6 +437,40 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce) {
   }
   ctr_.reads.fetch_add(1, std::memory_order_relaxed);
   ctr_.bytes_read.fetch_add(op.length, std::memory_order_relaxed);
+}
+
+Status DiskStore::scan_headers(uint64_t first, uint64_t count, std::vector<RecordHeaderInfo>* out,
+                               uint64_t* invalid) const {
+  AlignedBuf h(kRecordHeader);
+  if (!h.p) return Internal("cannot allocate a header buffer");
+  static const uint8_t zeros[64] = {0};
+  uint64_t last = std::min(cfg_.num_slots, first + count);
+  for (uint64_t s = first; s < last; ++s) {
+    const uint64_t slab = s / cfg_.slots_per_slab;
+    if (slab >= fds_.size() || fds_[slab] < 0) continue;
+    uint64_t got = 0;
+    if (pread_all(fds_[slab], h.p, kRecordHeader, (s % cfg_.slots_per_slab) * slot_stride(), &got) != 0 ||
+        got < kRecordHeader)
+      continue;
+    if (std::memcmp(h.p, zeros, 64) == 0) continue;  // never written
+    if (!header_problem(h.p, s, cfg_.ns).empty()) {
+      ++*invalid;
+      continue;
+    }
+    RecordHeaderInfo r;
+    r.slot = s;
+    r.length = get_le<uint64_t>(h.p + 24);
+    r.crc = get_le<uint32_t>(h.p + 32);
+    r.written_us = get_le<uint64_t>(h.p + 40);
+    r.ns.assign(reinterpret_cast<const char*>(h.p + 48), kNamespaceBytes);
+    r.key.assign(reinterpret_cast<const char*>(h.p + 64), get_le<uint32_t>(h.p + 36));
+    if (r.length == 0 || r.length > cfg_.slot_size) {
+      ++*invalid;
+      continue;
+    }
+    out->push_back(std::move(r));
+  }
+  return Status::Ok();
 }
 
 void DiskStore::finish_op(const std::shared_ptr<DiskIoBatch>& b) {
@@ -394,6 +536,7 @@ DiskStoreStats DiskStore::stats() const {
   s.enospc = ctr_.enospc.load();
   s.checksum_failures = ctr_.checksum_failures.load();
   s.syncs = ctr_.syncs.load();
+  s.record_mismatches = ctr_.record_mismatches.load();
   return s;
 }
 

@@ -54,6 +54,29 @@ namespace kvbm {
 
 constexpr uint64_t kDiskAlignment = 4096;
 
+// Note [Records name themselves]
+// Every slot on disk is a record: one 4096-byte header page followed by the block's bytes (so a
+// slot occupies slot_size + kRecordHeader bytes of its slab and the data stays O_DIRECT-aligned).
+// The header, little-endian:
+//   0 magic "KVBMREC1"   8 u32 version (kRecordVersion)   12 u32 CRC32C of bytes [16, 64 + key_len)
+//  16 u64 slot  24 u64 length  32 u32 CRC32C of the data  36 u32 key_len (1..kMaxKeyBytes)
+//  40 u64 written (us since the epoch)  48 u8[16] namespace digest  64 u8[key_len] block hash
+// A read checks all of it against what the caller expects (slot, length, the store's namespace,
+// the block hash when given, then the data CRC): a record that does not match is a checksum-coded
+// miss, counted in record_mismatches, never served. The catalog can be rebuilt from the headers
+// (scan_headers) when it is lost or damaged.
+constexpr uint64_t kRecordHeader = 4096;
+constexpr uint32_t kRecordVersion = 1;
+constexpr uint32_t kMaxKeyBytes = 256;
+constexpr uint64_t kNamespaceBytes = 16;
+
+// A valid record header found by DiskStore::scan_headers.
+struct RecordHeaderInfo {
+  uint64_t slot = 0, length = 0, written_us = 0;
+  uint32_t crc = 0;
+  std::string key, ns;
+};
+
 struct DiskStoreConfig {
   std::string dir;              // existing, writable directory (read-only opening needs it readable)
   uint64_t slot_size = 0;       // bytes per slot, a multiple of kDiskAlignment
@@ -63,6 +86,7 @@ struct DiskStoreConfig {
   bool o_direct = true;         // try O_DIRECT; fall back to buffered IO if refused
   bool read_only = false;       // open slabs O_RDONLY, refuse writes
   bool preallocate = true;      // fallocate each slab to its full size at open (best effort)
+  std::string ns;               // namespace digest stamped into / checked in every record (0 or 16 bytes)
 };
 
 // One slot transfer. For writes `buf` is the source; for reads the destination (`length`
@@ -72,6 +96,8 @@ struct DiskOp {
   uint8_t* buf = nullptr;
   uint64_t length = 0;
   uint32_t expected_crc = 0;  // reads: checked when verify is on
+  const uint8_t* key = nullptr;  // the block hash: written into the header / checked on read
+  uint32_t key_len = 0;          // writes: 1..kMaxKeyBytes; reads: 0 = do not check the hash
 };
 
 // Outcome of one op. `crc` is the CRC32C of the bytes written (writes) or read (reads).
@@ -119,6 +145,7 @@ struct DiskStoreStats {
   uint64_t enospc = 0;                            // writes refused for lack of space (ENOSPC/EFBIG/EDQUOT)
   uint64_t checksum_failures = 0;                 // reads whose CRC32C did not match
   uint64_t syncs = 0;                             // fdatasync calls
+  uint64_t record_mismatches = 0;                 // reads whose record header did not match
 };
 
 class DiskStore {
@@ -147,6 +174,13 @@ class DiskStore {
   const std::string& fallback_reason() const { return fallback_reason_; }
   const std::string& prealloc_error() const { return prealloc_error_; }
   uint64_t num_slabs() const { return fds_.size(); }
+  // Bytes a slot occupies in its slab: header page + slot_size.
+  uint64_t slot_stride() const { return cfg_.slot_size + kRecordHeader; }
+  // Reads the headers of slots [first, first + count) and returns the valid ones (magic, version,
+  // header CRC, slot number and namespace all matching); *invalid counts non-empty headers that
+  // are not. Synchronous; missing or short slabs simply hold no records.
+  Status scan_headers(uint64_t first, uint64_t count, std::vector<RecordHeaderInfo>* out,
+                      uint64_t* invalid) const;
   std::string slab_path(uint64_t slab) const;
   DiskStoreStats stats() const;
 
@@ -155,7 +189,7 @@ class DiskStore {
   Status open_files();
   void preallocate();
   void worker_loop();
-  void run_op(DiskIoBatch* b, size_t i, uint8_t* bounce);
+  void run_op(DiskIoBatch* b, size_t i, uint8_t* bounce, uint8_t* hdr);
   void finish_op(const std::shared_ptr<DiskIoBatch>& b);
   Status validate_ops(const std::vector<DiskOp>& ops) const;
   StatusOr<std::shared_ptr<DiskIoBatch>> submit(DiskIoKind kind, std::vector<DiskOp> ops, int flag);
@@ -178,7 +212,7 @@ class DiskStore {
 
   struct Counters {
     std::atomic<uint64_t> writes{0}, reads{0}, bytes_written{0}, bytes_read{0}, write_errors{0},
-        read_errors{0}, enospc{0}, checksum_failures{0}, syncs{0};
+        read_errors{0}, enospc{0}, checksum_failures{0}, syncs{0}, record_mismatches{0};
   };
   mutable Counters ctr_;
 };

@@ -132,7 +132,7 @@ def catalog_reopen(d: Path, entries: int) -> dict:
     nslabs = (entries + geo.slots_per_slab - 1) // geo.slots_per_slab
     for s in range(nslabs):
         with open(slab_path(str(d), s), "ab") as f:
-            f.truncate(geo.slots_per_slab * slot)
+            f.truncate(geo.slots_per_slab * geo.slot_stride)
     t0 = time.perf_counter()
     t = DiskTier(d, slot_bytes=slot, capacity_bytes=slot * entries, durability="none")
     open_s = time.perf_counter() - t0

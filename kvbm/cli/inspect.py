@@ -83,7 +83,7 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
     """
     import lmdb
 
-    from kvbm.tiers.disk import CATALOG_SUBDIR, RECORD_DTYPE
+    from kvbm.tiers.disk import CATALOG_SUBDIR, RECORD, RECORD_DTYPE, lmdb_file_problem
 
     cat_dir = os.path.join(path, CATALOG_SUBDIR)
     if not os.path.isdir(cat_dir):
@@ -95,6 +95,10 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
                 f"{path} is a vLLM connector disk_path with {len(subs)} disk tiers (one per model and geometry); "
                 f"inspect one of them: " + ", ".join(f"kvbm inspect {d}" for d in subs))
         raise ConfigError(f"{path} holds no kvbm disk tier (no {CATALOG_SUBDIR}/ directory)")
+    problem = lmdb_file_problem(cat_dir)  # Note [No SIGBUS] in kvbm.tiers.disk_recovery
+    if problem:
+        raise StorageIOError(f"the disk catalog {cat_dir} is damaged: {problem} (the tier moves it aside and "
+                             "rebuilds it from the slab records at its next start)")
     try:
         env = lmdb.open(cat_dir, readonly=True, lock=True, max_dbs=4, subdir=True, readahead=False)
     except lmdb.Error as e:
@@ -113,14 +117,25 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
             fmt = txn.get(b"format", db=db_meta)
             geo = json.loads(txn.get(b"geometry", db=db_meta) or b"{}")
             counters = json.loads(txn.get(b"counters", db=db_stats) or b"{}")
-            cur = txn.cursor(db=db_blocks)
-            keys = list(cur.iternext(keys=True, values=False))
-            vals = b"".join(cur.iternext(keys=False, values=True))
+            if not isinstance(geo, dict) or not isinstance(counters, dict):
+                raise ValueError("geometry or counters is not a JSON object")
+            items = list(txn.cursor(db=db_blocks).iternext(keys=True, values=True))
+    except (lmdb.Error, ValueError, TypeError) as e:
+        raise StorageIOError(f"the disk catalog {cat_dir} is damaged: {type(e).__name__}: {e} (the tier moves it "
+                             "aside and rebuilds it from the slab records at its next start)") from e
     finally:
         env.close()
+    malformed = sum(1 for _, v in items if len(v) != RECORD.size)
+    items = [(k, v) for k, v in items if len(v) == RECORD.size]
+    keys = [k for k, _ in items]
+    vals = b"".join(v for _, v in items)
     recs = np.frombuffer(vals, dtype=RECORD_DTYPE) if keys else np.zeros(0, RECORD_DTYPE)
-    slot_bytes = int(geo.get("slot_bytes", 0))
-    spp = int(geo.get("slots_per_slab", 0))
+    try:
+        slot_bytes = int(geo.get("slot_bytes", 0))
+        spp = int(geo.get("slots_per_slab", 0))
+        shard_names = [str(d) for d in geo.get("shard_dirs", ["."])]
+    except (TypeError, ValueError) as e:
+        raise StorageIOError(f"the disk catalog {cat_dir} has a damaged geometry: {e}") from e
     slabs = []
     for name in sorted(os.listdir(path)):
         if name.startswith("slab-") and name.endswith(".kvbm"):
@@ -137,6 +152,7 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
         "slab_bytes": sum(s["bytes"] for s in slabs),
         "slab_bytes_allocated": sum(s["allocated"] for s in slabs),
         "blocks": len(keys),
+        "malformed_records": malformed,
         "bytes": int(recs["length"].sum()),
         "namespaces": {f"{int(v):016x}": int(c) for v, c in zip(ns_vals, ns_counts, strict=False)},
         "oldest_created": _iso(int(recs["created_us"].min())) if len(recs) else None,
@@ -161,7 +177,7 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
             }
             for i in order.tolist()
         ]
-    shard_dirs = [os.path.normpath(os.path.join(path, d)) for d in geo.get("shard_dirs", ["."])]
+    shard_dirs = [os.path.normpath(os.path.join(path, d)) for d in shard_names]
     if len(shard_dirs) > 1:
         info["shards"] = len(shard_dirs)
         info["shard_dirs"] = shard_dirs
@@ -169,8 +185,9 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
         crcs = [recs["crc"]]
         if len(shard_dirs) > 1:
             crcs = list(_shard_crcs(cat_dir, keys, len(shard_dirs)).T)
-        per = [_verify(d, recs, slot_bytes, spp, c) for d, c in zip(shard_dirs, crcs, strict=True)]
+        per = [_verify(d, keys, recs, slot_bytes, spp, c) for d, c in zip(shard_dirs, crcs, strict=True)]
         info["verify"] = {k: sum(p[k] for p in per) for k in per[0]}
+        info["verify"]["bad"] += malformed
     return info
 
 
@@ -190,47 +207,98 @@ def _shard_crcs(cat_dir: str, keys: list[bytes], shards: int) -> np.ndarray:
     import lmdb
 
     out = np.zeros((len(keys), shards), np.uint32)
-    env = lmdb.open(cat_dir, readonly=True, lock=False, max_dbs=4, subdir=True)
     try:
-        with env.begin() as txn:
-            db = env.open_db(b"shards", txn=txn, create=False)
-            for i, k in enumerate(keys):
-                v = txn.get(k, db=db)
-                if v is not None and len(v) == 4 * shards:
-                    out[i] = np.frombuffer(v, "<u4")
-    finally:
-        env.close()
+        env = lmdb.open(cat_dir, readonly=True, lock=False, max_dbs=4, subdir=True)
+        try:
+            with env.begin() as txn:
+                db = env.open_db(b"shards", txn=txn, create=False)
+                for i, k in enumerate(keys):
+                    v = txn.get(k, db=db)
+                    if v is not None and len(v) == 4 * shards:
+                        out[i] = np.frombuffer(v, "<u4")
+        finally:
+            env.close()
+    except lmdb.Error as e:
+        raise StorageIOError(f"the disk catalog {cat_dir} is damaged (shard CRCs): {type(e).__name__}: {e} (the "
+                             "tier moves it aside and rebuilds it from the slab records at its next start)") from e
     return out
 
 
-def _verify(path: str, recs: np.ndarray, slot_bytes: int, spp: int, crcs: np.ndarray | None = None) -> dict[str, int]:
-    from kvbm import _native
+def _verify(path: str, keys: list[bytes], recs: np.ndarray, slot_bytes: int, spp: int,
+            crcs: np.ndarray | None = None) -> dict[str, int]:
+    """Check every record's slab header and bytes (plain reads: works on any file system).
 
-    out = {"checked": 0, "ok": 0, "checksum_failures": 0, "short_or_missing": 0, "io_errors": 0}
-    if not len(recs) or not slot_bytes:
+    A record is ok only when its catalog entry is valid (version 1, length 1..slot_bytes) and its
+    slab record header is intact and names the same slot, block hash, length and CRC, and the
+    bytes match the CRC. Everything else is counted as bad, by kind.
+    """
+    from kvbm import _native
+    from kvbm.tiers.disk import RECORD_HEADER
+
+    out = {"checked": 0, "ok": 0, "bad": 0, "invalid_records": 0, "record_mismatches": 0, "checksum_failures": 0,
+           "short_or_missing": 0, "io_errors": 0}
+    if not len(recs):
         return out
     crcs = recs["crc"] if crcs is None else crcs
-    num_slots = int(recs["slot"].max()) + 1
-    store = _native.DiskStore(path, slot_bytes, num_slots, spp, 4, True, True)
+    fds: dict[int, int] = {}
     try:
-        batch = 64
-        bufs = [np.empty(slot_bytes, np.uint8) for _ in range(batch)]
-        for i in range(0, len(recs), batch):
-            r = recs[i : i + batch]
-            h = store.read(
-                r["slot"].tolist(), bufs[: len(r)], r["length"].tolist(), crcs[i : i + batch].tolist(), True
-            )
-            h.wait()
-            codes, _, errnos, _ = h.results()
-            out["checked"] += len(r)
-            out["ok"] += int((codes == 0).sum())
-            out["checksum_failures"] += int((codes == _native.DISK_CODE_CHECKSUM).sum())
-            io = codes == _native.DISK_CODE_IO
-            out["short_or_missing"] += int((io & ((errnos == 0) | (errnos == 2))).sum())
-            out["io_errors"] += int((io & (errnos != 0) & (errnos != 2)).sum())
+        for i in range(len(recs)):
+            out["checked"] += 1
+            slot, length, ver = int(recs["slot"][i]), int(recs["length"][i]), int(recs["version"][i])
+            if ver != 1 or not 0 < length <= slot_bytes or spp <= 0:
+                out["invalid_records"] += 1
+                continue
+            slab = slot // spp
+            if slab not in fds:
+                try:
+                    fds[slab] = os.open(os.path.join(path, f"slab-{slab:05d}.kvbm"), os.O_RDONLY)
+                except OSError:
+                    fds[slab] = -1
+            fd = fds[slab]
+            if fd < 0:
+                out["short_or_missing"] += 1
+                continue
+            try:
+                raw = os.pread(fd, RECORD_HEADER + length, (slot % spp) * (slot_bytes + RECORD_HEADER))
+            except OSError:
+                out["io_errors"] += 1
+                continue
+            if len(raw) < RECORD_HEADER + length:
+                out["short_or_missing"] += 1
+                continue
+            if not _header_matches(raw, slot, keys[i], length, int(crcs[i])):
+                out["record_mismatches"] += 1
+                continue
+            if _native.crc32c(raw[RECORD_HEADER:]) != int(crcs[i]):
+                out["checksum_failures"] += 1
+                continue
+            out["ok"] += 1
     finally:
-        store.close()
+        for fd in fds.values():
+            if fd >= 0:
+                os.close(fd)
+    out["bad"] = out["checked"] - out["ok"]
     return out
+
+
+def _header_matches(raw: bytes, slot: int, key: bytes, length: int, crc: int) -> bool:
+    """The slab record header (Note [Records name themselves], tiers/disk_store.h) names this record.
+
+    Its namespace digest is not compared: inspect knows no digest (a sharded connector directory
+    holds one per rank); the tier checks it on every read.
+    """
+    import struct
+
+    from kvbm import _native
+
+    if raw[:8] != b"KVBMREC1" or struct.unpack_from("<I", raw, 8)[0] != _native.DISK_RECORD_VERSION:
+        return False
+    klen = struct.unpack_from("<I", raw, 36)[0]
+    if not 0 < klen <= _native.DISK_MAX_KEY_BYTES or (
+            _native.crc32c(raw[16 : 64 + klen]) != struct.unpack_from("<I", raw, 12)[0]):
+        return False
+    h_slot, h_len, h_crc = struct.unpack_from("<QQI", raw, 16)
+    return h_slot == slot and h_len == length and h_crc == crc and raw[64 : 64 + klen] == key
 
 
 def _mib(n: int) -> str:
@@ -266,8 +334,9 @@ def run(args: argparse.Namespace) -> int:
     if "verify" in info:
         v = info["verify"]
         lines.append(
-            f"  verify         {v['checked']} read: {v['ok']} ok, {v['checksum_failures']} checksum failures, "
-            f"{v['short_or_missing']} short/missing, {v['io_errors']} IO errors"
+            f"  verify         {v['checked']} read: {v['ok']} ok, {v['bad']} bad ({v['invalid_records']} invalid "
+            f"records, {v['record_mismatches']} record mismatches, {v['checksum_failures']} checksum failures, "
+            f"{v['short_or_missing']} short/missing, {v['io_errors']} IO errors)"
         )
     for b in info.get("recent_blocks", []):
         lines.append(

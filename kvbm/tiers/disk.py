@@ -5,8 +5,12 @@ Note [Disk tier design]
 Two halves, so that vLLM's scheduler (decides) and worker (moves bytes) can run them apart:
 
 * ``kvbm._native.DiskStore`` moves bytes: slot ``s`` lives in ``slab-NNNNN.kvbm`` number
-  ``s // slots_per_slab`` at offset ``(s % slots_per_slab) * slot_bytes``; O_DIRECT IO on a pool
-  of threads; CRC32C computed on every write and verified on every read. It knows no hashes.
+  ``s // slots_per_slab`` at offset ``(s % slots_per_slab) * (RECORD_HEADER + slot_bytes)``: a
+  4096-byte record header naming the block (hash, namespace digest, slot, length, CRC32C; Note
+  [Records name themselves] in tiers/disk_store.h), then the bytes. O_DIRECT IO on a pool of
+  threads; CRC32C computed on every write; on every read the header is checked against what the
+  catalog says (a catalog key with a flipped bit is a miss, never another block's bytes) and the
+  bytes against the CRC.
 * :class:`DiskCatalog` (here) keeps the books: block hash -> record in LMDB, the free-slot map,
   pins of slots being read, and the eviction policy over slot numbers.
 * :class:`DiskTier` joins both for single-process use (``put`` / ``get`` / ``lookup`` and
@@ -27,7 +31,8 @@ big-endian bytes, or 32 when it needs more than 128 bits); value = 56 bytes litt
     u64 namespace fingerprint
     u64 created (us since the epoch)   u64 last access (us)   u64 hit count
 
-"meta" holds ``format`` (``kvbm-disk/1``) and ``geometry`` (JSON: slot_bytes, slots_per_slab;
+"meta" holds ``format`` (``kvbm-disk/2``; a ``/1`` catalog, from before record headers, is moved
+aside like a damaged one and its header-less slots read as nothing) and ``geometry`` (JSON: slot_bytes, slots_per_slab;
 for a sharded catalog also ``shards`` and ``shard_dirs``);
 "stats" holds cumulative counters (checksum failures, drops, ...) that ``kvbm inspect`` shows.
 
@@ -54,7 +59,13 @@ Write ordering (the durability contract):
 At start-up the catalog is reopened and the free-slot map rebuilt from it. Records whose data
 cannot be complete are dropped in one txn: a slot out of range, a length of 0 or above the slot
 size, a slot claimed twice (the newest record wins), a slab file missing or too short to hold the
-block. Every remaining record's bytes are still CRC-checked when read.
+block. Every remaining record's bytes are still CRC-checked when read. A malformed record (a
+value that is not 56 bytes) is dropped the same way.
+
+A catalog that cannot be used at all (a ``data.mdb`` shorter than its meta pages say, which would
+SIGBUS on mapping; LMDB refusing it; a damaged meta DB) is moved aside to
+``catalog.damaged-<time>-<pid>`` (one log line names it) and rebuilt from the slab record headers;
+so is a missing catalog next to existing slabs (Note [Damaged catalog] in kvbm.tiers.disk_recovery).
 
 Last-access times and hit counts are kept in memory and written with the next catalog txn (and
 at close): after a crash they may be slightly stale; they never affect correctness.
@@ -92,10 +103,20 @@ import numpy as np
 
 from kvbm.errors import ConfigError, InvalidArgumentError, StorageIOError
 from kvbm.hashing import hash_key as _hash_key  # the one hash normaliser
+from kvbm.tiers.disk_recovery import (
+    CATALOG_DAMAGE,
+    LMDB_ENVIRONMENT_ERRORS,
+    CatalogDamagedError,
+    has_slabs,
+    is_catalog_damage,
+    lmdb_file_problem,
+    quarantine,
+    slab_records,
+)
 
 log = logging.getLogger("kvbm.disk")
 
-FORMAT = b"kvbm-disk/1"
+FORMAT = b"kvbm-disk/2"  # /2: slab records carry a header (Note [Records name themselves], disk_store.h)
 RECORD = struct.Struct("<BBHIQQQQQQ")
 RECORD_DTYPE = np.dtype(
     [
@@ -113,6 +134,8 @@ RECORD_DTYPE = np.dtype(
 )
 assert RECORD_DTYPE.itemsize == RECORD.size == 56
 ALIGNMENT = 4096
+RECORD_HEADER = 4096  # bytes of the record header before every slot's data in its slab
+NAMESPACE_BYTES = 16
 DURABILITY = ("none", "batch", "always")
 _SYNC_MODE = {"none": 0, "batch": 1, "always": 2}
 CATALOG_SUBDIR = "catalog"
@@ -129,6 +152,8 @@ PERSISTED_COUNTERS = (
     "store_failures",
     "enospc",
     "evictions",
+    "record_mismatches",
+    "catalog_rebuilds",
 )
 
 HashLike = "bytes | int"
@@ -140,13 +165,26 @@ def hash_key(h: bytes | bytearray | memoryview | int | np.integer) -> bytes:
     return _hash_key(h, "block hash", variable_length=True)
 
 
-def namespace_fingerprint(namespace: int | bytes | str) -> int:
-    """A 64-bit fingerprint of a namespace: an int is used as is (mod 2**64), bytes/str hashed."""
+def namespace_digest(namespace: int | bytes | str) -> bytes:
+    """The 16-byte namespace digest stamped into every slab record.
+
+    A 16-byte ``bytes`` (e.g. a ``Namespace.digest``) is used as is, an int as 16 little-endian
+    bytes (mod 2**128), any other bytes or str is hashed (BLAKE2b-128).
+    """
     if isinstance(namespace, (int, np.integer)):
-        return int(namespace) & 0xFFFF_FFFF_FFFF_FFFF
+        return (int(namespace) % (1 << 128)).to_bytes(NAMESPACE_BYTES, "little")
     if isinstance(namespace, str):
         namespace = namespace.encode()
-    return int.from_bytes(hashlib.blake2b(bytes(namespace), digest_size=8).digest(), "little")
+    if isinstance(namespace, (bytes, bytearray, memoryview)):
+        b = bytes(namespace)
+        return b if len(b) == NAMESPACE_BYTES else hashlib.blake2b(b, digest_size=NAMESPACE_BYTES).digest()
+    raise InvalidArgumentError(f"namespace must be an int, bytes or str, got {type(namespace).__name__}")
+
+
+def namespace_fingerprint(namespace: int | bytes | str) -> int:
+    """The 64-bit fingerprint of a namespace kept in catalog records: the first 8 bytes (little
+    endian) of :func:`namespace_digest` (so an int below 2**64 is its own fingerprint)."""
+    return int.from_bytes(namespace_digest(namespace)[:8], "little")
 
 
 def _now_us() -> int:
@@ -162,8 +200,13 @@ class DiskGeometry:
     num_slots: int
 
     def slot_offset(self, slot: int) -> tuple[int, int]:
-        """(slab number, byte offset in that slab) of ``slot``."""
-        return slot // self.slots_per_slab, (slot % self.slots_per_slab) * self.slot_bytes
+        """(slab number, byte offset of its record header in that slab) of ``slot``."""
+        return slot // self.slots_per_slab, (slot % self.slots_per_slab) * self.slot_stride
+
+    @property
+    def slot_stride(self) -> int:
+        """Bytes a slot occupies in its slab: record header + slot_bytes."""
+        return self.slot_bytes + RECORD_HEADER
 
 
 def slab_path(path: str, slab: int) -> str:
@@ -199,8 +242,14 @@ class DiskCatalog:
         eviction: str | None = None,
         shards: int = 1,
         slab_dirs: Sequence[str] | None = None,
+        slab_namespaces: Sequence[bytes] | None = None,
+        record_ns: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        # Namespace digest of each slab directory's records (for a rebuild from the slab headers)
+        # and the namespace fingerprint rebuilt records get; None: a damaged catalog restarts empty.
+        self._slab_ns = [namespace_digest(x) for x in slab_namespaces] if slab_namespaces is not None else None
+        self._record_ns = record_ns
         if not isinstance(shards, int) or shards < 1:
             raise ConfigError(f"disk catalog shards must be an int >= 1, got {shards!r}")
         if slab_dirs is not None and len(slab_dirs) != shards:
@@ -220,21 +269,72 @@ class DiskCatalog:
         self.durability = durability
         self._lock_fd = _take_lock(self.path)
         try:
-            self._open(slot_bytes, num_slots, slab_bytes, eviction)
+            try:
+                self._open(slot_bytes, num_slots, slab_bytes, eviction)
+            except CATALOG_DAMAGE as e:
+                if not is_catalog_damage(e):
+                    raise  # e.g. a ConfigError: the configuration disagrees with an intact catalog
+                # Note [Damaged catalog] (disk_recovery): the catalog is an index over self-describing slab
+                # records, so a catalog LMDB refuses (or that fails our pre-map check) is moved
+                # aside and rebuilt from the record headers; the engine never stops for it.
+                self._close_env()
+                moved = quarantine(os.path.join(self.path, CATALOG_SUBDIR))
+                self._open(slot_bytes, num_slots, slab_bytes, eviction)
+                n = self._recover_from_slabs()
+                self._count("catalog_rebuilds")
+                self._save_totals()
+                log.warning("disk tier %s: catalog damaged or of another format (%s: %s); moved aside to %s and "
+                            "rebuilt from the slab record headers: %d blocks recovered",
+                            self.path, type(e).__name__, e, moved, n)  # fmt: skip
+            else:
+                if self._fresh and any(has_slabs(d) for d in self.slab_dirs):
+                    # A new catalog over existing slabs (the catalog was deleted): rebuild it.
+                    n = self._recover_from_slabs()
+                    self._count("catalog_rebuilds")
+                    self._save_totals()
+                    log.warning("disk tier %s: no catalog next to existing slab files; rebuilt it from the slab "
+                                "record headers: %d blocks recovered", self.path, n)
         except BaseException:
-            env = getattr(self, "env", None)
-            if env is not None:
-                env.close()
+            self._close_env()
             os.close(self._lock_fd)
             self._lock_fd = -1
             raise
 
     # ---- opening ----
 
+    def _close_env(self) -> None:
+        env = getattr(self, "env", None)
+        if env is not None:
+            with contextlib.suppress(lmdb.Error):
+                env.close()
+            self.env = None
+
+    def _recover_from_slabs(self) -> int:
+        """Insert a record for every block whose slab record header is valid (in every shard); returns
+        how many blocks the catalog then holds."""
+        if self._slab_ns is None or len(self._slab_ns) != len(self.slab_dirs):
+            return 0
+        found = slab_records(self.slab_dirs, self._slab_ns, self.geometry)
+        if not found:
+            return 0
+        ns = self._record_ns if self._record_ns is not None else int.from_bytes(self._slab_ns[0][:8], "little")
+        with self.env.begin(write=True) as txn:
+            for key, (slot, length, crcs, written) in found.items():
+                us = written or _now_us()
+                txn.put(key, RECORD.pack(1, 0, 0, crcs[0], slot, length, ns, us, us, 0), db=self._db_blocks)
+                if self._db_shards is not None:
+                    txn.put(key, np.asarray(crcs, "<u4").tobytes(), db=self._db_shards)
+        self._rebuild()
+        return len(self._index)
+
     def _open(self, slot_bytes: int, num_slots: int, slab_bytes: int, eviction: str) -> None:
         # "batch": one fsync per commit (MDB_NOMETASYNC: a system crash may undo the last
         # commit, never corrupt the catalog; undone records only make their slots free again).
         # "always": LMDB's full sync. "none": no sync (a killed process loses nothing).
+        cat_dir = os.path.join(self.path, CATALOG_SUBDIR)
+        problem = lmdb_file_problem(cat_dir)
+        if problem:
+            raise CatalogDamagedError(problem)
         try:
             self.env = lmdb.open(
                 os.path.join(self.path, CATALOG_SUBDIR),
@@ -246,18 +346,30 @@ class DiskCatalog:
                 readahead=False,
                 lock=True,
             )
-        except lmdb.Error as e:
+        except LMDB_ENVIRONMENT_ERRORS as e:
             raise StorageIOError(f"cannot open the disk catalog in {self.path}: {e}") from e
+        except lmdb.Error as e:
+            raise CatalogDamagedError(f"cannot open the disk catalog in {self.path}: {e}") from e
         self.env.reader_check()
         with self.env.begin(write=True) as txn:
-            self._db_meta = self.env.open_db(b"meta", txn=txn)
-            self._db_blocks = self.env.open_db(b"blocks", txn=txn)
-            self._db_stats = self.env.open_db(b"stats", txn=txn)
-            self._db_shards = self.env.open_db(b"shards", txn=txn) if self.shards > 1 else None
+            try:
+                self._db_meta = self.env.open_db(b"meta", txn=txn, create=False)
+                existing = True
+            except lmdb.NotFoundError:
+                self._db_meta = self.env.open_db(b"meta", txn=txn)
+                existing = False
+
+            def open_db(name: bytes) -> Any:
+                try:  # an existing catalog lacking one of its databases is damaged (a name flipped)
+                    return self.env.open_db(name, txn=txn, create=not existing)
+                except lmdb.NotFoundError:
+                    raise CatalogDamagedError(f"the catalog lacks its {name.decode()!r} database") from None
+
+            self._db_blocks, self._db_stats = open_db(b"blocks"), open_db(b"stats")
             fmt = txn.get(b"format", db=self._db_meta)
             geo_raw = txn.get(b"geometry", db=self._db_meta)
             if fmt is not None and fmt != FORMAT:
-                raise ConfigError(f"disk dir {self.path} holds catalog format {fmt!r}, this kvbm reads {FORMAT!r}")
+                raise CatalogDamagedError(f"catalog format {fmt!r}, this kvbm reads {FORMAT!r}")
             if geo_raw is not None:
                 geo = json.loads(geo_raw)
                 if geo["slot_bytes"] != slot_bytes:
@@ -280,7 +392,9 @@ class DiskCatalog:
                 if self.slab_dirs != [self.path]:
                     g["shard_dirs"] = [os.path.relpath(d, self.path) for d in self.slab_dirs]
                 txn.put(b"geometry", json.dumps(g).encode(), db=self._db_meta)
+            self._db_shards = open_db(b"shards") if self.shards > 1 else None  # after the shards check
             raw_stats = txn.get(b"counters", db=self._db_stats)
+        self._fresh = fmt is None
         self.geometry = DiskGeometry(slot_bytes, slots_per_slab, num_slots)
         self.totals: dict[str, int] = dict.fromkeys(PERSISTED_COUNTERS, 0)
         if raw_stats is not None:
@@ -311,21 +425,24 @@ class DiskCatalog:
     def _rebuild(self) -> None:
         geo = self.geometry
         with self.env.begin(db=self._db_blocks) as txn:
-            cur = txn.cursor()
-            keys = list(cur.iternext(keys=True, values=False))
-            vals = b"".join(cur.iternext(keys=False, values=True))
+            items = list(txn.cursor().iternext(keys=True, values=True))
             shard_raw: dict[bytes, bytes] = {}
             if self._db_shards is not None:
                 shard_raw = dict(txn.cursor(db=self._db_shards).iternext(keys=True, values=True))
+        # A malformed record (wrong value size) is dropped, never a reason to refuse to start.
+        malformed = [k for k, v in items if len(v) != RECORD.size]
+        if malformed:
+            m = set(malformed)
+            items = [(k, v) for k, v in items if k not in m]
+        keys = [k for k, _ in items]
+        vals = b"".join(v for _, v in items)
         recs = np.frombuffer(vals, dtype=RECORD_DTYPE) if keys else np.zeros(0, RECORD_DTYPE)
-        if len(recs) != len(keys):
-            raise StorageIOError(f"disk catalog in {self.path} has malformed records (size mismatch)")
         bad = (recs["version"] != 1) | (recs["slot"] >= geo.num_slots)
         bad |= (recs["length"] == 0) | (recs["length"] > geo.slot_bytes)
         # Slab file sizes: a block whose end lies past its slab's end was never fully written.
         slot = np.minimum(recs["slot"], max(geo.num_slots - 1, 0)).astype(np.int64)
         slab = slot // geo.slots_per_slab
-        end = (slot % geo.slots_per_slab) * geo.slot_bytes + recs["length"].astype(np.int64)
+        end = (slot % geo.slots_per_slab) * geo.slot_stride + RECORD_HEADER + recs["length"].astype(np.int64)
         nslabs = (geo.num_slots + geo.slots_per_slab - 1) // geo.slots_per_slab
         sizes = np.zeros(nslabs, np.int64)
         for i in np.unique(slab).tolist():
@@ -351,17 +468,20 @@ class DiskCatalog:
         bad |= dup
         good = np.flatnonzero(~bad)
         drop = np.flatnonzero(bad)
-        if len(drop) or (self._db_shards is not None and len(shard_raw) > len(good)):
+        ndrop = len(drop) + len(malformed)
+        if ndrop or (self._db_shards is not None and len(shard_raw) > len(good)):
             good_set = {keys[i] for i in good.tolist()}
             with self.env.begin(write=True, db=self._db_blocks) as txn:
                 for i in drop.tolist():
                     txn.delete(keys[i])
+                for k in malformed:
+                    txn.delete(k)
                 if self._db_shards is not None:  # also shard entries without a (valid) record
                     for k in shard_raw:
                         if k not in good_set:
                             txn.delete(k, db=self._db_shards)
-            self._count("dropped_at_open", len(drop))
-            log.warning("disk tier %s: dropped %d incomplete or invalid catalog records at open", self.path, len(drop))
+            self._count("dropped_at_open", ndrop)
+            log.warning("disk tier %s: dropped %d incomplete or invalid catalog records at open", self.path, ndrop)
         g = recs[good]
         gs = g["slot"].astype(np.int64)
         self._len[gs] = g["length"]
@@ -384,7 +504,7 @@ class DiskCatalog:
         self._free: list[int] = np.flatnonzero(~used).tolist()  # sorted: a valid min-heap
         for s in gs[np.argsort(g["access_us"], kind="stable")].tolist():  # oldest access first
             self._policy.insert(s, -1)
-        if len(drop):
+        if ndrop:
             self._save_totals()
 
     # ---- counters ----
@@ -612,7 +732,12 @@ class DiskCatalog:
                 self._slot_key[s] = k
                 p = parents[i] if parents is not None else None
                 ps = self._index.get(p, -1) if p is not None else -1
-                self._policy.insert(s, ps)
+                if ps == s or (ps >= 0 and self._slot_key[ps] is None):
+                    ps = -1  # a block cannot be its own parent (finding 7)
+                try:
+                    self._policy.insert(s, ps)
+                except Exception:  # noqa: BLE001 - the policy refused the parent link: keep the block unlinked
+                    self._policy.insert(s, -1)
             else:
                 self._len[s] = 0
                 heapq.heappush(self._free, s)
@@ -629,6 +754,8 @@ class DiskCatalog:
 
     def pin(self, slot: int) -> None:
         """Keep ``slot`` from eviction and reuse while a read of it is in flight."""
+        if not 0 <= slot < len(self._pins):  # a -1 would silently pin the last slot for good
+            raise InvalidArgumentError(f"pin: slot {slot} out of range [0, {len(self._pins)})")
         if self._pins[slot] == 0:
             self._policy.set_pinned(slot, True)
         self._pins[slot] += 1
@@ -704,6 +831,10 @@ class DiskCatalog:
     def close(self) -> None:
         """Flush, sync and close the catalog and release the directory lock. Idempotent."""
         if getattr(self, "_lock_fd", -1) < 0:
+            return
+        if getattr(self, "env", None) is None:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
             return
         try:
             self.flush()
@@ -868,7 +999,8 @@ class DiskTier:
             )
         if not isinstance(io_threads, int) or not 1 <= io_threads <= 256:
             raise ConfigError(f"disk_io_threads {io_threads} must be in [1, 256]")
-        self.namespace = namespace_fingerprint(namespace)
+        self.namespace_digest = namespace_digest(namespace)
+        self.namespace = namespace_fingerprint(self.namespace_digest)
         self.verify_checksums = bool(verify_checksums)
         self.durability = durability
         self._lock = threading.RLock()
@@ -880,12 +1012,14 @@ class DiskTier:
             slab_bytes=slab_bytes,
             durability=durability,
             eviction=eviction,
+            slab_namespaces=[self.namespace_digest],
+            record_ns=self.namespace,
         )
         try:
             geo = self.catalog.geometry
             self.store = _native.DiskStore(
                 self.path, geo.slot_bytes, geo.num_slots, geo.slots_per_slab, io_threads, bool(o_direct),
-                False, bool(preallocate),
+                False, bool(preallocate), namespace=self.namespace_digest,
             )  # fmt: skip
         except BaseException:
             self.catalog.close()
@@ -982,7 +1116,7 @@ class DiskTier:
         pinned) a block is not stored. Returns a DiskHandle whose per-block result says whether
         the block is stored once done; IO errors and a full disk give False, a counted error and
         a log line. Raises InvalidArgumentError for mismatched argument lengths, a block larger
-        than the slot size, or an int address without a length.
+        than the slot size, an int address without a length, or a block that is its own parent.
         """
         n = len(hashes)
         if len(blocks) != n:
@@ -1004,6 +1138,10 @@ class DiskTier:
                 raise InvalidArgumentError(f"put: block {i} has {ln} bytes; must be 1..slot_bytes={self.slot_bytes}")
             lens.append(ln)
         pkeys = [None if p is None else hash_key(p) for p in parents] if parents is not None else None
+        if pkeys is not None:
+            for i, (k, p) in enumerate(zip(keys, pkeys, strict=True)):
+                if p == k:  # finding 7: refused here, before anything is reserved or written
+                    raise InvalidArgumentError(f"put: parents[{i}]: block {k.hex()} cannot be its own parent")
         h = DiskHandle(self, "put", n)
         with self._lock:
             self._check_open()
@@ -1014,7 +1152,7 @@ class DiskTier:
             wslots = [slots[i] for i in idx]
             try:
                 h._native = self.store.write(
-                    wslots, [blocks[i] for i in idx], [lens[i] for i in idx], _SYNC_MODE[self.durability]
+                    wslots, [blocks[i] for i in idx], [lens[i] for i in idx], _SYNC_MODE[self.durability], wkeys
                 )
             except BaseException:
                 self.catalog.abort(wkeys, wslots)
@@ -1077,6 +1215,9 @@ class DiskTier:
             if bad_len:
                 log.warning("disk tier %s: %d blocks of unexpected length dropped", self.path, len(bad_len))
                 cat.drop(bad_len, "length_mismatches")
+            # A key asked for twice, once with a wrong-sized buffer, was just dropped: no read
+            # (and no pin) for its other occurrence (finding 8: slot_of -1 pinned the last slot).
+            idx = [i for i in idx if cat.slot_of(keys[i]) >= 0]
             rslots = [cat.slot_of(keys[i]) for i in idx]
             for s in rslots:
                 cat.pin(s)
@@ -1087,6 +1228,7 @@ class DiskTier:
                     [int(cat._len[s]) for s in rslots],
                     [int(cat._crc[s]) for s in rslots],
                     self.verify_checksums,
+                    [keys[i] for i in idx],
                 )
             except BaseException:
                 for s in rslots:
@@ -1121,68 +1263,75 @@ class DiskTier:
                 return
             if h._native is not None and not h._native.done():
                 h._native.wait(None)
-            kind = h._finalize[0]
-            codes, crcs, errnos, msgs = h._native.results()
-            cat = self.catalog
-            if kind == "put":
-                _, keys, idx, wkeys, wslots, wlens, wparents = h._finalize
-                ok = (codes == 0).tolist()
-                stored = cat.commit(wkeys, wslots, wlens, crcs.tolist(), ok, self.namespace, wparents)
-                for j, i in enumerate(idx):
-                    h._result[i] = stored[j]
-                    if stored[j]:
-                        self.counters["stores"] += 1
-                        self.counters["stored_bytes"] += wlens[j]
-                enospc = sum(1 for j, e in enumerate(errnos.tolist()) if not ok[j] and
-                             e in (_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT))  # fmt: skip
-                io_fail = sum(1 for x in ok if not x)
-                if io_fail:
-                    first = next(m for m in msgs if m)
-                    h.error = first
-                    self.counters["io_errors"] += io_fail
-                    cat._count("store_failures", io_fail)
-                    if enospc:
-                        cat._count("enospc", enospc)
-                    log.error("disk tier %s: %d of %d block writes failed (not stored): %s",
-                              self.path, io_fail, len(ok), first)  # fmt: skip
-                # Blocks already present (skipped, or stored by an earlier put) count as stored.
-                for i, k in enumerate(keys):
-                    if not h._result[i] and k in cat:
-                        h._result[i] = True
-            else:
-                _, keys, idx, rslots = h._finalize
-                bad: dict[str, list[bytes]] = {}
-                for j, i in enumerate(idx):
-                    s = rslots[j]
-                    c = int(codes[j])
-                    if c == 0:
-                        h._result[i] = True
-                        cat.record_hit(s)
-                        self.counters["loaded_bytes"] += int(cat._len[s])
-                        continue
-                    if h.error is None:
-                        h.error = msgs[j]
-                    if c == _CODE_CHECKSUM:
-                        reason = "checksum_failures"
-                    elif int(errnos[j]) == 0:
-                        reason = "short_reads"
-                    else:
-                        reason = "read_errors"
-                    bad.setdefault(reason, []).append(keys[i])
-                for s in rslots:
-                    cat.unpin(s)
-                for reason, ks in bad.items():
-                    log.warning("disk tier %s: %d blocks failed on load (%s), dropped: %s",
-                                self.path, len(ks), reason, h.error)  # fmt: skip
-                    cat.drop(ks, reason)
-                nhit = sum(h._result)
-                self.counters["hits"] += nhit
-                self.counters["loads"] += nhit
-                self.counters["misses"] += len(keys) - nhit
-            h._done = True
-            h._native_results = None
-            with contextlib.suppress(ValueError):
-                self._inflight.remove(h)
+            try:
+                self._apply(h)
+            finally:
+                # Whatever happened applying it, the handle is no longer in flight (finding 7:
+                # one failed commit must not make every later store, lookup and close raise).
+                h._done = True
+                with contextlib.suppress(ValueError):
+                    self._inflight.remove(h)
+
+    def _apply(self, h: DiskHandle) -> None:
+        """Apply a finished operation's outcome to the catalog and counters."""
+        kind = h._finalize[0]
+        codes, crcs, errnos, msgs = h._native.results()
+        cat = self.catalog
+        if kind == "put":
+            _, keys, idx, wkeys, wslots, wlens, wparents = h._finalize
+            ok = (codes == 0).tolist()
+            stored = cat.commit(wkeys, wslots, wlens, crcs.tolist(), ok, self.namespace, wparents)
+            for j, i in enumerate(idx):
+                h._result[i] = stored[j]
+                if stored[j]:
+                    self.counters["stores"] += 1
+                    self.counters["stored_bytes"] += wlens[j]
+            enospc = sum(1 for j, e in enumerate(errnos.tolist()) if not ok[j] and
+                         e in (_errno.ENOSPC, _errno.EFBIG, _errno.EDQUOT))  # fmt: skip
+            io_fail = sum(1 for x in ok if not x)
+            if io_fail:
+                first = next(m for m in msgs if m)
+                h.error = first
+                self.counters["io_errors"] += io_fail
+                cat._count("store_failures", io_fail)
+                if enospc:
+                    cat._count("enospc", enospc)
+                log.error("disk tier %s: %d of %d block writes failed (not stored): %s",
+                          self.path, io_fail, len(ok), first)  # fmt: skip
+            # Blocks already present (skipped, or stored by an earlier put) count as stored.
+            for i, k in enumerate(keys):
+                if not h._result[i] and k in cat:
+                    h._result[i] = True
+        else:
+            _, keys, idx, rslots = h._finalize
+            bad: dict[str, list[bytes]] = {}
+            for j, i in enumerate(idx):
+                s = rslots[j]
+                c = int(codes[j])
+                if c == 0:
+                    h._result[i] = True
+                    cat.record_hit(s)
+                    self.counters["loaded_bytes"] += int(cat._len[s])
+                    continue
+                if h.error is None:
+                    h.error = msgs[j]
+                if c == _CODE_CHECKSUM:
+                    reason = "checksum_failures"
+                elif int(errnos[j]) == 0:
+                    reason = "short_reads"
+                else:
+                    reason = "read_errors"
+                bad.setdefault(reason, []).append(keys[i])
+            for s in rslots:
+                cat.unpin(s)
+            for reason, ks in bad.items():
+                log.warning("disk tier %s: %d blocks failed on load (%s), dropped: %s",
+                            self.path, len(ks), reason, h.error)  # fmt: skip
+                cat.drop(ks, reason)
+            nhit = sum(h._result)
+            self.counters["hits"] += nhit
+            self.counters["loads"] += nhit
+            self.counters["misses"] += len(keys) - nhit
 
     def poll_all(self) -> None:
         """Apply the outcome of every finished operation (commits finished puts)."""

@@ -26,6 +26,8 @@ Crash consistency (issue 4's write ordering, across processes):
    with every rank's CRC (record: rank 0's; db "shards": all, when TP > 1). A write that failed on
    any rank is aborted after all ranks reported, so a slot is never reused under a write in flight.
 
+Every slab record carries its block hash, the rank's namespace digest, its slot, length and CRC
+(Note [Records name themselves] in tiers/disk_store.h); loads check them.
 Loads carry each rank's expected CRC; a rank whose bytes do not verify reports a load error (vLLM
 recomputes the block) and the scheduler drops the block from the catalog. At start-up the scheduler
 reopens the catalog (no directory scan); records whose slab bytes cannot be complete on some rank
@@ -44,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.errors import ConfigError
-from kvbm.tiers.disk import ALIGNMENT, DiskCatalog, namespace_fingerprint
+from kvbm.tiers.disk import ALIGNMENT, DiskCatalog, namespace_digest, namespace_fingerprint
 
 logger = logging.getLogger("kvbm.vllm")
 
@@ -84,7 +86,8 @@ def open_catalog(disk_path: str, rank_namespaces: Sequence[bytes], slot_bytes: i
         except OSError as e:
             raise ConfigError(f"disk_path {disk_path!r}: cannot create {d}: {e.strerror}") from e
     cat = DiskCatalog(dirs[0], slot_bytes=disk_slot_bytes(slot_bytes), num_slots=num_slots, slab_bytes=SLAB_BYTES,
-                      durability=durability, eviction=eviction, shards=len(dirs), slab_dirs=dirs)
+                      durability=durability, eviction=eviction, shards=len(dirs), slab_dirs=dirs,
+                      slab_namespaces=list(rank_namespaces))
     if cat.geometry.slots_per_slab != slots_per_slab(slot_bytes):
         cat.close()
         raise ConfigError(f"disk dir {dirs[0]} was created with {cat.geometry.slots_per_slab} slots per slab; the "
@@ -119,7 +122,7 @@ class ReadResult:
 
 
 class RankDisk:
-    """One rank's slab files: slot writes and verified slot reads (no catalog, no hashes on disk).
+    """One rank's slab files: slot writes and verified slot reads (no catalog; each record names its hash).
 
     Raises (constructor): ConfigError when the directory cannot be created or opened.
     """
@@ -135,8 +138,9 @@ class RankDisk:
             raise ConfigError(f"disk_path {disk_path!r}: cannot create {self.dir}: {e.strerror}") from e
         self.length = slot_bytes
         self.slot_bytes = disk_slot_bytes(slot_bytes)
+        # Every record names its block hash and this rank's namespace (Note [Records name themselves]).
         self.store = _native.DiskStore(self.dir, self.slot_bytes, num_slots, slots_per_slab(slot_bytes), io_threads,
-                                       bool(o_direct), False, True)
+                                       bool(o_direct), False, True, namespace=namespace_digest(rank_namespace))
         if o_direct and not self.store.o_direct_active:
             msg = (f"kvbm disk tier {self.dir}: the file system refused O_DIRECT ({self.store.fallback_reason}); "
                    "using buffered IO (page cache) instead")
@@ -156,7 +160,7 @@ class RankDisk:
         """
         if not hashes:
             return
-        h = self.store.write(slots, sources, [self.length] * len(slots), self.sync)
+        h = self.store.write(slots, sources, [self.length] * len(slots), self.sync, [bytes(x) for x in hashes])
         self._writes.append(_Write(h, hashes, keep))
 
     def poll(self, wait: bool = False) -> tuple[dict[bytes, int], list[bytes]]:
@@ -191,12 +195,14 @@ class RankDisk:
     def writes_in_flight(self) -> int:
         return sum(len(w.hashes) for w in self._writes)
 
-    def read(self, slots: list[int], crcs: list[int], rows: np.ndarray) -> ReadResult:
-        """Read ``slots`` into ``rows[i]`` (``length`` bytes each), verifying CRC32C against ``crcs``."""
+    def read(self, slots: list[int], crcs: list[int], rows: np.ndarray,
+             hashes: Sequence[bytes] | None = None) -> ReadResult:
+        """Read ``slots`` into ``rows[i]`` (``length`` bytes each), verifying CRC32C against ``crcs``
+        and each record's header against its slot, this rank's namespace and ``hashes[i]`` (when given)."""
         from kvbm import _native
 
         h = self.store.read(slots, [rows[i, :self.length] for i in range(len(slots))], [self.length] * len(slots),
-                            crcs, self.verify)
+                            crcs, self.verify, [bytes(x) for x in hashes] if hashes is not None else [])
         h.wait()
         codes, _, _, msgs = h.results()
         c = codes.tolist()

@@ -275,7 +275,7 @@ class KvbmWorker:
         their checksum failed)."""
         assert self.disk is not None
         crcs = [op.crcs[self.rank] if self.rank < len(op.crcs) else 0 for op in ops]
-        res = self.disk.read([op.slot for op in ops], crcs, rows)
+        res = self.disk.read([op.slot for op in ops], crcs, rows, [op.block_hash for op in ops])
         bad = [j for j, ok in enumerate(res.ok) if not ok]
         for j, msg in zip(bad, res.messages, strict=True):
             op = ops[j]
