@@ -111,7 +111,7 @@ vllm)
   step "kvbm's connector inside real vLLM (tests/test_vllm_real_gpu.py)"
   rm -rf /tmp/vllm_gpu_logs
   KVBM_VLLM_GPU_REPORT="$OUT/vllm_gpu.json" KVBM_VLLM_GPU_LOGDIR=/tmp/vllm_gpu_logs \
-    timeout $(( ${VLLM_DEADLINE_S:-575} - SECONDS )) python3 -m pytest -v -rfEs -p no:cacheprovider \
+    timeout $(( ${KVBM_VLLM_DEADLINE_S:-575} - SECONDS )) python3 -m pytest -v -rfEs -p no:cacheprovider \
     tests/test_vllm_real_gpu.py >"$OUT/vllm_gpu_tests.log" 2>&1 || status=1
   grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_gpu_tests.log" | head -40
   [ -d /tmp/vllm_gpu_logs ] && tar czf "$OUT/vllm_gpu_logs.tgz" -C /tmp vllm_gpu_logs

@@ -128,6 +128,9 @@ def _engine(name: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                VLLM_LOGGING_LEVEL="INFO", VLLM_LOGGING_STREAM="ext://sys.stderr",
+               # FlashInfer's top-k/top-p sampler is JIT-compiled at warm-up (~100 s the first time on
+               # the GPU machine); greedy sampling never uses it.
+               VLLM_USE_FLASHINFER_SAMPLER="0",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = workdir / f"{name}.log"
     t0 = time.perf_counter()
@@ -258,7 +261,9 @@ def _host_hit(base: dict, k: dict, case: str) -> None:
             prefix_cache_vs_full_recompute=_agree(_out(base, 1), _out(base, 0)))
     assert base["phases"][1]["num_cached_tokens"] == [HIT * BS]  # the reference really is a cache hit
     assert cold["external_hits"] == 0 and cold["kvbm"]["hit_blocks_host"] == 0
-    assert warm["external_hits"] == HIT * BS
+    # vLLM 0.26 leaves asynchronously loaded hits out of vllm:external_prefix_cache_hits (0.32 counts
+    # them): the request's own count of tokens it did not compute says it, after reset_prefix_cache.
+    assert warm["num_cached_tokens"] == [HIT * BS]
     assert warm["kvbm"]["hit_blocks_host"] == HIT and warm["kvbm"]["hit_blocks_disk"] == 0
     assert (warm["kvbm"]["async_load_reqs"], warm["kvbm"]["async_load_blocks"]) == (1, HIT)
     assert warm["worker"]["async_loads_done"] == 1
@@ -268,7 +273,7 @@ def _host_hit(base: dict, k: dict, case: str) -> None:
     _record(case, shared_external_hits=shared["external_hits"],
             shared_agree_with_prefix_cache=_agree(_out(k, 2), _out(base, 2)))
     assert base["phases"][2]["num_cached_tokens"] == [100 * BS]
-    assert shared["external_hits"] == 100 * BS
+    assert shared["num_cached_tokens"] == [100 * BS]
     assert _out(k, 2) == _out(base, 2)
 
 
@@ -329,7 +334,8 @@ def test_corrupted_disk_block_is_recomputed(runs: dict) -> None:
     assert p0["kvbm"]["failed_loads"] == 1
     assert "checksum mismatch" in g["log"]
     assert _out(g, 0) == _out(base, 0)
-    assert p1["kvbm"]["failed_loads"] == 1 and p1["external_hits"] == HIT * BS
+    assert p1["kvbm"]["failed_loads"] == 1 and p1["num_cached_tokens"] == [HIT * BS]
+    assert p1["kvbm"]["hit_blocks_host"] == HIT  # the recomputed blocks were stored again
     assert _out(g, 1) == _out(base, 1)
 
 

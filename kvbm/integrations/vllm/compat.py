@@ -19,6 +19,9 @@ context), not guessed:
   ``requires_kv_delivery`` property (0.26 never reads it).
 * 0.33 adds ``unregister_kv_caches`` / ``restore_kv_caches`` around sleep mode (older releases
   never call them).
+* Seen on the GPU machine: vLLM 0.26 leaves hits loaded asynchronously out of its
+  ``vllm:external_prefix_cache_hits`` metric (synchronous loads are counted; 0.32 counts both).
+  The request's ``num_cached_tokens`` counts them in both.
 * ``kv_load_failure_policy`` defaults to ``"fail"`` in every supported release: kvbm warns unless it
   is ``"recompute"`` (a block that fails its checksum would otherwise fail its request).
 
