@@ -32,7 +32,7 @@ export PYTHONUNBUFFERED=1 UCX_NET_DEVICES=lo UCX_WARN_UNUSED_ENV_VARS=n NCCL_NVL
 if [ -d .whl ] && [ ! -f /tmp/site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done
 fi
-export PYTHONPATH=/opt/ucx:$PWD:${PYTHONPATH:-}:/tmp/site
+export PYTHONPATH=/opt/ucx:$PWD:${PYTHONPATH:-}:/tmp/site PATH=/tmp/site/bin:$PATH  # lint-imports from .whl
 status=0
 step() { echo "=== $* ($(date -u +%T))"; }
 
@@ -52,7 +52,7 @@ build)
 build-test)
   build
   step "tests (all, GPU included)"
-  timeout 330 python3 -m pytest -q -rfEs -p no:cacheprovider tests/ --maxfail=10 --ignore=tests/test_vllm_connector.py \
+  timeout 420 python3 -m pytest -q -rfEs -p no:cacheprovider tests/ --maxfail=10 --ignore=tests/test_vllm_connector.py \
     >"$OUT/tests.log" 2>&1 || status=1
   grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -15
   step "compute-sanitizer memcheck (kernel tests)"
