@@ -16,6 +16,7 @@ import pytest
 from vllm_helpers import build_tiny_llama, kvbm_transfer_config, run_engine
 
 from kvbm.cli.inspect import inspect_dir
+from kvbm.tiers.disk import RECORD_HEADER
 
 pytestmark = [
     pytest.mark.vllm,
@@ -155,9 +156,9 @@ def test_host_full_spills_to_disk_and_new_engine_gets_disk_hits(disk_runs: tuple
 def _disk_blocks(disk_dir: str) -> list[tuple[str, int, int]]:
     """(slab file, byte offset, length) of every block the connector's disk catalog lists (rank 0)."""
     info = inspect_dir(disk_dir, list_n=1 << 20)
-    spp, sb = info["slots_per_slab"], info["slot_bytes"]
-    return [(os.path.join(info["dir"], f"slab-{b['slot'] // spp:05d}.kvbm"), (b["slot"] % spp) * sb, b["length"])
-            for b in sorted(info.get("recent_blocks", []), key=lambda b: b["slot"])]
+    spp, stride = info["slots_per_slab"], RECORD_HEADER + info["slot_bytes"]  # a record header before each block
+    return [(os.path.join(info["dir"], f"slab-{b['slot'] // spp:05d}.kvbm"), (b["slot"] % spp) * stride + RECORD_HEADER,
+             b["length"]) for b in sorted(info.get("recent_blocks", []), key=lambda b: b["slot"])]
 
 
 def _corrupt_one_block(disk_dir: str) -> tuple[str, int]:
@@ -236,7 +237,7 @@ def test_rank_write_failure_is_never_committed(model: str, tmp_path, baseline: d
     cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(tmp_path / "kv"),
                                disk_capacity_bytes="64MiB")
     first = run_engine({"model": model, "out": str(tmp_path / "a.json"), "kv_transfer_config": cfg,
-                        "rlimit_fsize": 8 * 16384,  # slots 0..7 of the slab can be written, the rest fail
+                        "rlimit_fsize": 8 * (RECORD_HEADER + 16384),  # slots 0..7 of the slab fit, the rest fail
                         "phases": [{"prompts": [LONG]}, {"prompts": [LONG]}]})
     assert "block writes failed" in first["log"]
     p0, p1 = first["phases"]

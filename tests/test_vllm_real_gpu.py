@@ -165,12 +165,13 @@ def _need(run: dict[str, Any]) -> dict[str, Any]:
 def _flip_block(disk_dir: str, block_hash: str) -> None:
     """Flip the last 4096 bytes of the block ``block_hash`` in its slab file (offset from the catalog)."""
     from kvbm.cli.inspect import inspect_dir
+    from kvbm.tiers.disk import RECORD_HEADER
 
     info = inspect_dir(disk_dir, list_n=1 << 20)
-    spp, sb = info["slots_per_slab"], info["slot_bytes"]
+    spp, stride = info["slots_per_slab"], RECORD_HEADER + info["slot_bytes"]  # a record header before each block
     (b,) = [b for b in info.get("recent_blocks", []) if b["hash"] == block_hash]
     path = os.path.join(info["dir"], f"slab-{b['slot'] // spp:05d}.kvbm")
-    off = (b["slot"] % spp) * sb + b["length"] - 4096
+    off = (b["slot"] % spp) * stride + RECORD_HEADER + b["length"] - 4096
     with open(path, "r+b") as f:
         f.seek(off)
         data = f.read(4096)
