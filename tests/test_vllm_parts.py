@@ -330,3 +330,21 @@ def test_scheduler_hashes_each_block_once_per_request_and_matches_kvbm_hashing(m
         assert got == block_hashes(toks[:30 * bs], bs, ns)
         sched.request_finished(r)
         assert "r" not in sched._reqs
+
+
+def test_start_up_line_names_the_namespaces_of_a_disk_path(tmp_path, caplog) -> None:
+    """Issue 17: a changed model/block size/TP size starts another namespace under the same
+    disk_path; the start-up line says which are present and which this engine uses."""
+    import logging
+
+    _catalog(tmp_path, 8, ranks=2).close()  # an engine with TP=2 (two rank namespaces)
+    other = [bytes([0xB0]) * 16]
+    with caplog.at_level(logging.INFO, logger="kvbm.vllm"):
+        disk.open_catalog(str(tmp_path), other, 1024, 8, "none", KvbmConfig().eviction_policy).close()
+    (line,) = [r.getMessage() for r in caplog.records if "namespace dir(s) present" in r.getMessage()]
+    assert "3 namespace dir(s) present" in line
+    assert f"{other[0].hex()[:12]} (" in line and "in use" in line
+    for ns in RANK_NS[:2]:
+        assert ns.hex()[:12] in line
+    assert "2 other namespace(s)" in line
+    assert disk.describe_namespaces(str(tmp_path / "nothing-here"), other).count("none") == 1

@@ -36,6 +36,7 @@ are dropped there.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -70,6 +71,38 @@ def rank_dir(disk_path: str, rank_namespace: bytes) -> str:
     return os.path.join(disk_path, rank_namespace.hex())
 
 
+def namespaces_present(disk_path: str) -> list[tuple[str, int]]:
+    """The namespace directories under ``disk_path`` (one per model, geometry and rank) with the
+    bytes their files occupy on disk (allocated blocks, not apparent size), largest first."""
+    out = []
+    try:
+        entries = list(os.scandir(disk_path))
+    except OSError:
+        return []
+    for e in entries:
+        if not e.is_dir(follow_symlinks=False) or len(e.name) != 32:
+            continue
+        total = 0
+        for root, _dirs, files in os.walk(e.path):
+            for f in files:
+                with contextlib.suppress(OSError):  # a file removed while we walk counts 0
+                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
+        out.append((e.name, total))
+    return sorted(out, key=lambda x: (-x[1], x[0]))
+
+
+def describe_namespaces(disk_path: str, in_use: Sequence[bytes]) -> str:
+    """One start-up line: which namespaces ``disk_path`` holds and which this engine uses."""
+    mine = {ns.hex() for ns in in_use}
+    present = namespaces_present(disk_path)
+    listed = ", ".join(f"{n[:12]} ({b / (1 << 20):.1f} MiB{', in use' if n in mine else ''})" for n, b in present)
+    others = sum(1 for n, _ in present if n not in mine)
+    return (f"kvbm disk_path {disk_path}: {len(present)} namespace dir(s) present: {listed or 'none'}; this engine "
+            f"uses {', '.join(sorted(h[:12] for h in mine))}" +
+            (f"; {others} other namespace(s) (another model, block size or TP size) keep their own "
+             "disk_capacity_bytes and are not read by this engine" if others else ""))
+
+
 def open_catalog(disk_path: str, rank_namespaces: Sequence[bytes], slot_bytes: int, num_slots: int,
                  durability: str, eviction: str) -> DiskCatalog:
     """Open (or create) the catalog of this engine's blocks, in rank 0's directory.
@@ -92,6 +125,7 @@ def open_catalog(disk_path: str, rank_namespaces: Sequence[bytes], slot_bytes: i
         cat.close()
         raise ConfigError(f"disk dir {dirs[0]} was created with {cat.geometry.slots_per_slab} slots per slab; the "
                           f"vLLM connector uses {slots_per_slab(slot_bytes)}: use another disk_path")
+    logger.info("%s", describe_namespaces(disk_path, rank_namespaces))
     return cat
 
 
