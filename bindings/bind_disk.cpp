@@ -81,6 +81,7 @@ py::dict stats_dict(const DiskStoreStats& s) {
   d["checksum_failures"] = s.checksum_failures;
   d["syncs"] = s.syncs;
   d["record_mismatches"] = s.record_mismatches;
+  d["grows"] = s.grows;
   return d;
 }
 
@@ -144,7 +145,8 @@ KVBM_BINDINGS(disk, 20) {
                         "Fixed-size slots in slab files with O_DIRECT IO on a thread pool (no catalog: "
                         "see kvbm.tiers.disk).")
       .def(py::init([](const std::string& dir, uint64_t slot_size, uint64_t num_slots, uint64_t slots_per_slab,
-                       int io_threads, bool o_direct, bool read_only, bool preallocate, const py::bytes& ns) {
+                       int io_threads, bool o_direct, bool read_only, bool preallocate, const py::bytes& ns,
+                       uint64_t grow_bytes) {
              DiskStoreConfig c;
              c.dir = dir;
              c.slot_size = slot_size;
@@ -154,13 +156,14 @@ KVBM_BINDINGS(disk, 20) {
              c.o_direct = o_direct;
              c.read_only = read_only;
              c.preallocate = preallocate;
+             c.grow_bytes = grow_bytes;
              c.ns = std::string(ns);
              py::gil_scoped_release nogil;
              return check(DiskStore::open(c));
            }),
            py::arg("dir"), py::arg("slot_size"), py::arg("num_slots"), py::arg("slots_per_slab") = 0,
            py::arg("io_threads") = 4, py::arg("o_direct") = true, py::arg("read_only") = false,
-           py::arg("preallocate") = true, py::arg("namespace") = py::bytes(""))
+           py::arg("preallocate") = true, py::arg("namespace") = py::bytes(""), py::arg("grow_bytes") = 0)
       .def(
           "write",
           [](DiskStore& s, const std::vector<uint64_t>& slots, const py::sequence& buffers,

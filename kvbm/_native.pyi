@@ -209,7 +209,7 @@ class DiskStore:
     """
     Fixed-size slots in slab files with O_DIRECT IO on a thread pool (no catalog: see kvbm.tiers.disk).
     """
-    def __init__(self, dir: str, slot_size: typing.SupportsInt | typing.SupportsIndex, num_slots: typing.SupportsInt | typing.SupportsIndex, slots_per_slab: typing.SupportsInt | typing.SupportsIndex = 0, io_threads: typing.SupportsInt | typing.SupportsIndex = 4, o_direct: bool = True, read_only: bool = False, preallocate: bool = True, namespace: bytes = b'') -> None:
+    def __init__(self, dir: str, slot_size: typing.SupportsInt | typing.SupportsIndex, num_slots: typing.SupportsInt | typing.SupportsIndex, slots_per_slab: typing.SupportsInt | typing.SupportsIndex = 0, io_threads: typing.SupportsInt | typing.SupportsIndex = 4, o_direct: bool = True, read_only: bool = False, preallocate: bool = True, namespace: bytes = b'', grow_bytes: typing.SupportsInt | typing.SupportsIndex = 0) -> None:
         ...
     def close(self) -> None:
         """

@@ -110,7 +110,7 @@ def connector_store(cat: Any, ranks: list[Any], keys: list[bytes], rows: Any) ->
 def open_connector(d: str) -> tuple[Any, list[Any]]:
     from kvbm.integrations.vllm import disk
 
-    cat = disk.open_catalog(d, RANK_NS, SLOT, SLOTS, "none", "lru")
+    cat = disk.open_catalog(d, RANK_NS, SLOT, SLOTS * disk.disk_block_bytes(SLOT, len(RANK_NS)), "none", "lru")
     try:
         ranks = [disk.RankDisk(d, ns, SLOT, SLOTS, io_threads=1, o_direct=False, durability="none", verify=True)
                  for ns in RANK_NS]

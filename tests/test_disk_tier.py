@@ -658,3 +658,53 @@ def test_inspect_text_verify_and_errors(tmp_path: Path, capsys: pytest.CaptureFi
     empty.mkdir()
     assert main(["inspect", str(empty)]) == 2
     assert "holds no kvbm disk tier" in capsys.readouterr().err
+
+
+def test_store_grows_on_demand_under_concurrent_writers(tmp_path: Path) -> None:
+    """DiskStore(grow_bytes=...): nothing allocated at open; 4 submitting threads x 4 IO threads
+    write 96 of 128 slots in random order (slab growth races with writes into the same slab): every
+    slot reads back its own bytes, and the slabs occupy what was written plus less than one chunk
+    each, never the full capacity."""
+    import threading
+
+    grow = 4 * STRIDE
+    st = _native.DiskStore(str(tmp_path), SLOT, 128, 64, 4, False, False, False, grow_bytes=grow)
+    assert sum(os.stat(slab_path(str(tmp_path), i)).st_blocks for i in (0, 1)) == 0
+    rng = np.random.default_rng(5)
+    slots = [int(s) for s in rng.permutation(96)]  # slots 0..95: slab 0 full, half of slab 1
+    errors: list[str] = []
+
+    def full(s: int) -> np.ndarray:  # the slot's oracle: its own bytes over the whole slot
+        return np.resize(content(s), SLOT)
+
+    def writer(part: list[int]) -> None:
+        for i in range(0, len(part), 3):
+            batch = part[i:i + 3]
+            bufs = [full(s) for s in batch]
+            try:
+                h = st.write(batch, bufs, [SLOT] * len(batch), 0, [hash_key(s) for s in batch])
+                h.wait()
+            except Exception as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(repr(e))
+                return
+            codes, _, _, msgs = h.results()
+            errors.extend(m for c, m in zip(codes.tolist(), msgs, strict=True) if c != 0)
+
+    threads = [threading.Thread(target=writer, args=(slots[k::4],)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    outs = [np.zeros(SLOT, np.uint8) for _ in range(96)]
+    crcs = [int(_native.crc32c(full(s))) for s in range(96)]
+    h = st.read(list(range(96)), outs, [SLOT] * 96, crcs, True, [hash_key(s) for s in range(96)])
+    h.wait()
+    assert h.results()[0].tolist() == [0] * 96
+    for s in range(96):
+        assert np.array_equal(outs[s], full(s)), s
+    stats = st.stats()
+    st.close()
+    alloc = [os.stat(slab_path(str(tmp_path), i)).st_blocks * 512 for i in (0, 1)]
+    assert alloc[0] >= 64 * STRIDE and 32 * STRIDE <= alloc[1] < 32 * STRIDE + grow + 4096, alloc
+    assert 2 <= stats["grows"] <= 96 // 4 + 2, stats

@@ -222,7 +222,9 @@ def test_disk_path_holds_a_catalog_and_slabs_not_block_files(disk_runs: tuple) -
     """The connector's disk tier is kvbm's: one LMDB catalog (rank 0's directory) + slab files; a restarted
     engine found its blocks by reopening the catalog; ``kvbm inspect`` reads it and every block verifies."""
     _, second, kv = disk_runs
-    (tier,) = os.listdir(kv)
+    names = os.listdir(kv)
+    (tier,) = [n for n in names if os.path.isdir(os.path.join(kv, n))]
+    assert set(names) - {tier} == {"space.json", "space.lock"}  # the disk_path's one capacity (its ledger)
     assert sorted(os.listdir(os.path.join(kv, tier))) == ["LOCK", "catalog", "slab-00000.kvbm"]
     info = inspect_dir(kv, verify=True)
     assert info["blocks"] == 20 and info["lock_holder_pid"] is None
@@ -413,3 +415,47 @@ def test_tensor_parallel_ranks_store_their_own_shards(model: str, tmp_path, base
     assert [p["external_hits"] for p in a["phases"]] == [0, 20 * BS]
     assert b["phases"][0]["external_hits"] == 20 * BS
     assert a["phases"][1]["outputs"] == b["phases"][0]["outputs"] == baseline["phases"][0]["outputs"]
+
+
+def test_one_disk_capacity_shared_by_two_block_sizes(model: str, tmp_path, baseline: dict) -> None:
+    """Issue 17: a changed block size starts a second namespace under the same disk_path. Both share
+    one disk_capacity_bytes: nothing is preallocated, the second engine takes the idle first one's
+    coldest blocks when it needs the space, the slab files never pass the capacity, and every block
+    either lists still verifies; both engines' outputs stay exact."""
+    from kvbm.integrations.vllm.disk import grow_bytes_for, namespaces_present
+    from kvbm.tiers.disk_space import allocated_bytes
+
+    kv = tmp_path / "kv"
+    cap = 600 << 10  # 20 blocks of block size 32 (20 KiB on disk each) fit; 10 more of size 64 do not
+
+    def slabs() -> dict[str, int]:
+        return {n: allocated_bytes(str(kv / n)) for n, _ in namespaces_present(str(kv))}
+
+    cfg = kvbm_transfer_config(host_capacity_bytes=4 * 16384, disk_path=str(kv), disk_capacity_bytes=cap)
+    a = run_engine({"model": model, "out": str(tmp_path / "a.json"), "kv_transfer_config": cfg,
+                    "phases": [{"prompts": [LONG]}]})
+    assert a["phases"][0]["outputs"] == baseline["phases"][0]["outputs"]
+    (a_ns, a_bytes), = slabs().items()
+    a_blocks = inspect_dir(str(kv / a_ns))["blocks"]
+    assert a_blocks == 20 and 20 * (16384 + RECORD_HEADER) <= a_bytes < cap, (a_blocks, a_bytes)
+
+    b = run_engine({"model": model, "out": str(tmp_path / "b.json"), "kv_transfer_config": cfg, "block_size": 64,
+                    "phases": [{"prompts": [LONG]}, {"prompts": [LONG]}]}, env={"VLLM_LOGGING_LEVEL": "INFO"})
+    assert "2 namespace dir(s) present" in b["log"] and "share the capacity" in b["log"], b["log"][-3000:]
+    assert "took" in b["log"] and "back from idle disk tier" in b["log"]
+    cold, warm = b["phases"]
+    assert warm["kvbm"]["hit_blocks_disk"] >= 1 and warm["outputs"] == cold["outputs"]
+    sizes = slabs()
+    assert a_ns in sizes and len(sizes) == 2
+    grow = max(grow_bytes_for(cap // (16384 + RECORD_HEADER), 16384), grow_bytes_for(cap // (32768 + 4096), 32768))
+    assert sum(sizes.values()) <= cap + 2 * grow, sizes
+    infos = {n: inspect_dir(str(kv / n), verify=True) for n in sizes}
+    for info in infos.values():
+        assert info["verify"]["checked"] == info["verify"]["ok"] == info["blocks"], info
+    assert infos[a_ns]["blocks"] < a_blocks, "the second engine never took space from the idle first one"
+    (b_ns,) = set(sizes) - {a_ns}
+    assert infos[b_ns]["blocks"] == 10
+
+    again = run_engine({"model": model, "out": str(tmp_path / "c.json"), "kv_transfer_config": cfg,
+                        "phases": [{"prompts": [LONG]}]})  # the first geometry back: what it kept is exact
+    assert again["phases"][0]["outputs"] == baseline["phases"][0]["outputs"]

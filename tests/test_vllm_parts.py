@@ -61,7 +61,8 @@ RANK_NS = [bytes([0xA0 + r]) * 16 for r in range(4)]
 
 
 def _catalog(path, disk_blocks: int, ranks: int = 1):
-    return disk.open_catalog(str(path), RANK_NS[:ranks], 1024, disk_blocks, "none", KvbmConfig().eviction_policy)
+    return disk.open_catalog(str(path), RANK_NS[:ranks], 1024, disk_blocks * disk.disk_block_bytes(1024, ranks), "none",
+                             KvbmConfig().eviction_policy)
 
 
 def _index(host_slots: int = 2, disk_blocks: int = 4, reporters: int = 1, path=None) -> TierIndex:
@@ -126,7 +127,7 @@ def test_index_disk_evicts_first_and_restart_finds_blocks_in_the_catalog(tmp_pat
     assert ix.lookup([_h(1)]) == [] and ix.removed.disk == [_h(1)]
     ro = disk.open_catalog  # a second writer is refused: the scheduler holds the lock
     with pytest.raises(StorageIOError, match="in use"):
-        ro(str(tmp_path), RANK_NS[:1], 1024, 2, "none", KvbmConfig().eviction_policy)
+        ro(str(tmp_path), RANK_NS[:1], 1024, 2 * disk.disk_block_bytes(1024, 1), "none", KvbmConfig().eviction_policy)
     r = subprocess.run([sys.executable, "-m", "kvbm", "inspect", "--json", str(tmp_path)], capture_output=True,
                        text=True, check=True)  # a connector's disk_path: its one catalog is found
     info = json.loads(r.stdout)
@@ -332,16 +333,33 @@ def test_scheduler_hashes_each_block_once_per_request_and_matches_kvbm_hashing(m
         assert "r" not in sched._reqs
 
 
-def test_start_up_line_names_the_namespaces_of_a_disk_path(tmp_path, caplog) -> None:
+def test_start_up_line_names_the_namespaces_of_a_disk_path(tmp_path) -> None:
     """Issue 17: a changed model/block size/TP size starts another namespace under the same
     disk_path; the start-up line says which are present and which this engine uses."""
     import logging
 
     _catalog(tmp_path, 8, ranks=2).close()  # an engine with TP=2 (two rank namespaces)
     other = [bytes([0xB0]) * 16]
-    with caplog.at_level(logging.INFO, logger="kvbm.vllm"):
-        disk.open_catalog(str(tmp_path), other, 1024, 8, "none", KvbmConfig().eviction_policy).close()
-    (line,) = [r.getMessage() for r in caplog.records if "namespace dir(s) present" in r.getMessage()]
+    # Collect on the logger itself: earlier tests in the same process may have set the kvbm
+    # logger's level, handlers or propagation (the vLLM logging bridge), so neither caplog's root
+    # handler nor the first _catalog call's silence can be relied on.
+    got: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record.getMessage())
+
+    lg = logging.getLogger("kvbm.vllm")
+    h, old_level = _Collect(level=logging.INFO), lg.level
+    lg.addHandler(h)
+    lg.setLevel(logging.INFO)
+    try:
+        disk.open_catalog(str(tmp_path), other, 1024, 8 * disk.disk_block_bytes(1024, 1), "none",
+                          KvbmConfig().eviction_policy).close()
+    finally:
+        lg.removeHandler(h)
+        lg.setLevel(old_level)
+    (line,) = [m for m in got if "namespace dir(s) present" in m]
     assert "3 namespace dir(s) present" in line
     assert f"{other[0].hex()[:12]} (" in line and "in use" in line
     for ns in RANK_NS[:2]:

@@ -262,8 +262,35 @@ Status DiskStore::open_files() {
     direct = false;
   }
   o_direct_active_ = direct;
-  if (cfg_.preallocate && !cfg_.read_only) preallocate();
+  struct rlimit rl;
+  if (::getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) fsize_limit_ = rl.rlim_cur;
+  if (cfg_.preallocate && !cfg_.read_only) {
+    preallocate();
+  } else if (cfg_.grow_bytes > 0 && !cfg_.read_only) {
+    alloc_end_.assign(fds_.size(), 0);
+    for (size_t i = 0; i < fds_.size(); ++i) {
+      struct stat st;
+      // What a slab already spans counts as allocated: a hole left there is filled by the write.
+      if (fds_[i] >= 0 && ::fstat(fds_[i], &st) == 0) alloc_end_[i] = static_cast<uint64_t>(st.st_size);
+    }
+  }
   return Status::Ok();
+}
+
+void DiskStore::grow_for(uint64_t slab, uint64_t end) {
+  std::lock_guard<std::mutex> lk(grow_mu_);
+  if (grow_off_ || end <= alloc_end_[slab]) return;
+  const uint64_t slots = std::min(cfg_.slots_per_slab, cfg_.num_slots - slab * cfg_.slots_per_slab);
+  uint64_t want = std::min(slots * slot_stride(), round_up(end, cfg_.grow_bytes));
+  want = std::min(want, fsize_limit_);  // past RLIMIT_FSIZE fallocate would raise SIGXFSZ
+  if (want <= alloc_end_[slab]) return;
+  ctr_.grows.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t from = alloc_end_[slab];
+  if (::fallocate(fds_[slab], 0, static_cast<off_t>(from), static_cast<off_t>(want - from)) == 0) {
+    alloc_end_[slab] = want;
+  } else if (errno == EOPNOTSUPP || errno == ENOSYS) {
+    grow_off_ = true;  // this file system cannot: writes extend the files themselves
+  }  // ENOSPC and the like: the write below reports its own outcome
 }
 
 void DiskStore::preallocate() {
@@ -376,6 +403,7 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce, uint8_t* hdr) 
       src = bounce;
     }
     build_header(hdr, op.slot, op.length, res.crc, op.key, op.key_len, cfg_.ns);
+    if (!alloc_end_.empty()) grow_for(slab, off + kRecordHeader + io_len);
     int e = pv_all(true, fd, hdr, src, io_len, off, nullptr);
     if (e == 0 && b->flag_ == static_cast<int>(DiskSync::kEach)) {
       ctr_.syncs.fetch_add(1, std::memory_order_relaxed);
@@ -537,6 +565,7 @@ DiskStoreStats DiskStore::stats() const {
   s.checksum_failures = ctr_.checksum_failures.load();
   s.syncs = ctr_.syncs.load();
   s.record_mismatches = ctr_.record_mismatches.load();
+  s.grows = ctr_.grows.load();
   return s;
 }
 

@@ -24,6 +24,13 @@
 // sparse and grows as slots are written; prealloc_error() says why. A slab shorter than a
 // slot's end therefore means that slot was never completely written (or the slab was cut).
 //
+// Growth on demand (grow_bytes > 0, preallocate off): nothing is reserved at open; before a write
+// past the space already allocated in its slab, the IO thread fallocate()s the slab up to the
+// write's end rounded up to grow_bytes (never past the slab's full size or RLIMIT_FSIZE). The
+// files then occupy about what was written, plus less than one grow_bytes per slab, and writes
+// still land in allocated space (the concurrent fast path above) except at most one per chunk.
+// A failed fallocate is not an error: the write goes on and fills a hole (or fails by itself).
+//
 // O_DIRECT: requested by default. When the file system refuses it (open() or the first aligned
 // read fails with EINVAL), the store falls back to buffered IO and reports it through
 // o_direct_active() / fallback_reason() so the Python side can warn. Caller buffers that are
@@ -86,6 +93,7 @@ struct DiskStoreConfig {
   bool o_direct = true;         // try O_DIRECT; fall back to buffered IO if refused
   bool read_only = false;       // open slabs O_RDONLY, refuse writes
   bool preallocate = true;      // fallocate each slab to its full size at open (best effort)
+  uint64_t grow_bytes = 0;      // with preallocate off: allocate slabs in chunks of this size as written
   std::string ns;               // namespace digest stamped into / checked in every record (0 or 16 bytes)
 };
 
@@ -146,6 +154,7 @@ struct DiskStoreStats {
   uint64_t checksum_failures = 0;                 // reads whose CRC32C did not match
   uint64_t syncs = 0;                             // fdatasync calls
   uint64_t record_mismatches = 0;                 // reads whose record header did not match
+  uint64_t grows = 0;                             // fallocate calls of growth on demand
 };
 
 class DiskStore {
@@ -188,6 +197,7 @@ class DiskStore {
   explicit DiskStore(const DiskStoreConfig& cfg);
   Status open_files();
   void preallocate();
+  void grow_for(uint64_t slab, uint64_t end);
   void worker_loop();
   void run_op(DiskIoBatch* b, size_t i, uint8_t* bounce, uint8_t* hdr);
   void finish_op(const std::shared_ptr<DiskIoBatch>& b);
@@ -199,6 +209,10 @@ class DiskStore {
   bool o_direct_active_ = false;
   std::string fallback_reason_;
   std::string prealloc_error_;
+  std::mutex grow_mu_;
+  std::vector<uint64_t> alloc_end_;  // per slab: bytes known allocated (grow_bytes > 0); grow_mu_
+  bool grow_off_ = false;            // the file system refused fallocate: stop trying; grow_mu_
+  uint64_t fsize_limit_ = UINT64_MAX;
 
   struct Task {
     std::shared_ptr<DiskIoBatch> batch;
@@ -212,7 +226,7 @@ class DiskStore {
 
   struct Counters {
     std::atomic<uint64_t> writes{0}, reads{0}, bytes_written{0}, bytes_read{0}, write_errors{0},
-        read_errors{0}, enospc{0}, checksum_failures{0}, syncs{0}, record_mismatches{0};
+        read_errors{0}, enospc{0}, checksum_failures{0}, syncs{0}, record_mismatches{0}, grows{0};
   };
   mutable Counters ctr_;
 };

@@ -418,6 +418,12 @@ class DiskCatalog:
         from kvbm import _native
 
         self._policy = _native.EvictionPolicy(eviction or _native.eviction_policy_names()[0], n)
+        # Slots [0, _limit) may be handed out (a share of a disk_path's space, kvbm.tiers.disk_space);
+        # _grow asks for a larger share when they are all taken (None: the whole geometry is ours).
+        self._limit = n
+        self._grow: Any = None
+        self._release: Any = None
+        self._grow_retry_at = 0.0
         t0 = time.perf_counter()
         self._rebuild()
         self.rebuild_seconds = time.perf_counter() - t0
@@ -589,6 +595,75 @@ class DiskCatalog:
     def bytes_used(self) -> int:
         return int(self._len.sum())
 
+    @property
+    def high_water(self) -> int:
+        """One past the highest slot holding a block, reserved or pinned (0 when empty)."""
+        used = [s for s in self._pending.values()]
+        occupied = np.flatnonzero(self._slot_key != None)  # noqa: E711 (elementwise on an object array)
+        if occupied.size:
+            used.append(int(occupied[-1]))
+        used.extend(self._doomed)
+        return max(used) + 1 if used else 0
+
+    @property
+    def limit(self) -> int:
+        """Slots ``[0, limit)`` may be handed out by :meth:`reserve`."""
+        return self._limit
+
+    def set_space(self, limit: int, grow: Any = None, release: Any = None) -> None:
+        """Hand out slots below ``limit`` only (at least :attr:`high_water`); when they are all
+        taken, ``grow(limit)`` may return a larger limit before a block of ours is evicted;
+        ``release()`` runs when the catalog closes (kvbm.tiers.disk_space)."""
+        self._limit = max(min(int(limit), self.geometry.num_slots), self.high_water)
+        self._grow = grow
+        self._release = release
+
+    def _free_slot(self) -> int:
+        """The lowest free slot under the limit (asking for more space once in a while), or -1."""
+        if self._free and self._free[0] < self._limit:
+            return heapq.heappop(self._free)
+        if self._grow is None or self._limit >= self.geometry.num_slots or time.monotonic() < self._grow_retry_at:
+            return -1
+        new = min(int(self._grow(self._limit)), self.geometry.num_slots)
+        if new <= self._limit:
+            self._grow_retry_at = time.monotonic() + 2.0  # the disk_path is full: evict our own for a while
+            return -1
+        self._limit = new
+        return heapq.heappop(self._free) if self._free and self._free[0] < self._limit else -1
+
+    def evict_oldest(self, nslots: int) -> list[int]:
+        """Evict up to ``nslots`` blocks the policy would evict first (one committed txn); their
+        slots, now free. Used to give a disk_path's space to another namespace."""
+        victims: list[tuple[int, bytes]] = []
+        while len(victims) < nslots:
+            s = self._policy.victim()
+            if s < 0:
+                break
+            self._policy.remove(s)
+            self._dirty.discard(s)  # the txn below must not write the record back
+            victims.append((s, self._slot_key[s]))
+        if not victims:
+            return []
+        try:
+            with self.env.begin(write=True) as txn:
+                for _, vk in victims:
+                    txn.delete(vk, db=self._db_blocks)
+                    if self._db_shards is not None:
+                        txn.delete(vk, db=self._db_shards)
+                self._flush_dirty(txn)
+        except (lmdb.Error, OSError) as e:
+            log.error("disk tier %s: cannot commit %d evictions (%s)", self.path, len(victims), e)
+            for s, _ in victims:
+                self._policy.insert(s, -1)
+            return []
+        for s, vk in victims:
+            self._index.pop(vk, None)
+            self._slot_key[s] = None
+            self._len[s] = 0
+            heapq.heappush(self._free, s)
+        self._count("evictions", len(victims))
+        return [s for s, _ in victims]
+
     # ---- storing ----
 
     def reserve(self, keys: Sequence[bytes], evicted: list[bytes] | None = None) -> list[int]:
@@ -609,9 +684,8 @@ class DiskCatalog:
                 out.append(-1)
                 continue
             seen.add(k)
-            if self._free:
-                s = heapq.heappop(self._free)
-            else:
+            s = self._free_slot()
+            if s < 0:
                 s = self._policy.victim()
                 if s < 0:
                     out.append(-1)
@@ -773,8 +847,8 @@ class DiskCatalog:
 
     def record_hit(self, slot: int) -> None:
         """Note a successful load of ``slot`` (last access, hit count, policy touch)."""
-        if self._slot_key[slot] is None:  # removed while the read was in flight
-            return
+        if not 0 <= slot < self.geometry.num_slots or self._slot_key[slot] is None:
+            return  # not a slot, or removed while the read was in flight
         self._access[slot] = _now_us()
         self._hits[slot] += 1
         self._dirty.add(slot)
@@ -846,6 +920,9 @@ class DiskCatalog:
         finally:
             os.close(self._lock_fd)
             self._lock_fd = -1
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 def _is_space_error(e: BaseException) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 from kvbm.errors import ConfigError, UnsupportedError
 from kvbm.hashing import Namespace
 from kvbm.integrations.vllm.config import SOURCE, ConnectorConfig
-from kvbm.integrations.vllm.disk import disk_slot_bytes
+from kvbm.integrations.vllm.disk import disk_block_bytes, disk_capacity_slots
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Geometry:
     block_size: int
     slot_bytes: int  # one block, all layers, one rank
     num_host_slots: int
-    disk_capacity_blocks: int  # disk slots (a block's bytes rounded up to 4096) per rank
+    disk_capacity_blocks: int  # most disk slots this engine may hold (all of disk_capacity_bytes, every rank)
     tp_world: int
     namespace: Namespace  # the logical namespace (tp_rank 0): the scheduler's index keys
 
@@ -61,11 +61,16 @@ def geometry(vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig) -> Ge
     if num_host_slots < 1:
         raise ConfigError(f"{SOURCE}['host_capacity_bytes']={k.host_capacity_bytes} is smaller than one block "
                           f"({slot_bytes} bytes for all layers of this rank)")
+    disk_blocks = disk_capacity_slots(k.disk_capacity_bytes, slot_bytes, tp) if k.disk_path else 0
+    if k.disk_path and disk_blocks < 1:
+        raise ConfigError(f"{SOURCE}['disk_capacity_bytes']={k.disk_capacity_bytes} is smaller than one block on "
+                          f"disk ({disk_block_bytes(slot_bytes, tp)} bytes: record header and data on each of "
+                          f"{tp} rank(s))")
     return Geometry(
         block_size=int(spec.block_size),
         slot_bytes=slot_bytes,
         num_host_slots=num_host_slots,
-        disk_capacity_blocks=(k.disk_capacity_bytes // disk_slot_bytes(slot_bytes)) if k.disk_path else 0,
+        disk_capacity_blocks=disk_blocks,
         tp_world=tp,
         namespace=ns,
     )

@@ -46,19 +46,39 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.errors import ConfigError
-from kvbm.tiers.disk import ALIGNMENT, DiskCatalog, namespace_digest, namespace_fingerprint
+from kvbm.errors import ConfigError, KvbmError
+from kvbm.tiers.disk import ALIGNMENT, RECORD_HEADER, DiskCatalog, namespace_digest, namespace_fingerprint
+from kvbm.tiers.disk_space import SPACE_FILE, DiskSpace, release_slots
 
 logger = logging.getLogger("kvbm.vllm")
 
 #: Slab file size (slots per slab = this // disk slot size); both halves derive it identically.
 SLAB_BYTES = 1 << 30
+#: The most a rank's slab files are allocated ahead of their writes (they grow on demand).
+GROW_BYTES = 16 << 20
 _SYNC_MODE = {"none": 0, "batch": 1, "always": 2}
 
 
 def disk_slot_bytes(slot_bytes: int) -> int:
     """A block's slot on disk: its bytes rounded up to the O_DIRECT alignment (4096)."""
     return -(-slot_bytes // ALIGNMENT) * ALIGNMENT
+
+
+def disk_block_bytes(slot_bytes: int, ranks: int) -> int:
+    """Bytes one block occupies on disk: its record header + data on every rank."""
+    return (disk_slot_bytes(slot_bytes) + RECORD_HEADER) * ranks
+
+
+def disk_capacity_slots(capacity_bytes: int, slot_bytes: int, ranks: int) -> int:
+    """Slots of one engine if it had ``capacity_bytes`` to itself."""
+    return capacity_bytes // disk_block_bytes(slot_bytes, ranks)
+
+
+def grow_bytes_for(num_slots: int, slot_bytes: int) -> int:
+    """The chunk a rank's slabs grow by: GROW_BYTES, or 1/64 of the capacity when that is smaller
+    (what a rank has allocated beyond its blocks stays under one chunk)."""
+    stride = disk_slot_bytes(slot_bytes) + RECORD_HEADER
+    return min(GROW_BYTES, max(ALIGNMENT, -(-(num_slots * stride // 64) // ALIGNMENT) * ALIGNMENT))
 
 
 def slots_per_slab(slot_bytes: int) -> int:
@@ -91,21 +111,25 @@ def namespaces_present(disk_path: str) -> list[tuple[str, int]]:
     return sorted(out, key=lambda x: (-x[1], x[0]))
 
 
-def describe_namespaces(disk_path: str, in_use: Sequence[bytes]) -> str:
-    """One start-up line: which namespaces ``disk_path`` holds and which this engine uses."""
+def describe_namespaces(disk_path: str, in_use: Sequence[bytes], capacity_bytes: int | None = None) -> str:
+    """One start-up line: which namespaces ``disk_path`` holds, what they occupy, which this engine uses."""
     mine = {ns.hex() for ns in in_use}
     present = namespaces_present(disk_path)
     listed = ", ".join(f"{n[:12]} ({b / (1 << 20):.1f} MiB{', in use' if n in mine else ''})" for n, b in present)
     others = sum(1 for n, _ in present if n not in mine)
-    return (f"kvbm disk_path {disk_path}: {len(present)} namespace dir(s) present: {listed or 'none'}; this engine "
-            f"uses {', '.join(sorted(h[:12] for h in mine))}" +
-            (f"; {others} other namespace(s) (another model, block size or TP size) keep their own "
-             "disk_capacity_bytes and are not read by this engine" if others else ""))
+    total = sum(b for _, b in present)
+    cap = f" of {capacity_bytes / (1 << 20):.1f} MiB disk_capacity_bytes" if capacity_bytes else ""
+    return (f"kvbm disk_path {disk_path}: {len(present)} namespace dir(s) present, {total / (1 << 20):.1f} MiB on "
+            f"disk{cap}: {listed or 'none'}; this engine uses {', '.join(sorted(h[:12] for h in mine))}" +
+            (f"; {others} other namespace(s) (another model, block size or TP size) are not read by this engine "
+             f"and share the capacity with it (their coldest blocks are evicted when it needs the space while "
+             f"no engine uses them; {SPACE_FILE})" if others else ""))
 
 
-def open_catalog(disk_path: str, rank_namespaces: Sequence[bytes], slot_bytes: int, num_slots: int,
+def open_catalog(disk_path: str, rank_namespaces: Sequence[bytes], slot_bytes: int, capacity_bytes: int,
                  durability: str, eviction: str) -> DiskCatalog:
-    """Open (or create) the catalog of this engine's blocks, in rank 0's directory.
+    """Open (or create) the catalog of this engine's blocks, in rank 0's directory, with its share
+    of ``capacity_bytes`` (the whole disk_path's, Note [Shared disk space]).
 
     Raises:
         ConfigError: the directory holds a catalog of another slot size or TP degree, or cannot be
@@ -118,14 +142,33 @@ def open_catalog(disk_path: str, rank_namespaces: Sequence[bytes], slot_bytes: i
             os.makedirs(d, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"disk_path {disk_path!r}: cannot create {d}: {e.strerror}") from e
-    cat = DiskCatalog(dirs[0], slot_bytes=disk_slot_bytes(slot_bytes), num_slots=num_slots, slab_bytes=SLAB_BYTES,
-                      durability=durability, eviction=eviction, shards=len(dirs), slab_dirs=dirs,
-                      slab_namespaces=list(rank_namespaces))
+    num_slots = disk_capacity_slots(capacity_bytes, slot_bytes, len(dirs))
+    space = DiskSpace(disk_path, capacity_bytes, dirs, disk_slot_bytes(slot_bytes) + RECORD_HEADER)
+    try:
+        with space.held():  # never while another engine takes space back from this namespace
+            cat = DiskCatalog(dirs[0], slot_bytes=disk_slot_bytes(slot_bytes), num_slots=num_slots,
+                              slab_bytes=SLAB_BYTES, durability=durability, eviction=eviction, shards=len(dirs),
+                              slab_dirs=dirs, slab_namespaces=list(rank_namespaces))
+    except KvbmError:  # StorageIOError is an OSError too
+        raise
+    except OSError as e:
+        raise ConfigError(f"disk_path {disk_path!r}: cannot use {e.filename or disk_path}: {e.strerror}") from e
     if cat.geometry.slots_per_slab != slots_per_slab(slot_bytes):
         cat.close()
         raise ConfigError(f"disk dir {dirs[0]} was created with {cat.geometry.slots_per_slab} slots per slab; the "
                           f"vLLM connector uses {slots_per_slab(slot_bytes)}: use another disk_path")
-    logger.info("%s", describe_namespaces(disk_path, rank_namespaces))
+    # One capacity for the whole disk_path (Note [Shared disk space]): cut what an older run left
+    # allocated past our last block, then take a first share.
+    release_slots(cat, [])
+    try:
+        cat.set_space(space.grant(0, cat.high_water), space.grant, space.release)
+    except KvbmError:
+        cat.close()
+        raise
+    except OSError as e:
+        cat.close()
+        raise ConfigError(f"disk_path {disk_path!r}: cannot use {e.filename or disk_path}: {e.strerror}") from e
+    logger.info("%s", describe_namespaces(disk_path, rank_namespaces, capacity_bytes))
     return cat
 
 
@@ -173,8 +216,10 @@ class RankDisk:
         self.length = slot_bytes
         self.slot_bytes = disk_slot_bytes(slot_bytes)
         # Every record names its block hash and this rank's namespace (Note [Records name themselves]).
+        # Nothing preallocated: the slabs grow in chunks as written (Note [Shared disk space]).
         self.store = _native.DiskStore(self.dir, self.slot_bytes, num_slots, slots_per_slab(slot_bytes), io_threads,
-                                       bool(o_direct), False, True, namespace=namespace_digest(rank_namespace))
+                                       bool(o_direct), False, False, namespace=namespace_digest(rank_namespace),
+                                       grow_bytes=grow_bytes_for(num_slots, slot_bytes))
         if o_direct and not self.store.o_direct_active:
             msg = (f"kvbm disk tier {self.dir}: the file system refused O_DIRECT ({self.store.fallback_reason}); "
                    "using buffered IO (page cache) instead")

@@ -95,7 +95,7 @@ class KvbmScheduler:
         if cfg.disk_path:
             k = cfg.kvbm
             catalog = disk.open_catalog(cfg.disk_path, [geo.rank_namespace(r).digest for r in range(geo.tp_world)],
-                                        geo.slot_bytes, geo.disk_capacity_blocks, k.disk_durability,
+                                        geo.slot_bytes, k.disk_capacity_bytes, k.disk_durability,
                                         k.eviction_policy)
         self.index = TierIndex(cfg.kvbm, geo.slot_bytes, catalog, geo.tp_world,
                                disk.catalog_namespace(geo.namespace.digest))
