@@ -6,7 +6,8 @@ The vLLM connector no longer preallocates its slab files (issue 17): they are fa
 chunks as written (``DiskStore(grow_bytes=...)``). This measures what that costs, side by side in
 one run, alternating the modes each round in fresh directories: fresh slots written by 4 IO
 threads (O_DIRECT where the file system takes it, no sync), the slab preallocated in full at open
-(the old way, not timed), grown in 16 MiB chunks, or left sparse (every write extends the file).
+(the old way, not timed), grown in chunks (``--grow-mib``; the connector uses 64), or left sparse
+(every write extends the file).
 Reported: median MB/s per mode, its ratio to preallocated, and the bytes allocated afterwards for a
 capacity 4x what was written.
 """
@@ -27,8 +28,7 @@ import numpy as np
 from kvbm import _native
 from kvbm.tiers.disk import RECORD_HEADER
 
-MODES = {"preallocated": dict(preallocate=True), "grow_16MiB": dict(preallocate=False, grow_bytes=16 << 20),
-         "sparse": dict(preallocate=False)}
+MODES: dict[str, dict] = {}
 
 
 def one(root: str, mode: str, slot: int, n: int) -> tuple[float, int]:
@@ -63,8 +63,13 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--slot-kib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--grow-mib", default="16,64", help="comma-separated growth chunks to measure")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    MODES["preallocated"] = dict(preallocate=True)
+    for g in a.grow_mib.split(","):
+        MODES[f"grow_{g}MiB"] = dict(preallocate=False, grow_bytes=int(g) << 20)
+    MODES["sparse"] = dict(preallocate=False)
     root = a.dir or tempfile.mkdtemp()
     slot = a.slot_kib << 10
     n = (a.mib << 20) // slot

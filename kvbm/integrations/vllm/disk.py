@@ -55,7 +55,7 @@ logger = logging.getLogger("kvbm.vllm")
 #: Slab file size (slots per slab = this // disk slot size); both halves derive it identically.
 SLAB_BYTES = 1 << 30
 #: The most a rank's slab files are allocated ahead of their writes (they grow on demand).
-GROW_BYTES = 16 << 20
+GROW_BYTES = 64 << 20  # as fast as preallocated slabs (benchmarks/results/disk_growth.md)
 _SYNC_MODE = {"none": 0, "batch": 1, "always": 2}
 
 
