@@ -17,6 +17,7 @@ import pytest
 from kvbm import _native
 from kvbm.cli.inspect import inspect_dir
 from kvbm.config import KvbmConfig
+from kvbm.errors import ConfigError
 from kvbm.integrations.vllm import disk
 from kvbm.tiers.disk_space import SPACE_FILE, allocated_bytes, punch_holes
 
@@ -222,3 +223,21 @@ def test_a_damaged_ledger_is_rebuilt(tmp_path) -> None:
     assert len(e.cat) == 16
     e.close()
     assert json.loads((tmp_path / SPACE_FILE).read_text())["tiers"]
+
+
+def test_an_unusable_ledger_keeps_the_engine_to_its_share(tmp_path, caplog) -> None:
+    """space.lock cannot be opened any more (here: replaced by a directory) while the engine runs:
+    stores beyond its share evict its own blocks, logged, never an exception; at open it is a
+    ConfigError naming the file."""
+    e = Engine(tmp_path, _ns(0xA0), 64 * BLOCK)
+    share = e.cat.limit
+    os.unlink(tmp_path / "space.lock")
+    os.mkdir(tmp_path / "space.lock")
+    e.store(_keys(1, share))
+    e.store(_keys(2, 8))  # past the share: no grant, its own oldest blocks go
+    assert len(e.cat) == share and e.cat.limit == share
+    assert "cannot ask for more disk space" in caplog.text
+    assert e.check_all() == share
+    e.close()
+    with pytest.raises(ConfigError, match="space.lock"):
+        Engine(tmp_path, _ns(0xA0), 64 * BLOCK)

@@ -101,7 +101,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from kvbm.errors import ConfigError, InvalidArgumentError, StorageIOError
+from kvbm.errors import ConfigError, InvalidArgumentError, KvbmError, StorageIOError
 from kvbm.hashing import hash_key as _hash_key  # the one hash normaliser
 from kvbm.tiers.disk_recovery import (
     CATALOG_DAMAGE,
@@ -624,7 +624,11 @@ class DiskCatalog:
             return heapq.heappop(self._free)
         if self._grow is None or self._limit >= self.geometry.num_slots or time.monotonic() < self._grow_retry_at:
             return -1
-        new = min(int(self._grow(self._limit)), self.geometry.num_slots)
+        try:
+            new = min(int(self._grow(self._limit)), self.geometry.num_slots)
+        except (OSError, KvbmError) as e:  # the shared ledger is unusable: keep to our share
+            log.warning("disk tier %s: cannot ask for more disk space: %s", self.path, e)
+            new = self._limit
         if new <= self._limit:
             self._grow_retry_at = time.monotonic() + 2.0  # the disk_path is full: evict our own for a while
             return -1
