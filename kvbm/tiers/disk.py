@@ -538,6 +538,16 @@ class DiskCatalog:
         self._dirty.clear()
         txn.put(b"counters", json.dumps(self.totals).encode(), db=self._db_stats)
 
+    def _delete_records(self, keys: Iterator[bytes]) -> None:
+        """Delete the records of ``keys`` (and their shard CRCs) in one committed txn that also
+        writes pending metadata. Raises lmdb.Error / OSError; then nothing was deleted."""
+        with self.env.begin(write=True) as txn:
+            for k in keys:
+                txn.delete(k, db=self._db_blocks)
+                if self._db_shards is not None:
+                    txn.delete(k, db=self._db_shards)
+            self._flush_dirty(txn)
+
     def _pack(self, s: int) -> bytes:
         return RECORD.pack(
             1, 0, 0, int(self._crc[s]), s, int(self._len[s]), int(self._ns[s]),
@@ -649,12 +659,7 @@ class DiskCatalog:
         if not victims:
             return []
         try:
-            with self.env.begin(write=True) as txn:
-                for _, vk in victims:
-                    txn.delete(vk, db=self._db_blocks)
-                    if self._db_shards is not None:
-                        txn.delete(vk, db=self._db_shards)
-                self._flush_dirty(txn)
+            self._delete_records(vk for _, vk in victims)
         except (lmdb.Error, OSError) as e:
             log.error("disk tier %s: cannot commit %d evictions (%s)", self.path, len(victims), e)
             for s, _ in victims:
@@ -704,12 +709,7 @@ class DiskCatalog:
             out.append(s)
         if victims:
             try:
-                with self.env.begin(write=True) as txn:
-                    for _, vk in victims:
-                        txn.delete(vk, db=self._db_blocks)
-                        if self._db_shards is not None:
-                            txn.delete(vk, db=self._db_shards)
-                    self._flush_dirty(txn)
+                self._delete_records(vk for _, vk in victims)
             except (lmdb.Error, OSError) as e:
                 log.error("disk tier %s: cannot commit %d evictions (%s): not storing over them",
                           self.path, len(victims), e)
@@ -884,12 +884,7 @@ class DiskCatalog:
             else:
                 heapq.heappush(self._free, s)
         try:
-            with self.env.begin(write=True) as txn:
-                for k, _ in slots:
-                    txn.delete(k, db=self._db_blocks)
-                    if self._db_shards is not None:
-                        txn.delete(k, db=self._db_shards)
-                self._flush_dirty(txn)
+            self._delete_records(k for k, _ in slots)
         except (lmdb.Error, OSError) as e:
             # The records stay on disk; their slots may be rewritten: the CRC check on a later
             # load (after a restart) turns any such stale record into a counted miss.
