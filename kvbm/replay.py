@@ -285,3 +285,67 @@ def replay(
         seconds=seconds,
         parse_seconds=parse_seconds,
     )
+
+
+#: The policy name :func:`replay_clairvoyant` reports.
+CLAIRVOYANT = "clairvoyant"
+
+
+def replay_clairvoyant(trace: str | os.PathLike | Trace, capacity: float = 0.1) -> ReplayResult:
+    """The same replay as :func:`replay` with an offline policy that knows the future: Belady's
+    rule (evict the block whose next use is farthest; do not admit a block used later than every
+    block it would displace). A reference line for the online policies, not a proven optimum for
+    prefix hits (a block kept without its prefix hits nothing).
+
+    Raises: as :func:`replay` (bad capacity, unreadable or empty trace).
+    """
+    import heapq
+
+    cap_frac = check_capacity(capacity)
+    t0 = time.perf_counter()
+    tr = trace if isinstance(trace, Trace) else load_trace(trace)
+    parse_seconds = time.perf_counter() - t0
+    distinct = tr.distinct_blocks
+    if distinct == 0:
+        raise InvalidArgumentError(f"trace {tr.path!r} holds no blocks")
+    cap_blocks = max(1, round(cap_frac * distinct))
+    t1 = time.perf_counter()
+    reqs = [r.tolist() for r in tr.requests]
+    uses: list[list[int]] = [[] for _ in range(distinct)]  # per block: the requests that store it, in order
+    for t, rows in enumerate(reqs):
+        for r in rows[:cap_blocks]:
+            if not uses[r] or uses[r][-1] != t:
+                uses[r].append(t)
+    never = len(reqs)
+    ptr = [0] * distinct
+    nxt = [never] * distinct  # next use of a cached block (valid while cached)
+    cached: set[int] = set()
+    heap: list[tuple[int, int]] = []  # (-next use, block), stale entries skipped
+    hit_blocks = evictions = 0
+    for t, rows in enumerate(reqs):
+        for r in rows:
+            if r not in cached:
+                break
+            hit_blocks += 1
+        for r in rows[:cap_blocks]:
+            u, p = uses[r], ptr[r]
+            while p < len(u) and u[p] <= t:
+                p += 1
+            ptr[r] = p
+            nu = u[p] if p < len(u) else never
+            if r not in cached:
+                if len(cached) >= cap_blocks:
+                    while heap and (heap[0][1] not in cached or nxt[heap[0][1]] != -heap[0][0]):
+                        heapq.heappop(heap)
+                    if not heap or nu >= -heap[0][0]:
+                        continue  # used later than everything cached: not admitted
+                    cached.discard(heapq.heappop(heap)[1])
+                    evictions += 1
+                cached.add(r)
+            nxt[r] = nu
+            heapq.heappush(heap, (-nu, r))
+    blocks = tr.num_blocks
+    return ReplayResult(trace=tr.path, policy=CLAIRVOYANT, capacity_fraction=cap_frac, capacity_blocks=cap_blocks,
+                        requests=len(reqs), blocks=blocks, distinct_blocks=distinct, hit_blocks=hit_blocks,
+                        prefix_hit_ratio=hit_blocks / blocks if blocks else 0.0, evictions=evictions,
+                        seconds=time.perf_counter() - t1, parse_seconds=parse_seconds)

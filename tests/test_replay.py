@@ -14,7 +14,7 @@ import kvbm
 from kvbm.cli import main
 from kvbm.data import mooncake_conversation
 from kvbm.errors import ConfigError, InvalidArgumentError, TraceFormatError
-from kvbm.replay import block_keys, load_trace, replay
+from kvbm.replay import block_keys, load_trace, replay, replay_clairvoyant
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,28 @@ def test_semantics_small_trace(tmp_path: Path) -> None:
     # Capacity for 2 blocks: only the chain's head survives between requests.
     r2 = replay(p, 0.34, "lru")
     assert r2.capacity_blocks == 2 and r2.hit_blocks < 5
+
+
+def test_clairvoyant_replay_by_hand(tmp_path: Path) -> None:
+    """Two slots, requests A B C A B: Belady keeps A and B (C is never used again, so it is not
+    admitted) and hits A and B; LRU evicts each block just before it is asked again."""
+    p = write(tmp_path, "\n".join(json.dumps({"hash_ids": [i]}) for i in (1, 2, 3, 1, 2)) + "\n")
+    best = replay_clairvoyant(p, 2 / 3)
+    assert (best.capacity_blocks, best.blocks, best.hit_blocks, best.evictions) == (2, 5, 2, 0)
+    assert best.policy == "clairvoyant"
+    assert replay(p, 2 / 3, "lru").hit_blocks == 0
+
+
+def test_clairvoyant_is_the_ceiling_on_the_bundled_trace(trace_path: Path) -> None:
+    """On the bundled trace the clairvoyant replay is at least every online policy at each capacity,
+    and at 10% it is the Belady figure published with the trace (0.366; benchmarks/results/eviction.md)."""
+    from kvbm import eviction_policies
+
+    tr = load_trace(trace_path)
+    for cap in (0.02, 0.10):
+        best = replay_clairvoyant(tr, cap).prefix_hit_ratio
+        assert all(replay(tr, cap, pol).prefix_hit_ratio <= best for pol in eviction_policies())
+    assert round(replay_clairvoyant(tr, 0.10).prefix_hit_ratio, 3) == 0.366
 
 
 def test_keys_are_deterministic_and_distinct() -> None:

@@ -27,6 +27,8 @@ class Row:
     baseline_name: str = ""
     ratio: float | None = None
     note: str = ""
+    #: What the row varies (e.g. ``{"block_kib": 64, "op": "store"}``): the axes of the report's plots.
+    params: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -31,8 +31,10 @@ def run(ctx: Context) -> list[Row]:
     for r in res["results"]:
         mib = r["block_bytes"] >> 20
         rows.append(Row("disk", f"store {mib} MiB blocks (crc on)", r["tier_store_GBps"], "GB/s",
-                        r["raw_write_GBps"], "raw O_DIRECT write", r["store_vs_raw"]))
+                        r["raw_write_GBps"], "raw O_DIRECT write", r["store_vs_raw"],
+                        params={"op": "store", "block_kib": mib << 10}))
         rows.append(Row("disk", f"load {mib} MiB blocks (crc verified)", r["tier_load_GBps"], "GB/s",
                         r["raw_read_GBps"], "raw O_DIRECT read", r["load_vs_raw"],
-                        note=f"{r['mismatched_blocks']} mismatched blocks"))
+                        note=f"{r['mismatched_blocks']} mismatched blocks",
+                        params={"op": "load", "block_kib": mib << 10}))
     return rows

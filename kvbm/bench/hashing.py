@@ -58,10 +58,26 @@ def run(ctx: Context) -> list[Row]:
             if t_vllm is not None:
                 vllm_ns = t_vllm / NUM_TOKENS * 1e9
                 rows.append(Row("hashing", f"{algo} hash+lookup, {label} input", ns_tok, "ns/token",
-                                vllm_ns, "vLLM sha256 hashing only", vllm_ns / ns_tok))
+                                vllm_ns, "vLLM sha256 hashing only", vllm_ns / ns_tok,
+                                params={"algo": algo, "input": label}))
             else:
                 rows.append(Row("hashing", f"{algo} hash+lookup, {label} input", ns_tok, "ns/token",
-                                note="vllm not importable: no peer figure"))
+                                note="vllm not importable: no peer figure", params={"algo": algo, "input": label}))
+    # Python's own hashlib, chaining sha256 over each block's token bytes (what a pure-Python
+    # connector would do), on the same tokens.
+    import hashlib
+
+    def hashlib_chain() -> None:
+        h = b""
+        for i in range(0, NUM_TOKENS, BLOCK_SIZE):
+            h = hashlib.sha256(h + tokens[i:i + BLOCK_SIZE].tobytes()).digest()
+
+    ns_hl = median_time(hashlib_chain, repeat=5) / NUM_TOKENS * 1e9
+    rows.append(Row("hashing", "Python hashlib sha256 chain, numpy input", ns_hl, "ns/token",
+                    params={"algo": "hashlib", "input": "numpy"}))
+    if t_vllm is not None:
+        rows.append(Row("hashing", "vLLM request_block_hasher (sha256), list input", t_vllm / NUM_TOKENS * 1e9,
+                        "ns/token", params={"algo": "vLLM sha256", "input": "list"}))
     if t_vllm is None:
         ctx.skipped.append(("hashing: vLLM peer", "vllm is not importable in this environment"))
     return rows

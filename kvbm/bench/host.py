@@ -53,6 +53,6 @@ def run(ctx: Context) -> list[Row]:
         for name, ts in (("store", s_t), ("load", l_t)):
             ratio = statistics.median(c / t for c, t in zip(c_t, ts))
             rows.append(Row("host", f"{name} {kib} KiB blocks", total / statistics.median(ts) / 1e9, "GB/s",
-                            limit, "numpy copy", ratio))
+                            limit, "numpy copy", ratio, params={"op": name, "block_kib": kib}))
         m.close()
     return rows

@@ -71,11 +71,11 @@ def run(ctx: Context) -> list[Row]:
         if base is None:
             base = m["ns_per_block"]
         rows.append(Row("index", f"lookup, {n:,} blocks", m["ns_per_block"], "ns/block",
-                        base, "10k blocks", m["ns_per_block"] / base))
+                        base, "10k blocks", m["ns_per_block"] / base, params={"blocks": n, "kind": "random chain"}))
         rows.append(Row("index", f"lookup of a stored chain, {n:,} blocks", m["ns_per_block_stored_chain"],
                         "ns/block", base_chain := base_chain or m["ns_per_block_stored_chain"], "10k blocks",
-                        m["ns_per_block_stored_chain"] / base_chain))
+                        m["ns_per_block_stored_chain"] / base_chain, params={"blocks": n, "kind": "stored chain"}))
         rows.append(Row("index", f"random 8-byte read (floor), {n:,}-block-sized array", m["gather_ns_per_line"],
-                        "ns/line"))
-        rows.append(Row("index", f"metadata, {n:,} blocks", m["bytes_per_block"], "bytes/block"))
+                        "ns/line", params={"blocks": n, "kind": "random read floor"}))
+        rows.append(Row("index", f"metadata, {n:,} blocks", m["bytes_per_block"], "bytes/block", params={"blocks": n}))
     return rows

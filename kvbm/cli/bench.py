@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from kvbm.errors import InvalidArgumentError
+from kvbm.errors import ConfigError, InvalidArgumentError
 
 
 def add_parser(sub: Any) -> None:
@@ -19,6 +19,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--full", action="store_true", help="larger sizes (e.g. a 10M-block index); takes minutes")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report", metavar="DIR", help="also write DIR/report.md with PNG plots (matplotlib: the "
+                   "'report' extra)")
     p.set_defaults(func=run)
 
 
@@ -54,4 +56,12 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(rows))
         for s, r in ctx.skipped:
             print(f"skipped {s}: {r}")
+    if args.report:
+        from kvbm.bench.report import write_report
+
+        try:
+            path = write_report(args.report, meta, rows, ctx.skipped)
+        except OSError as e:
+            raise ConfigError(f"--report {args.report!r}: cannot write the report: {e.strerror or e}") from e
+        print(f"report: {path}", file=sys.stderr)
     return 0
