@@ -77,7 +77,8 @@ def test_index_is_bounded_lru() -> None:
     for i in range(50):
         t = _toks(4 * BS, 100 + i)
         idx.apply(i % 3, [_stored([i * 10 + j for j in range(4)], t)])
-    assert len(idx) == 100 and idx.stats.evicted == 100
+    # never more than max_blocks; the oldest go in bulk (up to 1/16 more at once)
+    assert 100 - 100 // 16 <= len(idx) <= 100 and idx.stats.evicted == 200 - len(idx)
     last = _toks(4 * BS, 149)
     assert idx.overlap(chain_keys(last, BS), [49 % 3])[49 % 3] == [GPU] * 4  # the newest kept
     with pytest.raises(ConfigError):

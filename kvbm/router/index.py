@@ -16,14 +16,15 @@ and other extra keys are strings, whose hash is seeded per process: keys are onl
 inside one router process, which is all that is needed.
 
 Residency is a bit mask per key: bit ``4 * slot + tier`` (tiers GPU, CPU, DISK, REMOTE), slots
-assigned per instance. The index is bounded: ``max_blocks`` keys in LRU order (a store or a hit
-refreshes a key), and each instance's engine-hash map is bounded the same way; an evicted key
-is simply forgotten (the router then under-estimates a hit, it never invents one).
+assigned per instance. The index is bounded: at most ``max_blocks`` keys in LRU order (a store
+or a hit refreshes a key: plain dicts, re-inserted at the end), and each instance's engine-hash
+map is bounded the same way; past the bound the oldest keys go in bulk (1/16 of the bound more
+than needed, so the cost is paid rarely); an evicted key is simply forgotten (the router then
+under-estimates a hit, it never invents one).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,15 @@ _REMOTE_ANY = sum(1 << (4 * s + REMOTE) for s in range(_MAX_SLOTS))
 
 def tier_of(medium: str | None) -> int:
     """Tier number of an event's ``medium`` (None is vLLM's GPU); unknown mediums count as DISK."""
-    return _MEDIUMS.get(medium.upper() if isinstance(medium, str) else medium, DISK)
+    t = _TIER_OF.get(medium)
+    if t is None:
+        t = _MEDIUMS.get(medium.upper() if isinstance(medium, str) else medium, DISK)
+        if len(_TIER_OF) < 64:  # mediums seen (a handful), not an unbounded cache of hostile strings
+            _TIER_OF[medium] = t
+    return t
+
+
+_TIER_OF: dict[Any, int] = {}
 
 
 def chain_keys(tokens: Sequence[int], block_size: int, extra: Any = None, parent: int | None = None,
@@ -83,8 +92,10 @@ class BlockIndex:
 
             raise ConfigError(f"router index: max_blocks must be >= 1, got {max_blocks!r}")
         self.max_blocks = max_blocks
-        self._blocks: OrderedDict[int, int] = OrderedDict()
-        self._emap: dict[int, OrderedDict[Any, int]] = {}
+        # Plain dicts in recency order: a refresh re-inserts the key at the end (pop + set), the
+        # bound drops the oldest in bulk (Note [Router block keys]).
+        self._blocks: dict[int, int] = {}
+        self._emap: dict[int, dict[Any, int]] = {}
         self.stats = IndexStats()
 
     def __len__(self) -> int:
@@ -108,51 +119,67 @@ class BlockIndex:
             elif name == "AllBlocksCleared":
                 self.clear(slot, clears)
 
-    def _emap_of(self, slot: int) -> OrderedDict[Any, int]:
+    def _emap_of(self, slot: int) -> dict[Any, int]:
         m = self._emap.get(slot)
         if m is None:
-            m = self._emap[slot] = OrderedDict()
+            m = self._emap[slot] = {}
         return m
 
     def store(self, slot: int, tier: int, hashes: Sequence[Any], parent: Any, token_ids: Sequence[int],
               block_size: int, extra: Any = None) -> None:
-        """Record ``hashes`` (engine hashes of consecutive blocks) as held by ``slot`` in ``tier``."""
-        emap = self._emap_of(slot)
+        """Record ``hashes`` (engine hashes of consecutive blocks) as held by ``slot`` in ``tier``.
+
+        The hot path of the router (one call per ``BlockStored``): the chain of router keys is
+        computed inline, with exactly :func:`chain_keys`'s formula (requests are keyed by it).
+        """
+        emap = self._emap.get(slot)
+        if emap is None:
+            emap = self._emap[slot] = {}
         blocks = self._blocks
         bit = 1 << (4 * slot + tier)
-        if len(token_ids) >= len(hashes) * block_size > 0:
-            pk = None
-            if parent is not None:
-                pk = emap.get(parent)
-                if pk is None:
-                    self.stats.unresolved += len(hashes)
-                    return
-            keys = chain_keys(token_ids, block_size, extra, pk, len(hashes))
-        else:  # tokenless: only blocks already known on this instance resolve
-            keys = [emap.get(h) for h in hashes]
-        for h, k in zip(hashes, keys):
-            if k is None:
-                self.stats.unresolved += 1
-                continue
-            if h in emap:
-                emap.move_to_end(h)
-            emap[h] = k
-            m = blocks.get(k)
-            if m is None:
-                blocks[k] = bit
+        n = len(hashes)
+        if len(token_ids) >= n * block_size > 0:
+            if parent is None:
+                k = hash((block_size, extra)) & _MASK64
             else:
-                blocks[k] = m | bit
-                blocks.move_to_end(k)
-        self.stats.stored += len(keys)
-        self._bound(emap)
+                k = emap.get(parent)
+                if k is None:
+                    self.stats.unresolved += n
+                    return
+            tt = token_ids if type(token_ids) is tuple else tuple(token_ids)
+            pop, epop = blocks.pop, emap.pop
+            i = 0
+            for h in hashes:
+                k = hash((k, tt[i:i + block_size])) & _MASK64
+                i += block_size
+                epop(h, None)  # re-inserted at the end: most recent
+                emap[h] = k
+                blocks[k] = pop(k, 0) | bit
+        else:  # tokenless: only blocks already known on this instance resolve
+            for h in hashes:
+                k = emap.get(h)
+                if k is None:
+                    self.stats.unresolved += 1
+                    continue
+                emap[h] = emap.pop(h)
+                blocks[k] = blocks.pop(k, 0) | bit
+        self.stats.stored += n
+        if len(blocks) > self.max_blocks or len(emap) > self.max_blocks:
+            self._bound(emap)
 
-    def _bound(self, emap: OrderedDict[Any, int]) -> None:
+    def _bound(self, emap: dict[Any, int]) -> None:
+        """Drop the oldest keys past ``max_blocks`` (and 1/16 more, so the bound is paid in bulk)."""
+        import itertools
+
         blocks = self._blocks
-        while len(blocks) > self.max_blocks:
-            blocks.popitem(last=False)
-            self.stats.evicted += 1
-        while len(emap) > self.max_blocks:
-            emap.popitem(last=False)
+        for d, count in ((blocks, True), (emap, False)):
+            over = len(d) - self.max_blocks
+            if over > 0:
+                n = over + self.max_blocks // 16
+                for k in list(itertools.islice(d, n)):
+                    del d[k]
+                if count:
+                    self.stats.evicted += n
 
     def remove(self, slot: int, tier: int, hashes: Iterable[Any]) -> None:
         """``slot`` no longer holds these engine hashes in ``tier``."""
@@ -208,7 +235,7 @@ class BlockIndex:
             m = blocks.get(k)
             if m is None or not live:
                 break
-            blocks.move_to_end(k)
+            blocks[k] = blocks.pop(k)  # a hit refreshes the key
             shared = bool(m & _REMOTE_ANY)
             for s in list(live):
                 bits = (m >> (4 * s)) & 0xF
