@@ -214,10 +214,14 @@ def test_an_old_preallocated_directory_is_cut_back_at_open(tmp_path) -> None:
     e.close()
 
 
-def test_a_damaged_ledger_is_rebuilt(tmp_path) -> None:
+@pytest.mark.parametrize("ledger", [b"\xff{not json", b'{"tiers": 7}', b'{"tiers": {"x": {"dirs": 5}}}',
+                                    b'{"tiers": {"a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0": {"granted_bytes": "lots"}}}'])
+def test_a_damaged_ledger_is_rebuilt(tmp_path, ledger: bytes) -> None:
     e = Engine(tmp_path, _ns(0xA0), 32 * BLOCK)
     e.close()
-    (tmp_path / SPACE_FILE).write_bytes(b"\xff{not json")
+    (tmp_path / SPACE_FILE).write_bytes(ledger)
+    other = Engine(tmp_path, _ns(0xB0), 32 * BLOCK)  # counts the others from a damaged ledger
+    other.close()
     e = Engine(tmp_path, _ns(0xA0), 32 * BLOCK)
     e.store(_keys(1, 16))
     assert len(e.cat) == 16

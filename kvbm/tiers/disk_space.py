@@ -250,7 +250,8 @@ class DiskSpace:
             return []
         owner: dict[str, str] = {}
         for cat, ent in led["tiers"].items():
-            for d in ent.get("dirs", [cat]) if isinstance(ent, dict) else [cat]:
+            dirs = ent.get("dirs") if isinstance(ent, dict) else None
+            for d in dirs if isinstance(dirs, list) else [cat]:
                 owner.setdefault(str(d), cat)
         units: dict[str, list[str]] = {}
         for n in names:
@@ -266,7 +267,8 @@ class DiskSpace:
             live = is_live(cat_dir)
             alloc = sum(allocated_bytes(os.path.join(self.disk_path, d)) for d in ds)
             ent = led["tiers"].get(cat)
-            granted = int(ent.get("granted_bytes", 0)) if isinstance(ent, dict) else 0
+            granted = ent.get("granted_bytes", 0) if isinstance(ent, dict) else 0
+            granted = granted if isinstance(granted, int) and granted >= 0 else 0  # a damaged entry counts 0
             mtime = 0.0
             with contextlib.suppress(OSError):
                 mtime = os.stat(os.path.join(cat_dir, CATALOG_SUBDIR, "data.mdb")).st_mtime
