@@ -222,6 +222,17 @@ def check_capacity(capacity: float) -> float:
     return c
 
 
+def _open_trace(trace: str | os.PathLike | Trace, cap_frac: float) -> tuple[Trace, int, int, float]:
+    """(trace, distinct blocks, capacity in blocks, parse seconds); InvalidArgumentError when empty."""
+    t0 = time.perf_counter()
+    tr = trace if isinstance(trace, Trace) else load_trace(trace)
+    parse_seconds = time.perf_counter() - t0
+    distinct = tr.distinct_blocks
+    if distinct == 0:
+        raise InvalidArgumentError(f"trace {tr.path!r} holds no blocks")
+    return tr, distinct, max(1, round(cap_frac * distinct)), parse_seconds
+
+
 def replay(
     trace: str | os.PathLike | Trace,
     capacity: float = 0.1,
@@ -241,13 +252,7 @@ def replay(
     """
     cap_frac = check_capacity(capacity)
     pol = resolve_policy(policy)
-    t0 = time.perf_counter()
-    tr = trace if isinstance(trace, Trace) else load_trace(trace)
-    parse_seconds = time.perf_counter() - t0
-    distinct = tr.distinct_blocks
-    if distinct == 0:
-        raise InvalidArgumentError(f"trace {tr.path!r} holds no blocks")
-    cap_blocks = max(1, round(cap_frac * distinct))
+    tr, distinct, cap_blocks, parse_seconds = _open_trace(trace, cap_frac)
 
     keys = block_keys(tr.ids)
     index = _native.BlockIndex(min(distinct, 1 << 30))
@@ -302,13 +307,7 @@ def replay_clairvoyant(trace: str | os.PathLike | Trace, capacity: float = 0.1) 
     import heapq
 
     cap_frac = check_capacity(capacity)
-    t0 = time.perf_counter()
-    tr = trace if isinstance(trace, Trace) else load_trace(trace)
-    parse_seconds = time.perf_counter() - t0
-    distinct = tr.distinct_blocks
-    if distinct == 0:
-        raise InvalidArgumentError(f"trace {tr.path!r} holds no blocks")
-    cap_blocks = max(1, round(cap_frac * distinct))
+    tr, distinct, cap_blocks, parse_seconds = _open_trace(trace, cap_frac)
     t1 = time.perf_counter()
     reqs = [r.tolist() for r in tr.requests]
     uses: list[list[int]] = [[] for _ in range(distinct)]  # per block: the requests that store it, in order

@@ -12,9 +12,34 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from kvbm.bench import Row, format_table
+
+
+def _by(rows: list[Row], key: Callable[[Row], str], order: str) -> dict[str, list[Row]]:
+    """Rows grouped by ``key(row)``, each group sorted by ``params[order]``."""
+    out: dict[str, list[Row]] = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    for rs in out.values():
+        rs.sort(key=lambda r: r.params[order])
+    return dict(sorted(out.items()))
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: str, title: str, xlabel: str, ylabel: str | None = None) -> bool:
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _plot_bandwidth(plt: Any, rows: list[Row], path: str) -> bool:
@@ -22,12 +47,8 @@ def _plot_bandwidth(plt: Any, rows: list[Row], path: str) -> bool:
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    series: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        series[f"{r.suite} {r.params['op']}"].append(r)
     limits_drawn = set()
-    for i, (name, rs) in enumerate(sorted(series.items())):
-        rs.sort(key=lambda r: r.params["block_kib"])
+    for i, (name, rs) in enumerate(_by(rows, lambda r: f"{r.suite} {r.params['op']}", "block_kib").items()):
         xs = [r.params["block_kib"] for r in rs]
         ax.plot(xs, [r.value for r in rs], "o-", label=f"kvbm {name}", color=f"C{i}")
         limit = rs[0].baseline_name
@@ -35,15 +56,8 @@ def _plot_bandwidth(plt: Any, rows: list[Row], path: str) -> bool:
             limits_drawn.add(limit)
             ax.plot(xs, [r.baseline for r in rs], "x--", color="grey", alpha=0.8, label=f"{limit} (limit)")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("block size (KiB)")
-    ax.set_ylabel("GB/s")
-    ax.set_title("Tier bandwidth vs block size, against the raw copy of the same bytes")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, "Tier bandwidth vs block size, against the raw copy of the same bytes",
+                 "block size (KiB)", "GB/s")
 
 
 def _plot_eviction(plt: Any, rows: list[Row], path: str) -> bool:
@@ -51,26 +65,15 @@ def _plot_eviction(plt: Any, rows: list[Row], path: str) -> bool:
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    series: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        series[r.params["policy"]].append(r)
-    for name, rs in sorted(series.items()):
-        rs.sort(key=lambda r: r.params["capacity"])
+    for name, rs in _by(rows, lambda r: r.params["policy"], "capacity").items():
         style = {"lru": dict(color="black", ls="--"), "clairvoyant": dict(color="grey", ls=":")}.get(name, {})
         ax.plot([100 * r.params["capacity"] for r in rs], [r.value for r in rs], marker="o", label=name, **style)
     caps = sorted({100 * r.params["capacity"] for r in rows})
     ax.set_xscale("log")
     ax.set_xticks(caps, [f"{c:g}%" for c in caps])
     ax.minorticks_off()
-    ax.set_xlabel("capacity (share of the trace's distinct blocks)")
-    ax.set_ylabel("prefix hit ratio")
-    ax.set_title("Eviction policies on the Mooncake conversation trace")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, "Eviction policies on the Mooncake conversation trace",
+                 "capacity (share of the trace's distinct blocks)", "prefix hit ratio")
 
 
 def _plot_hashing(plt: Any, rows: list[Row], path: str) -> bool:
@@ -84,12 +87,8 @@ def _plot_hashing(plt: Any, rows: list[Row], path: str) -> bool:
     for i, r in enumerate(rows):
         ax.text(r.value, i, f" {r.value:.3g}", va="center", fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("ns per token (hash the chain, then look it up; log scale)")
-    ax.set_title("Hashing 128k tokens: kvbm vs vLLM's hasher vs Python hashlib")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, "Hashing 128k tokens: kvbm vs vLLM's hasher vs Python hashlib",
+                 "ns per token (hash the chain, then look it up; log scale)")
 
 
 def _plot_index(plt: Any, rows: list[Row], path: str) -> bool:
@@ -97,22 +96,10 @@ def _plot_index(plt: Any, rows: list[Row], path: str) -> bool:
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    series: dict[str, list[Row]] = defaultdict(list)
-    for r in rows:
-        series[r.params["kind"]].append(r)
-    for name, rs in sorted(series.items()):
-        rs.sort(key=lambda r: r.params["blocks"])
+    for name, rs in _by(rows, lambda r: r.params["kind"], "blocks").items():
         ax.plot([r.params["blocks"] for r in rs], [r.value for r in rs], "o-", label=f"{name} ({rs[0].unit})")
     ax.set_xscale("log")
-    ax.set_xlabel("blocks in the index")
-    ax.set_ylabel("ns per block")
-    ax.set_title("Index lookup cost vs index size")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, "Index lookup cost vs index size", "blocks in the index", "ns per block")
 
 
 PLOTS = (("bandwidth.png", "Tier bandwidth", _plot_bandwidth), ("eviction.png", "Eviction", _plot_eviction),
