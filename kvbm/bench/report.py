@@ -111,9 +111,13 @@ def write_report(out_dir: str, meta: dict[str, Any], rows: list[Row], skipped: l
 
     Raises: OSError when ``out_dir`` cannot be created or written (the CLI turns it into one line).
     """
+    from kvbm.bench.provenance import cpu_model, git_commit
+
     os.makedirs(out_dir, exist_ok=True)
+    commit = git_commit(short=True)
     lines = [f"# kvbm bench report ({meta['date']})", "",
-             f"kvbm {meta['kvbm'].get('version', '?')} on {meta['machine']}; "
+             f"kvbm {meta['kvbm'].get('version', '?')} at commit {commit} on {cpu_model()}, "
+             f"{meta['machine']}; "
              f"{'quick sizes' if meta.get('quick') else 'full sizes (--full)'}. Every figure below was measured "
              "in this run; a baseline is measured side by side in the same run.", ""]
     try:
