@@ -1,6 +1,9 @@
 #include <memory>
 
+#include <string>
+
 #include "bindings/common.h"
+#include "csrc/host_copy.h"
 #include "csrc/host_memory.h"
 
 namespace {
@@ -27,4 +30,25 @@ KVBM_BINDINGS(host_memory, 10) {
       py::arg("nbytes"), py::arg("pinned") = true, py::call_guard<py::gil_scoped_release>(),
       "Allocate nbytes of host memory: pinned+mapped when CUDA is usable and pinned=True, else "
       "4096-aligned pageable. Raises InvalidArgumentError (nbytes 0), CudaError, CapacityError.");
+  m.def(
+      "copy_bytes",
+      [](py::handle dst, py::handle src, const std::string& impl) {
+        using kvbm::bind::fail;
+        auto d = kvbm::bind::get_bytes(dst, true, "dst");
+        auto s = kvbm::bind::get_bytes(src, false, "src", d.size);
+        if (impl != "auto" && impl != "memcpy" && impl != "sse2")
+          fail(kvbm::Code::kInvalidArgument, "impl: must be 'auto', 'memcpy' or 'sse2', got '" + impl + "'");
+        const uint8_t* sp = s.data;
+        if (!(sp + s.size <= d.data || d.data + d.size <= sp)) fail(kvbm::Code::kInvalidArgument, "dst and src overlap");
+        py::gil_scoped_release nogil;
+        if (impl == "memcpy")
+          std::memcpy(d.data, sp, d.size);
+        else if (impl == "sse2")
+          kvbm::copy_bytes_sse2(d.data, sp, d.size);
+        else
+          kvbm::copy_bytes(d.data, sp, d.size);
+      },
+      py::arg("dst"), py::arg("src"), py::arg("impl") = "auto",
+      "Copy src into dst (same size, not overlapping) as the host tier copies blocks (Note [Host copies]); "
+      "impl 'memcpy' or 'sse2' forces one path (tests and benchmarks).");
 }

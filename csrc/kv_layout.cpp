@@ -4,6 +4,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "csrc/host_copy.h"
+
 namespace kvbm {
 
 namespace {
@@ -300,9 +302,9 @@ Status host_copy(const KvLayout& layout, const int64_t* ids, size_t n, const uin
     for (const KvChunk& c : chunks) {
       auto* eng = reinterpret_cast<uint8_t*>(c.addr + static_cast<uint64_t>(ids[i] * c.block_stride));
       if (to_host)
-        std::memcpy(slot + c.host_offset, eng, c.bytes);
+        copy_bytes(slot + c.host_offset, eng, c.bytes);  // Note [Host copies]
       else
-        std::memcpy(eng, slot + c.host_offset, c.bytes);
+        copy_bytes(eng, slot + c.host_offset, c.bytes);
     }
   }
   return Status::Ok();

@@ -8,7 +8,7 @@ import typing
 import numpy
 import numpy.typing
 
-__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DISK_MAX_KEY_BYTES', 'DISK_RECORD_HEADER', 'DISK_RECORD_VERSION', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'crc32c', 'crc32c_impl', 'crc32c_rows', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
+__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DISK_MAX_KEY_BYTES', 'DISK_RECORD_HEADER', 'DISK_RECORD_VERSION', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'copy_bytes', 'crc32c', 'crc32c_impl', 'crc32c_rows', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
 class BlockIndex:
     """
     Hash -> block entry index with per-tier slot bookkeeping.
@@ -391,6 +391,10 @@ def block_hashes(token_ids: typing.Any, block_size: typing.SupportsInt | typing.
     Chained 16-byte hashes of the full blocks of token_ids as a uint8 array of shape (n, 16), or as a
     list of 16-byte bytes objects with as_list=True.
     Use kvbm.block_hashes / kvbm.hashing.block_hashes_array rather than this directly.
+    """
+def copy_bytes(dst: typing.Any, src: typing.Any, impl: str = 'auto') -> None:
+    """
+    Copy src into dst (same size, not overlapping) as the host tier copies blocks (Note [Host copies]); impl 'memcpy' or 'sse2' forces one path (tests and benchmarks).
     """
 def crc32c(data: typing.Any, crc: typing.SupportsInt | typing.SupportsIndex = 0, impl: str = 'auto') -> int:
     """

@@ -16,6 +16,7 @@
 #include <set>
 
 #include "csrc/checksum.h"
+#include "csrc/host_copy.h"
 
 namespace kvbm {
 
@@ -398,7 +399,7 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce, uint8_t* hdr) 
     res.crc = crc32c(op.buf, op.length);
     uint8_t* src = op.buf;
     if (!in_place) {
-      std::memcpy(bounce, op.buf, op.length);
+      copy_bytes(bounce, op.buf, op.length);
       std::memset(bounce + op.length, 0, io_len - op.length);
       src = bounce;
     }
@@ -454,7 +455,7 @@ void DiskStore::run_op(DiskIoBatch* b, size_t i, uint8_t* bounce, uint8_t* hdr) 
     ctr_.record_mismatches.fetch_add(1, std::memory_order_relaxed);
     return;
   }
-  if (!in_place) std::memcpy(op.buf, bounce, op.length);
+  if (!in_place) copy_bytes(op.buf, bounce, op.length);  // Note [Host copies]
   res.crc = crc32c(op.buf, op.length);
   if (b->flag_ && res.crc != op.expected_crc) {
     char msg[160];

@@ -5,6 +5,7 @@
 
 #include "csrc/block_index.h"
 #include "csrc/build_info.h"
+#include "csrc/host_copy.h"
 
 namespace kvbm {
 
@@ -36,13 +37,13 @@ Status HostArena::write(const uint32_t* slots, size_t n, const uint8_t* const* s
   for (size_t i = 0; i < n; ++i)
     if (slots[i] != kNoSlot) KVBM_RETURN_IF_ERROR(check_slot(slots[i]));
   for (size_t i = 0; i < n; ++i)
-    if (slots[i] != kNoSlot) std::memcpy(slot_ptr(slots[i]), src_rows[i], slot_bytes_);
+    if (slots[i] != kNoSlot) copy_bytes(slot_ptr(slots[i]), src_rows[i], slot_bytes_);
   return Status::Ok();
 }
 
 Status HostArena::read(const uint32_t* slots, size_t n, uint8_t* const* dst_rows) {
   for (size_t i = 0; i < n; ++i) KVBM_RETURN_IF_ERROR(check_slot(slots[i]));
-  for (size_t i = 0; i < n; ++i) std::memcpy(dst_rows[i], slot_ptr(slots[i]), slot_bytes_);
+  for (size_t i = 0; i < n; ++i) copy_bytes(dst_rows[i], slot_ptr(slots[i]), slot_bytes_);  // Note [Host copies]
   return Status::Ok();
 }
 
