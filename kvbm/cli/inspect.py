@@ -83,7 +83,8 @@ def inspect_dir(path: str, *, verify: bool = False, list_n: int = 0) -> dict[str
     """
     import lmdb
 
-    from kvbm.tiers.disk import CATALOG_SUBDIR, RECORD, RECORD_DTYPE, lmdb_file_problem
+    from kvbm.tiers.disk import CATALOG_SUBDIR, RECORD, RECORD_DTYPE
+    from kvbm.tiers.disk_recovery import lmdb_file_problem
 
     cat_dir = os.path.join(path, CATALOG_SUBDIR)
     if not os.path.isdir(cat_dir):

@@ -48,7 +48,7 @@ from typing import Any
 import lmdb
 
 from kvbm.errors import KvbmError
-from kvbm.tiers.disk import CATALOG_SUBDIR, LOCK_NAME, RECORD_HEADER, DiskCatalog, slab_path
+from kvbm.tiers.disk_catalog import CATALOG_SUBDIR, LOCK_NAME, RECORD_HEADER, DiskCatalog, slab_path
 from kvbm.tiers.disk_recovery import lmdb_file_problem
 
 log = logging.getLogger("kvbm.disk")
