@@ -113,8 +113,14 @@ vllm)
   KVBM_VLLM_GPU_REPORT="$OUT/vllm_gpu.json" KVBM_VLLM_GPU_LOGDIR=/tmp/vllm_gpu_logs \
     timeout $(( ${KVBM_VLLM_DEADLINE_S:-575} - SECONDS )) python3 -m pytest -v -rfEs -p no:cacheprovider \
     tests/test_vllm_real_gpu.py >"$OUT/vllm_gpu_tests.log" 2>&1 || status=1
-  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_gpu_tests.log" | head -40
+  step "P/D between two real vLLM processes on the GPU (tests/test_vllm_pd_gpu.py)"
+  KVBM_VLLM_PD_GPU_REPORT="$OUT/vllm_pd_gpu.json" KVBM_VLLM_GPU_LOGDIR=/tmp/vllm_gpu_logs \
+    timeout $(( ${KVBM_VLLM_DEADLINE_S:-575} - SECONDS )) python3 -m pytest -v -rfEs -p no:cacheprovider \
+    tests/test_vllm_pd_gpu.py >"$OUT/vllm_pd_gpu_tests.log" 2>&1 || status=1
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_pd_gpu_tests.log" | head -20
+  [ -f "$OUT/vllm_pd_gpu.json" ] && cat "$OUT/vllm_pd_gpu.json" | head -60
   [ -d /tmp/vllm_gpu_logs ] && tar czf "$OUT/vllm_gpu_logs.tgz" -C /tmp vllm_gpu_logs
+  grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_gpu_tests.log" | head -40
   [ -f "$OUT/vllm_gpu.json" ] && python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:6000])" "$OUT/vllm_gpu.json"
   ;;
 host-transfer)

@@ -7,7 +7,7 @@ one ``@@ <json>`` line back:
 * ``{"op": "generate", "prompt": [ids], "max_tokens": n, "kv_transfer_params": {...} | null}`` ->
   ``{"tokens": [...], "kv_transfer_params": ..., "seconds": s, "external_hits": n, "kvbm": stats}``
   (``seconds``: wall time of the generate call, i.e. time to the last token).
-* ``{"op": "stats"}`` -> ``{"kvbm": stats}``;  ``{"op": "reset"}`` resets vLLM's prefix cache.
+* ``{"op": "stats"}`` -> ``{"kvbm": stats, "worker": the worker's copy counters}``;  ``{"op": "reset"}`` resets vLLM's prefix cache.
 
 :class:`Instance` starts and drives one such process.
 """
@@ -102,6 +102,14 @@ def _stats(llm: Any) -> dict[str, Any] | None:
     return conn.kvbm_stats() if conn is not None and hasattr(conn, "kvbm_stats") else None
 
 
+def _worker_stats() -> dict[str, Any] | None:
+    """The worker half's copy counters, in-process engines only (``vllm_helpers``)."""
+    sys.path.insert(0, str(HERE))
+    from vllm_helpers import _worker_copy_stats
+
+    return _worker_copy_stats()
+
+
 def _external_hits(llm: Any) -> int:
     return sum(int(getattr(m, "value", 0)) for m in llm.get_metrics() if m.name == "vllm:external_prefix_cache_hits")
 
@@ -132,7 +140,7 @@ def main() -> None:
             llm.reset_prefix_cache()
             _reply({"ok": True})
         elif op == "stats":
-            _reply({"kvbm": _stats(llm)})
+            _reply({"kvbm": _stats(llm), "worker": _worker_stats()})
         elif op == "generate":
             extra = {"kv_transfer_params": cmd["kv_transfer_params"]} if cmd.get("kv_transfer_params") else None
             sp = SamplingParams(temperature=0.0, max_tokens=cmd.get("max_tokens", 16), ignore_eos=True,
