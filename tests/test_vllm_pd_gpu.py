@@ -175,4 +175,5 @@ def test_pull_time_against_recompute(pd: Any) -> None:
         assert out["tokens"] == pout["tokens"]
         pulled.append(out["seconds"])
         recomputed.append(cons.call(op="generate", prompt=FRESH[REPS + i], max_tokens=1)["seconds"])
-    REPORT["ttft_s"] = {"pulled": [round(x, 4) for x in pulled], "recomputed": [round(x, 4) for x in recomputed], "blocks": BLOCKS}
+    REPORT["ttft_s"] = {"pulled": [round(x, 4) for x in pulled], "recomputed": [round(x, 4) for x in recomputed],
+                        "blocks": BLOCKS}

@@ -131,6 +131,8 @@ def _engine(name: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
                # FlashInfer's top-k/top-p sampler is JIT-compiled at warm-up (~100 s the first time on
                # the GPU machine); greedy sampling never uses it.
                VLLM_USE_FLASHINFER_SAMPLER="0",
+               # vLLM's block hashes (the keys of a secondary tier) must repeat across processes
+               PYTHONHASHSEED="0",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = workdir / f"{name}.log"
     t0 = time.perf_counter()
@@ -179,6 +181,41 @@ def _flip_block(disk_dir: str, block_hash: str) -> None:
         f.write(bytes(x ^ 0x5A for x in data))
 
 
+# vLLM's native offloading (its CPU tier, 32 MiB) with kvbm's disk tier as its secondary tier.
+NATIVE_PHASES = [
+    {"prompts": [LONG]},  # n0: cold; the prompt's chunks go GPU -> vLLM's CPU tier -> kvbm's disk
+    {"prompts": [LONG]},  # n1: after reset_prefix_cache: from vLLM's CPU tier (or kvbm after a restart)
+]
+
+
+def native_tier_config(disk_path: str) -> dict[str, Any]:
+    return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+            "kv_connector_extra_config": {
+                "spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 32 << 20,
+                "secondary_tiers": [{"type": "KvbmDiskTier", "module_path": "kvbm.integrations.vllm.secondary_tier",
+                                     "disk_path": disk_path, "disk_capacity_bytes": "256MiB"}]}}
+
+
+def _flip_slot(disk_path: str, slot: int) -> str:
+    """Flip the last 4096 data bytes of the record in ``slot`` of kvbm's tier under ``disk_path``
+    (slots are handed out lowest first, in the order of a store job's keys: slot 0 holds the
+    prompt's first chunk); returns the key of the chunk there."""
+    from kvbm.cli.inspect import inspect_dir
+    from kvbm.tiers.disk import RECORD_HEADER
+
+    info = inspect_dir(disk_path, list_n=1 << 20)
+    spp, stride = info["slots_per_slab"], RECORD_HEADER + info["slot_bytes"]
+    (b,) = [b for b in info.get("recent_blocks", []) if b["slot"] == slot]
+    path = os.path.join(info["dir"], f"slab-{slot // spp:05d}.kvbm")
+    off = (slot % spp) * stride + RECORD_HEADER + b["length"] - 4096
+    with open(path, "r+b") as f:
+        f.seek(off)
+        data = f.read(4096)
+        f.seek(off)
+        f.write(bytes(x ^ 0x5A for x in data))
+    return b["hash"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """All engines of this module (two waves of side-by-side processes)."""
@@ -190,6 +227,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         model = build_tiny_llama(root / "model", layers=LAYERS, hidden=256, heads=4, kv_heads=2, head_dim=64,
                                  intermediate=512, vocab=1024, max_pos=8192)
     kv_a, kv_b = str(root / "kv_a"), str(root / "kv_b")
+    kv_c, kv_d = str(root / "kv_c"), str(root / "kv_d")
     disk = {"host_capacity_bytes": "64MiB", "disk_capacity_bytes": "256MiB"}
     kvbm_phases = [{"prompts": [LONG]}, {"prompts": [LONG]}, {"prompts": [SHARED]}, {"prompts": [OTHER]}]
     wave1 = _parallel({
@@ -199,6 +237,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
                        "hash_prompts": [LONG], "phases": kvbm_phases, "llm_kwargs": EAGER},
         "kvbm_graphs": {"model": model, "kv_transfer_config": kvbm_transfer_config(**disk, disk_path=kv_b),
                         "hash_prompts": [LONG], "phases": kvbm_phases, "llm_kwargs": GRAPHS},
+        # vLLM's native offloading with kvbm's disk tier under its CPU tier (two directories: one
+        # restarted clean, one restarted after its first chunk was corrupted)
+        "native_tier": {"model": model, "kv_transfer_config": native_tier_config(kv_c), "phases": NATIVE_PHASES,
+                        "llm_kwargs": EAGER},
+        "native_tier_d": {"model": model, "kv_transfer_config": native_tier_config(kv_d), "phases": NATIVE_PHASES[:1],
+                          "llm_kwargs": EAGER},
     }, root)
     t1 = time.perf_counter()
     out = dict(wave1)
@@ -217,9 +261,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         wave2["corrupt_graphs"] = {"model": model, "llm_kwargs": GRAPHS,
                                    "kv_transfer_config": kvbm_transfer_config(**disk, disk_path=kv_b),
                                    "phases": [{"prompts": [LONG]}, {"prompts": [LONG]}]}
+    if "error" not in wave1["native_tier"]:
+        wave2["native_tier_restart"] = {"model": model, "kv_transfer_config": native_tier_config(kv_c),
+                                        "phases": NATIVE_PHASES, "llm_kwargs": EAGER}
+    if "error" not in wave1["native_tier_d"]:
+        try:
+            REPORT["native_tier_corrupted_slot"] = _flip_slot(kv_d, 0)
+            wave2["native_tier_corrupt"] = {"model": model, "kv_transfer_config": native_tier_config(kv_d),
+                                            "phases": NATIVE_PHASES, "llm_kwargs": EAGER}
+        except (ValueError, KeyError, OSError) as e:
+            out["native_tier_corrupt"] = {"error": f"could not corrupt slot 0 in {kv_d}: {e!r}"}
     if wave2:
         out.update(_parallel(wave2, root))
-    for name in ("restart_sync", "corrupt_graphs"):
+    for name in ("restart_sync", "corrupt_graphs", "native_tier_restart", "native_tier_corrupt"):
         out.setdefault(name, {"error": f"{name} not run: the wave-1 kvbm engine it restarts from failed"})
     if "error" not in out["corrupt_graphs"]:
         from kvbm.cli.inspect import inspect_dir
@@ -228,7 +282,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     REPORT["waves_s"] = [round(t1 - t0, 1), round(time.perf_counter() - t1, 1)]
     REPORT["engines"] = {n: {"wall_s": round(r.get("wall_s", 0), 1), "startup_s": round(r.get("startup_s", 0), 1),
                              "cudagraph_mode": r.get("cudagraph_mode"), "error": r.get("error", "")[-1500:],
-                             "phases": [{k: p[k] for k in ("external_hits", "num_cached_tokens", "seconds")}
+                             "phases": [{k: p.get(k) for k in ("external_hits", "num_cached_tokens", "seconds",
+                                                               "secondary_tier")}
                                         for p in r.get("phases", [])]}
                          for n, r in out.items()}
     some = next((r for r in out.values() if "vllm_version" in r), {})
@@ -352,3 +407,41 @@ def test_layerwise_path_active(runs: dict) -> None:
     assert wg["save_layer"] >= LAYERS  # prompt blocks; decode blocks of full-graph steps go whole
     assert wr["load_layer"] >= LAYERS and wr["load_all"] == 0
     assert wr["layer_waits"] >= LAYERS
+
+
+def _tier(run: dict, phase: int) -> dict[str, int]:
+    st = run["phases"][phase]["secondary_tier"]
+    assert st, "no kvbm secondary tier found under vLLM's OffloadingConnector"
+    return st[0]
+
+
+def test_native_offloading_with_kvbm_disk_tier_after_restart(runs: dict) -> None:
+    """vLLM's OffloadingConnector (TieringOffloadingSpec) with kvbm's disk tier under its CPU tier:
+    the prompt's chunks cascade to kvbm's disk; a new process (empty GPU and CPU tiers) promotes
+    all 250 from kvbm's disk and serves them: tokens equal vLLM's own 250-block prefix-cache hit."""
+    base, first, r = _need(runs["base_eager"]), _need(runs["native_tier"]), _need(runs["native_tier_restart"])
+    p0 = r["phases"][0]
+    _record("native_tier_restart", first_run_tier=_tier(first, 1), restart_tier=_tier(r, 0),
+            num_cached_tokens=p0["num_cached_tokens"],
+            agree_with_prefix_cache=_agree(_out(r, 0), _out(base, 1)),
+            agree_with_full_recompute=_agree(_out(r, 0), _out(base, 0)),
+            first_run_cpu_hit_agree_with_prefix_cache=_agree(_out(first, 1), _out(base, 1)))
+    assert _tier(first, 1)["stored"] >= HIT and _tier(first, 1)["chunks"] >= HIT
+    assert _tier(r, 0)["chunks"] >= HIT  # reopened from the catalog: nothing lost by the restart
+    assert p0["num_cached_tokens"] == [HIT * BS]
+    assert _tier(r, 0)["loaded"] >= HIT and _tier(r, 0)["load_failed"] == 0
+    assert _out(r, 0) == _out(base, 1)
+
+
+def test_native_offloading_corrupted_kvbm_chunk_is_recomputed(runs: dict) -> None:
+    """The first chunk's bytes flipped on kvbm's disk: its promotion fails the CRC32C check, vLLM
+    sees a miss at block 0 and recomputes the whole prompt (tokens equal its full recompute); the
+    chunk is dropped from kvbm's catalog and stored afresh."""
+    base, c = _need(runs["base_eager"]), _need(runs["native_tier_corrupt"])
+    p0 = c["phases"][0]
+    _record("native_tier_corrupt", tier=_tier(c, 0), repeat_tier=_tier(c, 1), num_cached_tokens=p0["num_cached_tokens"],
+            mismatch_logged="not loaded" in c["log"], agree_with_full_recompute=_agree(_out(c, 0), _out(base, 0)))
+    assert _tier(c, 0)["checksum_failures"] == 1
+    assert p0["num_cached_tokens"] == [0]
+    assert _out(c, 0) == _out(base, 0)
+    assert c["phases"][1]["num_cached_tokens"] == [HIT * BS]

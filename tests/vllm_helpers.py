@@ -97,6 +97,14 @@ def _scheduler_connector(llm: Any) -> Any:
         return None
 
 
+def _secondary_tier_stats(conn: Any) -> list[dict[str, int]] | None:
+    """Counters of kvbm's secondary tiers under vLLM's native offloading (``OffloadingConnector``
+    with ``TieringOffloadingSpec``), else None."""
+    mgr = getattr(getattr(conn, "connector_scheduler", None), "manager", None)
+    tiers = [t for t in getattr(mgr, "secondary_tiers", []) if hasattr(t, "stats")]
+    return [dict(t.stats, chunks=len(t.catalog)) for t in tiers] or None
+
+
 def _worker_copy_stats() -> dict[str, Any] | None:
     """The worker half's copy counters (``KvbmWorker.copy_stats``) when it lives in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), else None."""
@@ -160,6 +168,7 @@ def _main(spec_path: str) -> None:
             "seconds": dt,
             "kvbm": conn.kvbm_stats() if conn is not None and hasattr(conn, "kvbm_stats") else None,
             "worker": _worker_copy_stats(),
+            "secondary_tier": _secondary_tier_stats(conn),
         })
     import vllm
 

@@ -7,7 +7,8 @@ one ``@@ <json>`` line back:
 * ``{"op": "generate", "prompt": [ids], "max_tokens": n, "kv_transfer_params": {...} | null}`` ->
   ``{"tokens": [...], "kv_transfer_params": ..., "seconds": s, "external_hits": n, "kvbm": stats}``
   (``seconds``: wall time of the generate call, i.e. time to the last token).
-* ``{"op": "stats"}`` -> ``{"kvbm": stats, "worker": the worker's copy counters}``;  ``{"op": "reset"}`` resets vLLM's prefix cache.
+* ``{"op": "stats"}`` -> ``{"kvbm": stats, "worker": the worker's copy counters}``;
+  ``{"op": "reset"}`` resets vLLM's prefix cache.
 
 :class:`Instance` starts and drives one such process.
 """

@@ -1,0 +1,308 @@
+"""kvbm's disk tier under vLLM's own CPU tier: a secondary tier of vLLM's native offloading.
+
+Users of vLLM's ``OffloadingConnector`` with ``spec_name: TieringOffloadingSpec`` add kvbm's
+persistent, checksummed disk tier by configuration alone::
+
+    --kv-transfer-config '{"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+      "kv_connector_extra_config": {"spec_name": "TieringOffloadingSpec",
+        "cpu_bytes_to_use": 8589934592,
+        "secondary_tiers": [{"type": "KvbmDiskTier",
+                             "module_path": "kvbm.integrations.vllm.secondary_tier",
+                             "disk_path": "/mnt/nvme/kvbm", "disk_capacity_bytes": "500GiB"}]}}'
+
+Note [kvbm as a vLLM secondary tier]
+------------------------------------
+vLLM moves every chunk GPU -> its CPU primary tier -> secondary tiers, and back the same way; a
+secondary tier sees only the primary tier's shared host buffer (``primary_kv_view``: one row of
+``strides[0]`` bytes per chunk) and runs in the scheduler process. :class:`KvbmDiskTier` keeps
+each chunk as one record of kvbm's disk tier (slab files + LMDB catalog, the same code as the
+kvbm connector's disk tier: ``open_catalog`` and ``RankDisk`` in ``disk.py``):
+
+- a store reserves slots (victims un-listed first, in a committed txn), the native IO threads
+  write the rows straight from the primary buffer (CRC32C computed on the way), and the catalog
+  commits the records once the writes are done (``get_finished_jobs``): a crash mid-write leaves
+  no record naming torn bytes;
+- a load reads the records into the primary rows the job names, checking each record header
+  (slot, length, namespace, the chunk's key) and the CRC32C; a chunk that fails is dropped from
+  the catalog, reported failed (vLLM recomputes it), and never served;
+- nothing blocks the scheduler: submits start native IO and return; completion is polled.
+
+Keys are vLLM's ``OffloadKey`` bytes (block hash + group index). They persist across restarts
+only when vLLM's block hashes do, as for its own ``fs`` tier: vLLM seeds them from
+``PYTHONHASHSEED`` when it is set, otherwise (by release and hash algorithm) from a fixed seed or
+a random one per start; set ``PYTHONHASHSEED`` to the same value on every start to be sure. The
+records are namespaced by model, KV dtype, chunk geometry and parallel layout, so engines of
+other models or layouts sharing ``disk_path`` never read each other's chunks (they share its
+capacity, Note [Shared disk space]).
+
+The tier's API differs across vLLM releases (0.26: ``JobMetadata.block_ids``; 0.32+:
+``TransferJob.chunk_ids``, ``JobResult.successful_keys``, a backpressure detector); the
+differences are read here, in one place, by attribute.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from vllm.v1.kv_offload.base import LookupResult, RequestOffloadingContext
+from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
+
+from kvbm.config import KvbmConfig
+from kvbm.errors import ConfigError
+from kvbm.integrations.vllm import disk
+from kvbm.tiers.disk import namespace_digest
+
+try:  # 0.32+: a tier names its medium (its hits count as disk hits in vLLM's metrics)
+    from vllm.v1.kv_offload.base import Medium
+except ImportError:  # pragma: no cover - vLLM 0.26
+    Medium = None  # type: ignore[assignment,misc]
+
+logger = logging.getLogger("kvbm.vllm")
+
+#: KvbmConfig keys this tier takes from its ``secondary_tiers`` entry.
+TIER_KEYS = ("disk_path", "disk_capacity_bytes", "disk_durability", "disk_io_threads", "disk_o_direct",
+             "eviction_policy", "checksums")
+#: Keys vLLM's tier factory passes through (0.32: ``locality`` stays in the config).
+_VLLM_KEYS = ("locality", "backpressure_detector")
+_RESULT_FIELDS = {f.name for f in dataclasses.fields(JobResult)}
+
+
+def _chunk_ids(job: Any) -> np.ndarray:
+    ids = getattr(job, "chunk_ids", None)  # 0.32+ (TransferJob)
+    if ids is None:
+        ids = job.block_ids  # 0.26 (JobMetadata)
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+
+def _result(job_id: int, ok: bool, good: list[bytes] | None = None, seconds: float = 0.0,
+            nbytes: int = 0) -> JobResult:
+    kw: dict[str, Any] = {"job_id": job_id, "success": ok}
+    if "successful_keys" in _RESULT_FIELDS and not ok and good is not None:
+        kw["successful_keys"] = good
+    if "transfer_time" in _RESULT_FIELDS:
+        kw["transfer_time"] = seconds
+    if "transfer_bytes" in _RESULT_FIELDS:
+        kw["transfer_bytes"] = nbytes
+    return JobResult(**kw)
+
+
+def spec_namespace(spec: Any, chunk_bytes: int) -> bytes:
+    """The 16-byte namespace of an offloading spec's chunks: model, KV dtype, tokens per hash,
+    blocks per chunk, chunk bytes, the KV cache groups and the parallel layout."""
+    c = spec.config
+    par = c.parallel
+    groups = [(g.tokens_per_block, len(g.layer_names)) for g in getattr(c, "groups", ())]
+    fields_ = ["kvbm-vllm-secondary-tier/1", c.model.name, c.model.dtype, c.cache.tokens_per_hash,
+               c.cache.blocks_per_chunk, chunk_bytes, groups, par.tp_size, par.pp_size,
+               getattr(par, "pcp_size", 1), getattr(par, "dcp_size", 1)]
+    return namespace_digest(repr(fields_))
+
+
+@dataclass
+class _Job:
+    job_id: int
+    keys: list[bytes]
+    slots: list[int]
+    handle: Any
+    t0: float = field(default_factory=time.perf_counter)
+    ok_keys: list[bytes] = field(default_factory=list)  # loads: keys that need no read (none yet)
+    failed: bool = False  # a key of the job could not be stored / loaded before any IO
+
+
+class KvbmDiskTier(SecondaryTierManager):
+    """kvbm's disk tier as a vLLM ``SecondaryTierManager`` (Note [kvbm as a vLLM secondary tier]).
+
+    Tier config keys: ``disk_path`` (required), ``disk_capacity_bytes`` (default 10 GiB; the whole
+    ``disk_path``'s capacity, shared with other namespaces there), ``disk_durability``
+    (``none``/``batch``/``always``), ``disk_io_threads``, ``disk_o_direct``, ``eviction_policy``,
+    ``checksums``. Any other key is a :class:`kvbm.ConfigError` naming it.
+    """
+
+    if Medium is not None:
+        medium = Medium.STORAGE
+
+    def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str, **config: Any) -> None:
+        passthrough = {k: config.pop(k) for k in _VLLM_KEYS if k in config}
+        unknown = sorted(set(config) - set(TIER_KEYS))
+        if unknown:
+            raise ConfigError(f"secondary tier {tier_type!r}: unknown key(s) {unknown}; kvbm's tier takes "
+                              f"{list(TIER_KEYS)}")
+        if not config.get("disk_path"):
+            raise ConfigError(f"secondary tier {tier_type!r}: 'disk_path' is required")
+        config.setdefault("disk_capacity_bytes", "10GiB")
+        cfg = KvbmConfig.from_dict(config, source=f"secondary tier {tier_type!r}")
+        kw: dict[str, Any] = {}
+        if "backpressure_detector" in passthrough:
+            kw["backpressure_detector"] = passthrough["backpressure_detector"]
+        super().__init__(offloading_spec, primary_kv_view, tier_type, **kw)
+        if passthrough.get("locality") is not None and hasattr(self, "locality"):
+            from vllm.v1.kv_offload.base import Locality
+
+            self.locality = Locality(passthrough["locality"])
+        if not primary_kv_view.contiguous or primary_kv_view.readonly:
+            raise ConfigError(f"secondary tier {tier_type!r}: the primary tier's buffer must be a writable, "
+                              "contiguous memoryview")
+        self.chunk_bytes = int(primary_kv_view.strides[0])
+        self._rows = np.frombuffer(primary_kv_view.cast("B"), dtype=np.uint8).reshape(-1, self.chunk_bytes)
+        self.disk_path = str(cfg.disk_path)
+        ns = spec_namespace(offloading_spec, self.chunk_bytes)
+        self._ns = disk.catalog_namespace(ns)
+        self.catalog = disk.open_catalog(self.disk_path, [ns], self.chunk_bytes, cfg.disk_capacity_bytes,
+                                         cfg.disk_durability, cfg.eviction_policy)
+        try:
+            self.disk = disk.RankDisk(self.disk_path, ns, self.chunk_bytes, self.catalog.geometry.num_slots,
+                                      io_threads=cfg.disk_io_threads, o_direct=cfg.disk_o_direct,
+                                      durability=cfg.disk_durability, verify=cfg.checksums)
+        except BaseException:
+            self.catalog.close()
+            raise
+        self._stores: list[_Job] = []
+        self._loads: list[_Job] = []
+        self._finished: list[JobResult] = []
+        self.stats = {"stored": 0, "store_skipped": 0, "store_failed": 0, "loaded": 0, "load_failed": 0,
+                      "checksum_failures": 0, "evicted": 0}
+        self._closed = False
+        atexit.register(self.shutdown)  # the catalog's access times and lock, also without vLLM's shutdown
+        logger.info("kvbm secondary tier %s: %d chunks of %d bytes on disk (namespace %s)", self.catalog.path,
+                    len(self.catalog), self.chunk_bytes, ns.hex()[:12])
+
+    # -- lookups -----------------------------------------------------------------------------
+    def lookup(self, key: bytes, req_context: Any) -> LookupResult:
+        return LookupResult.HIT if bytes(key) in self.catalog else LookupResult.MISS
+
+    def on_new_request(self, req_context: Any) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def touch(self, keys: Iterable[bytes], req_context: Any) -> None:
+        for k in keys:
+            s = self.catalog.slot_of(bytes(k))
+            if s >= 0:
+                self.catalog.record_hit(s)
+
+    # -- stores: primary rows -> disk ------------------------------------------------------------
+    def submit_store(self, job_metadata: Any) -> None:
+        keys = [bytes(k) for k in job_metadata.keys]
+        chunks = _chunk_ids(job_metadata)
+        self._check(keys, chunks)
+        present = [k in self.catalog or self.catalog.is_reserved(k) for k in keys]
+        todo = [i for i, p in enumerate(present) if not p]
+        self.stats["store_skipped"] += len(keys) - len(todo)
+        evicted: list[bytes] = []
+        slots = self.catalog.reserve([keys[i] for i in todo], evicted) if todo else []
+        self.stats["evicted"] += len(evicted)
+        go = [(i, s) for i, s in zip(todo, slots, strict=True) if s >= 0]
+        job = _Job(job_metadata.job_id, [keys[i] for i, _ in go], [s for _, s in go], None,
+                   failed=len(go) < len(todo))  # no slot could be freed for some key
+        if go:
+            job.handle = self.disk.store.write(
+                job.slots, [self._rows[int(chunks[i])] for i, _ in go], [self.chunk_bytes] * len(go),
+                self.disk.sync, job.keys)
+        self._stores.append(job)
+
+    # -- loads: disk -> primary rows ---------------------------------------------------------------
+    def submit_load(self, job_metadata: Any) -> None:
+        keys = [bytes(k) for k in job_metadata.keys]
+        chunks = _chunk_ids(job_metadata)
+        self._check(keys, chunks)
+        slots = [self.catalog.slot_of(k) for k in keys]
+        go = [i for i, s in enumerate(slots) if s >= 0]
+        job = _Job(job_metadata.job_id, [keys[i] for i in go], [slots[i] for i in go], None,
+                   failed=len(go) < len(keys))  # evicted since the lookup
+        for i in go:
+            self.catalog.pin(slots[i])
+        if go:
+            job.handle = self.disk.store.read(
+                job.slots, [self._rows[int(chunks[i])] for i in go], [self.chunk_bytes] * len(go),
+                [self.catalog.shard_crcs(slots[i])[0] for i in go], self.disk.verify, job.keys)
+        self._loads.append(job)
+
+    def _check(self, keys: list[bytes], chunks: np.ndarray) -> None:
+        if len(keys) != len(chunks):
+            raise ConfigError(f"secondary tier {self.tier_type!r}: {len(keys)} keys but {len(chunks)} chunk ids")
+        if len(chunks) and (chunks.min() < 0 or chunks.max() >= len(self._rows)):
+            raise ConfigError(f"secondary tier {self.tier_type!r}: chunk id out of range [0, {len(self._rows)})")
+
+    # -- completion ------------------------------------------------------------------------------
+    def _finish_store(self, job: _Job) -> None:
+        ok = [False] * len(job.keys)
+        crcs = [0] * len(job.keys)
+        if job.handle is not None:
+            codes, c, _, msgs = job.handle.results()
+            ok = [x == 0 for x in codes.tolist()]
+            crcs = [int(x) for x in c.tolist()]
+            bad = [m for x, m in zip(codes.tolist(), msgs, strict=True) if x != 0]
+            if bad:
+                logger.error("kvbm secondary tier %s: %d of %d chunk writes failed (not stored): %s",
+                             self.catalog.path, len(bad), len(ok), bad[0])
+        stored = self.catalog.commit(job.keys, job.slots, [self.chunk_bytes] * len(job.keys), crcs, ok,
+                                     self._ns) if job.keys else []
+        n_ok = sum(stored)
+        self.stats["stored"] += n_ok
+        self.stats["store_failed"] += len(job.keys) - n_ok + (1 if job.failed else 0)
+        self._finished.append(_result(job.job_id, not job.failed and n_ok == len(job.keys),
+                                      seconds=time.perf_counter() - job.t0, nbytes=n_ok * self.chunk_bytes))
+
+    def _finish_load(self, job: _Job) -> None:
+        from kvbm import _native
+
+        good: list[bytes] = []
+        if job.handle is not None:
+            codes, _, _, msgs = job.handle.results()
+            for k, s, x, m in zip(job.keys, job.slots, codes.tolist(), msgs, strict=True):
+                self.catalog.unpin(s)
+                if x == 0:
+                    self.catalog.record_hit(s)
+                    good.append(k)
+                    continue
+                checksum = x == int(_native.DISK_CODE_CHECKSUM)
+                self.stats["checksum_failures"] += int(checksum)
+                logger.warning("kvbm secondary tier %s: chunk %s not loaded (%s): dropped, vLLM recomputes it",
+                               self.catalog.path, k.hex()[:16], m or "read failed")
+                self.catalog.drop([k], "checksum_failures" if checksum else None)
+        ok = not job.failed and len(good) == len(job.keys)
+        self.stats["loaded"] += len(good)
+        self.stats["load_failed"] += (len(job.keys) - len(good)) + (1 if job.failed else 0)
+        self._finished.append(_result(job.job_id, ok, good, time.perf_counter() - job.t0,
+                                      len(good) * self.chunk_bytes))
+
+    def _poll(self, wait: bool) -> None:
+        for attr, finish in (("_stores", self._finish_store), ("_loads", self._finish_load)):
+            pending = []
+            for job in getattr(self, attr):
+                if job.handle is not None and not job.handle.done():
+                    if not wait:
+                        pending.append(job)
+                        continue
+                    job.handle.wait()
+                finish(job)
+            setattr(self, attr, pending)
+
+    def get_finished_jobs(self) -> Iterable[JobResult]:
+        self._poll(wait=False)
+        out, self._finished = self._finished, []
+        return out
+
+    def has_pending_work(self) -> bool:
+        return bool(self._stores or self._loads)
+
+    def drain_jobs(self) -> None:
+        self._poll(wait=True)
+
+    def shutdown(self) -> None:
+        """Finish every job in flight, write the catalog's metadata and release its lock. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._poll(wait=True)
+        self.disk.store.close()
+        self.catalog.close()
+
+
+__all__ = ["TIER_KEYS", "KvbmDiskTier", "spec_namespace"]
