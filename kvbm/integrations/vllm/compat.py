@@ -22,6 +22,12 @@ context), not guessed:
 * Seen on the GPU machine: vLLM 0.26 leaves hits loaded asynchronously out of its
   ``vllm:external_prefix_cache_hits`` metric (synchronous loads are counted; 0.32 counts both).
   The request's ``num_cached_tokens`` counts them in both.
+* Secondary tiers of native offloading (``vllm/v1/kv_offload/tiering/``, kvbm's
+  :class:`~kvbm.integrations.vllm.secondary_tier.KvbmDiskTier`): 0.26 hands a tier
+  ``JobMetadata.block_ids``, 0.32 ``TransferJob.chunk_ids`` (:func:`job_chunk_ids`); 0.32's
+  ``JobResult`` adds ``successful_keys``, ``transfer_time``, ``transfer_bytes`` (:func:`job_result`
+  fills those it has); 0.32 passes a ``backpressure_detector`` and leaves ``locality`` in the tier's
+  config; 0.32 tiers name their ``medium`` (``vllm.v1.kv_offload.base.Medium``, absent in 0.26).
 * ``kv_load_failure_policy`` defaults to ``"fail"`` in every supported release: kvbm warns unless it
   is ``"recompute"`` (a block that fails its checksum would otherwise fail its request).
 
@@ -157,3 +163,31 @@ def tp_rank() -> int:
 __all__ = ["BASE_METHODS_0_26", "OPTIONAL_HOOKS", "SUPPORTED", "cache_hit_sources", "forward_hooks_run",
            "load_failure_policy", "parse_version", "tp_rank", "unsupported_reason", "vllm_version",
            "warn_if_unsupported", "worker_meta"]
+
+
+def job_chunk_ids(job: Any) -> Any:
+    """The primary-tier rows a secondary tier's job names, as an int64 array (0.32+: ``chunk_ids``;
+    0.26: ``block_ids``)."""
+    import numpy as np
+
+    ids = getattr(job, "chunk_ids", None)
+    if ids is None:
+        ids = job.block_ids
+    return np.asarray(ids, dtype=np.int64).reshape(-1)
+
+
+def job_result(result_cls: Any, job_id: int, ok: bool, good: list[bytes] | None = None, seconds: float = 0.0,
+               nbytes: int = 0) -> Any:
+    """A secondary tier's ``JobResult`` with the fields this release has (``good``: the keys that
+    did load when a load job partly failed, 0.32+)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(result_cls)}
+    kw: dict[str, Any] = {"job_id": job_id, "success": ok}
+    if "successful_keys" in names and not ok and good is not None:
+        kw["successful_keys"] = good
+    if "transfer_time" in names:
+        kw["transfer_time"] = seconds
+    if "transfer_bytes" in names:
+        kw["transfer_bytes"] = nbytes
+    return result_cls(**kw)

@@ -36,14 +36,13 @@ other models or layouts sharing ``disk_path`` never read each other's chunks (th
 capacity, Note [Shared disk space]).
 
 The tier's API differs across vLLM releases (0.26: ``JobMetadata.block_ids``; 0.32+:
-``TransferJob.chunk_ids``, ``JobResult.successful_keys``, a backpressure detector); the
-differences are read here, in one place, by attribute.
+``TransferJob.chunk_ids``, ``JobResult.successful_keys``, a backpressure detector); those
+differences live in ``compat.py`` with the connector's.
 """
 
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -57,6 +56,7 @@ from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
 from kvbm.integrations.vllm import disk
+from kvbm.integrations.vllm.compat import job_chunk_ids, job_result
 from kvbm.tiers.disk import namespace_digest
 
 try:  # 0.32+: a tier names its medium (its hits count as disk hits in vLLM's metrics)
@@ -71,26 +71,6 @@ TIER_KEYS = ("disk_path", "disk_capacity_bytes", "disk_durability", "disk_io_thr
              "eviction_policy", "checksums")
 #: Keys vLLM's tier factory passes through (0.32: ``locality`` stays in the config).
 _VLLM_KEYS = ("locality", "backpressure_detector")
-_RESULT_FIELDS = {f.name for f in dataclasses.fields(JobResult)}
-
-
-def _chunk_ids(job: Any) -> np.ndarray:
-    ids = getattr(job, "chunk_ids", None)  # 0.32+ (TransferJob)
-    if ids is None:
-        ids = job.block_ids  # 0.26 (JobMetadata)
-    return np.asarray(ids, dtype=np.int64).reshape(-1)
-
-
-def _result(job_id: int, ok: bool, good: list[bytes] | None = None, seconds: float = 0.0,
-            nbytes: int = 0) -> JobResult:
-    kw: dict[str, Any] = {"job_id": job_id, "success": ok}
-    if "successful_keys" in _RESULT_FIELDS and not ok and good is not None:
-        kw["successful_keys"] = good
-    if "transfer_time" in _RESULT_FIELDS:
-        kw["transfer_time"] = seconds
-    if "transfer_bytes" in _RESULT_FIELDS:
-        kw["transfer_bytes"] = nbytes
-    return JobResult(**kw)
 
 
 def spec_namespace(spec: Any, chunk_bytes: int) -> bytes:
@@ -189,7 +169,7 @@ class KvbmDiskTier(SecondaryTierManager):
     # -- stores: primary rows -> disk ------------------------------------------------------------
     def submit_store(self, job_metadata: Any) -> None:
         keys = [bytes(k) for k in job_metadata.keys]
-        chunks = _chunk_ids(job_metadata)
+        chunks = job_chunk_ids(job_metadata)
         self._check(keys, chunks)
         present = [k in self.catalog or self.catalog.is_reserved(k) for k in keys]
         todo = [i for i, p in enumerate(present) if not p]
@@ -209,7 +189,7 @@ class KvbmDiskTier(SecondaryTierManager):
     # -- loads: disk -> primary rows ---------------------------------------------------------------
     def submit_load(self, job_metadata: Any) -> None:
         keys = [bytes(k) for k in job_metadata.keys]
-        chunks = _chunk_ids(job_metadata)
+        chunks = job_chunk_ids(job_metadata)
         self._check(keys, chunks)
         slots = [self.catalog.slot_of(k) for k in keys]
         go = [i for i, s in enumerate(slots) if s >= 0]
@@ -246,7 +226,7 @@ class KvbmDiskTier(SecondaryTierManager):
         n_ok = sum(stored)
         self.stats["stored"] += n_ok
         self.stats["store_failed"] += len(job.keys) - n_ok + (1 if job.failed else 0)
-        self._finished.append(_result(job.job_id, not job.failed and n_ok == len(job.keys),
+        self._finished.append(job_result(JobResult, job.job_id, not job.failed and n_ok == len(job.keys),
                                       seconds=time.perf_counter() - job.t0, nbytes=n_ok * self.chunk_bytes))
 
     def _finish_load(self, job: _Job) -> None:
@@ -269,7 +249,7 @@ class KvbmDiskTier(SecondaryTierManager):
         ok = not job.failed and len(good) == len(job.keys)
         self.stats["loaded"] += len(good)
         self.stats["load_failed"] += (len(job.keys) - len(good)) + (1 if job.failed else 0)
-        self._finished.append(_result(job.job_id, ok, good, time.perf_counter() - job.t0,
+        self._finished.append(job_result(JobResult, job.job_id, ok, good, time.perf_counter() - job.t0,
                                       len(good) * self.chunk_bytes))
 
     def _poll(self, wait: bool) -> None:
