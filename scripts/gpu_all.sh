@@ -20,6 +20,10 @@
 #                   open('/opt/v/vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so','wb'))"; mkdir -p /opt/vwhl; cp .vb/v3/*.whl /opt/vwhl/
 #   carry .vb/v2: python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .vb/v2/*.whl /opt/vwhl/*.whl
 #   carry the tree (+ .vb/v4, the wheels that did not fit): VB_EXTRA=../.vb/v4 bash scripts/gpu_all.sh vllm
+#   (KVBM_VLLM_K=<pytest -k> KVBM_VLLM_GPU_ONLY=<engine prefix> KVBM_VLLM_SKIP_PD=1: a subset)
+# When the bundles need no split (tree + bundle under 64 MiB): call 1 carries .vb/v1 and untars it into
+# /opt/v, call 2 carries .vb/v3, call 3 carries .vb/v2 and installs, then runs this script.
+# GPU_MARK=1 with build-test runs the GPU-marked tests only (the CPU tests run in CI at the same commit).
 # The UCX stack comes as ../.ucx/ucx_stack.tgz (../shared/tools/pack_ucx_for_device.sh), carried
 # with the tree. Logs and results go to $OUT.
 set -uo pipefail
@@ -53,6 +57,7 @@ build-test)
   build
   step "tests (all, GPU included)"
   timeout 420 python3 -m pytest -q -rfEs -p no:cacheprovider tests/ --maxfail=10 --ignore=tests/test_vllm_connector.py \
+    ${GPU_MARK:+-m gpu} \
     >"$OUT/tests.log" 2>&1 || status=1
   grep -E "FAILED|ERROR|passed|failed" "$OUT/tests.log" | tail -15
   step "compute-sanitizer memcheck (kernel tests)"
@@ -64,7 +69,9 @@ build-test)
   timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
     python3 -m pytest -q -p no:cacheprovider tests/test_vllm_worker_gpu.py tests/test_pd_gpu.py -k "layer_range or byte_exact" \
     >"$OUT/sanitizer_worker.log" 2>&1; rc=$?
-  tail -4 "$OUT/sanitizer_worker.log"; echo "compute-sanitizer (connector worker) exit code: $rc"; [ $rc -eq 0 ] || status=1
+  tail -4 "$OUT/sanitizer_worker.log"; echo "compute-sanitizer (connector worker) exit code: $rc"
+  # UCX's memory-domain probe (cuCtxSetFlags at open) is reported too: only other errors count
+  python3 scripts/sanitizer_errors.py "$OUT/sanitizer_worker.log" || status=1
   [ "${SKIP_BENCH:-0}" = 1 ] && { step "done status=$status"; exit $status; }
   step "CUDA data path benchmark"
   timeout 200 python3 benchmarks/bench_cuda_datapath.py --out "$OUT" >"$OUT/bench_cuda.log" 2>&1 || status=1
@@ -112,13 +119,14 @@ vllm)
   rm -rf /tmp/vllm_gpu_logs
   KVBM_VLLM_GPU_REPORT="$OUT/vllm_gpu.json" KVBM_VLLM_GPU_LOGDIR=/tmp/vllm_gpu_logs \
     timeout $(( ${KVBM_VLLM_DEADLINE_S:-575} - SECONDS )) python3 -m pytest -v -rfEs -p no:cacheprovider \
-    tests/test_vllm_real_gpu.py >"$OUT/vllm_gpu_tests.log" 2>&1 || status=1
+    tests/test_vllm_real_gpu.py ${KVBM_VLLM_K:+-k "$KVBM_VLLM_K"} >"$OUT/vllm_gpu_tests.log" 2>&1 || status=1
+  [ "${KVBM_VLLM_SKIP_PD:-0}" = 1 ] || {
   step "P/D between two real vLLM processes on the GPU (tests/test_vllm_pd_gpu.py)"
   KVBM_VLLM_PD_GPU_REPORT="$OUT/vllm_pd_gpu.json" KVBM_VLLM_GPU_LOGDIR=/tmp/vllm_gpu_logs \
     timeout $(( ${KVBM_VLLM_DEADLINE_S:-575} - SECONDS )) python3 -m pytest -v -rfEs -p no:cacheprovider \
     tests/test_vllm_pd_gpu.py >"$OUT/vllm_pd_gpu_tests.log" 2>&1 || status=1
   grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_pd_gpu_tests.log" | head -20
-  [ -f "$OUT/vllm_pd_gpu.json" ] && cat "$OUT/vllm_pd_gpu.json" | head -60
+  [ -f "$OUT/vllm_pd_gpu.json" ] && cat "$OUT/vllm_pd_gpu.json" | head -60; }
   [ -d /tmp/vllm_gpu_logs ] && tar czf "$OUT/vllm_gpu_logs.tgz" -C /tmp vllm_gpu_logs
   grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_gpu_tests.log" | head -40
   [ -f "$OUT/vllm_gpu.json" ] && python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:6000])" "$OUT/vllm_gpu.json"

@@ -70,6 +70,9 @@ def test_the_contract_catches_an_import_against_the_layers(tmp_path):
     cfg = tmp_path / "kvbm" / "config.py"
     cfg.write_text(cfg.read_text(encoding="utf-8") + "\nfrom kvbm.tiers.remote import RemoteTier  # noqa\n",
                    encoding="utf-8")
-    r = subprocess.run([exe, "--no-cache"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+    # the copy first; import-linter itself may live on the caller's path (the GPU machine's /tmp/site)
+    path = [str(tmp_path)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                              if p and Path(p).resolve() != ROOT]
+    r = subprocess.run([exe, "--no-cache"], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "kvbm.config is not allowed to import kvbm.tiers" in r.stdout, r.stdout[-3000:]

@@ -99,6 +99,7 @@ BASE_PHASES = [
 ]
 
 REPORT: dict[str, Any] = {"cases": {}}
+ONLY = os.environ.get("KVBM_VLLM_GPU_ONLY", "")  # run only the engines whose names start with this
 
 
 def _agree(a: list[int], b: list[int]) -> int:
@@ -191,9 +192,9 @@ NATIVE_PHASES = [
 def native_tier_config(disk_path: str) -> dict[str, Any]:
     return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
             "kv_connector_extra_config": {
-                "spec_name": "TieringOffloadingSpec", "cpu_bytes_to_use": 32 << 20,
-                "secondary_tiers": [{"type": "KvbmDiskTier", "module_path": "kvbm.integrations.vllm.secondary_tier",
-                                     "disk_path": disk_path, "disk_capacity_bytes": "256MiB"}]}}
+                "spec_name": "KvbmTieringOffloadingSpec", "spec_module_path": "kvbm.integrations.vllm.secondary_tier",
+                "cpu_bytes_to_use": 32 << 20,
+                "secondary_tiers": [{"type": "kvbm", "disk_path": disk_path, "disk_capacity_bytes": "256MiB"}]}}
 
 
 def _flip_slot(disk_path: str, slot: int) -> str:
@@ -230,7 +231,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     kv_c, kv_d = str(root / "kv_c"), str(root / "kv_d")
     disk = {"host_capacity_bytes": "64MiB", "disk_capacity_bytes": "256MiB"}
     kvbm_phases = [{"prompts": [LONG]}, {"prompts": [LONG]}, {"prompts": [SHARED]}, {"prompts": [OTHER]}]
-    wave1 = _parallel({
+    jobs1 = {
         "base_eager": {"model": model, "kv_transfer_config": None, "phases": BASE_PHASES, "llm_kwargs": EAGER},
         "base_graphs": {"model": model, "kv_transfer_config": None, "phases": BASE_PHASES, "llm_kwargs": GRAPHS},
         "kvbm_eager": {"model": model, "kv_transfer_config": kvbm_transfer_config(**disk, disk_path=kv_a),
@@ -243,7 +244,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
                         "llm_kwargs": EAGER},
         "native_tier_d": {"model": model, "kv_transfer_config": native_tier_config(kv_d), "phases": NATIVE_PHASES[:1],
                           "llm_kwargs": EAGER},
-    }, root)
+    }
+    if ONLY:  # KVBM_VLLM_GPU_ONLY=native: the reference and the native-offloading engines only
+        jobs1 = {n: j for n, j in jobs1.items() if n == "base_eager" or n.startswith(ONLY)}
+    wave1 = _parallel(jobs1, root)
+    for n in ("kvbm_eager", "kvbm_graphs", "native_tier", "native_tier_d", "base_graphs"):
+        wave1.setdefault(n, {"error": f"{n} not run (KVBM_VLLM_GPU_ONLY={ONLY})"})
     t1 = time.perf_counter()
     out = dict(wave1)
     wave2: dict[str, dict[str, Any]] = {}

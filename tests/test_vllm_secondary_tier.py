@@ -33,7 +33,10 @@ CHUNKS = 16  # primary tier capacity, in chunks
 
 
 def _spec(disk_path: str, *, model: str = "tiny-llama", tier: dict[str, Any] | None = None,
-          chunks: int = CHUNKS) -> Any:
+          chunks: int = CHUNKS, out_of_tree: bool = False) -> Any:
+    """vLLM's offloading spec as the factory makes it from ``kv_connector_extra_config``: kvbm's
+    spec name (registers tier type "kvbm"; what vLLM 0.26 needs), or with ``out_of_tree`` vLLM's
+    own TieringOffloadingSpec and the tier by ``type`` + ``module_path`` (0.32+)."""
     from vllm.v1.kv_offload.config import (
         OffloadingCacheConfig,
         OffloadingConfig,
@@ -41,22 +44,28 @@ def _spec(disk_path: str, *, model: str = "tiny-llama", tier: dict[str, Any] | N
         OffloadingModelConfig,
         OffloadingParallelConfig,
     )
+    from vllm.v1.kv_offload.factory import OffloadingSpecFactory
     from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 
-    tier_cfg = {"type": "KvbmDiskTier", "module_path": "kvbm.integrations.vllm.secondary_tier",
+    mod = "kvbm.integrations.vllm.secondary_tier"
+    tier_cfg = {**({"type": "KvbmDiskTier", "module_path": mod} if out_of_tree else {"type": "kvbm"}),
                 "disk_path": disk_path, "disk_capacity_bytes": "64MiB", "disk_durability": "none",
                 **(tier or {})}
+    spec_keys = ({"spec_name": "TieringOffloadingSpec"} if out_of_tree else
+                 {"spec_name": "KvbmTieringOffloadingSpec", "spec_module_path": mod})
     aligned = -(-BLOCK_BYTES // TieringOffloadingSpec.BLOCK_SIZE_ALIGNMENT) * TieringOffloadingSpec.BLOCK_SIZE_ALIGNMENT
     cfg = OffloadingConfig(
         groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("l0", "l1"), group_id=0),),
         worker_kv_bytes_per_block=BLOCK_BYTES, enable_kv_cache_events=False,
-        extra_config={"cpu_bytes_to_use": chunks * aligned, "secondary_tiers": [tier_cfg]},
+        extra_config={**spec_keys, "cpu_bytes_to_use": chunks * aligned, "secondary_tiers": [tier_cfg]},
         engine_id=f"kvbm-test-{uuid.uuid4().hex[:12]}", model=OffloadingModelConfig(name=model, dtype="bfloat16"),
         cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=1),
         parallel=OffloadingParallelConfig(rank=0, world_size=1, tp_size=1, pp_size=1, pcp_size=1, dcp_size=1,
                                           data_parallel_index=0, data_parallel_size=1,
                                           data_parallel_rank_local=None, is_parallelism_agnostic=False))
-    return TieringOffloadingSpec(cfg)
+    spec = OffloadingSpecFactory.create_spec(cfg)
+    assert isinstance(spec, TieringOffloadingSpec)
+    return spec
 
 
 class Engine:
@@ -169,12 +178,14 @@ def test_cascade_then_promotion_is_byte_exact(engine: Engine) -> None:
     assert engine.load(list(_keys(1, seed=99)))[next(iter(_keys(1, seed=99)))] is None
 
 
-def test_chunks_survive_a_restart(tmp_path: Any) -> None:
+@pytest.mark.parametrize("out_of_tree", [False, True], ids=["kvbm_spec", "type_and_module_path"])
+def test_chunks_survive_a_restart(tmp_path: Any, out_of_tree: bool) -> None:
+    """Written by an engine configured one way, read back after a restart configured the other."""
     data = _keys(12, seed=2)
-    e = Engine(str(tmp_path / "kv"))
+    e = Engine(str(tmp_path / "kv"), out_of_tree=out_of_tree)
     e.store(data)
     e.close()
-    e2 = Engine(str(tmp_path / "kv"))
+    e2 = Engine(str(tmp_path / "kv"), out_of_tree=not out_of_tree)
     try:
         assert len(e2.tier.catalog) == 12
         got = e2.load(list(data))

@@ -4,11 +4,15 @@ Users of vLLM's ``OffloadingConnector`` with ``spec_name: TieringOffloadingSpec`
 persistent, checksummed disk tier by configuration alone::
 
     --kv-transfer-config '{"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
-      "kv_connector_extra_config": {"spec_name": "TieringOffloadingSpec",
+      "kv_connector_extra_config": {"spec_name": "KvbmTieringOffloadingSpec",
+        "spec_module_path": "kvbm.integrations.vllm.secondary_tier",
         "cpu_bytes_to_use": 8589934592,
-        "secondary_tiers": [{"type": "KvbmDiskTier",
-                             "module_path": "kvbm.integrations.vllm.secondary_tier",
-                             "disk_path": "/mnt/nvme/kvbm", "disk_capacity_bytes": "500GiB"}]}}'
+        "secondary_tiers": [{"type": "kvbm", "disk_path": "/mnt/nvme/kvbm",
+                             "disk_capacity_bytes": "500GiB"}]}}'
+
+(``KvbmTieringOffloadingSpec`` is vLLM's ``TieringOffloadingSpec``; naming it registers tier type
+``kvbm``, which vLLM 0.26 needs. On 0.32+ ``"spec_name": "TieringOffloadingSpec"`` with
+``{"type": "KvbmDiskTier", "module_path": "kvbm.integrations.vllm.secondary_tier", ...}`` works too.)
 
 Note [kvbm as a vLLM secondary tier]
 ------------------------------------
@@ -43,6 +47,7 @@ differences live in ``compat.py`` with the connector's.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -52,6 +57,8 @@ from typing import Any
 import numpy as np
 from vllm.v1.kv_offload.base import LookupResult, RequestOffloadingContext
 from vllm.v1.kv_offload.tiering.base import JobResult, SecondaryTierManager
+from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
+from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
@@ -69,8 +76,11 @@ logger = logging.getLogger("kvbm.vllm")
 #: KvbmConfig keys this tier takes from its ``secondary_tiers`` entry.
 TIER_KEYS = ("disk_path", "disk_capacity_bytes", "disk_durability", "disk_io_threads", "disk_o_direct",
              "eviction_policy", "checksums")
-#: Keys vLLM's tier factory passes through (0.32: ``locality`` stays in the config).
-_VLLM_KEYS = ("locality", "backpressure_detector")
+#: Keys vLLM's tier factory passes through (0.32: ``locality`` stays in the config; 0.26 leaves
+#: ``module_path`` in it).
+_VLLM_KEYS = ("locality", "backpressure_detector", "module_path")
+#: The secondary tier type kvbm's tier is registered under (see :class:`KvbmTieringOffloadingSpec`).
+TIER_TYPE = "kvbm"
 
 
 def spec_namespace(spec: Any, chunk_bytes: int) -> bytes:
@@ -285,4 +295,18 @@ class KvbmDiskTier(SecondaryTierManager):
         self.catalog.close()
 
 
-__all__ = ["TIER_KEYS", "KvbmDiskTier", "spec_namespace"]
+class KvbmTieringOffloadingSpec(TieringOffloadingSpec):
+    """vLLM's ``TieringOffloadingSpec``, unchanged. Naming it (``spec_name`` with
+    ``spec_module_path: kvbm.integrations.vllm.secondary_tier``) makes vLLM import this module, which
+    registers :class:`KvbmDiskTier` as secondary tier type ``"kvbm"``: vLLM 0.26 finds a tier by its
+    registered type only (0.32+ also by ``type`` + ``module_path``)."""
+
+
+def _register() -> None:
+    with contextlib.suppress(ValueError):  # registered already (this module loaded under two names)
+        SecondaryTierFactory.register_tier(TIER_TYPE, __name__, "KvbmDiskTier")
+
+
+_register()
+
+__all__ = ["TIER_KEYS", "TIER_TYPE", "KvbmDiskTier", "KvbmTieringOffloadingSpec", "spec_namespace"]
