@@ -17,7 +17,6 @@ agreement with the full recompute is reported, not asserted.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -26,27 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_helpers import agree as _agree
+from vllm_helpers import gpu_vllm_skip_reason
 
-
-def _skip_reason() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (the GPU machine gets vLLM 0.26 from scripts/gpu_all.sh vllm)"
-    try:
-        import torch
-
-        from kvbm import _native
-        from kvbm.transfer import ucx_available
-    except ImportError as e:
-        return f"torch or kvbm's native extension is missing: {e}"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (P/D between real vLLM processes on CUDA)"
-    if not _native.cuda_available():
-        return "kvbm was built without CUDA (KVBM_CUDA=ON)"
-    ok, why = ucx_available()
-    return None if ok else (why or "UCX unavailable")
-
-
-_REASON = _skip_reason()
+_REASON = gpu_vllm_skip_reason(need_ucx=True)
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 BS = 16
@@ -71,15 +53,6 @@ def _pd_config(role: str, **extra: Any) -> dict[str, Any]:
     return {"kv_connector": "KvbmConnector", "kv_connector_module_path": "kvbm.integrations.vllm",
             "kv_role": role, "kv_load_failure_policy": "recompute",
             "kv_connector_extra_config": {"host_capacity_bytes": "256MiB", **extra}}
-
-
-def _agree(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ corrupt a middle block, where kernels do not depend on the batch shape).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -41,26 +40,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from vllm_helpers import HERE, REPO, build_tiny_llama, kvbm_transfer_config
+from vllm_helpers import HERE, REPO, build_tiny_llama, gpu_vllm_skip_reason, kvbm_transfer_config
+from vllm_helpers import agree as _agree
 
-
-def _skip_reason() -> str | None:
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (the GPU machine gets vLLM 0.26 from scripts/gpu_all.sh vllm)"
-    try:
-        import torch
-
-        from kvbm import _native
-    except ImportError as e:
-        return f"torch or kvbm's native extension is missing: {e}"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU (real vLLM on CUDA)"
-    if not _native.cuda_available():
-        return "kvbm was built without CUDA (KVBM_CUDA=ON)"
-    return None
-
-
-_REASON = _skip_reason()
+_REASON = gpu_vllm_skip_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.vllm, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
 
 BS = 16  # vLLM's default block size on CUDA
@@ -100,16 +83,6 @@ BASE_PHASES = [
 
 REPORT: dict[str, Any] = {"cases": {}}
 ONLY = os.environ.get("KVBM_VLLM_GPU_ONLY", "")  # run only the engines whose names start with this
-
-
-def _agree(a: list[int], b: list[int]) -> int:
-    """Leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _out(run: dict, phase: int) -> list[int]:

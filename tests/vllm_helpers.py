@@ -56,6 +56,41 @@ def add_word_tokenizer(model_dir: str | os.PathLike, vocab: int = 1024) -> str:
     return str(model_dir)
 
 
+def gpu_vllm_skip_reason(need_ucx: bool = False) -> str | None:
+    """Why real vLLM on CUDA cannot run here (None: it can): no vLLM, torch, CUDA GPU, CUDA build
+    of kvbm or, with ``need_ucx``, UCX."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (the GPU machine gets vLLM 0.26 from scripts/gpu_all.sh vllm)"
+    try:
+        import torch
+
+        from kvbm import _native
+        from kvbm.transfer import ucx_available
+    except ImportError as e:
+        return f"torch or kvbm's native extension is missing: {e}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (real vLLM on CUDA)"
+    if not _native.cuda_available():
+        return "kvbm was built without CUDA (KVBM_CUDA=ON)"
+    if need_ucx:
+        ok, why = ucx_available()
+        if not ok:
+            return why or "UCX unavailable"
+    return None
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    """Leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def kvbm_transfer_config(**extra: Any) -> dict[str, Any]:
     return {"kv_connector": "KvbmConnector", "kv_connector_module_path": "kvbm.integrations.vllm",
             "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
