@@ -162,12 +162,13 @@ NATIVE_PHASES = [
 ]
 
 
-def native_tier_config(disk_path: str) -> dict[str, Any]:
+def native_tier_config(disk_path: str | None, remote_url: str | None = None) -> dict[str, Any]:
+    tiers = ([{"type": "kvbm", "disk_path": disk_path, "disk_capacity_bytes": "256MiB"}] if disk_path else []) + (
+        [{"type": "kvbm_remote", "remote_url": remote_url, "remote_token": "tok"}] if remote_url else [])
     return {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
             "kv_connector_extra_config": {
                 "spec_name": "KvbmTieringOffloadingSpec", "spec_module_path": "kvbm.integrations.vllm.secondary_tier",
-                "cpu_bytes_to_use": 32 << 20,
-                "secondary_tiers": [{"type": "kvbm", "disk_path": disk_path, "disk_capacity_bytes": "256MiB"}]}}
+                "cpu_bytes_to_use": 32 << 20, "secondary_tiers": tiers}}
 
 
 def _flip_slot(disk_path: str, slot: int) -> str:
@@ -202,6 +203,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
                                  intermediate=512, vocab=1024, max_pos=8192)
     kv_a, kv_b = str(root / "kv_a"), str(root / "kv_b")
     kv_c, kv_d = str(root / "kv_c"), str(root / "kv_d")
+    from kvbm.serve import ServeConfig, StoreServer
+
+    serve = StoreServer(ServeConfig(capacity_bytes=64 << 20, max_block_bytes=1 << 20, token="tok"))
+    serve.start()  # kvbm's remote store, for vLLM's native offloading with kvbm_remote under its CPU tier
     disk = {"host_capacity_bytes": "64MiB", "disk_capacity_bytes": "256MiB"}
     kvbm_phases = [{"prompts": [LONG]}, {"prompts": [LONG]}, {"prompts": [SHARED]}, {"prompts": [OTHER]}]
     jobs1 = {
@@ -217,11 +222,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
                         "llm_kwargs": EAGER},
         "native_tier_d": {"model": model, "kv_transfer_config": native_tier_config(kv_d), "phases": NATIVE_PHASES[:1],
                           "llm_kwargs": EAGER},
+        "native_tier_remote": {"model": model, "kv_transfer_config": native_tier_config(None, serve.url),
+                               "phases": NATIVE_PHASES[:1], "llm_kwargs": EAGER},
     }
     if ONLY:  # KVBM_VLLM_GPU_ONLY=native: the reference and the native-offloading engines only
         jobs1 = {n: j for n, j in jobs1.items() if n == "base_eager" or n.startswith(ONLY)}
     wave1 = _parallel(jobs1, root)
-    for n in ("kvbm_eager", "kvbm_graphs", "native_tier", "native_tier_d", "base_graphs"):
+    for n in ("kvbm_eager", "kvbm_graphs", "native_tier", "native_tier_d", "native_tier_remote", "base_graphs"):
         wave1.setdefault(n, {"error": f"{n} not run (KVBM_VLLM_GPU_ONLY={ONLY})"})
     t1 = time.perf_counter()
     out = dict(wave1)
@@ -243,6 +250,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     if "error" not in wave1["native_tier"]:
         wave2["native_tier_restart"] = {"model": model, "kv_transfer_config": native_tier_config(kv_c),
                                         "phases": NATIVE_PHASES, "llm_kwargs": EAGER}
+    if "error" not in wave1["native_tier_remote"]:  # another process, served from the kvbm serve store
+        wave2["native_tier_remote_b"] = {"model": model, "kv_transfer_config": native_tier_config(None, serve.url),
+                                         "phases": NATIVE_PHASES[:1], "llm_kwargs": EAGER}
     if "error" not in wave1["native_tier_d"]:
         try:
             REPORT["native_tier_corrupted_slot"] = _flip_slot(kv_d, 0)
@@ -252,7 +262,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
             out["native_tier_corrupt"] = {"error": f"could not corrupt slot 0 in {kv_d}: {e!r}"}
     if wave2:
         out.update(_parallel(wave2, root))
-    for name in ("restart_sync", "corrupt_graphs", "native_tier_restart", "native_tier_corrupt"):
+    serve.close()
+    for name in ("restart_sync", "corrupt_graphs", "native_tier_restart", "native_tier_corrupt",
+                 "native_tier_remote_b"):
         out.setdefault(name, {"error": f"{name} not run: the wave-1 kvbm engine it restarts from failed"})
     if "error" not in out["corrupt_graphs"]:
         from kvbm.cli.inspect import inspect_dir
@@ -424,3 +436,16 @@ def test_native_offloading_corrupted_kvbm_chunk_is_recomputed(runs: dict) -> Non
     assert p0["num_cached_tokens"] == [0]
     assert _out(c, 0) == _out(base, 0)
     assert c["phases"][1]["num_cached_tokens"] == [HIT * BS]
+
+
+def test_native_offloading_with_kvbm_remote_tier(runs: dict) -> None:
+    """kvbm's remote tier (an in-process ``kvbm serve`` on loopback) under vLLM's CPU tier: one
+    engine's chunks go to the store; another process (empty GPU and CPU tiers) is served all 250
+    from it: tokens equal vLLM's own 250-block prefix-cache hit."""
+    base, a, b = _need(runs["base_eager"]), _need(runs["native_tier_remote"]), _need(runs["native_tier_remote_b"])
+    p0 = b["phases"][0]
+    _record("native_tier_remote", writer_tier=_tier(a, 0), reader_tier=_tier(b, 0),
+            num_cached_tokens=p0["num_cached_tokens"], agree_with_prefix_cache=_agree(_out(b, 0), _out(base, 1)))
+    assert p0["num_cached_tokens"] == [HIT * BS]
+    assert _tier(b, 0)["loaded"] >= HIT and _tier(b, 0)["load_failed"] == 0
+    assert _out(b, 0) == _out(base, 1)

@@ -33,7 +33,7 @@ CHUNKS = 16  # primary tier capacity, in chunks
 
 
 def _spec(disk_path: str, *, model: str = "tiny-llama", tier: dict[str, Any] | None = None,
-          chunks: int = CHUNKS, out_of_tree: bool = False) -> Any:
+          chunks: int = CHUNKS, out_of_tree: bool = False, tiers: list[dict[str, Any]] | None = None) -> Any:
     """vLLM's offloading spec as the factory makes it from ``kv_connector_extra_config``: kvbm's
     spec name (registers tier type "kvbm"; what vLLM 0.26 needs), or with ``out_of_tree`` vLLM's
     own TieringOffloadingSpec and the tier by ``type`` + ``module_path`` (0.32+)."""
@@ -57,7 +57,8 @@ def _spec(disk_path: str, *, model: str = "tiny-llama", tier: dict[str, Any] | N
     cfg = OffloadingConfig(
         groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("l0", "l1"), group_id=0),),
         worker_kv_bytes_per_block=BLOCK_BYTES, enable_kv_cache_events=False,
-        extra_config={**spec_keys, "cpu_bytes_to_use": chunks * aligned, "secondary_tiers": [tier_cfg]},
+        extra_config={**spec_keys, "cpu_bytes_to_use": chunks * aligned,
+                      "secondary_tiers": tiers if tiers is not None else [tier_cfg]},
         engine_id=f"kvbm-test-{uuid.uuid4().hex[:12]}", model=OffloadingModelConfig(name=model, dtype="bfloat16"),
         cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=1),
         parallel=OffloadingParallelConfig(rank=0, world_size=1, tp_size=1, pp_size=1, pcp_size=1, dcp_size=1,
@@ -302,3 +303,109 @@ def test_bad_tier_config_is_a_config_error(tmp_path: Any) -> None:
         _spec("", tier={}).get_manager()
     with pytest.raises(ConfigError, match="disk_durability"):
         _spec(str(tmp_path / "kv"), tier={"disk_durability": "sometimes"}).get_manager()
+
+
+# -- kvbm's remote tier (kvbm serve, Redis) under vLLM's CPU tier ------------------------------------
+
+
+@pytest.fixture
+def serve_url() -> Any:
+    from kvbm.serve import ServeConfig, StoreServer
+
+    with StoreServer(ServeConfig(capacity_bytes=16 << 20, max_block_bytes=1 << 20, token="tok")) as srv:
+        yield srv
+
+
+def _remote(url: str, **kw: Any) -> dict[str, Any]:
+    return {"type": "kvbm_remote", "remote_url": url, "remote_token": "tok", "remote_timeout_s": 1.0, **kw}
+
+
+def test_remote_tier_serves_another_engine(serve_url: Any, tmp_path: Any) -> None:
+    """Engine A's chunks cascade to a kvbm serve store; engine B (its own, empty CPU tier) finds
+    them there (one round trip per request and step) and gets the same bytes."""
+    data = _keys(10, seed=7)
+    a = Engine("", tiers=[_remote(serve_url.url)])
+    a.store(data)
+    assert a.tier.stats["stored"] == 10
+    b = Engine("", tiers=[_remote(serve_url.url)])
+    try:
+        got = b.load(list(data))
+        assert all(got[k] is not None and np.array_equal(got[k], v) for k, v in data.items())
+        assert b.tier.stats["loaded"] == 10 and b.tier.stats["lookups_remote"] >= 1
+        assert all(v is None for v in b.load(list(_keys(3, seed=8))).values())
+    finally:
+        a.close()
+        b.close()
+
+
+def test_disk_then_remote_under_vllm_cpu_tier(serve_url: Any, tmp_path: Any) -> None:
+    """Both kvbm tiers under vLLM's CPU tier: stores cascade to both; a restarted engine with an
+    empty disk directory is served from the remote store."""
+    data = _keys(6, seed=9)
+    disk = {"type": "kvbm", "disk_path": str(tmp_path / "kv"), "disk_capacity_bytes": "16MiB",
+            "disk_durability": "none"}
+    e = Engine("", tiers=[disk, _remote(serve_url.url)])
+    e.store(data)
+    assert [t.stats["stored"] for t in e.mgr.secondary_tiers] == [6, 6]
+    e.close()
+    e2 = Engine("", tiers=[{**disk, "disk_path": str(tmp_path / "kv2")}, _remote(serve_url.url)])
+    try:
+        got = e2.load(list(data))
+        assert all(got[k] is not None and np.array_equal(got[k], v) for k, v in data.items())
+        assert e2.mgr.secondary_tiers[1].stats["loaded"] == 6
+    finally:
+        e2.close()
+
+
+def test_remote_store_down_is_a_miss_not_a_hang(tmp_path: Any) -> None:
+    from kvbm.serve import ServeConfig, StoreServer
+
+    srv = StoreServer(ServeConfig(capacity_bytes=16 << 20, max_block_bytes=1 << 20, token="tok"))
+    srv.start()
+    url = srv.url
+    data = _keys(4, seed=10)
+    e = Engine("", tiers=[_remote(url, remote_timeout_s=0.5)])
+    try:
+        srv.close()  # the store goes away
+        t0 = time.monotonic()
+        e.store(data)  # the puts fail: counted, not raised
+        got = e.load(list(_keys(2, seed=11)))
+        assert all(v is None for v in got.values())
+        assert time.monotonic() - t0 < 20
+    finally:
+        e.close()
+
+
+def test_tampered_remote_record_is_never_served(tmp_path: Any) -> None:
+    """Redis holds the records; one value's payload flipped there: that chunk is a miss (its
+    CRC32C does not verify), the others load byte-exact."""
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install 'kvblockmgr[redis]')")
+    import redis
+    from redis_server import RedisServer
+
+    srv = RedisServer()
+    try:
+        srv.start()
+    except RuntimeError as err:
+        srv.close()
+        pytest.skip(str(err))
+    try:
+        data = _keys(5, seed=12)
+        a = Engine("", tiers=[_remote(srv.url)])
+        a.store(data)
+        a.close()
+        r = redis.Redis.from_url(srv.url)
+        keys = sorted(r.keys("*"))
+        assert len(keys) >= 5
+        val = bytearray(r.get(keys[0]))
+        val[-1] ^= 0xFF
+        r.set(keys[0], bytes(val))
+        b = Engine("", tiers=[_remote(srv.url)])
+        try:
+            got = b.load(list(data))
+            assert sum(v is None for v in got.values()) == 1, "the tampered chunk was served or others lost"
+            assert all(np.array_equal(v, data[k]) for k, v in got.items() if v is not None)
+        finally:
+            b.close()
+    finally:
+        srv.close()

@@ -137,7 +137,7 @@ def _secondary_tier_stats(conn: Any) -> list[dict[str, int]] | None:
     with ``TieringOffloadingSpec``), else None."""
     mgr = getattr(getattr(conn, "connector_scheduler", None), "manager", None)
     tiers = [t for t in getattr(mgr, "secondary_tiers", []) if hasattr(t, "stats")]
-    return [dict(t.stats, chunks=len(t.catalog)) for t in tiers] or None
+    return [dict(t.stats, chunks=len(t.catalog)) if hasattr(t, "catalog") else dict(t.stats) for t in tiers] or None
 
 
 def _worker_copy_stats() -> dict[str, Any] | None:

@@ -48,9 +48,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +84,10 @@ TIER_KEYS = ("disk_path", "disk_capacity_bytes", "disk_durability", "disk_io_thr
 _VLLM_KEYS = ("locality", "backpressure_detector", "module_path")
 #: The secondary tier type kvbm's tier is registered under (see :class:`KvbmTieringOffloadingSpec`).
 TIER_TYPE = "kvbm"
+#: ... and kvbm's remote tier (Redis / Valkey / ``kvbm serve``).
+REMOTE_TIER_TYPE = "kvbm_remote"
+#: KvbmConfig keys the remote tier takes.
+REMOTE_TIER_KEYS = ("remote_url", "remote_token", "remote_timeout_s", "remote_threads")
 
 
 def spec_namespace(spec: Any, chunk_bytes: int) -> bytes:
@@ -180,7 +187,7 @@ class KvbmDiskTier(SecondaryTierManager):
     def submit_store(self, job_metadata: Any) -> None:
         keys = [bytes(k) for k in job_metadata.keys]
         chunks = job_chunk_ids(job_metadata)
-        self._check(keys, chunks)
+        _check_job(self.tier_type, keys, chunks, len(self._rows))
         present = [k in self.catalog or self.catalog.is_reserved(k) for k in keys]
         todo = [i for i, p in enumerate(present) if not p]
         self.stats["store_skipped"] += len(keys) - len(todo)
@@ -200,7 +207,7 @@ class KvbmDiskTier(SecondaryTierManager):
     def submit_load(self, job_metadata: Any) -> None:
         keys = [bytes(k) for k in job_metadata.keys]
         chunks = job_chunk_ids(job_metadata)
-        self._check(keys, chunks)
+        _check_job(self.tier_type, keys, chunks, len(self._rows))
         slots = [self.catalog.slot_of(k) for k in keys]
         go = [i for i, s in enumerate(slots) if s >= 0]
         job = _Job(job_metadata.job_id, [keys[i] for i in go], [slots[i] for i in go], None,
@@ -212,12 +219,6 @@ class KvbmDiskTier(SecondaryTierManager):
                 job.slots, [self._rows[int(chunks[i])] for i in go], [self.chunk_bytes] * len(go),
                 [self.catalog.shard_crcs(slots[i])[0] for i in go], self.disk.verify, job.keys)
         self._loads.append(job)
-
-    def _check(self, keys: list[bytes], chunks: np.ndarray) -> None:
-        if len(keys) != len(chunks):
-            raise ConfigError(f"secondary tier {self.tier_type!r}: {len(keys)} keys but {len(chunks)} chunk ids")
-        if len(chunks) and (chunks.min() < 0 or chunks.max() >= len(self._rows)):
-            raise ConfigError(f"secondary tier {self.tier_type!r}: chunk id out of range [0, {len(self._rows)})")
 
     # -- completion ------------------------------------------------------------------------------
     def _finish_store(self, job: _Job) -> None:
@@ -295,18 +296,232 @@ class KvbmDiskTier(SecondaryTierManager):
         self.catalog.close()
 
 
+def _remote_key(key: bytes) -> bytes:
+    """The 16-byte key a remote store holds a chunk under: BLAKE2b-128 of vLLM's OffloadKey (its
+    record header repeats it, and the store's keys carry the namespace digest as well)."""
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
+class KvbmRemoteTier(SecondaryTierManager):
+    """kvbm's remote tier (Redis / Valkey / ``kvbm serve``) as a vLLM ``SecondaryTierManager``:
+    chunks vLLM stores in its CPU tier are put to a store every engine can read; a CPU-tier miss
+    promotes them back. Every chunk travels as a checksummed record bound to its key and namespace
+    (``kvbm/tiers/remote.py``): whatever the store returns that does not verify is a miss.
+
+    Nothing blocks the scheduler: puts, gets and existence checks run on ``remote_threads``
+    threads. A key not seen before answers RETRY; the keys of one step are checked in one round
+    trip per request (``lookup_prefix``) at the end of the step; the answer is kept (hits until a
+    get fails, misses for ``MISS_TTL_S``). A store that is down answers misses (its own rule).
+
+    Tier config keys: ``remote_url`` (required), ``remote_token``, ``remote_timeout_s``,
+    ``remote_threads``; any other key is a :class:`kvbm.ConfigError` naming it.
+    """
+
+    if Medium is not None:
+        medium = Medium.STORAGE
+    MISS_TTL_S = 2.0
+    KNOWN_MAX = 1 << 20  # keys whose presence is remembered
+
+    def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str, **config: Any) -> None:
+        from kvbm.tiers.remote import open_remote_tier
+
+        passthrough = {k: config.pop(k) for k in _VLLM_KEYS if k in config}
+        unknown = sorted(set(config) - set(REMOTE_TIER_KEYS))
+        if unknown:
+            raise ConfigError(f"secondary tier {tier_type!r}: unknown key(s) {unknown}; kvbm's remote tier takes "
+                              f"{list(REMOTE_TIER_KEYS)}")
+        if not config.get("remote_url"):
+            raise ConfigError(f"secondary tier {tier_type!r}: 'remote_url' is required")
+        cfg = KvbmConfig.from_dict(config, source=f"secondary tier {tier_type!r}")
+        kw: dict[str, Any] = {}
+        if "backpressure_detector" in passthrough:
+            kw["backpressure_detector"] = passthrough["backpressure_detector"]
+        super().__init__(offloading_spec, primary_kv_view, tier_type, **kw)
+        if hasattr(self, "locality"):
+            with contextlib.suppress(ImportError):
+                from vllm.v1.kv_offload.base import Locality
+
+                self.locality = Locality(passthrough.get("locality") or "REMOTE")
+        if not primary_kv_view.contiguous or primary_kv_view.readonly:
+            raise ConfigError(f"secondary tier {tier_type!r}: the primary tier's buffer must be a writable, "
+                              "contiguous memoryview")
+        self.chunk_bytes = int(primary_kv_view.strides[0])
+        self._rows = np.frombuffer(primary_kv_view.cast("B"), dtype=np.uint8).reshape(-1, self.chunk_bytes)
+        self.remote = open_remote_tier(str(cfg.remote_url), block_bytes=self.chunk_bytes,
+                                       namespace=spec_namespace(offloading_spec, self.chunk_bytes),
+                                       token=cfg.remote_token, timeout_s=cfg.remote_timeout_s)
+        self._pool = ThreadPoolExecutor(cfg.remote_threads, thread_name_prefix="kvbm-vllm-remote")
+        self._known: OrderedDict[bytes, bool] = OrderedDict()  # key -> present (LRU-bounded)
+        self._miss_until: dict[bytes, float] = {}
+        self._asked: dict[str, list[bytes]] = {}  # request id -> keys to check at the step's end
+        self._checking: set[bytes] = set()
+        self._checks: list[tuple[list[bytes], Future]] = []
+        self._jobs: list[tuple[int, list[bytes], bool, Future, float]] = []  # id, keys, is_load, future, t0
+        self._finished: list[JobResult] = []
+        self.stats = {"stored": 0, "store_failed": 0, "loaded": 0, "load_failed": 0, "lookups_remote": 0}
+        self._closed = False
+        atexit.register(self.shutdown)
+        logger.info("kvbm secondary tier %s: remote %s, %d-byte chunks", tier_type, cfg.remote_url, self.chunk_bytes)
+
+    # -- lookups -----------------------------------------------------------------------------
+    def _remember(self, key: bytes, present: bool) -> None:
+        if present:
+            self._known[key] = True
+            self._known.move_to_end(key)
+            while len(self._known) > self.KNOWN_MAX:
+                self._known.popitem(last=False)
+            self._miss_until.pop(key, None)
+        else:
+            self._known.pop(key, None)
+            self._miss_until[key] = time.monotonic() + self.MISS_TTL_S
+
+    def lookup(self, key: bytes, req_context: Any) -> LookupResult:
+        key = bytes(key)
+        self._poll_checks()
+        if self._known.get(key):
+            return LookupResult.HIT
+        until = self._miss_until.get(key)
+        if until is not None:
+            if until > time.monotonic():
+                return LookupResult.MISS
+            del self._miss_until[key]
+        if key not in self._checking:
+            self._asked.setdefault(getattr(req_context, "req_id", ""), []).append(key)
+            self._checking.add(key)
+        return LookupResult.RETRY
+
+    def on_new_request(self, req_context: Any) -> RequestOffloadingContext:
+        return RequestOffloadingContext()
+
+    def on_schedule_end(self, context: Any) -> None:
+        """Check this step's unknown keys: one ``lookup_prefix`` per request (keys in prefix order)."""
+        asked, self._asked = self._asked, {}
+        for keys in asked.values():
+            hashes = [_remote_key(k) for k in keys]
+            self._checks.append((keys, self._pool.submit(self.remote.lookup_prefix, hashes)))
+            self.stats["lookups_remote"] += 1
+
+    def _poll_checks(self, wait: bool = False) -> None:
+        pending = []
+        for keys, fut in self._checks:
+            if not wait and not fut.done():
+                pending.append((keys, fut))
+                continue
+            try:
+                n = int(fut.result())
+            except Exception as e:  # noqa: BLE001 - the tier counts its own failures; a miss here
+                logger.warning("kvbm remote tier lookup failed (%s): treated as a miss", e)
+                n = 0
+            for i, k in enumerate(keys):
+                self._checking.discard(k)
+                if i <= n:  # present up to n; key n is the first absent one; later ones unknown
+                    self._remember(k, i < n)
+        self._checks = pending
+
+    # -- stores and loads ----------------------------------------------------------------------
+    def submit_store(self, job_metadata: Any) -> None:
+        keys = [bytes(k) for k in job_metadata.keys]
+        chunks = job_chunk_ids(job_metadata)
+        _check_job(self.tier_type, keys, chunks, len(self._rows))
+        todo = [i for i, k in enumerate(keys) if not self._known.get(k)]
+        rows = self._rows
+
+        def put() -> np.ndarray:
+            if not todo:
+                return np.ones(0, bool)
+            data = np.stack([rows[int(chunks[i])] for i in todo])  # read while vLLM keeps the rows pinned
+            return np.asarray(self.remote.put([_remote_key(keys[i]) for i in todo], data), bool)
+
+        self._jobs.append((job_metadata.job_id, [keys[i] for i in todo], False, self._pool.submit(put),
+                           time.perf_counter()))
+
+    def submit_load(self, job_metadata: Any) -> None:
+        keys = [bytes(k) for k in job_metadata.keys]
+        chunks = job_chunk_ids(job_metadata)
+        _check_job(self.tier_type, keys, chunks, len(self._rows))
+        rows = self._rows
+
+        def get() -> np.ndarray:
+            out = np.empty((len(keys), self.chunk_bytes), np.uint8)
+            ok = np.asarray(self.remote.get([_remote_key(k) for k in keys], out), bool)
+            for i in np.flatnonzero(ok):  # only verified records reach vLLM's rows
+                rows[int(chunks[i])] = out[i]
+            return ok
+
+        self._jobs.append((job_metadata.job_id, keys, True, self._pool.submit(get), time.perf_counter()))
+
+    def _poll_jobs(self, wait: bool) -> None:
+        pending = []
+        for job in self._jobs:
+            job_id, keys, is_load, fut, t0 = job
+            if not wait and not fut.done():
+                pending.append(job)
+                continue
+            try:
+                ok = fut.result()
+            except Exception as e:  # noqa: BLE001 - reported as a failed job; vLLM recomputes / skips
+                logger.warning("kvbm remote tier job %d failed: %s", job_id, e)
+                ok = np.zeros(len(keys), bool)
+            good = [k for k, o in zip(keys, ok.tolist(), strict=True) if o]
+            for k, o in zip(keys, ok.tolist(), strict=True):
+                if o or is_load:  # stored: present; a load that failed: not (any more)
+                    self._remember(k, o)
+            n = len(good)
+            if is_load:
+                self.stats["loaded"] += n
+                self.stats["load_failed"] += len(keys) - n
+            else:
+                self.stats["stored"] += n
+                self.stats["store_failed"] += len(keys) - n
+            self._finished.append(job_result(JobResult, job_id, n == len(keys), good, time.perf_counter() - t0,
+                                             n * self.chunk_bytes))
+        self._jobs = pending
+
+    def get_finished_jobs(self) -> Iterable[JobResult]:
+        self._poll_checks()
+        self._poll_jobs(wait=False)
+        out, self._finished = self._finished, []
+        return out
+
+    def has_pending_work(self) -> bool:
+        return bool(self._jobs or self._checks or self._asked)
+
+    def drain_jobs(self) -> None:
+        self._poll_jobs(wait=True)
+
+    def shutdown(self) -> None:
+        """Finish the jobs in flight and close the store's connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._poll_jobs(wait=True)
+        self._poll_checks(wait=True)
+        self._pool.shutdown(wait=True)
+        self.remote.close()
+
+
+def _check_job(tier_type: str, keys: list[bytes], chunks: np.ndarray, rows: int) -> None:
+    if len(keys) != len(chunks):
+        raise ConfigError(f"secondary tier {tier_type!r}: {len(keys)} keys but {len(chunks)} chunk ids")
+    if len(chunks) and (chunks.min() < 0 or chunks.max() >= rows):
+        raise ConfigError(f"secondary tier {tier_type!r}: chunk id out of range [0, {rows})")
+
+
 class KvbmTieringOffloadingSpec(TieringOffloadingSpec):
     """vLLM's ``TieringOffloadingSpec``, unchanged. Naming it (``spec_name`` with
     ``spec_module_path: kvbm.integrations.vllm.secondary_tier``) makes vLLM import this module, which
-    registers :class:`KvbmDiskTier` as secondary tier type ``"kvbm"``: vLLM 0.26 finds a tier by its
+    registers :class:`KvbmDiskTier` as secondary tier type ``"kvbm"`` (and :class:`KvbmRemoteTier` as
+    ``"kvbm_remote"``): vLLM 0.26 finds a tier by its
     registered type only (0.32+ also by ``type`` + ``module_path``)."""
 
 
 def _register() -> None:
-    with contextlib.suppress(ValueError):  # registered already (this module loaded under two names)
-        SecondaryTierFactory.register_tier(TIER_TYPE, __name__, "KvbmDiskTier")
+    for tier_type, cls in ((TIER_TYPE, "KvbmDiskTier"), (REMOTE_TIER_TYPE, "KvbmRemoteTier")):
+        with contextlib.suppress(ValueError):  # registered already (this module loaded under two names)
+            SecondaryTierFactory.register_tier(tier_type, __name__, cls)
 
 
 _register()
 
-__all__ = ["TIER_KEYS", "TIER_TYPE", "KvbmDiskTier", "KvbmTieringOffloadingSpec", "spec_namespace"]
+__all__ = ["REMOTE_TIER_KEYS", "REMOTE_TIER_TYPE", "TIER_KEYS", "TIER_TYPE", "KvbmDiskTier", "KvbmRemoteTier",
+           "KvbmTieringOffloadingSpec", "spec_namespace"]
