@@ -33,7 +33,8 @@ CHUNKS = 16  # primary tier capacity, in chunks
 
 
 def _spec(disk_path: str, *, model: str = "tiny-llama", tier: dict[str, Any] | None = None,
-          chunks: int = CHUNKS, out_of_tree: bool = False, tiers: list[dict[str, Any]] | None = None) -> Any:
+          chunks: int = CHUNKS, out_of_tree: bool = False, tiers: list[dict[str, Any]] | None = None,
+          events: bool = False) -> Any:
     """vLLM's offloading spec as the factory makes it from ``kv_connector_extra_config``: kvbm's
     spec name (registers tier type "kvbm"; what vLLM 0.26 needs), or with ``out_of_tree`` vLLM's
     own TieringOffloadingSpec and the tier by ``type`` + ``module_path`` (0.32+)."""
@@ -56,7 +57,7 @@ def _spec(disk_path: str, *, model: str = "tiny-llama", tier: dict[str, Any] | N
     aligned = -(-BLOCK_BYTES // TieringOffloadingSpec.BLOCK_SIZE_ALIGNMENT) * TieringOffloadingSpec.BLOCK_SIZE_ALIGNMENT
     cfg = OffloadingConfig(
         groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("l0", "l1"), group_id=0),),
-        worker_kv_bytes_per_block=BLOCK_BYTES, enable_kv_cache_events=False,
+        worker_kv_bytes_per_block=BLOCK_BYTES, enable_kv_cache_events=events,
         extra_config={**spec_keys, "cpu_bytes_to_use": chunks * aligned,
                       "secondary_tiers": tiers if tiers is not None else [tier_cfg]},
         engine_id=f"kvbm-test-{uuid.uuid4().hex[:12]}", model=OffloadingModelConfig(name=model, dtype="bfloat16"),
@@ -146,8 +147,8 @@ class Engine:
 
     def close(self) -> None:
         self.settle()
+        del self.rows  # the worker's view: released before vLLM unmaps the region
         self.mgr.shutdown()
-        self.tier.shutdown()
 
 
 def _keys(n: int, seed: int) -> dict[bytes, np.ndarray]:
@@ -409,3 +410,30 @@ def test_tampered_remote_record_is_never_served(tmp_path: Any) -> None:
             b.close()
     finally:
         srv.close()
+
+
+def test_kv_events_of_stored_and_evicted_chunks(tmp_path: Any) -> None:
+    """With vLLM's KV events on, the tier reports its stored chunks and the ones it evicts (medium
+    STORAGE) through vLLM's own take_events."""
+    from kvbm.integrations.vllm.disk import disk_block_bytes
+
+    cap = 4 * disk_block_bytes(-(-BLOCK_BYTES // 4096) * 4096, 1)
+    e = Engine(str(tmp_path / "kv"), tier={"disk_capacity_bytes": cap}, events=True)
+    try:
+        data = _keys(6, seed=13)
+        items = list(data.items())
+        for i in range(0, 6, 2):
+            e.store(dict(items[i:i + 2]))
+        evs = [ev for ev in e.mgr.take_events() if getattr(ev.medium, "name", ev.medium) in ("STORAGE", "KVBM_DISK")]
+        stored = [k for ev in evs if not ev.removed for k in ev.keys]
+        removed = [k for ev in evs if ev.removed for k in ev.keys]
+        assert set(stored) <= set(data) and set(stored) - set(removed) == set(e.tier.catalog.keys())
+        assert len(removed) == e.tier.stats["evicted"] >= 2
+    finally:
+        e.close()
+    quiet = Engine(str(tmp_path / "kv2"), tier={"enable_kv_events": False}, events=True)
+    try:
+        quiet.store(_keys(2, seed=14))
+        assert quiet.tier.take_events() == []
+    finally:
+        quiet.close()

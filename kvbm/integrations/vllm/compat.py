@@ -27,7 +27,8 @@ context), not guessed:
   ``JobMetadata.block_ids``, 0.32 ``TransferJob.chunk_ids`` (:func:`job_chunk_ids`); 0.32's
   ``JobResult`` adds ``successful_keys``, ``transfer_time``, ``transfer_bytes`` (:func:`job_result`
   fills those it has); 0.32 passes a ``backpressure_detector`` and leaves ``locality`` in the tier's
-  config; 0.32 tiers name their ``medium`` (``vllm.v1.kv_offload.base.Medium``, absent in 0.26).
+  config; 0.32 tiers name their ``medium`` (``vllm.v1.kv_offload.base.Medium``, absent in 0.26,
+  where ``OffloadingEvent.medium`` is a string: :func:`offloading_event`).
 * ``kv_load_failure_policy`` defaults to ``"fail"`` in every supported release: kvbm warns unless it
   is ``"recompute"`` (a block that fails its checksum would otherwise fail its request).
 
@@ -191,3 +192,12 @@ def job_result(result_cls: Any, job_id: int, ok: bool, good: list[bytes] | None 
     if "transfer_bytes" in names:
         kw["transfer_bytes"] = nbytes
     return result_cls(**kw)
+
+
+def offloading_event(keys: list[bytes], removed: bool, medium_name: str, locality: Any = None) -> Any:
+    """A native-offloading KV event of a kvbm secondary tier: medium ``Medium.STORAGE`` where the
+    release has it (0.32+), else ``medium_name`` (0.26 names media by string)."""
+    from vllm.v1.kv_offload import base
+
+    medium = base.Medium.STORAGE if hasattr(base, "Medium") else medium_name
+    return base.OffloadingEvent(keys=list(keys), medium=medium, removed=removed, locality=locality)

@@ -66,7 +66,7 @@ from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
 from kvbm.config import KvbmConfig
 from kvbm.errors import ConfigError
 from kvbm.integrations.vllm import disk
-from kvbm.integrations.vllm.compat import job_chunk_ids, job_result
+from kvbm.integrations.vllm.compat import job_chunk_ids, job_result, offloading_event
 from kvbm.tiers.disk import namespace_digest
 
 try:  # 0.32+: a tier names its medium (its hits count as disk hits in vLLM's metrics)
@@ -79,6 +79,8 @@ logger = logging.getLogger("kvbm.vllm")
 #: KvbmConfig keys this tier takes from its ``secondary_tiers`` entry.
 TIER_KEYS = ("disk_path", "disk_capacity_bytes", "disk_durability", "disk_io_threads", "disk_o_direct",
              "eviction_policy", "checksums")
+#: A tier's own switch for KV events (on by default when vLLM publishes KV events).
+_EVENT_KEY = "enable_kv_events"
 #: Keys vLLM's tier factory passes through (0.32: ``locality`` stays in the config; 0.26 leaves
 #: ``module_path`` in it).
 _VLLM_KEYS = ("locality", "backpressure_detector", "module_path")
@@ -88,6 +90,45 @@ TIER_TYPE = "kvbm"
 REMOTE_TIER_TYPE = "kvbm_remote"
 #: KvbmConfig keys the remote tier takes.
 REMOTE_TIER_KEYS = ("remote_url", "remote_token", "remote_timeout_s", "remote_threads")
+
+
+def _release_view(tier: Any) -> None:
+    """Drop a tier's views of vLLM's primary region (vLLM unmaps it after the tiers shut down; a
+    view still exported would make that fail)."""
+    tier._rows = None
+    with contextlib.suppress(BufferError):
+        tier._flat.release()
+
+
+def _locality(value: Any, default: str | None) -> Any:
+    """vLLM's ``Locality`` of a tier (``LOCAL`` / ``REMOTE``), or None."""
+    v = value or default
+    if v is None:
+        return None
+    from vllm.v1.kv_offload.base import Locality  # in 0.26 and 0.32
+
+    return Locality(v)
+
+
+class _Events:
+    """KV events of one tier (``take_events``): stored / removed keys, when vLLM publishes events
+    (its ``kv_events_config``) and the tier's ``enable_kv_events`` is not false."""
+
+    def __init__(self, spec: Any, enabled: Any, medium_name: str) -> None:
+        cfg = getattr(spec, "kv_events_config", None)
+        on = bool(getattr(cfg, "enable_kv_cache_events", False))
+        self.events: list[Any] | None = [] if on and enabled is not False else None
+        self.medium_name = medium_name
+
+    def add(self, keys: list[bytes], removed: bool, locality: Any) -> None:
+        if self.events is not None and keys:
+            self.events.append(offloading_event(keys, removed, self.medium_name, locality))
+
+    def take(self) -> list[Any]:
+        if not self.events:
+            return []
+        out, self.events = self.events, []
+        return out
 
 
 def spec_namespace(spec: Any, chunk_bytes: int) -> bytes:
@@ -119,7 +160,8 @@ class KvbmDiskTier(SecondaryTierManager):
     Tier config keys: ``disk_path`` (required), ``disk_capacity_bytes`` (default 10 GiB; the whole
     ``disk_path``'s capacity, shared with other namespaces there), ``disk_durability``
     (``none``/``batch``/``always``), ``disk_io_threads``, ``disk_o_direct``, ``eviction_policy``,
-    ``checksums``. Any other key is a :class:`kvbm.ConfigError` naming it.
+    ``checksums``, ``enable_kv_events`` (KV events of stored / removed chunks, medium STORAGE, when
+    vLLM publishes KV events; default on). Any other key is a :class:`kvbm.ConfigError` naming it.
     """
 
     if Medium is not None:
@@ -127,6 +169,7 @@ class KvbmDiskTier(SecondaryTierManager):
 
     def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str, **config: Any) -> None:
         passthrough = {k: config.pop(k) for k in _VLLM_KEYS if k in config}
+        self._events = _Events(offloading_spec, config.pop(_EVENT_KEY, None), "KVBM_DISK")
         unknown = sorted(set(config) - set(TIER_KEYS))
         if unknown:
             raise ConfigError(f"secondary tier {tier_type!r}: unknown key(s) {unknown}; kvbm's tier takes "
@@ -139,15 +182,13 @@ class KvbmDiskTier(SecondaryTierManager):
         if "backpressure_detector" in passthrough:
             kw["backpressure_detector"] = passthrough["backpressure_detector"]
         super().__init__(offloading_spec, primary_kv_view, tier_type, **kw)
-        if passthrough.get("locality") is not None and hasattr(self, "locality"):
-            from vllm.v1.kv_offload.base import Locality
-
-            self.locality = Locality(passthrough["locality"])
+        self.locality = _locality(passthrough.get("locality"), None)
         if not primary_kv_view.contiguous or primary_kv_view.readonly:
             raise ConfigError(f"secondary tier {tier_type!r}: the primary tier's buffer must be a writable, "
                               "contiguous memoryview")
         self.chunk_bytes = int(primary_kv_view.strides[0])
-        self._rows = np.frombuffer(primary_kv_view.cast("B"), dtype=np.uint8).reshape(-1, self.chunk_bytes)
+        self._flat = primary_kv_view.cast("B")
+        self._rows = np.frombuffer(self._flat, dtype=np.uint8).reshape(-1, self.chunk_bytes)
         self.disk_path = str(cfg.disk_path)
         ns = spec_namespace(offloading_spec, self.chunk_bytes)
         self._ns = disk.catalog_namespace(ns)
@@ -194,6 +235,7 @@ class KvbmDiskTier(SecondaryTierManager):
         evicted: list[bytes] = []
         slots = self.catalog.reserve([keys[i] for i in todo], evicted) if todo else []
         self.stats["evicted"] += len(evicted)
+        self._events.add(evicted, True, self.locality)
         go = [(i, s) for i, s in zip(todo, slots, strict=True) if s >= 0]
         job = _Job(job_metadata.job_id, [keys[i] for i, _ in go], [s for _, s in go], None,
                    failed=len(go) < len(todo))  # no slot could be freed for some key
@@ -235,6 +277,7 @@ class KvbmDiskTier(SecondaryTierManager):
         stored = self.catalog.commit(job.keys, job.slots, [self.chunk_bytes] * len(job.keys), crcs, ok,
                                      self._ns) if job.keys else []
         n_ok = sum(stored)
+        self._events.add([k for k, ok in zip(job.keys, stored, strict=True) if ok], False, self.locality)
         self.stats["stored"] += n_ok
         self.stats["store_failed"] += len(job.keys) - n_ok + (1 if job.failed else 0)
         self._finished.append(job_result(JobResult, job.job_id, not job.failed and n_ok == len(job.keys),
@@ -256,7 +299,8 @@ class KvbmDiskTier(SecondaryTierManager):
                 self.stats["checksum_failures"] += int(checksum)
                 logger.warning("kvbm secondary tier %s: chunk %s not loaded (%s): dropped, vLLM recomputes it",
                                self.catalog.path, k.hex()[:16], m or "read failed")
-                self.catalog.drop([k], "checksum_failures" if checksum else None)
+                if self.catalog.drop([k], "checksum_failures" if checksum else None):
+                    self._events.add([k], True, self.locality)
         ok = not job.failed and len(good) == len(job.keys)
         self.stats["loaded"] += len(good)
         self.stats["load_failed"] += (len(job.keys) - len(good)) + (1 if job.failed else 0)
@@ -274,6 +318,9 @@ class KvbmDiskTier(SecondaryTierManager):
                     job.handle.wait()
                 finish(job)
             setattr(self, attr, pending)
+
+    def take_events(self) -> Iterable[Any]:
+        return self._events.take()
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         self._poll(wait=False)
@@ -294,6 +341,7 @@ class KvbmDiskTier(SecondaryTierManager):
         self._poll(wait=True)
         self.disk.store.close()
         self.catalog.close()
+        _release_view(self)
 
 
 def _remote_key(key: bytes) -> bytes:
@@ -314,7 +362,8 @@ class KvbmRemoteTier(SecondaryTierManager):
     get fails, misses for ``MISS_TTL_S``). A store that is down answers misses (its own rule).
 
     Tier config keys: ``remote_url`` (required), ``remote_token``, ``remote_timeout_s``,
-    ``remote_threads``; any other key is a :class:`kvbm.ConfigError` naming it.
+    ``remote_threads``, ``enable_kv_events`` (stored chunks, medium STORAGE, locality REMOTE); any
+    other key is a :class:`kvbm.ConfigError` naming it.
     """
 
     if Medium is not None:
@@ -326,6 +375,7 @@ class KvbmRemoteTier(SecondaryTierManager):
         from kvbm.tiers.remote import open_remote_tier
 
         passthrough = {k: config.pop(k) for k in _VLLM_KEYS if k in config}
+        self._events = _Events(offloading_spec, config.pop(_EVENT_KEY, None), "KVBM_REMOTE")
         unknown = sorted(set(config) - set(REMOTE_TIER_KEYS))
         if unknown:
             raise ConfigError(f"secondary tier {tier_type!r}: unknown key(s) {unknown}; kvbm's remote tier takes "
@@ -337,16 +387,13 @@ class KvbmRemoteTier(SecondaryTierManager):
         if "backpressure_detector" in passthrough:
             kw["backpressure_detector"] = passthrough["backpressure_detector"]
         super().__init__(offloading_spec, primary_kv_view, tier_type, **kw)
-        if hasattr(self, "locality"):
-            with contextlib.suppress(ImportError):
-                from vllm.v1.kv_offload.base import Locality
-
-                self.locality = Locality(passthrough.get("locality") or "REMOTE")
+        self.locality = _locality(passthrough.get("locality"), "REMOTE")
         if not primary_kv_view.contiguous or primary_kv_view.readonly:
             raise ConfigError(f"secondary tier {tier_type!r}: the primary tier's buffer must be a writable, "
                               "contiguous memoryview")
         self.chunk_bytes = int(primary_kv_view.strides[0])
-        self._rows = np.frombuffer(primary_kv_view.cast("B"), dtype=np.uint8).reshape(-1, self.chunk_bytes)
+        self._flat = primary_kv_view.cast("B")
+        self._rows = np.frombuffer(self._flat, dtype=np.uint8).reshape(-1, self.chunk_bytes)
         self.remote = open_remote_tier(str(cfg.remote_url), block_bytes=self.chunk_bytes,
                                        namespace=spec_namespace(offloading_spec, self.chunk_bytes),
                                        token=cfg.remote_token, timeout_s=cfg.remote_timeout_s)
@@ -467,6 +514,8 @@ class KvbmRemoteTier(SecondaryTierManager):
                 if o or is_load:  # stored: present; a load that failed: not (any more)
                     self._remember(k, o)
             n = len(good)
+            if not is_load:
+                self._events.add(good, False, self.locality)
             if is_load:
                 self.stats["loaded"] += n
                 self.stats["load_failed"] += len(keys) - n
@@ -476,6 +525,9 @@ class KvbmRemoteTier(SecondaryTierManager):
             self._finished.append(job_result(JobResult, job_id, n == len(keys), good, time.perf_counter() - t0,
                                              n * self.chunk_bytes))
         self._jobs = pending
+
+    def take_events(self) -> Iterable[Any]:
+        return self._events.take()
 
     def get_finished_jobs(self) -> Iterable[JobResult]:
         self._poll_checks()
@@ -498,6 +550,7 @@ class KvbmRemoteTier(SecondaryTierManager):
         self._poll_checks(wait=True)
         self._pool.shutdown(wait=True)
         self.remote.close()
+        _release_view(self)
 
 
 def _check_job(tier_type: str, keys: list[bytes], chunks: np.ndarray, rows: int) -> None:
