@@ -437,3 +437,17 @@ def test_kv_events_of_stored_and_evicted_chunks(tmp_path: Any) -> None:
         assert quiet.tier.take_events() == []
     finally:
         quiet.close()
+
+
+def test_remote_tier_memory_of_misses_is_bounded(serve_url: Any, monkeypatch: Any) -> None:
+    """Unique prompts all miss: what the tier remembers of them stays bounded."""
+    from kvbm.integrations.vllm.secondary_tier import KvbmRemoteTier
+
+    monkeypatch.setattr(KvbmRemoteTier, "KNOWN_MAX", 8)
+    e = Engine("", tiers=[_remote(serve_url.url)])
+    try:
+        for i in range(5):
+            assert all(v is None for v in e.load(list(_keys(4, seed=100 + i))).values())
+        assert len(e.tier._miss_until) <= 8 and len(e.tier._known) <= 8
+    finally:
+        e.close()

@@ -369,7 +369,7 @@ class KvbmRemoteTier(SecondaryTierManager):
     if Medium is not None:
         medium = Medium.STORAGE
     MISS_TTL_S = 2.0
-    KNOWN_MAX = 1 << 20  # keys whose presence is remembered
+    KNOWN_MAX = 1 << 20  # keys whose presence (and, apart, whose recent absence) is remembered
 
     def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str, **config: Any) -> None:
         from kvbm.tiers.remote import open_remote_tier
@@ -420,7 +420,12 @@ class KvbmRemoteTier(SecondaryTierManager):
             self._miss_until.pop(key, None)
         else:
             self._known.pop(key, None)
-            self._miss_until[key] = time.monotonic() + self.MISS_TTL_S
+            now = time.monotonic()
+            self._miss_until[key] = now + self.MISS_TTL_S
+            if len(self._miss_until) > self.KNOWN_MAX:  # bounded: forget the expired, then the oldest
+                self._miss_until = {k: t for k, t in self._miss_until.items() if t > now}
+                while len(self._miss_until) > self.KNOWN_MAX:
+                    del self._miss_until[next(iter(self._miss_until))]
 
     def lookup(self, key: bytes, req_context: Any) -> LookupResult:
         key = bytes(key)
