@@ -92,6 +92,32 @@ REMOTE_TIER_TYPE = "kvbm_remote"
 REMOTE_TIER_KEYS = ("remote_url", "remote_token", "remote_timeout_s", "remote_threads")
 
 
+def _setup(tier: Any, spec: Any, view: memoryview, tier_type: str, config: dict[str, Any], *,
+           keys: tuple[str, ...], required: str, medium_name: str, locality: str | None) -> KvbmConfig:
+    """What both kvbm tiers do first: check the tier's config keys (ConfigError naming any other),
+    initialise vLLM's base class (with the backpressure detector of releases that pass one), set
+    locality and KV events, and map vLLM's primary rows (``tier._rows``, one per chunk)."""
+    passthrough = {k: config.pop(k) for k in _VLLM_KEYS if k in config}
+    events = config.pop(_EVENT_KEY, None)
+    unknown = sorted(set(config) - set(keys))
+    if unknown:
+        raise ConfigError(f"secondary tier {tier_type!r}: unknown key(s) {unknown}; this tier takes {list(keys)}")
+    if not config.get(required):
+        raise ConfigError(f"secondary tier {tier_type!r}: {required!r} is required")
+    cfg = KvbmConfig.from_dict(config, source=f"secondary tier {tier_type!r}")
+    kw = {k: passthrough[k] for k in ("backpressure_detector",) if k in passthrough}  # 0.32+
+    SecondaryTierManager.__init__(tier, spec, view, tier_type, **kw)
+    tier.locality = _locality(passthrough.get("locality"), locality)
+    tier._events = _Events(spec, events, medium_name)
+    if not view.contiguous or view.readonly:
+        raise ConfigError(f"secondary tier {tier_type!r}: the primary tier's buffer must be a writable, contiguous "
+                          "memoryview")
+    tier.chunk_bytes = int(view.strides[0])
+    tier._flat = view.cast("B")
+    tier._rows = np.frombuffer(tier._flat, dtype=np.uint8).reshape(-1, tier.chunk_bytes)
+    return cfg
+
+
 def _release_view(tier: Any) -> None:
     """Drop a tier's views of vLLM's primary region (vLLM unmaps it after the tiers shut down; a
     view still exported would make that fail)."""
@@ -168,27 +194,9 @@ class KvbmDiskTier(SecondaryTierManager):
         medium = Medium.STORAGE
 
     def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str, **config: Any) -> None:
-        passthrough = {k: config.pop(k) for k in _VLLM_KEYS if k in config}
-        self._events = _Events(offloading_spec, config.pop(_EVENT_KEY, None), "KVBM_DISK")
-        unknown = sorted(set(config) - set(TIER_KEYS))
-        if unknown:
-            raise ConfigError(f"secondary tier {tier_type!r}: unknown key(s) {unknown}; kvbm's tier takes "
-                              f"{list(TIER_KEYS)}")
-        if not config.get("disk_path"):
-            raise ConfigError(f"secondary tier {tier_type!r}: 'disk_path' is required")
         config.setdefault("disk_capacity_bytes", "10GiB")
-        cfg = KvbmConfig.from_dict(config, source=f"secondary tier {tier_type!r}")
-        kw: dict[str, Any] = {}
-        if "backpressure_detector" in passthrough:
-            kw["backpressure_detector"] = passthrough["backpressure_detector"]
-        super().__init__(offloading_spec, primary_kv_view, tier_type, **kw)
-        self.locality = _locality(passthrough.get("locality"), None)
-        if not primary_kv_view.contiguous or primary_kv_view.readonly:
-            raise ConfigError(f"secondary tier {tier_type!r}: the primary tier's buffer must be a writable, "
-                              "contiguous memoryview")
-        self.chunk_bytes = int(primary_kv_view.strides[0])
-        self._flat = primary_kv_view.cast("B")
-        self._rows = np.frombuffer(self._flat, dtype=np.uint8).reshape(-1, self.chunk_bytes)
+        cfg = _setup(self, offloading_spec, primary_kv_view, tier_type, config, keys=TIER_KEYS, required="disk_path",
+                     medium_name="KVBM_DISK", locality=None)
         self.disk_path = str(cfg.disk_path)
         ns = spec_namespace(offloading_spec, self.chunk_bytes)
         self._ns = disk.catalog_namespace(ns)
@@ -374,26 +382,8 @@ class KvbmRemoteTier(SecondaryTierManager):
     def __init__(self, offloading_spec: Any, primary_kv_view: memoryview, tier_type: str, **config: Any) -> None:
         from kvbm.tiers.remote import open_remote_tier
 
-        passthrough = {k: config.pop(k) for k in _VLLM_KEYS if k in config}
-        self._events = _Events(offloading_spec, config.pop(_EVENT_KEY, None), "KVBM_REMOTE")
-        unknown = sorted(set(config) - set(REMOTE_TIER_KEYS))
-        if unknown:
-            raise ConfigError(f"secondary tier {tier_type!r}: unknown key(s) {unknown}; kvbm's remote tier takes "
-                              f"{list(REMOTE_TIER_KEYS)}")
-        if not config.get("remote_url"):
-            raise ConfigError(f"secondary tier {tier_type!r}: 'remote_url' is required")
-        cfg = KvbmConfig.from_dict(config, source=f"secondary tier {tier_type!r}")
-        kw: dict[str, Any] = {}
-        if "backpressure_detector" in passthrough:
-            kw["backpressure_detector"] = passthrough["backpressure_detector"]
-        super().__init__(offloading_spec, primary_kv_view, tier_type, **kw)
-        self.locality = _locality(passthrough.get("locality"), "REMOTE")
-        if not primary_kv_view.contiguous or primary_kv_view.readonly:
-            raise ConfigError(f"secondary tier {tier_type!r}: the primary tier's buffer must be a writable, "
-                              "contiguous memoryview")
-        self.chunk_bytes = int(primary_kv_view.strides[0])
-        self._flat = primary_kv_view.cast("B")
-        self._rows = np.frombuffer(self._flat, dtype=np.uint8).reshape(-1, self.chunk_bytes)
+        cfg = _setup(self, offloading_spec, primary_kv_view, tier_type, config, keys=REMOTE_TIER_KEYS,
+                     required="remote_url", medium_name="KVBM_REMOTE", locality="REMOTE")
         self.remote = open_remote_tier(str(cfg.remote_url), block_bytes=self.chunk_bytes,
                                        namespace=spec_namespace(offloading_spec, self.chunk_bytes),
                                        token=cfg.remote_token, timeout_s=cfg.remote_timeout_s)
