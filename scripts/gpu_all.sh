@@ -6,6 +6,8 @@
 #   bash scripts/gpu_all.sh bench         # transfer engine on GPU, 1-GPU KV handoff, index at 10M,
 #                                         # disk tier vs raw O_DIRECT on this machine's disk,
 #                                         # vLLM-layout worker path
+#   bash scripts/gpu_all.sh vllm-bench    # kvbm vs vLLM's own offloading in real vLLM 0.26 (after the unpack
+#                                         # calls below): benchmarks/bench_vllm_gpu.py -> $OUT/vllm_gpu_bench.md
 #   bash scripts/gpu_all.sh host-transfer # host->host transfer engine vs ucx_perftest and NIXL on this
 #                                         # machine's idle cores (needs nixl.tgz + ucx_perftest in $UCXDIR)
 #   bash scripts/gpu_all.sh vllm          # build (CUDA+UCX), then kvbm's connector inside real vLLM 0.26.0
@@ -130,6 +132,21 @@ vllm)
   [ -d /tmp/vllm_gpu_logs ] && tar czf "$OUT/vllm_gpu_logs.tgz" -C /tmp vllm_gpu_logs
   grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$OUT/vllm_gpu_tests.log" | head -40
   [ -f "$OUT/vllm_gpu.json" ] && python3 -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1])), indent=1)[:6000])" "$OUT/vllm_gpu.json"
+  ;;
+vllm-bench)
+  # kvbm vs vLLM's own offloading (CPU tier, + fs tier, + kvbm's disk tier under it) in real vLLM 0.26:
+  # TTFT 8k/32k cold / host / disk after restart, decode ITL at 0% hits, multi-turn chat
+  # (benchmarks/bench_vllm_gpu.py; BENCH_ARGS adds its options) -> $OUT/vllm_gpu_bench.{md,json}
+  export PYTHONPATH=/opt/v:$PYTHONPATH NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  [ -d /opt/v/vllm ] || { echo "vLLM is not unpacked in /opt/v: run the unpack calls of this script's header first"; exit 2; }
+  python3 -c "import kvbm; print(kvbm.build_info())" >/dev/null 2>&1 || build
+  df -h /tmp /var/tmp | tee "$OUT/df.txt"; free -g | tee -a "$OUT/df.txt"
+  step "kvbm vs vLLM native offloading in real vLLM (benchmarks/bench_vllm_gpu.py)"
+  rm -rf /var/tmp/kvbm_vllm_bench/disk_* /var/tmp/kvbm_vllm_bench/mtdisk_*
+  timeout $(( ${KVBM_VLLM_DEADLINE_S:-585} - SECONDS )) python3 benchmarks/bench_vllm_gpu.py --out "$OUT" \
+    --work /var/tmp/kvbm_vllm_bench ${BENCH_ARGS:-} >"$OUT/vllm_gpu_bench.log" 2>&1 || status=1
+  tail -c 9000 "$OUT/vllm_gpu_bench.log"
+  mkdir -p "$OUT/engine_logs" && cp /var/tmp/kvbm_vllm_bench/*.log "$OUT/engine_logs/" 2>/dev/null
   ;;
 host-transfer)
   # NIXL (trimmed wheel: core, UCX plugin and the libraries they need) and ucx_perftest are carried
