@@ -422,7 +422,8 @@ def render(rep: dict[str, Any]) -> str:
         f"- command: `{rep['command']}`",
         f"- commit {rep['commit']}; vLLM {rep['vllm_version']}; {rep['date']}; GPU {rep['gpu']}; {rep['machine']}",
         (f"- model: random-weight Llama with Llama-3-8B's KV geometry: {m['layers']} layers, {m['kv_heads']} KV heads, "
-         f"head dim {m['head_dim']}, bf16 ({m['kv_bytes_per_token'] // 1024} KiB of KV per token); hidden {m['hidden']}, "
+         f"head dim {m['head_dim']}, bf16 ({m['kv_bytes_per_token'] // 1024} KiB of KV per token); "
+         f"hidden {m['hidden']}, "
          f"{m['heads']} heads, intermediate {m['intermediate']}, vocab {m['vocab']} (smaller than 8B's so every "
          "engine start fits the device time)"),
         (f"- every offloading contender gets {rep['settings']['cpu_gib']} GiB of host memory (multi-turn: "
@@ -438,8 +439,8 @@ def render(rep: dict[str, Any]) -> str:
     nat = r1.get("native")
     for n in lens:
         L += [f"## TTFT, repeated {n}-token prompt", "",
-              ("| contender | cold | host hit | disk hit after restart, page cache dropped | cached tokens (host / disk) "
-               "| first token = cold's (host, disk) |"),
+              ("| contender | cold | host hit | disk hit after restart, page cache dropped "
+               "| cached tokens (host / disk) | first token = cold's (host, disk) |"),
               "|---|---|---|---|---|---|"]
         # "x none": vLLM without offloading recomputing the same prompt in the same phase (its "host"
         # phase recomputes after the prefix-cache reset; a restart recomputes as it does there)
@@ -460,8 +461,8 @@ def render(rep: dict[str, Any]) -> str:
             same = [t == ref_tok[0] for t in _first_tokens(run, f"host_{n}") + _first_tokens(
                 r2.get(f"{c}_restart"), f"disk_{n}")] if ref_tok else []
             agree = f"{sum(same)}/{len(same)}" if same else "—"
-            L.append(f"| {c} | {_fmt(cold, c_ref, c_nat)} | {_fmt(host, h_ref, h_nat)} | "
-                     f"{_fmt(disk, h_ref, None) if disk is not None else ('—' if c not in DISK_CONTENDERS else 'failed')}"
+            dcol = _fmt(disk, h_ref, None) if disk is not None else ("—" if c not in DISK_CONTENDERS else "failed")
+            L.append(f"| {c} | {_fmt(cold, c_ref, c_nat)} | {_fmt(host, h_ref, h_nat)} | {dcol}"
                      f" | {hc} / {dc} | {agree} |")
         if d_ref:
             for c in ("kvbm_disk", "native_kvbm"):
@@ -486,10 +487,11 @@ def render(rep: dict[str, Any]) -> str:
                  else f"| {c} | {'—' if itl is None else f'{itl * 1e3:.3f} ms'} | |")
     s = rep["settings"]
     L += ["", "## Multi-turn chat, small GPU KV cache", "",
-          (f"{s['sessions']} sessions sharing a {s['system_tokens']}-token system prompt, {s['turns']} turns; each turn "
-           f"every session sends its whole history + {s['user_tokens']} new tokens at once and gets "
+          (f"{s['sessions']} sessions sharing a {s['system_tokens']}-token system prompt, {s['turns']} turns; "
+           f"each turn every session sends its whole history + {s['user_tokens']} new tokens at once and gets "
            f"{s['reply_tokens']} tokens back."), "",
-          "| contender | output tok/s | TTFT p50 | TTFT p99 | prompt tokens served from a cache |", "|---|---|---|---|---|"]
+          "| contender | output tok/s | TTFT p50 | TTFT p99 | prompt tokens served from a cache |",
+          "|---|---|---|---|---|"]
     mref = (r2.get("none_mt") or {}).get("multiturn")
     mnat = (r2.get("native_mt") or {}).get("multiturn")
     for c in names:
