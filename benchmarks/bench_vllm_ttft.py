@@ -104,17 +104,9 @@ def _run(spec: dict[str, Any], workdir: Path, name: str, multiprocess: bool) -> 
 
 def _drop_page_cache(directory: Path) -> int:
     """Evict the files of ``directory`` (slabs, catalog) from the OS page cache (so disk hits read the device)."""
-    n = 0
-    for root, _, files in os.walk(directory):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                n += 1
-            finally:
-                os.close(fd)
-    return n
+    from bench_vllm_gpu import drop_page_cache  # benchmarks/ is this script's directory
+
+    return drop_page_cache(str(directory))
 
 
 def main() -> None:
