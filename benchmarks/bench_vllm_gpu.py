@@ -128,12 +128,9 @@ def _run_batch(llm: Any, prompts: list[list[int]], max_tokens: int, tag: str) ->
     return res
 
 
-def _external_hits(llm: Any) -> int:
-    return sum(int(getattr(m, "value", 0)) for m in llm.get_metrics() if m.name == "vllm:external_prefix_cache_hits")
-
-
 def _engine_main(spec_path: str) -> None:
     from vllm import LLM
+    from vllm_helpers import _external_hits  # vLLM's external prefix-cache hit counter
 
     spec = json.loads(Path(spec_path).read_text())
     t0 = time.perf_counter()
