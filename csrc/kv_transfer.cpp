@@ -16,6 +16,7 @@
 #include <cuda_runtime_api.h>
 
 #include "csrc/cuda/kv_copy.cuh"
+#include "csrc/cuda/runtime.h"
 #endif
 
 namespace kvbm {
@@ -107,30 +108,8 @@ TransferHandle completed(size_t n, uint64_t bytes) {
 
 #ifdef KVBM_WITH_CUDA
 
-Status cuda_status(cudaError_t e, const std::string& what) {
-  if (e == cudaSuccess) return Status::Ok();
-  cudaGetLastError();
-  return CudaError(what + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
-}
-
-class DeviceGuard {
- public:
-  Status enter(int device) {
-    KVBM_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&prev_), "cudaGetDevice"));
-    if (prev_ != device) {
-      KVBM_RETURN_IF_ERROR(cuda_status(cudaSetDevice(device), "cudaSetDevice(" + std::to_string(device) + ")"));
-      switched_ = true;
-    }
-    return Status::Ok();
-  }
-  ~DeviceGuard() {
-    if (switched_) cudaSetDevice(prev_);
-  }
-
- private:
-  int prev_ = 0;
-  bool switched_ = false;
-};
+using cuda::cuda_status;
+using cuda::DeviceGuard;
 
 // A layout's piece table in device memory, uploaded on first use and cached per layout.
 struct DeviceTables {

@@ -7,44 +7,16 @@
 // (block, piece) work items: each CTA takes items in a grid-stride loop and its threads copy
 // the piece with 16-byte loads and stores, four in flight per thread, straight across PCIe
 // (stores to mapped host memory are posted writes; loads need many in flight to hide the bus
-// latency, hence the unrolling and the grid of several CTAs per SM). Pieces whose addresses or
-// length are not 16-byte aligned fall back to 8-, 4- or 1-byte accesses.
+// latency, hence the unrolling and the grid of several CTAs per SM). Pieces whose addresses are
+// not 16-byte aligned fall back to 8-, 4- or 1-byte accesses (copy_range in copy_vec.cuh).
 #include <cstdint>
 
+#include "csrc/cuda/copy_vec.cuh"
 #include "csrc/cuda/kv_copy.cuh"
 
 namespace kvbm::cuda {
 
 namespace {
-
-template <typename V, int kUnroll>
-__device__ __forceinline__ void copy_vec(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src, uint64_t n) {
-  const V* s = reinterpret_cast<const V*>(src);
-  V* d = reinterpret_cast<V*>(dst);
-  const uint64_t m = n / sizeof(V);
-  const uint64_t stride = blockDim.x;
-  uint64_t j = threadIdx.x;
-  for (; j + (kUnroll - 1) * stride < m; j += kUnroll * stride) {
-    V v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = s[j + u * stride];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) d[j + u * stride] = v[u];
-  }
-  for (; j < m; j += stride) d[j] = s[j];
-}
-
-__device__ __forceinline__ void copy_piece(uint8_t* dst, const uint8_t* src, uint64_t n) {
-  const uint64_t a = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | n;
-  if ((a & 15) == 0)
-    copy_vec<uint4, 4>(dst, src, n);
-  else if ((a & 7) == 0)
-    copy_vec<uint2, 4>(dst, src, n);
-  else if ((a & 3) == 0)
-    copy_vec<uint32_t, 4>(dst, src, n);
-  else
-    copy_vec<uint8_t, 4>(dst, src, n);
-}
 
 __global__ void __launch_bounds__(kThreadsPerCta) kv_copy_kernel(const __grid_constant__ LaunchArgs args) {
   const uint64_t total = static_cast<uint64_t>(args.n) * args.num_pieces;
@@ -55,9 +27,9 @@ __global__ void __launch_bounds__(kThreadsPerCta) kv_copy_kernel(const __grid_co
     uint8_t* eng = reinterpret_cast<uint8_t*>(pc.addr + static_cast<uint64_t>(args.block_ids[i] * pc.block_stride));
     uint8_t* host = reinterpret_cast<uint8_t*>(args.host[i] + pc.host_offset);
     if (args.to_host)
-      copy_piece(host, eng, pc.bytes);
+      copy_range(host, eng, pc.bytes);
     else
-      copy_piece(eng, host, pc.bytes);
+      copy_range(eng, host, pc.bytes);
   }
 }
 
