@@ -80,6 +80,7 @@ KVBM_BINDINGS(transfer, 40) {
       .def_property_readonly("done", &Request::done)
       .def_property_readonly("bytes", &Request::bytes)
       .def_property_readonly("count", &Request::count)
+      .def_property_readonly("cuda_ipc", &Request::cuda_ipc, "True when the bytes moved through the CUDA IPC path.")
       .def_property_readonly("error",
                              [](const Request& self) -> py::object {
                                Status s = self.status();
@@ -92,16 +93,25 @@ KVBM_BINDINGS(transfer, 40) {
       .def_readonly("addr", &Region::addr)
       .def_readonly("length", &Region::length)
       .def_property_readonly("memory", [](const Region& r) { return r.kind == MemKind::kCuda ? "cuda" : "host"; })
-      .def_property_readonly("rkey", [](const Region& r) { return py::bytes(r.rkey); });
+      .def_property_readonly("rkey", [](const Region& r) { return py::bytes(r.rkey); })
+      .def_readonly("device", &Region::device)
+      .def_property_readonly("ipc", [](const Region& r) { return py::bytes(r.ipc); },
+                             "Encoded CUDA IPC descriptor for peers (empty: not exported).")
+      .def_readonly("ipc_note", &Region::ipc_note, "Why the region was not exported for CUDA IPC.");
 
   py::class_<Endpoint, std::shared_ptr<Endpoint>>(m, "UcxEndpoint", "A connection to one peer engine.")
       .def_property_readonly("peer_name", &Endpoint::peer_name)
       .def("add_remote_region",
-           [](Endpoint& self, uint64_t addr, uint64_t length, py::bytes rkey) {
-             std::string k = rkey;
-             return check(self.add_remote_region(addr, length, k));
+           [](Endpoint& self, uint64_t addr, uint64_t length, py::bytes rkey, py::bytes ipc) {
+             std::string k = rkey, d = ipc;
+             StatusOr<uint32_t> r = Status::Ok();
+             {
+               py::gil_scoped_release nogil;
+               r = self.add_remote_region(addr, length, k, d);
+             }
+             return check(std::move(r));
            },
-           py::arg("addr"), py::arg("length"), py::arg("rkey"))
+           py::arg("addr"), py::arg("length"), py::arg("rkey"), py::arg("ipc") = py::bytes())
       .def("put",
            [](Endpoint& self, py::handle local, py::handle remote, py::handle lengths, py::object notify) {
              return do_transfer(self, Op::kPut, local, remote, lengths, notify);
@@ -120,12 +130,16 @@ KVBM_BINDINGS(transfer, 40) {
       .def("check_health", [](const Endpoint& self) { check(self.health()); },
            "Raises PeerError if the peer failed or the endpoint was closed.")
       .def_property_readonly("failed", [](const Endpoint& self) { return !self.health().ok(); })
-      .def_property_readonly("num_remote_regions", &Endpoint::num_remote_regions);
+      .def_property_readonly("num_remote_regions", &Endpoint::num_remote_regions)
+      .def_property_readonly("cuda_ipc", &Endpoint::cuda_ipc,
+                             "Whether transfers to this peer can take the CUDA IPC path (some region mappable).")
+      .def("cuda_ipc_states", &Endpoint::cuda_ipc_states, py::call_guard<py::gil_scoped_release>(),
+           "(addr, state) of each remote region's CUDA IPC side: none, other host, not mapped, mapped, failed: ...");
 
   py::class_<Engine, std::shared_ptr<Engine>>(m, "UcxEngine", "A UCP context + worker (see transfer/engine.h).")
       .def(py::init([](const std::string& lib_dir, const std::string& name, const std::string& transports,
                        const std::string& net_devices, bool error_handling, bool progress_thread, int64_t spin_us,
-                       bool cuda) {
+                       bool cuda, bool cuda_ipc) {
              transfer::EngineOptions o;
              o.ucx_lib_dir = lib_dir;
              o.name = name;
@@ -135,6 +149,7 @@ KVBM_BINDINGS(transfer, 40) {
              o.progress_thread = progress_thread;
              o.spin_us = spin_us;
              o.cuda = cuda;
+             o.cuda_ipc = cuda_ipc;
              StatusOr<std::shared_ptr<Engine>> e = Status::Ok();
              {
                py::gil_scoped_release nogil;
@@ -144,10 +159,12 @@ KVBM_BINDINGS(transfer, 40) {
            }),
            py::arg("lib_dir"), py::arg("name"), py::arg("transports") = "", py::arg("net_devices") = "",
            py::arg("error_handling") = true, py::arg("progress_thread") = true, py::arg("spin_us") = 200,
-           py::arg("cuda") = false)
+           py::arg("cuda") = false, py::arg("cuda_ipc") = true)
       .def_property_readonly("address", [](const Engine& e) { return py::bytes(e.address()); })
       .def_property_readonly("ucx_version", &Engine::ucx_version)
       .def_property_readonly("closed", &Engine::closed)
+      .def_property_readonly("cuda_ipc", &Engine::cuda_ipc,
+                             "Whether this engine runs the same-host CUDA IPC path (option on and a GPU present).")
       .def("register",
            [](Engine& e, uint64_t addr, uint64_t length, const std::string& memory) {
              MemKind k;
@@ -191,5 +208,19 @@ KVBM_BINDINGS(transfer, 40) {
            py::arg("timeout") = no_timeout(), py::call_guard<py::gil_scoped_release>())
       .def("progress", &Engine::progress, py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &Engine::shutdown, py::call_guard<py::gil_scoped_release>());
+
+  m.def("_cuda_ipc_descriptor",
+        [](py::bytes handle, uint64_t offset, std::optional<std::string> host, bool same_process, int device) {
+          transfer::cuda_ipc::Descriptor d;
+          d.handle = handle;
+          d.offset = offset;
+          d.device = device;
+          d.process = same_process ? transfer::cuda_ipc::process_token() : ~transfer::cuda_ipc::process_token();
+          d.host = host ? *host : transfer::cuda_ipc::host_identity();
+          return py::bytes(transfer::cuda_ipc::encode(d));
+        },
+        py::arg("handle"), py::arg("offset") = 0, py::arg("host") = py::none(), py::arg("same_process") = false,
+        py::arg("device") = 0,
+        "Test hook: an encoded CUDA IPC descriptor (host None = this host) as a region's metadata carries it.");
 }
 #endif  // KVBM_WITH_UCX

@@ -296,6 +296,11 @@ class TransferRequest:
     def count(self) -> int:
         ...
     @property
+    def cuda_ipc(self) -> bool:
+        """
+        True when the bytes moved through the CUDA IPC path.
+        """
+    @property
     def done(self) -> bool:
         ...
     @property
@@ -309,8 +314,21 @@ class MemoryRegion:
     def addr(self) -> int:
         ...
     @property
+    def device(self) -> int:
+        ...
+    @property
     def id(self) -> int:
         ...
+    @property
+    def ipc(self) -> bytes:
+        """
+        Encoded CUDA IPC descriptor for peers (empty: not exported).
+        """
+    @property
+    def ipc_note(self) -> str:
+        """
+        Why the region was not exported for CUDA IPC.
+        """
     @property
     def length(self) -> int:
         ...
@@ -324,7 +342,7 @@ class UcxEndpoint:
     """
     A connection to one peer engine.
     """
-    def add_remote_region(self, addr: typing.SupportsInt | typing.SupportsIndex, length: typing.SupportsInt | typing.SupportsIndex, rkey: bytes) -> int:
+    def add_remote_region(self, addr: typing.SupportsInt | typing.SupportsIndex, length: typing.SupportsInt | typing.SupportsIndex, rkey: bytes, ipc: bytes = b'') -> int:
         ...
     def check_health(self) -> None:
         """
@@ -332,6 +350,10 @@ class UcxEndpoint:
         """
     def close(self, force: bool = False, timeout: typing.SupportsFloat | typing.SupportsIndex = 5.0) -> None:
         ...
+    def cuda_ipc_states(self) -> list[tuple[int, str]]:
+        """
+        (addr, state) of each remote region's CUDA IPC side: none, other host, not mapped, mapped, failed: ...
+        """
     def flush(self) -> TransferRequest:
         ...
     def get(self, local: typing.Any, remote: typing.Any, lengths: typing.Any, notify: typing.Any = None) -> TransferRequest:
@@ -340,6 +362,11 @@ class UcxEndpoint:
         ...
     def put(self, local: typing.Any, remote: typing.Any, lengths: typing.Any, notify: typing.Any = None) -> TransferRequest:
         ...
+    @property
+    def cuda_ipc(self) -> bool:
+        """
+        Whether transfers to this peer can take the CUDA IPC path (some region mappable).
+        """
     @property
     def failed(self) -> bool:
         ...
@@ -353,7 +380,7 @@ class UcxEngine:
     """
     A UCP context + worker (see transfer/engine.h).
     """
-    def __init__(self, lib_dir: str, name: str, transports: str = '', net_devices: str = '', error_handling: bool = True, progress_thread: bool = True, spin_us: typing.SupportsInt | typing.SupportsIndex = 200, cuda: bool = False) -> None:
+    def __init__(self, lib_dir: str, name: str, transports: str = '', net_devices: str = '', error_handling: bool = True, progress_thread: bool = True, spin_us: typing.SupportsInt | typing.SupportsIndex = 200, cuda: bool = False, cuda_ipc: bool = True) -> None:
         ...
     def connect(self, address: bytes, peer_name: str) -> UcxEndpoint:
         ...
@@ -376,8 +403,17 @@ class UcxEngine:
     def closed(self) -> bool:
         ...
     @property
+    def cuda_ipc(self) -> bool:
+        """
+        Whether this engine runs the same-host CUDA IPC path (option on and a GPU present).
+        """
+    @property
     def ucx_version(self) -> str:
         ...
+def _cuda_ipc_descriptor(handle: bytes, offset: typing.SupportsInt | typing.SupportsIndex = 0, host: str | None = None, same_process: bool = False, device: typing.SupportsInt | typing.SupportsIndex = 0) -> bytes:
+    """
+    Test hook: an encoded CUDA IPC descriptor (host None = this host) as a region's metadata carries it.
+    """
 def _raise_status(arg0: typing.SupportsInt | typing.SupportsIndex, arg1: str) -> None:
     """
     Test hook: raise the exception a native status code maps to.

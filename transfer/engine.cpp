@@ -196,6 +196,10 @@ Status Engine::init() {
     if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0)
       return IoError(std::string("epoll_ctl: ") + std::strerror(errno));
   }
+  if (opts_.cuda_ipc && cuda_ipc::available()) {
+    copier_ = std::make_unique<cuda_ipc::Copier>();
+    ipc_enabled_ = true;
+  }
   if (opts_.progress_thread) thread_ = std::thread([this] { thread_main(); });
   return Status::Ok();
 }
@@ -241,7 +245,7 @@ bool Engine::sleep_on_worker(int max_ms) {
   {
     std::lock_guard<std::recursive_mutex> lock(mu_);
     if (closed_.load() && !worker_) return false;
-    if (!orphans_.empty() || !closing_.empty() || !deferred_notify_.empty()) return false;
+    if (!orphans_.empty() || !closing_.empty() || !deferred_notify_.empty() || !ipc_pending_.empty()) return false;
     // sleeping_ is set before arming, under the lock: a submitter that posts after this point
     // sees it and writes the wake fd, so no posted operation waits for the timeout.
     sleeping_.store(true);
@@ -275,6 +279,7 @@ unsigned Engine::progress_locked() {
   unsigned n = 0;
   unsigned k;
   while ((k = U().ucp_worker_progress(worker_)) != 0) n += k;
+  n += poll_ipc_locked();
   // Work that must not run inside UCX callbacks.
   if (!deferred_notify_.empty()) {
     std::vector<std::shared_ptr<Request>> todo;
@@ -334,9 +339,21 @@ void Engine::shutdown() {
     auto deadline = Clock::now() + std::chrono::seconds(2);
     progress_locked();
     while ((!closing_.empty() || !orphans_.empty()) && Clock::now() < deadline) progress_locked();
+    if (copier_) {
+      // Let the copies run out; their notifications then fail on the failed endpoints.
+      copier_->synchronize();
+      poll_ipc_locked();
+      for (auto& r : ipc_pending_) {
+        if (r->cuda_ipc_) copier_->release(r->ticket_);
+        r->keep_.clear();
+        r->finish(PeerError("the transfer engine was shut down"));
+      }
+      ipc_pending_.clear();
+    }
     for (auto& r : deferred_notify_) r->finish(PeerError("the transfer engine was shut down"));
     deferred_notify_.clear();
   }
+  copier_.reset();
   for (auto& reg : local_) {
     if (reg->memh && ctx_) U().ucp_mem_unmap(ctx_, reg->memh);
     reg->memh = nullptr;
@@ -394,6 +411,8 @@ StatusOr<std::shared_ptr<Region>> Engine::register_memory(uint64_t addr, uint64_
   reg->kind = kind;
   reg->memh = memh;
   reg->rkey.assign(static_cast<const char*>(rkey_buf), rkey_len);
+  if (kind == MemKind::kCuda && copier_) reg->ipc = cuda_ipc::export_region(addr, length, &reg->device, &reg->ipc_note);
+  else if (kind == MemKind::kCuda) reg->ipc_note = "the CUDA IPC path is off for this engine";
   U().ucp_rkey_buffer_release(rkey_buf);
   auto pos = std::upper_bound(local_.begin(), local_.end(), addr,
                               [](uint64_t a, const std::shared_ptr<Region>& r) { return a < r->addr; });
@@ -419,18 +438,13 @@ std::vector<std::shared_ptr<Region>> Engine::regions() const {
   return local_;
 }
 
-Status Engine::lookup_local_locked(uint64_t addr, uint64_t len, ucp_mem** memh, int* mem_type) const {
+const Region* Engine::lookup_local_locked(uint64_t addr, uint64_t len) const {
   auto it = std::upper_bound(local_.begin(), local_.end(), addr,
                              [](uint64_t a, const std::shared_ptr<Region>& r) { return a < r->addr; });
-  if (it != local_.begin()) {
-    const Region& r = **(it - 1);
-    if (addr >= r.addr && addr + len <= r.addr + r.length && addr + len >= addr) {
-      *memh = r.memh;
-      *mem_type = r.kind == MemKind::kCuda ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST;
-      return Status::Ok();
-    }
-  }
-  return InvalidArgument("[" + hex(addr) + ", +" + std::to_string(len) + ") is not inside one registered local region");
+  if (it == local_.begin()) return nullptr;
+  const Region& r = **(it - 1);
+  if (addr >= r.addr && addr + len <= r.addr + r.length && addr + len >= addr) return &r;
+  return nullptr;
 }
 
 StatusOr<std::shared_ptr<Endpoint>> Engine::connect(const std::string& worker_address, const std::string& peer_name) {
@@ -521,11 +535,7 @@ bool Engine::wait_notification(double timeout_s) {
 
 void Engine::track_locked(const std::shared_ptr<Request>& r, void* status_ptr, bool notify_next) {
   if (status_ptr == nullptr) {  // completed in place
-    if (notify_next) {
-      send_notify_locked(r, r->endpoint_.lock().get());
-    } else {
-      r->finish(Status::Ok());
-    }
+    complete_locked(r, notify_next);
     return;
   }
   if (UCS_PTR_IS_ERR(status_ptr)) {
@@ -534,6 +544,54 @@ void Engine::track_locked(const std::shared_ptr<Request>& r, void* status_ptr, b
     return;
   }
   // In flight: the callback (given to the *_nbx call with a Pending as user_data) finishes it.
+}
+
+void Engine::complete_locked(const std::shared_ptr<Request>& r, bool notify_next) {
+  if (notify_next) {
+    send_notify_locked(r, r->endpoint_.lock().get());
+  } else if (!r->after_.empty()) {
+    ipc_pending_.push_back(r);  // a flush: done once the IPC copies before it are
+  } else {
+    r->finish(Status::Ok());
+  }
+}
+
+unsigned Engine::poll_ipc_locked() {
+  if (ipc_pending_.empty()) return 0;
+  // Swapped out: notifying below may call UCX, whose callbacks may queue more.
+  std::vector<std::shared_ptr<Request>> todo;
+  todo.swap(ipc_pending_);
+  unsigned n = 0;
+  const bool own_thread = std::this_thread::get_id() == thread_.get_id();
+  for (auto& r : todo) {
+    if (!r->cuda_ipc_) {  // a flush waiting for earlier copies
+      bool all = std::all_of(r->after_.begin(), r->after_.end(), [](const auto& d) { return d->done(); });
+      if (!all) {
+        ipc_pending_.push_back(std::move(r));
+        continue;
+      }
+      r->after_.clear();
+      r->finish(Status::Ok());
+      ++n;
+      continue;
+    }
+    StatusOr<bool> q = copier_->query(r->ticket_, own_thread);
+    if (q.ok() && !q.value()) {
+      ipc_pending_.push_back(std::move(r));
+      continue;
+    }
+    copier_->release(r->ticket_);
+    r->keep_.clear();  // the copy no longer needs the peer's memory mapped
+    ++n;
+    if (!q.ok()) {
+      r->finish(q.status());
+    } else if (r->has_notify_) {
+      send_notify_locked(r, r->endpoint_.lock().get());  // the data is complete: now tell the peer
+    } else {
+      r->finish(Status::Ok());
+    }
+  }
+  return n;
 }
 
 void Engine::send_notify_locked(const std::shared_ptr<Request>& r, Endpoint* ep) {
@@ -584,6 +642,10 @@ void Callbacks::send_done(void* request, ucs_status_t status, void* user_data) {
     eng->deferred_notify_.push_back(std::move(r));  // sent by progress_locked, outside this callback
     return;
   }
+  if (!r->after_.empty()) {
+    eng->ipc_pending_.push_back(std::move(r));  // a flush: done once the IPC copies before it are
+    return;
+  }
   r->finish(Status::Ok());
 }
 
@@ -610,8 +672,7 @@ Endpoint::~Endpoint() {
   std::lock_guard<std::recursive_mutex> lock(engine_->mu_);
   if (ep_ || !remote_.empty()) {
     std::vector<ucp_rkey*> rkeys;
-    for (auto& r : remote_) rkeys.push_back(r.rkey);
-    remote_.clear();
+    drop_remote_locked(&rkeys);
     if (engine_->closed_.load()) return;  // the worker is gone, and with it the endpoint
     engine_->orphan_locked(ep_, std::move(rkeys), failed_.load());
     ep_ = nullptr;
@@ -622,11 +683,28 @@ void Endpoint::fail_locked(Status s) {
   if (failed_.exchange(true)) return;
   failure_ = PeerError("peer '" + peer_name_ + "': " + s.message());
   std::vector<ucp_rkey*> rkeys;
-  for (auto& r : remote_) rkeys.push_back(r.rkey);
-  remote_.clear();
+  drop_remote_locked(&rkeys);
   ucp_ep* h = ep_;
   ep_ = nullptr;
   engine_->orphan_locked(h, std::move(rkeys), true);
+}
+
+void Endpoint::drop_remote_locked(std::vector<ucp_rkey*>* rkeys) {
+  for (auto& r : remote_) rkeys->push_back(r.rkey);
+  remote_.clear();  // CUDA IPC mappings close once the copies in flight released theirs too
+}
+
+bool Endpoint::cuda_ipc() const {
+  std::lock_guard<std::recursive_mutex> lock(engine_->mu_);
+  if (!engine_->copier_) return false;
+  return std::any_of(remote_.begin(), remote_.end(), [](const RemoteRegion& r) { return r.ipc.usable(); });
+}
+
+std::vector<std::pair<uint64_t, std::string>> Endpoint::cuda_ipc_states() const {
+  std::lock_guard<std::recursive_mutex> lock(engine_->mu_);
+  std::vector<std::pair<uint64_t, std::string>> out;
+  for (const auto& r : remote_) out.emplace_back(r.addr, r.ipc.describe());
+  return out;
 }
 
 Status Endpoint::health() const {
@@ -639,10 +717,13 @@ size_t Endpoint::num_remote_regions() const {
   return remote_.size();
 }
 
-StatusOr<uint32_t> Endpoint::add_remote_region(uint64_t addr, uint64_t length, const std::string& rkey) {
+StatusOr<uint32_t> Endpoint::add_remote_region(uint64_t addr, uint64_t length, const std::string& rkey,
+                                                const std::string& ipc) {
   if (length == 0) return InvalidArgument("add_remote_region: length must be > 0");
   if (rkey.empty()) return InvalidArgument("add_remote_region: rkey is empty");
   if (addr + length < addr) return InvalidArgument("add_remote_region: address + length overflows");
+  StatusOr<cuda_ipc::RemoteState> ipc_state = cuda_ipc::RemoteState::from_blob(ipc);
+  if (!ipc_state.ok()) return InvalidArgument("add_remote_region: " + ipc_state.status().message());
   engine_->lock_waiters_.fetch_add(1);
   std::lock_guard<std::recursive_mutex> lock(engine_->mu_);
   engine_->lock_waiters_.fetch_sub(1);
@@ -657,8 +738,48 @@ StatusOr<uint32_t> Endpoint::add_remote_region(uint64_t addr, uint64_t length, c
   if (s != UCS_OK) return InvalidArgument("add_remote_region: rkey of peer '" + peer_name_ + "' could not be unpacked: " + ucx::status_text(s));
   auto pos = std::upper_bound(remote_.begin(), remote_.end(), addr,
                               [](uint64_t a, const RemoteRegion& r) { return a < r.addr; });
-  pos = remote_.insert(pos, RemoteRegion{addr, length, rk});
+  pos = remote_.insert(pos, RemoteRegion{addr, length, rk, std::move(ipc_state.value())});
   return static_cast<uint32_t>(pos - remote_.begin());
+}
+
+struct Endpoint::Item {
+  const Region* local;  // the registered region holding the local range
+  uint32_t remote;      // index of the remote region in remote_
+};
+
+StatusOr<std::shared_ptr<Request>> Endpoint::transfer_ipc_locked(Op op, const uint64_t* local, const uint64_t* remote,
+                                                                 const uint64_t* lengths, size_t n, size_t n_lengths,
+                                                                 const std::vector<Item>& items, int device,
+                                                                 std::shared_ptr<Request> req) {
+  Engine* eng = engine_.get();
+  // Map each remote region used (first use opens it); delta turns the peer's address into ours.
+  std::vector<uint64_t> delta(remote_.size(), 0);
+  std::vector<char> seen(remote_.size(), 0);
+  for (const Item& it : items) {
+    if (seen[it.remote]) continue;
+    seen[it.remote] = 1;
+    RemoteRegion& rr = remote_[it.remote];
+    StatusOr<std::shared_ptr<cuda_ipc::Mapping>> m = rr.ipc.map(device, rr.addr);
+    if (!m.ok()) return std::shared_ptr<Request>();  // remembered in rr.ipc: this and later batches use UCX
+    delta[it.remote] = m.value()->base() + rr.ipc.offset() - rr.addr;
+    req->keep_.push_back(std::move(m.value()));
+  }
+  const bool per_chunk = n_lengths != 1;
+  auto fill = [&](uint64_t* pairs, uint64_t* lens) {
+    for (size_t i = 0; i < n; ++i) {
+      const uint64_t peer = remote[i] + delta[items[i].remote];
+      pairs[2 * i] = op == Op::kPut ? local[i] : peer;
+      pairs[2 * i + 1] = op == Op::kPut ? peer : local[i];
+      if (lens) lens[i] = lengths[i];
+    }
+  };
+  StatusOr<cuda_ipc::Copier::Ticket> t = eng->copier_->submit(device, n, per_chunk, lengths[0], req->bytes_, fill);
+  if (!t.ok()) return t.status();
+  req->cuda_ipc_ = true;
+  req->ticket_ = t.value();
+  eng->ipc_pending_.push_back(req);  // poll_ipc_locked completes it (and notifies) once the event fired
+  eng->wake();
+  return req;
 }
 
 StatusOr<std::shared_ptr<Request>> Endpoint::transfer(Op op, const uint64_t* local, const uint64_t* remote,
@@ -680,33 +801,48 @@ StatusOr<std::shared_ptr<Request>> Endpoint::transfer(Op op, const uint64_t* loc
     req->notify_header_ = eng->opts_.name;
     req->notify_payload_ = *notify;
   }
-  // Resolve every entry before posting anything: bad input posts nothing.
-  struct Item {
-    ucp_mem* memh;
-    ucp_rkey* rkey;
-  };
+  // Resolve every entry before posting anything: bad input posts nothing. The same pass decides
+  // the path: CUDA IPC while every entry qualifies (see transfer() in engine.h), else UCX.
   std::vector<Item> items(n);
   eng->lock_waiters_.fetch_add(1);
   std::lock_guard<std::recursive_mutex> lock(eng->mu_);
   eng->lock_waiters_.fetch_sub(1);
   if (eng->closed_.load()) return Status(Code::kIllegalTransition, "transfer: the transfer engine is shut down");
   if (failed_.load() || !ep_) return failed_.load() ? failure_ : PeerError("peer '" + peer_name_ + "': endpoint is closed");
+  bool ipc = eng->copier_ != nullptr && n > 0;
+  int device = -1;
   uint64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     uint64_t len = lengths[n_lengths == 1 ? 0 : i];
     if (len == 0) return InvalidArgument("lengths[" + std::to_string(i) + "] is 0");
-    int mt = 0;
-    Status st = eng->lookup_local_locked(local[i], len, &items[i].memh, &mt);
-    if (!st.ok()) return InvalidArgument("local[" + std::to_string(i) + "]: " + st.message());
+    const Region* lr = eng->lookup_local_locked(local[i], len);
+    if (lr == nullptr)
+      return InvalidArgument("local[" + std::to_string(i) + "]: [" + hex(local[i]) + ", +" + std::to_string(len) +
+                             ") is not inside one registered local region");
     auto it = std::upper_bound(remote_.begin(), remote_.end(), remote[i],
                                [](uint64_t a, const RemoteRegion& r) { return a < r.addr; });
     if (it == remote_.begin() || remote[i] + len > (it - 1)->addr + (it - 1)->length || remote[i] + len < remote[i])
       return InvalidArgument("remote[" + std::to_string(i) + "]: [" + hex(remote[i]) + ", +" + std::to_string(len) +
                              ") is not inside one region added for peer '" + peer_name_ + "'");
-    items[i].rkey = (it - 1)->rkey;
+    items[i] = Item{lr, static_cast<uint32_t>(it - 1 - remote_.begin())};
+    if (ipc && (lr->kind != MemKind::kCuda || lr->device < 0 || (device >= 0 && lr->device != device) ||
+                !(it - 1)->ipc.usable()))
+      ipc = false;
+    else if (ipc)
+      device = lr->device;
     total += len;
   }
   req->bytes_ = total;
+  if (ipc) {
+    StatusOr<std::shared_ptr<Request>> r =
+        transfer_ipc_locked(op, local, remote, lengths, n, n_lengths, items, device, req);
+    if (!r.ok() || r.value()) return r;  // posted, or a CUDA error; nullptr: a mapping failed, use UCX
+  }
+  if (n == 0) {
+    // A flush also covers the IPC copies posted to this peer before it.
+    for (const auto& r : eng->ipc_pending_)
+      if (r->endpoint_.lock().get() == this) req->after_.push_back(r);
+  }
   ucp_request_param_t p;
   std::memset(&p, 0, sizeof(p));
   // Entries that continue the previous one on both sides (same registrations) become one
@@ -715,16 +851,17 @@ StatusOr<std::shared_ptr<Request>> Endpoint::transfer(Op op, const uint64_t* loc
   while (i < n) {
     uint64_t lo = local[i], ro = remote[i], len = lengths[n_lengths == 1 ? 0 : i];
     size_t j = i + 1;
-    while (j < n && local[j] == lo + len && remote[j] == ro + len && items[j].memh == items[i].memh &&
-           items[j].rkey == items[i].rkey) {
+    while (j < n && local[j] == lo + len && remote[j] == ro + len && items[j].local == items[i].local &&
+           items[j].remote == items[i].remote) {
       len += lengths[n_lengths == 1 ? 0 : j];
       ++j;
     }
+    ucp_rkey* rkey = remote_[items[i].remote].rkey;
     p.op_attr_mask = UCP_OP_ATTR_FIELD_MEMH;
-    p.memh = items[i].memh;
+    p.memh = items[i].local->memh;
     ucs_status_ptr_t sp =
-        op == Op::kPut ? U().ucp_put_nbx(ep_, reinterpret_cast<void*>(lo), len, ro, items[i].rkey, &p)
-                       : U().ucp_get_nbx(ep_, reinterpret_cast<void*>(lo), len, ro, items[i].rkey, &p);
+        op == Op::kPut ? U().ucp_put_nbx(ep_, reinterpret_cast<void*>(lo), len, ro, rkey, &p)
+                       : U().ucp_get_nbx(ep_, reinterpret_cast<void*>(lo), len, ro, rkey, &p);
     i = j;
     if (sp == nullptr) continue;
     if (UCS_PTR_IS_ERR(sp)) {
@@ -797,8 +934,7 @@ Status Endpoint::close(bool force, double timeout_s) {
   failed_.store(true);
   failure_ = PeerError("peer '" + peer_name_ + "': endpoint was closed");
   std::vector<ucp_rkey*> rkeys;
-  for (auto& r : remote_) rkeys.push_back(r.rkey);
-  remote_.clear();
+  drop_remote_locked(&rkeys);
   eng->orphan_locked(ep_, std::move(rkeys), force);
   ep_ = nullptr;
   if (!eng->opts_.progress_thread) eng->progress_locked();

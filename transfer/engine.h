@@ -20,6 +20,9 @@
 //   fails every outstanding Request on its endpoint with kPeer; the endpoint is then closed with
 //   force and its remote keys released, and later calls on it return kPeer at once. Waits take
 //   a timeout (kTimeout); an Endpoint::close(force) cancels what is still in flight.
+// * Same host, CUDA memory on both sides: the bytes move by one kernel through CUDA IPC mappings
+//   instead of UCX (Note [CUDA IPC path] in cuda_ipc.h); completion, notification and errors
+//   follow the same Request protocol, and flush()/close() also wait for those copies.
 #pragma once
 
 #include <atomic>
@@ -33,6 +36,7 @@
 #include <vector>
 
 #include "csrc/status.h"
+#include "transfer/cuda_ipc.h"
 
 // UCX handle types, forward-declared so this header needs no UCX headers.
 struct ucp_context;
@@ -55,6 +59,7 @@ struct EngineOptions {
   bool progress_thread = true;     // false: progress only inside wait()/progress() calls
   int64_t spin_us = 200;           // progress thread: keep spinning this long after activity
   bool cuda = false;               // ask UCX for CUDA memory support
+  bool cuda_ipc = true;            // same-host CUDA IPC path (export cuda regions, map peers' ones)
 };
 
 class Engine;
@@ -73,6 +78,8 @@ class Request {
   Status wait(double timeout_s);
   uint64_t bytes() const { return bytes_; }
   size_t count() const { return count_; }
+  // True when the bytes moved through the CUDA IPC path (one kernel), false for UCX.
+  bool cuda_ipc() const { return cuda_ipc_; }
 
  private:
   friend class Engine;
@@ -94,6 +101,12 @@ class Request {
   std::string notify_payload_;
   bool has_notify_ = false;
   bool notify_sent_ = false;
+  // CUDA IPC path (guarded by the engine's mu_): the kernel's ticket and the mappings it uses,
+  // held until it completed; a flush's earlier IPC copies, which it completes after.
+  bool cuda_ipc_ = false;
+  cuda_ipc::Copier::Ticket ticket_;
+  std::vector<std::shared_ptr<cuda_ipc::Mapping>> keep_;
+  std::vector<std::shared_ptr<Request>> after_;
 };
 
 // Locally registered memory.
@@ -104,6 +117,9 @@ struct Region {
   MemKind kind = MemKind::kHost;
   std::string rkey;  // packed remote key (bytes for the peer)
   ucp_mem* memh = nullptr;
+  int device = -1;        // kCuda: the memory's device ordinal (-1: unknown, no CUDA IPC from it)
+  std::string ipc;        // kCuda: encoded cuda_ipc::Descriptor for peers ("" = not exported)
+  std::string ipc_note;   // why `ipc` is empty (for messages)
 };
 
 struct Notification {
@@ -115,10 +131,14 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
  public:
   ~Endpoint();
   const std::string& peer_name() const { return peer_name_; }
-  // Adds a region the peer registered (its address range and packed rkey); returns its index.
-  StatusOr<uint32_t> add_remote_region(uint64_t addr, uint64_t length, const std::string& rkey);
+  // Adds a region the peer registered (its address range, packed rkey and CUDA IPC descriptor,
+  // "" for none); returns its index. InvalidArgument for a bad range, rkey or descriptor.
+  StatusOr<uint32_t> add_remote_region(uint64_t addr, uint64_t length, const std::string& rkey,
+                                       const std::string& ipc = std::string());
   // Posts n one-sided operations and a flush; `lengths` has n entries, or 1 (same for all).
   // With `notify`, the message is delivered to the peer after the data is complete there.
+  // Takes the CUDA IPC path when every local range is in this engine's CUDA regions of one
+  // device and every remote range in a region mapped over CUDA IPC (else UCX, as always).
   StatusOr<std::shared_ptr<Request>> transfer(Op op, const uint64_t* local, const uint64_t* remote,
                                               const uint64_t* lengths, size_t n, size_t n_lengths,
                                               const std::string* notify);
@@ -131,6 +151,11 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   // Ok while usable; the kPeer status after a failure or close.
   Status health() const;
   size_t num_remote_regions() const;
+  // Whether a transfer to this peer can take the CUDA IPC path: the engine has it enabled and
+  // at least one remote region is exported from this host and not failed to map.
+  bool cuda_ipc() const;
+  // (addr, state) of each remote region's CUDA IPC side, by address (RemoteState::describe).
+  std::vector<std::pair<uint64_t, std::string>> cuda_ipc_states() const;
 
  private:
   friend class Engine;
@@ -138,7 +163,16 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
   struct RemoteRegion {
     uint64_t addr, length;
     ucp_rkey* rkey;
+    cuda_ipc::RemoteState ipc;
   };
+  struct Item;  // one resolved entry of a transfer
+  // mu_ held, entries resolved: posts the IPC kernel, or returns nullptr when a mapping could not
+  // be made (the caller then takes the UCX path).
+  StatusOr<std::shared_ptr<Request>> transfer_ipc_locked(Op op, const uint64_t* local, const uint64_t* remote,
+                                                         const uint64_t* lengths, size_t n, size_t n_lengths,
+                                                         const std::vector<Item>& items, int device,
+                                                         std::shared_ptr<Request> req);
+  void drop_remote_locked(std::vector<ucp_rkey*>* rkeys);  // releases remote_ (rkeys to close, IPC maps)
   Endpoint(std::shared_ptr<Engine> engine, std::string peer_name) : engine_(std::move(engine)), peer_name_(std::move(peer_name)) {}
   void fail_locked(Status s);  // engine mu_ held: mark failed, hand ep and rkeys to the engine to close
 
@@ -175,6 +209,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   // Stops the thread, closes endpoints, unmaps memory, destroys the worker. Idempotent.
   void shutdown();
   bool closed() const { return closed_.load(); }
+  // Whether this engine runs the CUDA IPC path (option on, CUDA compiled in, a device present).
+  bool cuda_ipc() const { return ipc_enabled_; }
 
  private:
   friend class Endpoint;
@@ -193,7 +229,12 @@ class Engine : public std::enable_shared_from_this<Engine> {
   void on_ep_error(ucp_ep* ep, const Status& s);
   void on_notification(Notification n);
   friend struct Callbacks;
-  Status lookup_local_locked(uint64_t addr, uint64_t len, ucp_mem** memh, int* mem_type) const;
+  // The registered region holding [addr, addr + len), or nullptr.
+  const Region* lookup_local_locked(uint64_t addr, uint64_t len) const;
+  // Completes IPC copies whose event fired (then notifies) and flushes waiting for them.
+  unsigned poll_ipc_locked();
+  // A UCX-complete request: notify next, wait for earlier IPC copies, or finish.
+  void complete_locked(const std::shared_ptr<Request>& r, bool notify_next);
 
   EngineOptions opts_;
   std::string address_;
@@ -215,6 +256,9 @@ class Engine : public std::enable_shared_from_this<Engine> {
   };
   std::vector<Orphan> orphans_;   // endpoints to close outside UCX callbacks
   std::vector<void*> closing_;    // ucp_ep_close_nbx requests in progress
+  std::unique_ptr<cuda_ipc::Copier> copier_;           // null: no CUDA IPC path (or shut down)
+  bool ipc_enabled_ = false;                           // set once by init()
+  std::vector<std::shared_ptr<Request>> ipc_pending_;  // IPC copies running, flushes waiting on them
 
   std::atomic<int> inflight_{0};
   std::atomic<int> lock_waiters_{0};
