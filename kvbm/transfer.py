@@ -11,6 +11,12 @@ posts a whole batch of (local address, remote address, length) operations, and c
   give a minimal one: a TCP socket that hands the current metadata to whoever connects.
 * :class:`Peer` is one connection; it posts puts/gets into the peer's registered regions and
   can send small notifications, which arrive after the data they follow.
+* Between processes of one host, GPU memory to GPU memory moves through CUDA IPC instead of UCX:
+  a registered ``cuda`` region is exported (its IPC handle travels in the metadata), the peer
+  maps it on first use and one kernel copies every chunk of a batch (Note [CUDA IPC path] in
+  ``transfer/cuda_ipc.h``). Same handle protocol and notification order; :attr:`Peer.cuda_ipc`
+  and :attr:`TransferHandle.cuda_ipc` say which path was taken. ``cuda_ipc=False`` (or
+  ``KVBM_TRANSFER_CUDA_IPC=0``) keeps everything on UCX.
 
 UCX is optional: without it (a build with ``KVBM_UCX=OFF``, or no ``libucx`` at run time) creating
 an engine raises :class:`~kvbm.errors.UnsupportedError`; ``import kvbm`` never needs UCX.
@@ -22,7 +28,7 @@ import os
 import socket
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,8 +46,12 @@ __all__ = [
     "ucx_available",
 ]
 
-_MAGIC = b"KVBMX1"
+_MAGIC = b"KVBMX2"  # X2: regions carry a CUDA IPC descriptor (X1, without it, is still read)
+_MAGIC_V1 = b"KVBMX1"
+_CUDA_IPC_ENV = "KVBM_TRANSFER_CUDA_IPC"
 _MAX_METADATA = 1 << 24
+_REGION = "<QQBIH"  # addr, length, memory (1 = cuda), rkey bytes, CUDA IPC descriptor bytes
+_REGION_V1 = "<QQBI"
 
 
 def _ucx_lib_dir() -> str:
@@ -75,22 +85,32 @@ def ucx_available() -> tuple[bool, str]:
 
 @dataclass(frozen=True)
 class MemoryRegion:
-    """Memory registered with an engine. ``rkey`` is the packed remote key a peer needs."""
+    """Memory registered with an engine. ``rkey`` is the packed remote key a peer needs; ``ipc``
+    the CUDA IPC descriptor peers on this host map (empty when not exported, ``ipc_note`` says why)."""
 
     id: int
     addr: int
     length: int
     memory: str
     rkey: bytes
+    ipc: bytes = field(default=b"", repr=False)
+    ipc_note: str = ""
 
 
 @dataclass(frozen=True)
 class RemoteRegion:
-    """A region a peer registered, as described by its metadata."""
+    """A region a peer registered, as described by its metadata (``ipc``: its CUDA IPC
+    descriptor, empty when the peer did not export it)."""
 
     addr: int
     length: int
     memory: str
+    ipc: bytes = field(default=b"", repr=False)
+
+    @property
+    def cuda_ipc(self) -> bool:
+        """True when the peer exported this region for CUDA IPC."""
+        return bool(self.ipc)
 
 
 @dataclass(frozen=True)
@@ -141,6 +161,11 @@ class TransferHandle:
         """The failure's text once failed, else None."""
         return self._req.error
 
+    @property
+    def cuda_ipc(self) -> bool:
+        """True when this batch moved through the CUDA IPC path (one kernel), False for UCX."""
+        return bool(self._req.cuda_ipc)
+
 
 def _u64(x: Any, what: str) -> np.ndarray | int:
     if isinstance(x, (int, np.integer)):
@@ -176,6 +201,9 @@ class Peer:
         a :class:`Notification` once all of the batch's data is in place there. Raises
         :class:`~kvbm.errors.InvalidArgumentError` (nothing posted) for a range outside the
         registered regions and :class:`~kvbm.errors.PeerError` if the peer has failed.
+        The batch moves through CUDA IPC (one kernel, :attr:`TransferHandle.cuda_ipc`) when every
+        range qualifies (see :attr:`cuda_ipc`), else through UCX; completion, notification order
+        and errors are the same on both paths (a CUDA failure is :class:`~kvbm.errors.CudaError`).
         """
         return TransferHandle(
             self._ep.put(_u64(local, "local"), _u64(remote, "remote"), _u64(lengths, "lengths"), notify)
@@ -253,6 +281,19 @@ class Peer:
         """Remote keys still held for this peer (0 once it failed or was closed)."""
         return int(self._ep.num_remote_regions)
 
+    @property
+    def cuda_ipc(self) -> bool:
+        """True when transfers to this peer can take the CUDA IPC path: this engine runs it and
+        the peer exported at least one region from this host that has not failed to map. A batch
+        takes it when all its local ranges are in this engine's ``cuda`` regions of one device
+        and all its remote ranges in such regions; any other batch goes through UCX."""
+        return bool(self._ep.cuda_ipc)
+
+    def cuda_ipc_states(self) -> dict[int, str]:
+        """Each remote region's CUDA IPC state by address: ``none`` (not exported), ``other host``,
+        ``not mapped`` (mapped on first use), ``mapped``, or ``failed: <why>`` (UCX is used)."""
+        return {int(a): str(st) for a, st in self._ep.cuda_ipc_states()}
+
     def close(self, force: bool = False, timeout: float = 5.0) -> None:
         """Close the connection. Without ``force`` in-flight transfers finish first (up to ``timeout``
         seconds, then they are cancelled); with ``force`` they fail with PeerError at once."""
@@ -278,6 +319,9 @@ class TransferEngine:
             a passive peer must then call :meth:`progress` for tcp-emulated puts to land).
         spin_us: with ``progress="thread"``, how long the thread keeps polling after the last
             activity before it sleeps.
+        cuda_ipc: the same-host CUDA IPC path (export ``cuda`` regions, map peers' ones, copy
+            with one kernel). None = on unless ``KVBM_TRANSFER_CUDA_IPC=0``. Without CUDA or a GPU
+            it is off whatever this says (:attr:`cuda_ipc` tells).
 
     Raises:
         UnsupportedError: no UCX in this build or on this machine.
@@ -293,6 +337,7 @@ class TransferEngine:
         error_handling: bool = True,
         progress: str = "thread",
         spin_us: int = 200,
+        cuda_ipc: bool | None = None,
     ) -> None:
         ok, why = ucx_available()
         if not ok:
@@ -303,6 +348,8 @@ class TransferEngine:
             raise InvalidArgumentError("name must be 1..255 bytes")
         self.name = name
         self.progress_mode = progress
+        if cuda_ipc is None:
+            cuda_ipc = os.environ.get(_CUDA_IPC_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
         self._native = _native.UcxEngine(
             _ucx_lib_dir(),
             name,
@@ -311,6 +358,7 @@ class TransferEngine:
             error_handling,
             progress == "thread",
             spin_us,
+            cuda_ipc=bool(cuda_ipc),
         )
         self._regions: dict[int, MemoryRegion] = {}
         self._peers: list[Peer] = []
@@ -339,7 +387,8 @@ class TransferEngine:
             if nbytes is not None and nbytes != length:
                 raise InvalidArgumentError(f"register: buffer has {length} bytes, nbytes says {nbytes}")
         r = self._native.register(addr, length, memory)
-        region = MemoryRegion(int(r.id), int(r.addr), int(r.length), str(r.memory), bytes(r.rkey))
+        region = MemoryRegion(int(r.id), int(r.addr), int(r.length), str(r.memory), bytes(r.rkey), bytes(r.ipc),
+                              str(r.ipc_note))
         with self._lock:
             self._regions[region.id] = region
         return region
@@ -362,17 +411,24 @@ class TransferEngine:
         """The UCP worker address (opaque bytes)."""
         return bytes(self._native.address)
 
+    @property
+    def cuda_ipc(self) -> bool:
+        """Whether this engine runs the same-host CUDA IPC path (asked for, CUDA built in, a GPU)."""
+        return bool(self._native.cuda_ipc)
+
     def metadata(self) -> bytes:
-        """This engine's name, worker address and registered regions, as bytes for a peer's
-        :meth:`add_peer`. Regions registered later need a fresh metadata exchange."""
+        """This engine's name, worker address and registered regions (address, length, memory kind,
+        packed remote key, CUDA IPC descriptor), as bytes for a peer's :meth:`add_peer`. Regions
+        registered later need a fresh metadata exchange."""
         name = self.name.encode()
         addr = self.address
         out = [_MAGIC, struct.pack("<B", len(name)), name, struct.pack("<I", len(addr)), addr]
         regions = self.regions
         out.append(struct.pack("<I", len(regions)))
         for r in regions:
-            out.append(struct.pack("<QQBI", r.addr, r.length, 1 if r.memory == "cuda" else 0, len(r.rkey)))
+            out.append(struct.pack(_REGION, r.addr, r.length, 1 if r.memory == "cuda" else 0, len(r.rkey), len(r.ipc)))
             out.append(r.rkey)
+            out.append(r.ipc)
         return b"".join(out)
 
     @staticmethod
@@ -380,8 +436,10 @@ class TransferEngine:
         """Decode :meth:`metadata` bytes; raises InvalidArgumentError when malformed."""
         try:
             mv = memoryview(data)
-            if bytes(mv[: len(_MAGIC)]) != _MAGIC:
+            magic = bytes(mv[: len(_MAGIC)])
+            if magic not in (_MAGIC, _MAGIC_V1):
                 raise ValueError("bad magic")
+            fmt = _REGION if magic == _MAGIC else _REGION_V1
             o = len(_MAGIC)
             (nl,) = struct.unpack_from("<B", mv, o)
             o += 1
@@ -395,13 +453,15 @@ class TransferEngine:
             o += 4
             regions = []
             for _ in range(nr):
-                a, ln, mem, kl = struct.unpack_from("<QQBI", mv, o)
-                o += struct.calcsize("<QQBI")
+                a, ln, mem, kl, *rest = struct.unpack_from(fmt, mv, o)
+                il = rest[0] if rest else 0
+                o += struct.calcsize(fmt)
                 rkey = bytes(mv[o : o + kl])
-                if len(rkey) != kl:
-                    raise ValueError("truncated rkey")
-                o += kl
-                regions.append((RemoteRegion(a, ln, "cuda" if mem else "host"), rkey))
+                ipc = bytes(mv[o + kl : o + kl + il])
+                if len(rkey) != kl or len(ipc) != il:
+                    raise ValueError("truncated region")
+                o += kl + il
+                regions.append((RemoteRegion(a, ln, "cuda" if mem else "host", ipc), rkey))
             if o != len(mv) or len(addr) != al:
                 raise ValueError("length mismatch")
         except (ValueError, struct.error, UnicodeDecodeError) as e:
@@ -409,11 +469,17 @@ class TransferEngine:
         return name, addr, regions
 
     def add_peer(self, metadata: bytes) -> Peer:
-        """Connect to the engine that produced ``metadata`` and import its regions' remote keys."""
+        """Connect to the engine that produced ``metadata`` and import its regions' remote keys and
+        CUDA IPC descriptors (mapped on first use, only when the peer runs on this host). Raises
+        InvalidArgumentError for malformed metadata."""
         name, addr, regions = self.parse_metadata(metadata)
         ep = self._native.connect(addr, name)
-        for region, rkey in regions:
-            ep.add_remote_region(region.addr, region.length, rkey)
+        try:
+            for region, rkey in regions:
+                ep.add_remote_region(region.addr, region.length, rkey, region.ipc)
+        except BaseException:
+            ep.close(True, 0.0)  # a region the peer described badly: no half-imported peer
+            raise
         peer = Peer(self, ep, name, [r for r, _ in regions])
         with self._lock:
             self._peers = [p for p in self._peers if not p.failed]

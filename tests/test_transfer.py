@@ -8,9 +8,11 @@ when UCX is not usable here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -295,6 +297,76 @@ def test_unavailable_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_build_reports_ucx() -> None:
     assert kvbm.build_info()["ucx_compiled"] is True
+
+
+# ---- CUDA IPC path: what runs without a GPU (GPU cases in test_transfer_cuda_ipc_gpu.py) ----
+def _with_ipc(eng: TransferEngine, region, ipc: bytes) -> bytes:
+    """eng's metadata with `region` described as exported for CUDA IPC by descriptor `ipc`."""
+    eng._regions[region.id] = dataclasses.replace(region, ipc=ipc)
+    return eng.metadata()
+
+
+def test_cuda_ipc_metadata_round_trip_and_path_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvbm import _native
+
+    with _engine("a", "tcp") as a, _engine("b", "tcp") as b:
+        x = np.random.default_rng(4).integers(0, 256, 1 << 16, dtype=np.uint8)
+        y, z = np.zeros(1 << 16, dtype=np.uint8), np.zeros(1 << 16, dtype=np.uint8)
+        rx, ry, rz = a.register(x), b.register(y), b.register(z)
+        assert rx.ipc == b"" and rx.memory == "host"  # host memory is never exported
+        # Without descriptors: the round trip keeps every region, none IPC-capable.
+        name, _, regions = TransferEngine.parse_metadata(b.metadata())
+        assert name == "b" and [(r.addr, r.length, r.cuda_ipc) for r, _ in regions] == [
+            (ry.addr, ry.length, False), (rz.addr, rz.length, False)]
+        # y exported from this host (by another process), z from another host.
+        same = _native._cuda_ipc_descriptor(b"h" * 64, offset=4096)
+        other = _native._cuda_ipc_descriptor(b"h" * 64, host="some-other-boot-id/elsewhere")
+        _with_ipc(b, ry, same)
+        md = _with_ipc(b, rz, other)
+        _, _, regions = TransferEngine.parse_metadata(md)
+        assert [(r.ipc, k) for r, k in regions] == [(same, ry.rkey), (other, rz.rkey)]
+        peer = a.add_peer(md)
+        states = peer.cuda_ipc_states()
+        assert states == {ry.addr: "not mapped", rz.addr: "other host"}, states
+        assert peer.cuda_ipc == a.cuda_ipc  # only an engine that runs the path may use it
+        # Host memory never takes the IPC path, whatever the remote side exported; bytes exact.
+        h = peer.put([rx.addr, rx.addr + 4096], [ry.addr + 8192, rz.addr], [4096, 1024], notify=b"mixed")
+        h.wait(10)
+        assert not h.cuda_ipc
+        assert np.array_equal(y[8192:12288], x[:4096]) and np.array_equal(z[:1024], x[4096:5120])
+        assert b.wait_notification(5) and b.notifications()[0].message == b"mixed"
+        assert peer.cuda_ipc_states()[ry.addr] == "not mapped"  # nothing was mapped for it
+        # A flush after it and a bad remote range behave as on UCX.
+        peer.flush().wait(5)
+        with pytest.raises(InvalidArgumentError, match=r"remote\[0\]"):
+            peer.put(rx.addr, ry.addr + y.nbytes - 8, 16)
+        peer.close()
+        # Malformed descriptors are refused when the peer is added.
+        for bad in (b"junk", _native._cuda_ipc_descriptor(b"h" * 63), same + b"x"):
+            with pytest.raises(InvalidArgumentError, match="CUDA IPC descriptor"):
+                a.add_peer(_with_ipc(b, ry, bad))
+        # Metadata of the previous version (no descriptors) is still read.
+        v1 = _v1_metadata(b)
+        _, _, regions = TransferEngine.parse_metadata(v1)
+        assert [r.cuda_ipc for r, _ in regions] == [False, False]
+        a.add_peer(v1).close()
+        # The switch: option and environment.
+        monkeypatch.setenv("KVBM_TRANSFER_CUDA_IPC", "0")
+        with _engine("c", "tcp") as c:
+            assert c.cuda_ipc is False
+        monkeypatch.delenv("KVBM_TRANSFER_CUDA_IPC")
+        with TransferEngine("d", transports="tcp", net_devices="lo", cuda_ipc=False) as d:
+            assert d.cuda_ipc is False
+        assert a.cuda_ipc == kvbm.build_info()["cuda_available"]
+
+
+def _v1_metadata(eng: TransferEngine) -> bytes:
+    name, addr = eng.name.encode(), eng.address
+    out = [b"KVBMX1", struct.pack("<B", len(name)), name, struct.pack("<I", len(addr)), addr,
+           struct.pack("<I", len(eng.regions))]
+    for r in eng.regions:
+        out += [struct.pack("<QQBI", r.addr, r.length, 0, len(r.rkey)), r.rkey]
+    return b"".join(out)
 
 
 # ---- GPU memory (cuda_ipc between two processes on one GPU; GPU -> another process's host) ----
