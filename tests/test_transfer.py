@@ -373,12 +373,15 @@ def _v1_metadata(eng: TransferEngine) -> bytes:
 GPU_TLS = "cuda_ipc,cuda_copy,sm,tcp"
 
 
-def _cuda_peer(name: str, size: int, seed: int, cuda: bool) -> PeerProc:
+def _cuda_peer(name: str, size: int, seed: int, cuda: bool, extra: tuple[str, ...] = (),
+               env_extra: dict | None = None) -> PeerProc:
+    """A transfer_peer.py process on the GPU transports (`extra` arguments, `env_extra` variables)."""
     p = PeerProc.__new__(PeerProc)
     env = _env()
     env["UCX_TLS"] = GPU_TLS
+    env.update(env_extra or {})
     args = [sys.executable, PEER, "--name", name, "--transports", GPU_TLS, "--error-handling", "0", "--size",
-            str(size), "--seed", str(seed)] + (["--cuda"] if cuda else [])
+            str(size), "--seed", str(seed)] + (["--cuda"] if cuda else []) + list(extra)
     p.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
     line = p.proc.stdout.readline()
     assert line.startswith("PORT "), f"peer did not start: {line!r}"

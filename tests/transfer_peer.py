@@ -1,6 +1,7 @@
 """A transfer-engine peer process for tests and benchmarks (run as a script).
 
-It registers one buffer (host memory filled from --seed, or with --cuda a GPU buffer via torch),
+It registers one buffer (host memory filled from --seed, or with --cuda a GPU buffer via torch;
+with --split as two regions, its halves, which then share one CUDA allocation),
 serves its metadata on 127.0.0.1, prints ``PORT <n>`` and then answers notifications:
 ``digest <offset> <length> <tag>`` prints ``DIGEST <tag> <sha256 hex>`` of that buffer range,
 ``quit`` exits. It also exits when its stdin closes (its parent went away).
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1 << 20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cuda", action="store_true")
+    ap.add_argument("--split", action="store_true")
     args = ap.parse_args()
 
     from kvbm.transfer import TransferEngine
@@ -38,7 +40,9 @@ def main() -> None:
         import torch
 
         buf = torch.from_numpy(init).cuda()
-        eng.register(buf.data_ptr(), buf.numel(), memory="cuda")
+        half = buf.numel() // 2 if args.split else buf.numel()
+        for off in range(0, buf.numel(), half):
+            eng.register(buf.data_ptr() + off, min(half, buf.numel() - off), memory="cuda")
 
         def view(off: int, ln: int) -> bytes:
             torch.cuda.synchronize()
