@@ -23,8 +23,8 @@ fi
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "import kvbm; print(kvbm.build_info())" || exit 1
 status=0
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_transfer.py -rs 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
+timeout 240 python3 -m pytest -q -s -p no:cacheprovider tests/test_transfer.py tests/test_transfer_cuda_ipc_gpu.py -rs 2>&1 | tee "$OUT/tests.log" | tail -25 || status=1
 timeout 150 python3 benchmarks/bench_transfer_gpu.py --reps 10 --out "$OUT/transfer_gpu" 2>&1 | grep -v "^\[" | tail -12 || status=1
-timeout 150 python3 benchmarks/two_gpu_handoff.py --src-device 0 --dst-device 0 --reps 10 \
+timeout 200 python3 benchmarks/two_gpu_handoff.py --src-device 0 --dst-device 0 --reps 10 \
   --out "$OUT/two_gpu_handoff_1gpu" 2>&1 | tail -8 || status=1
 exit $status
