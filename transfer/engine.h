@@ -165,7 +165,10 @@ class Endpoint : public std::enable_shared_from_this<Endpoint> {
     ucp_rkey* rkey;
     cuda_ipc::RemoteState ipc;
   };
-  struct Item;  // one resolved entry of a transfer
+  struct Item {           // one resolved entry of a transfer
+    const Region* local;  // the registered region holding the local range
+    uint32_t remote;      // index of the remote region in remote_
+  };
   // mu_ held, entries resolved: posts the IPC kernel, or returns nullptr when a mapping could not
   // be made (the caller then takes the UCX path).
   StatusOr<std::shared_ptr<Request>> transfer_ipc_locked(Op op, const uint64_t* local, const uint64_t* remote,
