@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from vllm_helpers import REPO, add_word_tokenizer, build_tiny_llama, kvbm_transfer_config
+from vllm_server import RouterProcess
 
 pytestmark = [
     pytest.mark.vllm,
@@ -127,33 +128,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Any:
     add_word_tokenizer(model)
     servers = {name: Server(model, d / f"{name}.log", kvbm=name != "ref") for name in ("ref", "a", "b")}
     router = None
-    rlog = open(d / "router.log", "w")  # noqa: SIM115 - closed below
     try:
         for s in servers.values():
             s.wait_ready()
-        rport = _port()
-        router = subprocess.Popen([sys.executable, "-m", "kvbm", "router", "--port", str(rport),
-                                   "--instance", servers["a"].spec(), "--instance", servers["b"].spec()],
-                                  env=_env(), stdout=rlog, stderr=subprocess.STDOUT)
-        rurl = f"http://127.0.0.1:{rport}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if _get(rurl + "/health")["healthy_instances"] == 2:
-                    break
-            except (OSError, ValueError):
-                pass
-            assert router.poll() is None, (d / "router.log").read_text()[-4000:]
-            assert time.time() < deadline, (d / "router.log").read_text()[-4000:]
-            time.sleep(0.5)
-        yield {"model": model, "router": rurl, **servers, "dir": d}
+        router = RouterProcess(["--instance", servers["a"].spec(), "--instance", servers["b"].spec()],
+                               d / "router.log", env=_env()).start(instances=2)
+        yield {"model": model, "router": router.url, **servers, "dir": d}
     finally:
-        if router is not None and router.poll() is None:
-            router.send_signal(signal.SIGTERM)
-            router.wait(timeout=30)
+        if router is not None:
+            router.stop()
         for s in servers.values():
             s.close()
-        rlog.close()
         if os.environ.get("KVBM_KEEP_LOGS"):
             shutil.copytree(d, os.environ["KVBM_KEEP_LOGS"], dirs_exist_ok=True)
 

@@ -35,7 +35,8 @@ class VllmServer:
     ``--shutdown-timeout 0`` applies unless ``extra_args`` change it) and waits for the exit."""
 
     def __init__(self, model: str, workdir: Path, kv_transfer_config: dict[str, Any] | None,
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 name: str = "server") -> None:
         self.workdir = Path(workdir)
         self.model = str(self.workdir / "model")
         if not os.path.exists(self.model):
@@ -43,7 +44,7 @@ class VllmServer:
             add_word_tokenizer(self.model)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = self.workdir / "server.log"
+        self.log_path = self.workdir / f"{name}.log"  # servers sharing a workdir share its model copy
         self.args = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                      "--port", str(self.port), "--host", "127.0.0.1", "--enforce-eager", "--block-size", str(BS),
                      "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "2048", "--seed", "0",
@@ -63,7 +64,10 @@ class VllmServer:
         return self
 
     def start(self, timeout: float = 300) -> VllmServer:
-        self.launch()
+        return self.launch().wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 300) -> VllmServer:
+        """Until ``/health`` answers (after :meth:`launch`); raises with the log if it exits or times out."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -139,3 +143,47 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += float(value)
     return total
+
+
+class RouterProcess:
+    """``python -m kvbm router`` in its own process on a free port; ``start()`` waits until it
+    reports ``instances`` healthy instances, ``stop()`` sends SIGTERM."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log)
+        self.args = [sys.executable, "-m", "kvbm", "router", "--port", str(self.port), *args]
+        self.env = dict(env if env is not None else os.environ)
+        self.env["PYTHONPATH"] = str(REPO) + os.pathsep + self.env.get("PYTHONPATH", "")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, instances: int, timeout: float = 120) -> RouterProcess:
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if json.loads(r.read())["healthy_instances"] == instances:
+                        return self
+            except (OSError, ValueError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"kvbm router did not see {instances} healthy instances:\n"
+                                   f"{self.log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        self.proc = None

@@ -3,7 +3,9 @@
 Instances come from ``--instance URL[,events=tcp://H:P][,replay=tcp://H:P][,kvbm_events=...]``
 (repeatable) or a YAML file (``--config``; see :mod:`kvbm.router.config`). Each instance should run
 vLLM with ``--kv-events-config '{"enable_kv_cache_events": true, "publisher": "zmq",
-"endpoint": "tcp://*:P", "replay_endpoint": "tcp://*:P+1"}'``. Prints
+"endpoint": "tcp://*:P", "replay_endpoint": "tcp://*:P+1"}'``. With ``role=prefill`` and
+``role=decode`` instances it runs the prefill and the decode of each request on different instances
+(docs/router.md, "Prefill/decode through the router"). Prints
 ``kvbm router listening on http://HOST:PORT`` once ready; SIGINT/SIGTERM stop it.
 """
 
@@ -18,11 +20,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", help="YAML file with the instances (and any of the options below)")
     p.add_argument("--instance", action="append", default=[], metavar="URL[,key=value...]",
                    help="a vLLM instance (repeatable): URL plus events=, replay=, kvbm_events=, kvbm_replay=, "
-                        "block_bytes=")
+                        "block_bytes=, role=prefill|decode|both, pull_bandwidth=")
     p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="TCP port (default 8000; 0: any free port)")
     p.add_argument("--policy", choices=("kv", "round_robin"), default=None, help="placement (default kv)")
     p.add_argument("--max-blocks", type=int, default=None, help="bound of the block index (default 2000000)")
+    p.add_argument("--pd-bandwidth", type=float, default=None,
+                   help="bytes/s of a decode instance's KV pull until measured (default 5e9)")
     p.add_argument("--no-probe", action="store_true", help="skip the start-up speed probe of each instance")
     p.set_defaults(func=run)
 
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from kvbm.router.config import RouterConfig, load_yaml, parse_instance
 
     over = {"host": args.host, "port": args.port, "policy": args.policy, "max_blocks": args.max_blocks,
-            "probe": False if args.no_probe else None}
+            "probe": False if args.no_probe else None, "pd_bandwidth": args.pd_bandwidth}
     if args.config:
         cfg = load_yaml(args.config, **over)
         if args.instance:

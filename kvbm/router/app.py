@@ -7,88 +7,28 @@ import json
 import logging
 from typing import Any
 
+from kvbm.router import pd
 from kvbm.router.config import RouterConfig
 from kvbm.router.index import TIER_NAMES
-from kvbm.router.server import _HOP, Instance, Router
+from kvbm.router.relay import err, route
+from kvbm.router.server import Instance, Router
 
 logger = logging.getLogger("kvbm.router")
 
 
-def _err(status: int, msg: str) -> Any:
-    from aiohttp import web
-
-    return web.json_response({"error": {"message": msg, "type": "kvbm_router", "code": status}}, status=status)
-
-
 async def _proxy(router: Router, request: Any, path: str) -> Any:
-    import aiohttp
-    from aiohttp import web
-
     raw = await request.read()
     try:
         body = json.loads(raw)
     except ValueError:
-        return _err(400, "request body is not JSON")
+        return err(400, "request body is not JSON")
     if not isinstance(body, dict):
-        return _err(400, "request body must be a JSON object")
+        return err(400, "request body must be a JSON object")
     tokens = await router.tokens_of(path, body)
-    tried: set[int] = set()
-    last_error = "no healthy instance"
-    while True:
-        ranked = router.rank(tokens, tried, body.get("model") if isinstance(body.get("model"), str) else None)
-        if not ranked:
-            return _err(503, f"kvbm router: no instance could serve the request ({last_error})")
-        est = ranked[0]
-        inst: Instance = router.instances[est.slot]
-        tried.add(inst.slot)
-        inst.load.active += 1
-        inst.load.pending_prefill_tokens += est.uncached_tokens
-        inst.requests += 1
-        inst.load.routed += 1
-        inst.cached_tokens_routed += est.cached_tokens
-        router.routed += 1
-        pending = est.uncached_tokens
-        resp: web.StreamResponse | None = None
-        try:
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-            async with router.session.post(inst.cfg.url + path, data=raw, headers=headers,
-                                           timeout=aiohttp.ClientTimeout(total=router.cfg.request_timeout_s)) as up:
-                if up.status >= 500 and resp is None:
-                    text = await up.read()
-                    last_error = f"{inst.cfg.label} answered {up.status}"
-                    if up.status in (502, 503, 504):
-                        router.retries += 1
-                        continue
-                    return web.Response(body=text, status=up.status, content_type=up.content_type)
-                resp = web.StreamResponse(status=up.status, headers={
-                    k: v for k, v in up.headers.items() if k.lower() not in _HOP})
-                resp.headers["x-kvbm-instance"] = inst.cfg.label
-                resp.headers["x-kvbm-cached-tokens"] = str(est.cached_tokens)
-                first = True
-                async for chunk in up.content.iter_any():
-                    if first:
-                        await resp.prepare(request)
-                        inst.load.pending_prefill_tokens -= pending
-                        pending = 0
-                        first = False
-                    await resp.write(chunk)
-                if first:
-                    await resp.prepare(request)
-                await resp.write_eof()
-                return resp
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, OSError) as e:
-            last_error = f"{inst.cfg.label}: {type(e).__name__}: {e}"
-            if not isinstance(e, asyncio.TimeoutError):
-                router.mark_down(inst, last_error)
-            if resp is not None and resp.prepared:
-                # Bytes already reached the client: cannot retry; end the answer.
-                logger.warning("kvbm router: %s failed mid-answer: %s", inst.cfg.label, e)
-                return resp
-            router.retries += 1
-            continue
-        finally:
-            inst.load.active -= 1
-            inst.load.pending_prefill_tokens -= pending
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    if router.pd is not None:
+        return await pd.serve(router, request, path, raw, body, tokens, model)
+    return await route(router, request, path, raw, tokens, model)
 
 
 def _metrics(router: Router) -> str:
@@ -121,6 +61,8 @@ def _metrics(router: Router) -> str:
     m("kvbm_router_events_unresolved_total", "counter", "event blocks whose parent or tokens were unknown",
       [("", st.unresolved)])
     m("kvbm_router_index_evicted_total", "counter", "keys dropped by the index bound", [("", st.evicted)])
+    for fam in pd.metric_families(router):
+        m(*fam)
     return "\n".join(lines) + "\n"
 
 
@@ -130,6 +72,8 @@ def build_app(router: Router) -> Any:
     from aiohttp import web
 
     app = web.Application(client_max_size=64 << 20)
+    if router.cfg.disaggregated:
+        router.pd = pd.PdStats()
 
     async def completions(request: Any) -> Any:
         return await _proxy(router, request, "/v1/completions")
@@ -145,7 +89,7 @@ def build_app(router: Router) -> Any:
                         return web.json_response(await r.json(), status=r.status)
                 except aiohttp.ClientError:
                     continue
-        return _err(503, "no healthy instance")
+        return err(503, "no healthy instance")
 
     async def health(request: Any) -> Any:
         up = sum(i.healthy for i in router.instances)
@@ -160,19 +104,32 @@ def build_app(router: Router) -> Any:
                            "block_bytes": i.rates.block_bytes, "prefill_tokens_per_s": i.rates.prefill_tokens_per_s,
                            "decode_step_s": i.rates.decode_step_s, "active": i.load.active,
                            "requests": i.requests, "cached_tokens_routed": i.cached_tokens_routed,
-                           "bandwidth": {TIER_NAMES[t]: b for t, b in i.rates.bandwidth.items()}}
+                           "bandwidth": {TIER_NAMES[t]: b for t, b in i.rates.bandwidth.items()},
+                           "role": i.cfg.role, "pull_bandwidth": i.rates.pull_bandwidth,
+                           "prefills": i.prefills, "decodes": i.decodes}
                           for i in router.instances],
             "index": {"blocks": len(router.index), **router.index.stats.__dict__},
             "streams": router.subscriber.stats() if router.subscriber else [],
             "retries": router.retries,
+            "pd": None if router.pd is None else {k: v for k, v in router.pd.__dict__.items() if k != "seconds"},
         })
 
     async def lookup(request: Any) -> Any:
         body = await request.json()
         tokens = body.get("prompt") if isinstance(body, dict) else None
-        if not (isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)):
-            return _err(400, "expected {\"prompt\": [token ids]}")
-        ranked = router.rank(tokens, set())
+        stage = body.get("stage") if isinstance(body, dict) else None
+        if not (isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)) or stage not in (
+                None, "prefill", "decode"):
+            return err(400, "expected {\"prompt\": [token ids]} (and optionally \"stage\": \"prefill\" | \"decode\")")
+        if stage is None:
+            ranked = router.rank(tokens, set())
+        else:
+            ranked = router.rank(tokens, router.slots("decode"))
+            if stage == "decode":
+                dec = router.rank_decode(tokens, router.slots("prefill"), None, ranked[0].slot if ranked else None)
+                return web.json_response([{"instance": router.instances[e.slot].cfg.label, "ttft_s": e.ttft_s,
+                                           "held_blocks": e.held_blocks, "pulled_blocks": e.pulled_blocks}
+                                          for e in dec])
         return web.json_response([{"instance": router.instances[e.slot].cfg.label, "ttft_s": e.ttft_s,
                                    "cached_tokens": e.cached_tokens,
                                    "tiers": [TIER_NAMES[t] for t in e.tiers]} for e in ranked])
@@ -215,8 +172,9 @@ def serve(cfg: RouterConfig, ready: Any = None) -> None:
         site = web.TCPSite(runner, cfg.host, cfg.port)
         await site.start()
         port = runner.addresses[0][1]
+        pd_note = ", prefill/decode disaggregated" if cfg.disaggregated else ""
         print(f"kvbm router listening on http://{cfg.host}:{port} ({len(cfg.instances)} instances, "
-              f"policy {cfg.policy})", flush=True)
+              f"policy {cfg.policy}{pd_note})", flush=True)
         if ready is not None:
             ready(port)
         stop = asyncio.Event()

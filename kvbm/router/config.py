@@ -6,16 +6,20 @@ YAML::
     port: 8000
     policy: kv            # kv (cost model) | round_robin
     max_blocks: 2000000   # bound of the block index
+    pd_bandwidth: 5e9     # bytes/s of a decode instance's KV pull, unless measured or set per instance
     instances:
       - url: http://127.0.0.1:8001
+        role: both                          # prefill | decode | both (default); see docs/router.md
         events: tcp://127.0.0.1:5557        # vLLM's --kv-events-config endpoint (GPU, and kvbm's tiers)
         replay: tcp://127.0.0.1:5558        # its replay_endpoint
         kvbm_events: tcp://127.0.0.1:5567   # optional: the connector's own events_endpoint
         kvbm_replay: tcp://127.0.0.1:5568
         block_bytes: 16384                  # optional: else from vllm:cache_config_info
         bandwidth: {CPU: 20e9, DISK: 2e9, REMOTE: 1e9}   # bytes/s, optional
+        pull_bandwidth: 10e9                # optional: bytes/s this instance pulls prefilled KV at
 
-On the command line: ``--instance URL[,events=EP][,replay=EP][,kvbm_events=EP][,kvbm_replay=EP]``.
+On the command line: ``--instance URL[,events=EP][,replay=EP][,kvbm_events=EP][,kvbm_replay=EP][,role=R]``.
+With at least one ``prefill`` and one ``decode`` instance the router disaggregates (kvbm/router/pd.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from typing import Any
 from kvbm.errors import ConfigError
 from kvbm.router.index import TIER_NAMES
 
-_INSTANCE_KEYS = ("url", "events", "replay", "kvbm_events", "kvbm_replay", "block_bytes", "bandwidth", "name")
+_INSTANCE_KEYS = ("url", "events", "replay", "kvbm_events", "kvbm_replay", "block_bytes", "bandwidth", "name",
+                  "role", "pull_bandwidth")
+#: What an instance does when the router disaggregates prefill and decode.
+ROLES = ("prefill", "decode", "both")
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class InstanceConfig:
     block_bytes: int | None = None
     bandwidth: dict[int, float] = field(default_factory=dict)  # tier -> bytes/s
     name: str | None = None
+    role: str = "both"  # one of ROLES
+    pull_bandwidth: float | None = None  # bytes/s of its KV pulls as a decode instance; None: measured
 
     @property
     def label(self) -> str:
@@ -62,6 +71,13 @@ class RouterConfig:
     metrics_interval_s: float = 2.0
     probe: bool = True
     request_timeout_s: float = 600.0
+    pd_bandwidth: float = 5e9  # bytes/s of a KV pull before one is measured (instances without pull_bandwidth)
+
+    @property
+    def disaggregated(self) -> bool:
+        """Whether prefill and decode run apart: at least one ``prefill`` and one ``decode`` instance."""
+        roles = {i.role for i in self.instances}
+        return "prefill" in roles and "decode" in roles
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -72,6 +88,12 @@ class RouterConfig:
             raise ConfigError(f"kvbm router: max_blocks must be an int >= 1, got {self.max_blocks!r}")
         if len({i.url for i in self.instances}) != len(self.instances):
             raise ConfigError("kvbm router: an instance URL is listed twice")
+        if not _positive(self.pd_bandwidth):
+            raise ConfigError(f"kvbm router: pd_bandwidth must be a number of bytes/s > 0, got {self.pd_bandwidth!r}")
+
+
+def _positive(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
 
 
 def parse_instance(spec: str | Mapping[str, Any], where: str = "--instance") -> InstanceConfig:
@@ -125,9 +147,20 @@ def parse_instance(spec: str | Mapping[str, Any], where: str = "--instance") -> 
             bw[TIER_NAMES.index(name)] = float(v)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: bandwidth[{tier!r}] must be a number, got {v!r}") from None
+    role = data.get("role", "both")
+    if role not in ROLES:
+        raise ConfigError(f"{where}: 'role' must be one of {', '.join(ROLES)}, got {role!r}")
+    pull = data.get("pull_bandwidth")
+    if pull is not None:
+        try:
+            pull = float(pull)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: 'pull_bandwidth' must be a number of bytes/s, got {pull!r}") from None
+        if not pull > 0:
+            raise ConfigError(f"{where}: 'pull_bandwidth' must be > 0, got {pull}")
     return InstanceConfig(url=url.rstrip("/"), events=data.get("events"), replay=data.get("replay"),
                           kvbm_events=data.get("kvbm_events"), kvbm_replay=data.get("kvbm_replay"),
-                          block_bytes=bb, bandwidth=bw, name=data.get("name"))
+                          block_bytes=bb, bandwidth=bw, name=data.get("name"), role=role, pull_bandwidth=pull)
 
 
 def load_yaml(path: str | Path, **overrides: Any) -> RouterConfig:
@@ -144,11 +177,18 @@ def load_yaml(path: str | Path, **overrides: Any) -> RouterConfig:
         raise ConfigError(f"kvbm router: cannot read {str(path)!r}: {e}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"kvbm router: {str(path)!r} must hold a mapping")
-    known = ("host", "port", "policy", "max_blocks", "instances", "health_interval_s", "metrics_interval_s", "probe")
+    known = ("host", "port", "policy", "max_blocks", "instances", "health_interval_s", "metrics_interval_s", "probe",
+             "pd_bandwidth")
     unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         raise ConfigError(f"kvbm router: {str(path)!r}: unknown key(s) {', '.join(map(repr, unknown))}")
     insts = tuple(parse_instance(s, f"{path}: instances[{i}]") for i, s in enumerate(data.get("instances") or []))
     kw = {k: data[k] for k in known if k in data and k != "instances"}
+    if isinstance(kw.get("pd_bandwidth"), str):  # YAML 1.1 reads 5e9 (no dot) as a string
+        try:
+            kw["pd_bandwidth"] = float(kw["pd_bandwidth"])
+        except ValueError:
+            raise ConfigError(f"kvbm router: {str(path)!r}: pd_bandwidth must be a number, "
+                              f"got {kw['pd_bandwidth']!r}") from None
     kw.update({k: v for k, v in overrides.items() if v is not None})
     return RouterConfig(instances=insts, **kw)

@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvbm.router.config import InstanceConfig, RouterConfig
-from kvbm.router.cost import Estimate, Load, Rates, choose, estimate
+from kvbm.router.cost import DecodeEstimate, Estimate, Load, Rates, choose, decode_estimate, estimate
 from kvbm.router.events import Subscriber, kvbm_stream, vllm_stream
 from kvbm.router.index import CPU, DISK, GPU, BlockIndex, chain_keys
 
 logger = logging.getLogger("kvbm.router")
-
-_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding", "host"}
 
 
 @dataclass
@@ -49,6 +47,8 @@ class Instance:
     requests: int = 0
     failures: int = 0
     cached_tokens_routed: int = 0
+    prefills: int = 0  # P/D: prefill halves sent here
+    decodes: int = 0  # P/D: decode halves sent here
     _scrape: dict[str, float] = field(default_factory=dict)
 
 
@@ -62,6 +62,7 @@ class Router:
             inst.rates.bandwidth.update(inst.cfg.bandwidth)
             if inst.cfg.block_bytes is not None:
                 inst.rates.block_bytes = inst.cfg.block_bytes
+            inst.rates.pull_bandwidth = inst.cfg.pull_bandwidth or cfg.pd_bandwidth
         self.index = BlockIndex(cfg.max_blocks)
         self.lock = threading.Lock()  # the index: subscriber thread vs request handlers
         streams = []
@@ -75,6 +76,7 @@ class Router:
         self.retries = 0
         self.routed = 0
         self.session: Any = None
+        self.pd: Any = None  # kvbm.router.pd.PdStats when prefill and decode run apart (set by the app)
 
     # -- index (called on the subscriber thread) --------------------------------------------
     def _apply(self, slot: int, events: list[Any], clears: tuple[int, ...]) -> None:
@@ -203,10 +205,45 @@ class Router:
             await asyncio.sleep(self.cfg.health_interval_s)
 
     # -- placement ---------------------------------------------------------------------------
+    def placed(self, inst: Instance, pending_tokens: int, cached_tokens: int) -> None:
+        """Count a request (or one half of a P/D request) sent to ``inst``; the caller takes
+        ``active`` and ``pending_prefill_tokens`` back when it is done."""
+        inst.load.active += 1
+        inst.load.pending_prefill_tokens += pending_tokens
+        inst.load.routed += 1
+        inst.requests += 1
+        inst.cached_tokens_routed += cached_tokens
+        self.routed += 1
+
+    def slots(self, *roles: str) -> set[int]:
+        """Slots of the instances with one of ``roles``."""
+        return {i.slot for i in self.instances if i.cfg.role in roles}
+
+    def _overlaps(self, live: list[Instance], tokens: list[int], model: str | None) -> dict[int, list[int]]:
+        """Per instance the tiers of the prompt's leading blocks it holds, hashed with its block size.
+        A ``model`` that is not an instance's base model is a LoRA adapter (vLLM serves adapters
+        under their name): its blocks are keyed apart, as vLLM's events name them (``lora_name``)."""
+        by_bs: dict[int, list[Instance]] = {}
+        for i in live:
+            by_bs.setdefault(i.block_size, []).append(i)
+        extra = model if model is not None and model not in {i.model for i in live} else None
+        out: dict[int, list[int]] = {}
+        with self.lock:
+            for bs, group in by_bs.items():
+                out.update(self.index.overlap(chain_keys(tokens, bs, extra), [i.slot for i in group]))
+        return out
+
+    def _ranked(self, ests: list[Any]) -> list[Any]:
+        loads = {i.slot: i.load for i in self.instances}
+        ranked: list[Any] = []
+        while ests:
+            best = choose(ests, loads)
+            ranked.append(best)
+            ests.remove(best)
+        return ranked
+
     def rank(self, tokens: list[int] | None, exclude: set[int], model: str | None = None) -> list[Estimate]:
-        """Healthy instances not in ``exclude``, best first. A ``model`` that is not an instance's base
-        model is a LoRA adapter (vLLM serves adapters under their name): its blocks are keyed apart,
-        as vLLM's events name them (``lora_name``)."""
+        """Healthy instances not in ``exclude``, best first by expected TTFT (Note [Routing cost model])."""
         live = [i for i in self.instances if i.healthy and i.slot not in exclude]
         if not live:
             return []
@@ -214,24 +251,25 @@ class Router:
             k = next(self._rr)
             order = [live[(k + j) % len(live)] for j in range(len(live))]
             return [Estimate(i.slot, 0.0, 0, len(tokens or ()), ()) for i in order]
-        ests: list[Estimate] = []
-        by_bs: dict[int, list[Instance]] = {}
+        over = self._overlaps(live, tokens, model)
+        return self._ranked([estimate(i.slot, len(tokens), i.block_size, over[i.slot], i.rates, i.load)
+                             for i in live])
+
+    def rank_decode(self, tokens: list[int] | None, exclude: set[int], model: str | None = None,
+                    prefilled_on: int | None = None) -> list[DecodeEstimate]:
+        """Healthy decode-capable instances not in ``exclude``, best first by the time to their first
+        token when the prompt was prefilled on slot ``prefilled_on`` (Note [Decode placement])."""
+        live = [i for i in self.instances
+                if i.healthy and i.slot not in exclude and i.cfg.role in ("decode", "both")]
+        if not live:
+            return []
+        toks = tokens or []
+        over = self._overlaps(live, toks, model) if tokens and self.cfg.policy == "kv" else {}
+        ests = []
         for i in live:
-            by_bs.setdefault(i.block_size, []).append(i)
-        extra = model if model is not None and model not in {i.model for i in live} else None
-        with self.lock:
-            for bs, group in by_bs.items():
-                keys = chain_keys(tokens, bs, extra)
-                over = self.index.overlap(keys, [i.slot for i in group])
-                for i in group:
-                    ests.append(estimate(i.slot, len(tokens), bs, over[i.slot], i.rates, i.load))
-        loads = {i.slot: i.load for i in self.instances}
-        ranked: list[Estimate] = []
-        while ests:
-            best = choose(ests, loads)
-            ranked.append(best)
-            ests.remove(best)
-        return ranked
+            held = [GPU] * len(toks) if i.slot == prefilled_on else over.get(i.slot, [])
+            ests.append(decode_estimate(i.slot, len(toks), i.block_size, held, i.rates, i.load))
+        return self._ranked(ests)
 
     async def tokens_of(self, path: str, body: dict[str, Any]) -> list[int] | None:
         """The request's prompt token ids, or None when they cannot be known (routed without)."""

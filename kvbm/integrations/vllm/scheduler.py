@@ -386,6 +386,10 @@ class KvbmScheduler:
             "bytes_loaded|host": s.hit_blocks_host * sb, "bytes_loaded|disk": s.hit_blocks_disk * sb,
             "checksum_failures|disk": s.checksum_failures,
         }
+        if self.pd is not None:  # P/D consumer: blocks pulled from a prefill instance and verified
+            pulled = self.pd.stats.pulled_blocks // max(self.pd.tp, 1)  # reported per rank
+            counters["hits|peer"] = pulled
+            counters["bytes_loaded|peer"] = pulled * sb
         gauges = {"used_blocks|host": host, "capacity_blocks|host": self.index.num_host_slots,
                   "used_blocks|disk": disk_used, "capacity_blocks|disk": self.index.disk_capacity_blocks,
                   "write_queue_blocks|disk": self.index.disk_writes_pending}
