@@ -263,3 +263,16 @@ def test_hostile_shapes_never_crash() -> None:
         with pytest.raises(InvalidArgumentError):
             bad()
     assert isinstance(InvalidArgumentError("x"), KvbmError) and len(idx) == 1
+
+
+def test_router_ranks_prompts_the_index_cannot_key() -> None:
+    """A request whose token ids no block can have (negative, >= 2**32) is routed cold, not failed."""
+    pytest.importorskip("aiohttp")
+    from kvbm.router.config import RouterConfig, parse_instance
+    from kvbm.router.server import Router
+
+    r = Router(RouterConfig(instances=(parse_instance("http://127.0.0.1:1"),)))
+    r.instances[0].healthy, r.instances[0].block_size = True, BS
+    for prompt in ([-1, 2, 3, 4], [2**40] * 4, [1, 2, 3, 4]):
+        (est,) = r.rank(prompt, set())
+        assert est.slot == 0 and est.cached_tokens == 0

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvbm.errors import InvalidArgumentError
 from kvbm.router.config import InstanceConfig, RouterConfig
 from kvbm.router.cost import Estimate, Load, Rates, choose, estimate
 from kvbm.router.events import Subscriber, kvbm_stream, vllm_stream
@@ -221,7 +222,10 @@ class Router:
         extra = model if model is not None and model not in {i.model for i in live} else None
         with self.lock:
             for bs, group in by_bs.items():
-                keys = chain_keys(tokens, bs, extra)
+                try:
+                    keys = chain_keys(tokens, bs, extra)
+                except InvalidArgumentError:  # token ids outside 0..2**32-1 (or no block size yet): no block matches
+                    keys = []
                 over = self.index.overlap(keys, [i.slot for i in group])
                 for i in group:
                     ests.append(estimate(i.slot, len(tokens), bs, over[i.slot], i.rates, i.load))
