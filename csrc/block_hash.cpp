@@ -142,20 +142,6 @@ bool gather_typed(const TokenSpan& s, size_t first, size_t count, uint8_t* out) 
   return true;
 }
 
-bool gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
-  switch (s.type) {
-    case TokenType::kInt8: return gather_typed<int8_t>(s, first, count, out);
-    case TokenType::kUInt8: return gather_typed<uint8_t>(s, first, count, out);
-    case TokenType::kInt16: return gather_typed<int16_t>(s, first, count, out);
-    case TokenType::kUInt16: return gather_typed<uint16_t>(s, first, count, out);
-    case TokenType::kInt32: return gather_typed<int32_t>(s, first, count, out);
-    case TokenType::kUInt32: return gather_typed<uint32_t>(s, first, count, out);
-    case TokenType::kInt64: return gather_typed<int64_t>(s, first, count, out);
-    case TokenType::kUInt64: return gather_typed<uint64_t>(s, first, count, out);
-  }
-  return false;
-}
-
 size_t type_size(TokenType t) {
   switch (t) {
     case TokenType::kInt8:
@@ -171,6 +157,20 @@ size_t type_size(TokenType t) {
 }
 
 }  // namespace
+
+bool gather_tokens(const TokenSpan& s, size_t first, size_t count, uint8_t* out) {
+  switch (s.type) {
+    case TokenType::kInt8: return gather_typed<int8_t>(s, first, count, out);
+    case TokenType::kUInt8: return gather_typed<uint8_t>(s, first, count, out);
+    case TokenType::kInt16: return gather_typed<int16_t>(s, first, count, out);
+    case TokenType::kUInt16: return gather_typed<uint16_t>(s, first, count, out);
+    case TokenType::kInt32: return gather_typed<int32_t>(s, first, count, out);
+    case TokenType::kUInt32: return gather_typed<uint32_t>(s, first, count, out);
+    case TokenType::kInt64: return gather_typed<int64_t>(s, first, count, out);
+    case TokenType::kUInt64: return gather_typed<uint64_t>(s, first, count, out);
+  }
+  return false;
+}
 
 StatusOr<HashAlgorithm> parse_hash_algorithm(const std::string& name) {
   if (name == "sha256") return HashAlgorithm::kSha256;

@@ -75,6 +75,11 @@ inline size_t num_full_blocks(size_t num_tokens, size_t block_size) {
   return block_size == 0 ? 0 : num_tokens / block_size;
 }
 
+// Writes tokens[first, first + count) to `out` as little-endian uint32 (4 * count bytes). Returns
+// false, with `out` unspecified, if one of them lies outside [0, 2^32); the caller guarantees the
+// range lies within the span.
+bool gather_tokens(const TokenSpan& tokens, size_t first, size_t count, uint8_t* out);
+
 // Checks that every token satisfies 0 <= t < 2^32; the error names the first bad index.
 Status validate_tokens(const TokenSpan& tokens);
 

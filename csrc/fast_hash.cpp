@@ -46,11 +46,12 @@ inline void lane(Acc& acc, uint64_t x, uint64_t y, uint64_t kx, uint64_t ky) {
   acc.b += static_cast<uint64_t>(prod >> 64) ^ x;
 }
 
+// The digest's two words; `seed` is XORed into a's start (0 for fast128 itself).
 template <bool kPadded>
-inline void fast128_impl(const uint8_t* p, size_t n, uint8_t out[kFast128DigestSize]) {
+inline Acc fast128_impl(const uint8_t* p, size_t n, uint64_t seed) {
   // Two accumulator pairs (even/odd lanes) so consecutive multiplies do not wait on one
   // another's additions; the sums are mod 2^64 and commutative, so this equals the spec.
-  Acc e{kK0 ^ static_cast<uint64_t>(n), kK1}, o{0, 0};
+  Acc e{kK0 ^ static_cast<uint64_t>(n) ^ seed, kK1}, o{0, 0};
   uint64_t kx = kK2, ky = kK3;  // K2 + i*K3 and K3 + i*K2 for lane i
   size_t left = n;
   while (left >= 32) {
@@ -84,18 +85,26 @@ inline void fast128_impl(const uint8_t* p, size_t n, uint8_t out[kFast128DigestS
   b = fmix(b ^ a);
   a = fmix(a + b);
   b = fmix(b ^ a);
-  store_le64(out, a);
-  store_le64(out + 8, b);
+  return Acc{a, b};
+}
+
+inline void store_digest(const Acc& d, uint8_t out[kFast128DigestSize]) {
+  store_le64(out, d.a);
+  store_le64(out + 8, d.b);
 }
 
 }  // namespace
 
 void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]) {
-  fast128_impl<false>(static_cast<const uint8_t*>(data), n, out);
+  store_digest(fast128_impl<false>(static_cast<const uint8_t*>(data), n, 0), out);
 }
 
 void fast128_zero_padded(const uint8_t* data, size_t n, uint8_t out[kFast128DigestSize]) {
-  fast128_impl<true>(data, n, out);
+  store_digest(fast128_impl<true>(data, n, 0), out);
+}
+
+uint64_t fast64_seeded(uint64_t seed, const void* data, size_t n) {
+  return fast128_impl<false>(static_cast<const uint8_t*>(data), n, seed).a;
 }
 
 }  // namespace kvbm

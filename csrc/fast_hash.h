@@ -33,4 +33,10 @@ void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]);
 // [n, round_up(n, 16)) must be readable and zero. Saves the copy of the partial last lane.
 void fast128_zero_padded(const uint8_t* data, size_t n, uint8_t out[kFast128DigestSize]);
 
+// fast128 with `seed` XORed into the start state (a = K0 ^ n ^ seed), returning a, the digest's
+// first 8 bytes read as LE64; fast64_seeded(0, m, n) is the first half of fast128(m). For keyed
+// chains (the router's block keys): the seed enters a before any lane is added and the final mix
+// is a bijection, so messages equal under different seeds never give equal (a, b) pairs.
+uint64_t fast64_seeded(uint64_t seed, const void* data, size_t n);
+
 }  // namespace kvbm

@@ -8,7 +8,7 @@ import typing
 import numpy
 import numpy.typing
 
-__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DISK_MAX_KEY_BYTES', 'DISK_RECORD_HEADER', 'DISK_RECORD_VERSION', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'copy_bytes', 'crc32c', 'crc32c_impl', 'crc32c_rows', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'sha256', 'sha256_impl', 'ucx_compiled']
+__all__: list[str] = ['BlockIndex', 'DISK_ALIGNMENT', 'DISK_CODE_CHECKSUM', 'DISK_CODE_IO', 'DISK_MAX_KEY_BYTES', 'DISK_RECORD_HEADER', 'DISK_RECORD_VERSION', 'DiskIoHandle', 'DiskStore', 'EvictionPolicy', 'GpuArena', 'HostArena', 'HostBuffer', 'KvLayout', 'MemoryRegion', 'NO_TIER', 'RouterIndex', 'TransferHandle', 'TransferRequest', 'UcxEndpoint', 'UcxEngine', 'alloc_host', 'block_hashes', 'copy_bytes', 'crc32c', 'crc32c_impl', 'crc32c_rows', 'cuda_available', 'cuda_compiled', 'cuda_device_count', 'eviction_policy_names', 'fast128', 'kv_gather', 'kv_scatter', 'raw_direct_io', 'router_chain_keys', 'sha256', 'sha256_impl', 'ucx_compiled']
 class BlockIndex:
     """
     Hash -> block entry index with per-tier slot bookkeeping.
@@ -137,6 +137,37 @@ class KvLayout:
         ...
     @property
     def num_layers(self) -> int:
+        ...
+class RouterIndex:
+    """
+    The router's block index (kvbm.router.index.BlockIndex wraps it).
+    """
+    def __init__(self, max_blocks: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def __len__(self) -> int:
+        ...
+    def apply(self, slot: typing.SupportsInt, events: collections.abc.Iterable[typing.Any], clears: collections.abc.Iterable[int]) -> None:
+        ...
+    def clear(self, slot: typing.SupportsInt, tiers: collections.abc.Iterable[int]) -> None:
+        ...
+    def holders(self, key: int) -> dict[int, int]:
+        """
+        slot -> tier bits (bit t = tier t) of every slot holding key.
+        """
+    def memory_bytes(self) -> int:
+        """
+        Bytes the index's tables hold (capacity, not only what is used).
+        """
+    def overlap(self, keys: collections.abc.Sequence[int], slots: collections.abc.Iterable[int]) -> dict[int, list[int]]:
+        ...
+    def remove(self, slot: typing.SupportsInt, tier: typing.SupportsInt, hashes: collections.abc.Iterable[typing.Any]) -> None:
+        ...
+    def stats(self) -> dict[str, int]:
+        ...
+    def store(self, slot: typing.SupportsInt, tier: typing.SupportsInt, hashes: collections.abc.Sequence[typing.Any], parent: typing.Any, token_ids: typing.Any, block_size: typing.SupportsInt | typing.SupportsIndex, extra: str | bytes | None = None) -> None:
+        ...
+    @property
+    def max_blocks(self) -> int:
         ...
 class TransferHandle:
     """
@@ -475,6 +506,11 @@ def kv_scatter(layout: KvLayout, block_ids: typing.Annotated[numpy.typing.ArrayL
 def raw_direct_io(path: str, total_bytes: typing.SupportsInt | typing.SupportsIndex, chunk_bytes: typing.SupportsInt | typing.SupportsIndex, fsync_after: bool = True, sync_every: typing.SupportsInt | typing.SupportsIndex = 0) -> dict:
     """
     Benchmark baseline: sequential O_DIRECT write then read of total_bytes in chunk_bytes requests (queue depth 1, one thread) through a temporary file at path; fdatasync at the end (fsync_after) and every sync_every chunks (> 0). Returns write_s, read_s, o_direct.
+    """
+def router_chain_keys(token_ids: typing.Any, block_size: typing.SupportsInt | typing.SupportsIndex, extra: str | bytes | None = None, parent: int | None = None, limit: int | None = None) -> list[int]:
+    """
+    Router keys (ints) of the full blocks of token_ids (at most limit), chained from parent or from the root
+    of (block_size, extra). Use kvbm.router.index.chain_keys.
     """
 def sha256(data: typing.Any, impl: str = 'auto') -> bytes:
     """

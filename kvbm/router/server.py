@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvbm.errors import InvalidArgumentError
 from kvbm.router.config import InstanceConfig, RouterConfig
 from kvbm.router.cost import DecodeEstimate, Estimate, Load, Rates, choose, decode_estimate, estimate
 from kvbm.router.events import Subscriber, kvbm_stream, vllm_stream
@@ -230,7 +231,11 @@ class Router:
         out: dict[int, list[int]] = {}
         with self.lock:
             for bs, group in by_bs.items():
-                out.update(self.index.overlap(chain_keys(tokens, bs, extra), [i.slot for i in group]))
+                try:
+                    keys = chain_keys(tokens, bs, extra)
+                except InvalidArgumentError:  # token ids outside 0..2**32-1 (or no block size yet): no block matches
+                    keys = []
+                out.update(self.index.overlap(keys, [i.slot for i in group]))
         return out
 
     def _ranked(self, ests: list[Any]) -> list[Any]:
