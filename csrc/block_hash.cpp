@@ -15,12 +15,6 @@
 namespace kvbm {
 namespace {
 
-constexpr bool kHostLittleEndian =
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    false;
-#else
-    true;
-#endif
 
 template <typename T>
 T bswap_any(T v) {

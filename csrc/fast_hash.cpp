@@ -27,15 +27,6 @@ inline void store_le64(uint8_t* p, uint64_t v) {
   for (int i = 0; i < 8; ++i) p[i] = uint8_t(v >> (8 * i));
 }
 
-inline uint64_t fmix(uint64_t z) {
-  z ^= z >> 33;
-  z *= 0xff51afd7ed558ccdULL;
-  z ^= z >> 33;
-  z *= 0xc4ceb9fe1a85ec53ULL;
-  z ^= z >> 33;
-  return z;
-}
-
 struct Acc {
   uint64_t a, b;
 };
@@ -81,10 +72,10 @@ inline Acc fast128_impl(const uint8_t* p, size_t n, uint64_t seed) {
     }
   }
   uint64_t a = e.a + o.a, b = e.b + o.b;
-  a = fmix(a);
-  b = fmix(b ^ a);
-  a = fmix(a + b);
-  b = fmix(b ^ a);
+  a = fmix64(a);
+  b = fmix64(b ^ a);
+  a = fmix64(a + b);
+  b = fmix64(b ^ a);
   return Acc{a, b};
 }
 

@@ -27,6 +27,25 @@ namespace kvbm {
 
 constexpr size_t kFast128DigestSize = 16;
 
+// fmix above (murmur3's 64-bit finaliser): a bijection with full avalanche. Also the mixer of
+// kvbm's open-addressing tables (csrc/lru_table.h).
+inline uint64_t fmix64(uint64_t z) {
+  z ^= z >> 33;
+  z *= 0xff51afd7ed558ccdULL;
+  z ^= z >> 33;
+  z *= 0xc4ceb9fe1a85ec53ULL;
+  z ^= z >> 33;
+  return z;
+}
+
+// Whether this machine stores integers little-endian (token ids are hashed as LE32 words).
+inline constexpr bool kHostLittleEndian =
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    false;
+#else
+    true;
+#endif
+
 void fast128(const void* data, size_t n, uint8_t out[kFast128DigestSize]);
 
 // Same result as fast128(), for callers whose buffer is already zero-padded: the bytes

@@ -29,18 +29,11 @@
 #include <cstdint>
 #include <vector>
 
+#include "csrc/fast_hash.h"
 #include "csrc/huge_alloc.h"
 
 namespace kvbm {
 
-inline uint64_t mix64(uint64_t z) {  // murmur3's finaliser: a bijection with full avalanche
-  z ^= z >> 33;
-  z *= 0xff51afd7ed558ccdULL;
-  z ^= z >> 33;
-  z *= 0xc4ceb9fe1a85ec53ULL;
-  z ^= z >> 33;
-  return z;
-}
 
 template <class E>
 class LruTable {
@@ -168,7 +161,7 @@ class LruTable {
     uint32_t tag;
   };
 
-  uint32_t tag_of(const Key& k) const { return static_cast<uint32_t>(mix64(E::hash(k) ^ seed_)); }
+  uint32_t tag_of(const Key& k) const { return static_cast<uint32_t>(fmix64(E::hash(k) ^ seed_)); }
 
   void grow() {
     const size_t cap = slots_.empty() ? 16 : 2 * slots_.size();

@@ -37,12 +37,6 @@ namespace {
 
 constexpr uint64_t kRouterDomain = 0x6b76626d2d727472ULL;  // "kvbm-rtr"
 constexpr uint64_t kRemoteBits = 0x8888888888888888ULL;    // bit 3 of every nibble
-constexpr bool kHostLittleEndian =
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    false;
-#else
-    true;
-#endif
 
 }  // namespace
 
@@ -107,7 +101,7 @@ RouterIndex::RouterIndex(size_t max_blocks, uint64_t seed)
 
 RouterIndex::Emap* RouterIndex::emap(int slot, bool create) {
   auto& e = emaps_[static_cast<size_t>(slot)];
-  if (!e && create) e = std::make_unique<Emap>(mix64(seed_ + static_cast<uint64_t>(slot) + 1));
+  if (!e && create) e = std::make_unique<Emap>(fmix64(seed_ + static_cast<uint64_t>(slot) + 1));
   return e.get();
 }
 

@@ -110,7 +110,7 @@ class RouterIndex {
     Key key;
     uint64_t stamp = 0;
     uint64_t block = 0;  // router key
-    static uint64_t hash(const Key& k) { return k.lo ^ mix64(k.hi); }
+    static uint64_t hash(const Key& k) { return k.lo ^ fmix64(k.hi); }
   };
   using Emap = LruTable<Engine>;
 

@@ -96,6 +96,20 @@ def _positive(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
 
 
+def _number(data: Mapping[str, Any], key: str, where: str, kind: type, what: str, positive: bool) -> Any:
+    """``data[key]`` as ``kind`` (None when absent); a ConfigError naming the key otherwise."""
+    v = data.get(key)
+    if v is None:
+        return None
+    try:
+        n = kind(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key!r} must be {what}, got {v!r}") from None
+    if n < 0 or (positive and not n > 0):
+        raise ConfigError(f"{where}: {key!r} must be {'> 0' if positive else '>= 0'}, got {n}")
+    return n
+
+
 def parse_instance(spec: str | Mapping[str, Any], where: str = "--instance") -> InstanceConfig:
     """An :class:`InstanceConfig` from ``URL[,key=value...]`` or a YAML mapping.
 
@@ -127,14 +141,7 @@ def parse_instance(spec: str | Mapping[str, Any], where: str = "--instance") -> 
         v = data.get(k)
         if v is not None and not (isinstance(v, str) and "://" in v):
             raise ConfigError(f"{where}: {k!r} must be a ZeroMQ endpoint like tcp://host:port, got {v!r}")
-    bb = data.get("block_bytes")
-    if bb is not None:
-        try:
-            bb = int(bb)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: 'block_bytes' must be an int, got {bb!r}") from None
-        if bb < 0:
-            raise ConfigError(f"{where}: 'block_bytes' must be >= 0, got {bb}")
+    bb = _number(data, "block_bytes", where, int, "an int", positive=False)
     bw: dict[int, float] = {}
     raw_bw = data.get("bandwidth") or {}
     if not isinstance(raw_bw, Mapping):
@@ -150,14 +157,7 @@ def parse_instance(spec: str | Mapping[str, Any], where: str = "--instance") -> 
     role = data.get("role", "both")
     if role not in ROLES:
         raise ConfigError(f"{where}: 'role' must be one of {', '.join(ROLES)}, got {role!r}")
-    pull = data.get("pull_bandwidth")
-    if pull is not None:
-        try:
-            pull = float(pull)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: 'pull_bandwidth' must be a number of bytes/s, got {pull!r}") from None
-        if not pull > 0:
-            raise ConfigError(f"{where}: 'pull_bandwidth' must be > 0, got {pull}")
+    pull = _number(data, "pull_bandwidth", where, float, "a number of bytes/s", positive=True)
     return InstanceConfig(url=url.rstrip("/"), events=data.get("events"), replay=data.get("replay"),
                           kvbm_events=data.get("kvbm_events"), kvbm_replay=data.get("kvbm_replay"),
                           block_bytes=bb, bandwidth=bw, name=data.get("name"), role=role, pull_bandwidth=pull)
