@@ -14,9 +14,10 @@ the uni-process one and binds nothing itself, see ../shared/VLLM.md). On a 2-cor
 overlap: the instances compete for the same cores.
 
 Configurations (``--configs``): ``unified`` (both ``role: both``), ``pd`` (fast ``prefill``, slow
-``decode``), ``pd_reversed`` (slow ``prefill``, fast ``decode``). Each configuration gets freshly
-started servers (the same command lines) and a fresh router, so that no configuration inherits the
-prefix caches (vLLM's or kvbm's host tier) of another, and the same workload: ``--requests``
+``decode``), ``pd_reversed`` (slow ``prefill``, fast ``decode``); as a control, ``unified_rr`` (both
+``role: both``, policy ``round_robin``: unified without the cost model's placement). Each
+configuration gets freshly started servers (the same command lines) and a fresh router, so that no
+configuration inherits the prefix caches (vLLM's or kvbm's host tier) of another, and the same workload: ``--requests``
 prompts of random token ids, lengths uniform in ``--prompt-min..--prompt-max``, ``--max-tokens``
 greedy output tokens with ``ignore_eos``, streamed, ``--concurrency`` in flight. The order of the
 configurations alternates with ``--repeat``.
@@ -54,8 +55,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from vllm_helpers import agree, build_tiny_llama, kvbm_transfer_config  # noqa: E402
 from vllm_server import RouterProcess, VllmServer, free_port, metric_sum  # noqa: E402
 
-#: role of (fast, slow) per configuration
-CONFIGS = {"unified": ("both", "both"), "pd": ("prefill", "decode"), "pd_reversed": ("decode", "prefill")}
+#: router policy and roles of (fast, slow) per configuration; unified_rr is a control: unified, round-robin
+CONFIGS = {"unified": ("kv", "both", "both"), "pd": ("kv", "prefill", "decode"),
+           "pd_reversed": ("kv", "decode", "prefill"), "unified_rr": ("round_robin", "both", "both")}
 BASE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_NUM_OF_RESERVED_CPU": "1", "UCX_NET_DEVICES": "lo",
             "UCX_TLS": "tcp", "UCX_WARN_UNUSED_ENV_VARS": "n"}
 
@@ -134,7 +136,8 @@ def start_servers(a: argparse.Namespace, model: str, work: Path, tag: str,
 
 def run_config(name: str, a: argparse.Namespace, model: str, work: Path, prompts: list[list[int]],
                tag: str) -> dict[str, Any]:
-    roles = dict(zip(("fast", "slow"), CONFIGS[name], strict=True))
+    policy, *rs = CONFIGS[name]
+    roles = dict(zip(("fast", "slow"), rs, strict=True))
     servers: dict[str, VllmServer] = {}
     events: dict[str, tuple[int, int]] = {}
     router = None
@@ -143,7 +146,7 @@ def run_config(name: str, a: argparse.Namespace, model: str, work: Path, prompts
         start_servers(a, model, work, tag, servers, events)
         started_s = time.perf_counter() - t_start
         alone = {n: probe_alone(s, a.probe_tokens, seed=7) for n, s in servers.items()}
-        lines = ["policy: kv", "instances:"]
+        lines = [f"policy: {policy}", "instances:"]
         for n, s in servers.items():
             ev, rep = events[n]
             lines += [f"  - url: {s.url}", f"    name: {n}", f"    role: {roles[n]}",
@@ -169,7 +172,8 @@ def run_config(name: str, a: argparse.Namespace, model: str, work: Path, prompts
         for r in res:
             k = f"{r['prefill'] or r['decode']}->{r['decode']}" if r["prefill"] else f"whole@{r['decode']}"
             placement[k] = placement.get(k, 0) + 1
-        return {"config": name, "tag": tag, "roles": roles, "requests": len(res), "output_tokens": out_tokens,
+        return {"config": name, "tag": tag, "policy": policy, "roles": roles, "requests": len(res),
+                "output_tokens": out_tokens,
                 "wall_s": wall, "output_tokens_per_s": out_tokens / wall, "requests_per_s": len(res) / wall,
                 "ttft_p50_s": _pct(ttft, 0.5), "ttft_p99_s": _pct(ttft, 0.99),
                 "e2e_p50_s": _pct(e2e, 0.5), "e2e_p99_s": _pct(e2e, 0.99),
@@ -245,49 +249,63 @@ def main() -> None:
                for _ in range(a.requests)]
     load0 = os.getloadavg()
     t_run = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
     results: list[dict[str, Any]] = []
+    res: dict[str, Any] = {}
+
+    def write(done: bool) -> None:
+        """The JSON so far (after every configuration: a cut-off run keeps what it measured)."""
+        res.update({"command": "python benchmarks/bench_router_pd.py " + " ".join(sys.argv[1:]), "commit": commit,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_run)), "complete": done,
+                    "machine": f"{os.cpu_count()}-core dev box shared with other helpers, noisy (vllm-cpu 0.32, "
+                               f"random Llama {a.layers} layers x {a.hidden})",
+                    "load_average_before_after": [load0[0], os.getloadavg()[0]], "run_s": time.time() - t_run,
+                    "shape": vars(a) | {"logdir": None},
+                    "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]})
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+
     for rep in range(a.repeat):
         order = configs if rep % 2 == 0 else configs[::-1]
         for name in order:
-            r = run_config(name, a, model, work, prompts, tag=f"{name}{rep}")
+            try:
+                r = run_config(name, a, model, work, prompts, tag=f"{name}{rep}")
+            except Exception as e:  # noqa: BLE001 - recorded; the other configurations still run
+                r = {"config": name, "tag": f"{name}{rep}", "error": f"{type(e).__name__}: {e}"[:4000]}
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("outputs", "served_by")}), flush=True)
+            write(False)
+    ok = [r for r in results if "error" not in r]
     keys = ("output_tokens_per_s", "requests_per_s", "ttft_p50_s", "ttft_p99_s", "e2e_p50_s", "e2e_p99_s",
             "pulled_blocks_decode")
     summary: dict[str, Any] = {}
     for name in configs:
-        rs = [r for r in results if r["config"] == name]
-        summary[name] = {k: statistics.median(r[k] for r in rs) for k in keys}
-    ref = next(r for r in results if r["config"] == "unified")
+        rs = [r for r in ok if r["config"] == name]
+        if rs:
+            summary[name] = {k: statistics.median(r[k] for r in rs) for k in keys} | {"runs": len(rs)}
     agreement: dict[str, Any] = {}
-    for name in configs:
-        if name == "unified":
+    ref = next((r for r in ok if r["config"] == "unified"), None)
+    for name in summary:
+        if name == "unified" or ref is None:
             continue
-        got = next(r for r in results if r["config"] == name)
+        got = next(r for r in ok if r["config"] == name)
         agreement[name] = compare(ref, got)
         summary[name]["ratio_tok_s"] = summary[name]["output_tokens_per_s"] / summary["unified"]["output_tokens_per_s"]
         summary[name]["ratio_req_s"] = summary[name]["requests_per_s"] / summary["unified"]["requests_per_s"]
         summary[name]["agreement"] = f"{agreement[name]['equal']}/{agreement[name]['of']}"
-    if a.repeat > 1:  # unified against itself: how much the box's own noise moves outputs and speed
-        u = [r for r in results if r["config"] == "unified"]
+    u = [r for r in ok if r["config"] == "unified"]
+    if len(u) > 1:  # unified against itself: how far the box's own noise moves the outputs
         agreement["unified_vs_unified"] = compare(u[0], u[1])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
-    res = {"command": "python benchmarks/bench_router_pd.py " + " ".join(sys.argv[1:]), "commit": commit,
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_run)),
-           "machine": f"{os.cpu_count()}-core dev box shared with other helpers, noisy (vllm-cpu 0.32, random Llama "
-                      f"{a.layers} layers x {a.hidden})",
-           "load_average_before_after": [load0[0], os.getloadavg()[0]], "run_s": time.time() - t_run,
-           "shape": vars(a) | {"logdir": None}, "summary": summary, "agreement": agreement,
-           "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]}
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
+    res.update(summary=summary, agreement=agreement)
+    write(True)
     print(table(summary))
     print(json.dumps(agreement))
+    failed = [r["config"] for r in results if "error" in r]
     bad = [n for n, g in agreement.items() if g["equal"] * 2 < g["of"]]
-    if bad:
-        sys.exit(f"outputs differ from unified for more than half of the prompts in {bad}: {agreement}")
-
+    if failed or bad:
+        sys.exit(f"failed configurations {failed}; outputs differ from unified for more than half of the "
+                 f"prompts in {bad}: {agreement}")
 
 if __name__ == "__main__":
     main()
