@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
 import random
 import signal
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from vllm_helpers import REPO, add_word_tokenizer, build_tiny_llama  # noqa: E402
+from vllm_server import stream_completion  # noqa: E402
 
 BS = 32
 
@@ -69,22 +71,8 @@ def _metrics(url: str) -> tuple[float, float]:
 
 
 def _turn(router: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
-    req = urllib.request.Request(router + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    ttft = None
-    out: list[int] = []
-    with urllib.request.urlopen(req, timeout=300) as r:
-        for line in r:
-            line = line.strip()
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                ch = json.loads(line[6:])["choices"][0]
-                out.extend(ch.get("token_ids") or [])
-    return ttft or 0.0, out
+    r = stream_completion(router, model, prompt, max_tokens, timeout=300)
+    return (0.0 if math.isnan(r["ttft_s"]) else r["ttft_s"]), r["tokens"]
 
 
 def run_policy(policy: str, servers: list[dict], model: str, a: argparse.Namespace, seed: int) -> dict:

@@ -53,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from vllm_helpers import agree, build_tiny_llama, kvbm_transfer_config  # noqa: E402
-from vllm_server import RouterProcess, VllmServer, free_port, metric_sum  # noqa: E402
+from vllm_server import RouterProcess, VllmServer, free_port, metric_sum, stream_completion  # noqa: E402
 
 #: router policy and roles of (fast, slow) per configuration; unified_rr is a control: unified, round-robin
 CONFIGS = {"unified": ("kv", "both", "both"), "pd": ("kv", "prefill", "decode"),
@@ -73,29 +73,6 @@ def _post(url: str, body: dict[str, Any], timeout: float = 300) -> dict[str, Any
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def _stream(url: str, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-    """One streamed greedy completion: TTFT and end-to-end at the client, token ids, placement headers."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "return_token_ids": True}
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    t0 = time.perf_counter()
-    ttft = None
-    out: list[int] = []
-    with urllib.request.urlopen(req, timeout=600) as r:
-        headers = dict(r.headers)
-        for line in r:
-            line = line.strip()
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
-                if ids and ttft is None:
-                    ttft = time.perf_counter() - t0
-                out.extend(ids)
-    return {"ttft_s": ttft if ttft is not None else float("nan"), "e2e_s": time.perf_counter() - t0, "tokens": out,
-            "decode": headers.get("x-kvbm-instance"), "prefill": headers.get("x-kvbm-prefill-instance"),
-            "pulled": int(headers.get("x-kvbm-pulled-blocks") or 0)}
 
 
 def probe_alone(s: VllmServer, n: int, seed: int, steps: int = 32) -> dict[str, float]:
@@ -161,7 +138,8 @@ def run_config(name: str, a: argparse.Namespace, model: str, work: Path, prompts
         peer0 = {n: metric_sum(s.metrics(), "kvbm_hits_total", tier="peer") for n, s in servers.items()}
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(a.concurrency) as pool:
-            res = list(pool.map(lambda p: _stream(router.url, servers["fast"].model, p, a.max_tokens), prompts))
+            model = servers["fast"].model
+            res = list(pool.map(lambda p: stream_completion(router.url, model, p, a.max_tokens), prompts))
         wall = time.perf_counter() - t0
         peer = {n: metric_sum(s.metrics(), "kvbm_hits_total", tier="peer") - peer0[n] for n, s in servers.items()}
         rm = urllib.request.urlopen(router.url + "/metrics", timeout=10).read().decode()

@@ -130,6 +130,30 @@ class VllmServer:
         return urllib.request.urlopen(self.url + "/metrics", timeout=30).read().decode()
 
 
+def stream_completion(url: str, model: str, prompt: list[int], max_tokens: int, timeout: float = 600) -> dict[str, Any]:
+    """One streamed greedy completion of token ids at ``url`` (a vLLM server or ``kvbm router``): TTFT
+    (first token ids) and end-to-end at the client, the token ids, the router's placement headers."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    ttft = None
+    out: list[int] = []
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        headers = dict(r.headers)
+        for line in r:
+            line = line.strip()
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                if ids and ttft is None:
+                    ttft = time.perf_counter() - t0
+                out.extend(ids)
+    return {"ttft_s": ttft if ttft is not None else float("nan"), "e2e_s": time.perf_counter() - t0, "tokens": out,
+            "decode": headers.get("x-kvbm-instance"), "prefill": headers.get("x-kvbm-prefill-instance"),
+            "pulled": int(headers.get("x-kvbm-pulled-blocks") or 0)}
+
+
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` (exact family sample name) whose labels include ``labels``."""
     total = 0.0
