@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -144,8 +145,9 @@ class Fake:
     """A fake vLLM OpenAI server: prefills answer params naming it; decodes echo the params they got.
     ``fail`` = "prefill" / "decode": answers 503 to that half."""
 
-    def __init__(self, name: str, fail: str | None = None) -> None:
+    def __init__(self, name: str, fail: str | None = None, busy: dict | None = None) -> None:
         self.name, self.fail = name, fail
+        self.busy = busy  # shared by fakes: requests in flight now / at most, across all of them
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.seen: list[dict] = []
@@ -160,6 +162,11 @@ class Fake:
             half = "prefill" if kv.get("do_remote_decode") else "decode" if kv else "whole"
             if self.fail == half:
                 return web.json_response({"error": "down"}, status=503)
+            if self.busy is not None:  # a slow answer, counting overlap with the other fakes
+                self.busy["now"] += 1
+                self.busy["max"] = max(self.busy["max"], self.busy["now"])
+                await asyncio.sleep(0.05)
+                self.busy["now"] -= 1
             if half == "prefill":
                 assert body["max_tokens"] == 1 and body["stream"] is False
                 return web.json_response({"choices": [{"text": "x"}],
@@ -195,7 +202,7 @@ class Fake:
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
 
 
-async def _with_router(fakes: list[Fake], specs: list[str], body: Any) -> None:
+async def _with_router(fakes: list[Fake], specs: list[str], body: Any, probe: bool = False) -> None:
     import aiohttp
     from aiohttp import web
 
@@ -203,7 +210,7 @@ async def _with_router(fakes: list[Fake], specs: list[str], body: Any) -> None:
 
     for f in fakes:
         await f.start()
-    cfg = RouterConfig(instances=tuple(parse_instance(s) for s in specs), probe=False, health_interval_s=30,
+    cfg = RouterConfig(instances=tuple(parse_instance(s) for s in specs), probe=probe, health_interval_s=30,
                        metrics_interval_s=30)
     router = Router(cfg)
     runner = web.AppRunner(build_app(router))
@@ -291,3 +298,21 @@ def test_without_a_working_half_the_request_is_served_whole() -> None:
         assert (st.fallbacks, st.unsplit, st.requests) == (2, 1, 0)
 
     asyncio.run(_with_router([p, d], [f"{p.url},role=prefill,name=p", f"{d.url},role=decode,name=d"], body))
+
+
+def test_start_up_probes_run_one_instance_at_a_time() -> None:
+    """Instances may share cores or a GPU: the router probes their speed one after the other, never
+    two at once (probes run together rated a 2-thread vLLM slower than a 1-thread one on 2 cores)."""
+    busy = {"now": 0, "max": 0}
+    fakes = [Fake(n, busy=busy) for n in ("a", "b", "c")]
+
+    async def body(s: Any, url: str, router: Router) -> None:
+        deadline = time.monotonic() + 20
+        while not all(i.healthy for i in router.instances) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert all(i.healthy for i in router.instances)
+        assert all(i.rates.prefill_tokens_per_s > 0 for i in router.instances)
+
+    asyncio.run(_with_router(fakes, [f.url for f in fakes], body, probe=True))
+    assert busy["max"] == 1
+    assert sum(len(f.seen) for f in fakes) >= 3 * 4  # warm-up, two prefills, one decode probe each
